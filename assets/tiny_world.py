@@ -1,0 +1,267 @@
+"""The offline tiny world: a toy movie-review language, its ground-truth sentiment scorer, and its builder.
+
+Every script of this repository defaults to the models and datasets under `assets/`, and every test uses them, so that
+everything runs with no network and no GPU. This file is the single committed recipe for all of it:
+
+    python assets/tiny_world.py            # rebuild everything (data, tokenizer, tiny policy) -- about 5 minutes on CPU
+    python assets/tiny_world.py --stage data   # only the datasets and the tokenizer (seconds; deterministic)
+
+What it builds (all deterministic given the seed):
+  * a corpus of short templated movie reviews whose sentiment is controlled (positive and negative vocabularies,
+    negation with "not"), and `sentiment_score(text)`, the world's ground-truth reward, in (-1, 1);
+  * `assets/tokenizer/`: a GPT-2-style byte-level BPE tokenizer (EOS doubles as pad, as GPT-2's) with a chat template;
+  * `assets/data/*/{train,test}.jsonl`: datasets in every format of CONVENTIONS section 3;
+  * `assets/tiny-gpt2/`: a ~1M-parameter GPT-2 pretrained on the corpus *with sft.py itself*.
+
+Scripts never import this file (each script stands alone); the builder and the tests do.
+"""
+
+import argparse
+import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent
+SEED = 1234
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The language
+# ----------------------------------------------------------------------------------------------------------------------
+POSITIVE_ADJECTIVES = ["wonderful", "brilliant", "delightful", "superb", "charming", "moving", "gripping", "beautiful",
+                       "clever", "fantastic", "excellent", "great"]
+NEGATIVE_ADJECTIVES = ["awful", "boring", "dull", "terrible", "clumsy", "tedious", "bland", "weak", "messy", "dreadful",
+                       "poor", "bad"]
+SUBJECTS = ["the acting", "the plot", "the music", "the ending", "the cast", "the story", "the dialogue",
+            "the direction", "the pacing", "the script", "the camera work", "the soundtrack"]
+VERBS = ["was", "felt", "seemed", "is"]
+ADVERBS = ["", "", "truly ", "really ", "quite ", "very "]
+POSITIVE_CLOSERS = ["I loved it.", "Highly recommended.", "A real treat.", "I enjoyed every minute."]
+NEGATIVE_CLOSERS = ["I hated it.", "A waste of time.", "Skip this one.", "I regretted every minute."]
+TITLE_FIRST = ["The Silent", "Midnight", "Broken", "Golden", "The Last", "Crimson", "Hidden", "Electric", "Frozen",
+               "Distant", "Paper", "Wild"]
+TITLE_SECOND = ["River", "Harbor", "Garden", "Empire", "Letter", "Mountain", "Station", "Dream", "Voyage", "Mirror",
+                "Orchard", "Signal"]
+TITLES = [f"{a} {b}" for a in TITLE_FIRST for b in TITLE_SECOND]
+
+# The scorer's lexicon: every word that carries sentiment in the language above.
+POSITIVE_WORDS = set(POSITIVE_ADJECTIVES) | {"loved", "recommended", "treat", "enjoyed"}
+NEGATIVE_WORDS = set(NEGATIVE_ADJECTIVES) | {"hated", "waste", "skip", "regretted"}
+
+
+def sentiment_score(text: str) -> float:
+    """Ground-truth sentiment of any text, in (-1, 1): (positive - negative) / (positive + negative + 1).
+
+    A sentiment word directly preceded by "not" counts for the other side ("not dull" is positive). More positive
+    words give a higher score, so the score rewards both polarity and commitment; a text with no sentiment word is 0.
+    """
+    words = re.findall(r"[a-z]+", text.lower())
+    positive = negative = 0
+    for i, word in enumerate(words):
+        polarity = 1 if word in POSITIVE_WORDS else -1 if word in NEGATIVE_WORDS else 0
+        if polarity and i > 0 and words[i - 1] == "not":
+            polarity = -polarity
+        positive += polarity > 0
+        negative += polarity < 0
+    return (positive - negative) / (positive + negative + 1)
+
+
+def sample_sentence(rng: random.Random, positive: bool) -> str:
+    """One sentence about one aspect of the film; one in eight is a negated adjective of the other polarity."""
+    subject = rng.choice(SUBJECTS)
+    negated = rng.random() < 0.125
+    adjectives = POSITIVE_ADJECTIVES if positive != negated else NEGATIVE_ADJECTIVES
+    adjective = rng.choice(adjectives)
+    if negated:
+        return f"{subject.capitalize()} {rng.choice(VERBS)} not {adjective}."
+    return f"{subject.capitalize()} {rng.choice(VERBS)} {rng.choice(ADVERBS)}{adjective}."
+
+
+def sample_review(rng: random.Random, positivity: float | None = None) -> str:
+    """A review of 2-4 sentences (and a closing remark half of the time); each sentence is positive with
+    probability `positivity` (drawn from {0, .25, .5, .75, 1} when not given)."""
+    if positivity is None:
+        positivity = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0])
+    sentences = [sample_sentence(rng, rng.random() < positivity) for _ in range(rng.randint(2, 4))]
+    if rng.random() < 0.5:
+        closers = POSITIVE_CLOSERS if positivity > 0.5 or (positivity == 0.5 and rng.random() < 0.5) else NEGATIVE_CLOSERS
+        sentences.append(rng.choice(closers))
+    return " ".join(sentences)
+
+
+def user_turn(title: str) -> list[dict]:
+    return [{"role": "user", "content": f"Write a review of {title}."}]
+
+
+def string_prompt(title: str) -> str:
+    return f"Review of {title}:"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Datasets, one folder per format, each with train.jsonl and test.jsonl (load_dataset infers the splits from the names)
+# ----------------------------------------------------------------------------------------------------------------------
+SPLIT_SIZES = {"train": 1000, "test": 100}
+
+
+def preference_pair(rng: random.Random) -> tuple[str, str, str]:
+    """(title, chosen, rejected): two reviews of one film whose scores differ by at least 0.3; chosen scores higher."""
+    title = rng.choice(TITLES)
+    while True:
+        a, b = sample_review(rng), sample_review(rng)
+        if abs(sentiment_score(a) - sentiment_score(b)) >= 0.3:
+            return (title, a, b) if sentiment_score(a) > sentiment_score(b) else (title, b, a)
+
+
+def make_datasets(seed: int = SEED) -> dict[str, dict[str, list[dict]]]:
+    """All tiny-world datasets: {name: {split: rows}}. Each split draws from its own seeded generator."""
+    datasets = {}
+
+    def build(name, make_row, sizes=SPLIT_SIZES):
+        datasets[name] = {}
+        for split_index, (split, size) in enumerate(sizes.items()):
+            rng = random.Random(f"{seed}-{name}-{split_index}")
+            datasets[name][split] = [make_row(rng) for _ in range(size)]
+
+    # SFT: plain text (also the corpus the tiny policy is pretrained on), prompt + completion, and conversational.
+    build("sft_text", lambda rng: {"text": f"{string_prompt(t := rng.choice(TITLES))} {sample_review(rng)}"},
+          {"train": 3000, "test": 200})
+    build("sft_prompt_completion",
+          lambda rng: {"prompt": string_prompt(t := rng.choice(TITLES)), "completion": " " + sample_review(rng)})
+    build("sft_messages", lambda rng: {"messages": user_turn(t := rng.choice(TITLES))
+                                       + [{"role": "assistant", "content": sample_review(rng)}]})
+
+    # Preferences: chosen is the more positive review, as strings (completions start with a space) and as messages.
+    def pair_string(rng):
+        title, chosen, rejected = preference_pair(rng)
+        return {"prompt": string_prompt(title), "chosen": " " + chosen, "rejected": " " + rejected}
+
+    def pair_messages(rng):
+        title, chosen, rejected = preference_pair(rng)
+        return {"prompt": user_turn(title), "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+
+    build("preference", pair_string)
+    build("preference_conversational", pair_messages)
+
+    # Unpaired thumbs-up / thumbs-down (KTO): label is True when the review is positive; neutral reviews are redrawn.
+    def unpaired(rng):
+        while (score := sentiment_score(review := sample_review(rng))) == 0:
+            pass
+        return {"prompt": string_prompt(rng.choice(TITLES)), "completion": " " + review, "label": score > 0}
+
+    build("unpaired", unpaired)
+
+    # Prompts only (PPO, best-of-n).
+    build("prompts", lambda rng: {"prompt": string_prompt(rng.choice(TITLES))}, {"train": 500, "test": 100})
+    return datasets
+
+
+def write_datasets(datasets: dict, root: Path) -> None:
+    for name, splits in datasets.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for split, rows in splits.items():
+            with open(root / name / f"{split}.jsonl", "w") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer: byte-level BPE as GPT-2's, EOS doubles as BOS, UNK and pad; a tiny chat template
+# ----------------------------------------------------------------------------------------------------------------------
+EOS = "<|endoftext|>"
+# Reserved special tokens: a distinct BOS for Llama-style variants built in tests, and the chat roles.
+EXTRA_SPECIAL = ["<|begin_of_text|>", "<|system|>", "<|user|>", "<|assistant|>"]
+# Each turn is "<|role|>\n{content}<|endoftext|>"; the generation prompt is "<|assistant|>\n". So the assistant's
+# learned span ends with EOS, and generation stops there.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = 1024):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS] + EXTRA_SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOS, eos_token=EOS, unk_token=EOS,
+                                        pad_token=EOS, additional_special_tokens=EXTRA_SPECIAL, model_max_length=1024)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def corpus_texts(datasets: dict) -> list[str]:
+    """Every string the tokenizer should see: all dataset texts, rendered in every format."""
+    texts = []
+    for splits in datasets.values():
+        for row in splits["train"]:
+            for value in row.values():
+                if isinstance(value, str):
+                    texts.append(value)
+                elif isinstance(value, list):
+                    texts.extend(message["content"] for message in value)
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The tiny policy: a random-init GPT-2, pretrained on sft_text with sft.py (the project's own script)
+# ----------------------------------------------------------------------------------------------------------------------
+def build_policy(tokenizer, out_dir: Path, steps: int) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel, set_seed
+
+    set_seed(SEED)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=128, n_layer=4, n_head=4,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no dropout: runs replay exactly
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.eos_token_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        init_dir, run_dir = Path(tmp) / "init", Path(tmp) / "run"
+        GPT2LMHeadModel(config).save_pretrained(init_dir)
+        tokenizer.save_pretrained(init_dir)
+        command = [sys.executable, str(ASSETS.parent / "sft.py"), "--model_name_or_path", str(init_dir),
+                   "--dataset_name", str(ASSETS / "data" / "sft_text"), "--output_dir", str(run_dir),
+                   "--packing", "--max_length", "256", "--per_device_train_batch_size", "8",
+                   "--learning_rate", "2e-3", "--warmup_ratio", "0.05", "--lr_scheduler_type", "cosine",
+                   "--max_steps", str(steps), "--eval_steps", "100", "--save_steps", "0", "--seed", str(SEED)]
+        print("pretraining the tiny policy:", " ".join(command), flush=True)
+        subprocess.run(command, check=True)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+        for name in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json", "chat_template.jinja"]:
+            if (run_dir / name).exists():
+                shutil.copy(run_dir / name, out_dir / name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", choices=["all", "data", "policy"], default="all")
+    parser.add_argument("--out", type=Path, default=ASSETS, help="where to write (default: assets/ itself)")
+    parser.add_argument("--policy_steps", type=int, default=600)
+    args = parser.parse_args()
+
+    datasets = make_datasets()
+    if args.stage in ("all", "data"):
+        write_datasets(datasets, args.out / "data")
+        build_tokenizer(corpus_texts(datasets)).save_pretrained(args.out / "tokenizer")
+    if args.stage in ("all", "policy"):
+        from transformers import AutoTokenizer
+
+        build_policy(AutoTokenizer.from_pretrained(args.out / "tokenizer"), args.out / "tiny-gpt2", args.policy_steps)
+
+
+if __name__ == "__main__":
+    main()
