@@ -347,13 +347,13 @@ def check_packing_isolation(model, device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------------
-def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, scheduler, step: int) -> None:
-    """A resumable checkpoint: weights (or LoRA adapter) in save_pretrained form, optimizer, scheduler, step, and the
-    RNG states of every process."""
+def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, scheduler, progress: dict) -> None:
+    """A resumable checkpoint: weights (or LoRA adapter) in save_pretrained form, optimizer, scheduler, progress
+    counters (step, tokens seen), and the RNG states of every process."""
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(path)
         tokenizer.save_pretrained(path)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        torch.save({**progress, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    path / "training_state.pt")
     accelerator.wait_for_everyone()
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -395,7 +395,10 @@ if __name__ == "__main__":
              "(no training_state.pt in it)")
 
     # 1. Seed and accelerator. Derived sizes live here, in one place.
-    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else None)
+    # Several processes but no GPU (e.g. `accelerate launch --multi_gpu` on a CPU machine): make them one gloo
+    # process group on CPU; otherwise accelerate would start independent copies that never exchange gradients.
+    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision="bf16" if args.bf16 else None)
     set_seed(args.seed)
     world_size = accelerator.num_processes
     global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
@@ -404,6 +407,12 @@ if __name__ == "__main__":
     # 2. Data: load and validate before the model is loaded.
     try:
         raw = load_any_dataset(args.dataset_name, args.dataset_config)
+    except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
+        message = str(error)
+        if "corresponds to no data" in message or "generating the dataset" in message:  # how datasets says "empty"
+            message += " (is a data file empty? every split needs at least one row)"
+        fail(f"could not load dataset {args.dataset_name}: {message}")
+    try:
         for split in [args.dataset_train_split] + ([args.dataset_test_split] if args.dataset_test_split else []):
             if split not in raw:
                 raise ValueError(f"dataset {args.dataset_name} has no split '{split}'; found splits {list(raw)} "
@@ -421,6 +430,7 @@ if __name__ == "__main__":
         fail(f"the tokenizer of {args.model_name_or_path} has no EOS token; expected one to end every example")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    max_length = min(args.max_length, tokenizer.model_max_length)  # as the seed: never beyond what the model reads
     first_row = raw[args.dataset_train_split][0]
     uses_chat = data_format == "messages" or isinstance(first_row.get("prompt"), list)
     if uses_chat and tokenizer.chat_template is None:
@@ -431,12 +441,12 @@ if __name__ == "__main__":
         with accelerator.main_process_first():  # the main process fills the datasets cache first
             tokenized = {
                 split: raw[split].map(tokenize_example, remove_columns=raw[split].column_names,
-                                      fn_kwargs={"tokenizer": tokenizer, "max_length": args.max_length,
+                                      fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
                                                  "completion_only_loss": args.completion_only_loss},
                                       desc=f"tokenizing {split}")
                 for split in [args.dataset_train_split, args.dataset_test_split] if split
             }
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, NotImplementedError) as error:
         fail(f"could not format the {data_format} rows of {args.dataset_name}: {error!r}")
     splits = {}
     for split, dataset in tokenized.items():
@@ -444,10 +454,10 @@ if __name__ == "__main__":
         kept = [row for row in rows if any(label != -100 for label in row["labels"][1:])]
         if len(kept) < len(rows):
             accelerator.print(f"warning: {len(rows) - len(kept)} of {len(rows)} {split} rows have no target token "
-                              f"left after truncation to --max_length {args.max_length}; they are dropped")
+                              f"left after truncation to {max_length} tokens; they are dropped")
         if not kept:
-            fail(f"no {split} row has a target token within --max_length {args.max_length}")
-        splits[split] = pack_examples(kept, args.max_length) if args.packing else kept
+            fail(f"no {split} row has a target token within the first {max_length} tokens")
+        splits[split] = pack_examples(kept, max_length) if args.packing else kept
     train_rows = splits[args.dataset_train_split]
     eval_rows = splits.get(args.dataset_test_split, [])
     steps_per_epoch = len(train_rows) // global_batch_size
@@ -500,29 +510,37 @@ if __name__ == "__main__":
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
                               num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
-    start_step = 0
+    start_step, num_tokens_seen = 0, 0
     if args.resume_from_checkpoint:
         checkpoint = Path(args.resume_from_checkpoint)
         state = torch.load(checkpoint / "training_state.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         load_rng_state(checkpoint, accelerator.process_index)
-        start_step = state["step"]
+        start_step, num_tokens_seen = state["step"], state["num_tokens"]
         accelerator.print(f"resumed from {checkpoint} at step {start_step}")
 
     # 7. Logging: metrics.jsonl always, wandb with --track.
+    metrics_file = output_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        if not args.resume_from_checkpoint:  # a fresh run starts a fresh log
+            metrics_file.unlink(missing_ok=True)
+        elif metrics_file.exists():  # a resumed one keeps what was logged up to its checkpoint, and appends
+            logged = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            metrics_file.write_text("".join(line + "\n" for line in logged))
         if args.track:
             import wandb
 
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
                        name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    metrics_file = output_dir / "metrics.jsonl"
 
     def log(metrics: dict) -> None:
+        """A compact console line, a metrics.jsonl row and (with --track) a wandb point, from the main process."""
         if accelerator.is_main_process:
+            tqdm.write(" ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                                for key, value in metrics.items()))
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             if args.track:
@@ -554,14 +572,13 @@ if __name__ == "__main__":
     # 8. Training loop. One optimizer step = gradient_accumulation_steps micro-batches on each process.
     model.train()
     if eval_rows and start_step == 0:
-        eval_loss = evaluate()
-        accelerator.print(f"step 0: eval_loss {eval_loss:.4f}")
-        log({"step": 0, "epoch": 0.0, "eval_loss": eval_loss})
-    running_loss, running_steps, running_tokens, running_samples, window_start = 0.0, 0, 0, 0, time.time()
-    num_tokens_seen = 0
+        log({"step": 0, "epoch": 0.0, "eval_loss": evaluate()})
+    # running sums over the current logging window; train_seconds excludes evaluation and checkpointing
+    running_loss, running_steps, running_tokens, running_samples, train_seconds = 0.0, 0, 0, 0, 0.0
     progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="sft",
                     disable=not accelerator.is_local_main_process)
     for step in progress:
+        step_start = time.time()
         # 8a. This process's micro-batches of this step, and the number of target tokens in the whole step.
         indices = step_indices(step, len(train_rows), global_batch_size, args.seed)
         mine = indices[accelerator.process_index :: world_size]
@@ -579,22 +596,22 @@ if __name__ == "__main__":
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
             is_last = j == len(micro_batches) - 1
             with accelerator.no_sync(model) if not is_last else nullcontext():  # sync gradients once per step
-                with accelerator.autocast():
-                    logits = forward(batch)
+                logits = forward(batch)  # under --bf16, accelerate.prepare wrapped model.forward in autocast
                 loss = sft_loss(logits, batch["labels"], num_items_in_batch)
                 accelerator.backward(loss * world_size)
             step_loss += loss.detach()
         step_loss = accelerator.reduce(step_loss, "sum")
 
-        # 8c. Stop cleanly on a non-finite loss, before the update would poison the weights.
-        if not torch.isfinite(step_loss):
+        # 8c. Clip (max_grad_norm 0: only measure the norm). Stop cleanly on a non-finite loss or gradient, before the
+        #     update would poison the weights; every process sees the same reduced values and stops together.
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+        if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
             checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
             kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
-            fail(f"loss is {step_loss.item()} at step {step + 1}; stopping without updating the weights ({kept})")
+            fail(f"loss is {step_loss.item()} (gradient norm {grad_norm.item()}) at step {step + 1}; stopping "
+                 f"without updating the weights ({kept})")
 
-        # 8d. Clip, update, schedule.
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm > 0 \
-            else torch.tensor(float("nan"))
+        # 8d. Update and schedule.
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -607,23 +624,21 @@ if __name__ == "__main__":
         running_steps += 1
         running_tokens += tokens
         running_samples += global_batch_size
+        train_seconds += time.time() - step_start
         done = step + 1
         if done % args.logging_steps == 0 or done == total_steps:
-            elapsed = time.time() - window_start
             metrics = {"step": done, "epoch": done / steps_per_epoch, "loss": running_loss / running_steps,
                        "grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0],
-                       "num_tokens": num_tokens_seen, "samples_per_second": running_samples / elapsed,
-                       "tokens_per_second": running_tokens / elapsed, "peak_memory_mb": peak_memory_mb()}
+                       "num_tokens": num_tokens_seen, "samples_per_second": running_samples / train_seconds,
+                       "tokens_per_second": running_tokens / train_seconds, "peak_memory_mb": peak_memory_mb()}
             progress.set_postfix(loss=f"{metrics['loss']:.4f}")
             log(metrics)
-            running_loss, running_steps, running_tokens, running_samples, window_start = 0.0, 0, 0, 0, time.time()
+            running_loss, running_steps, running_tokens, running_samples, train_seconds = 0.0, 0, 0, 0, 0.0
         if eval_rows and (done % args.eval_steps == 0 or done == total_steps):
-            eval_loss = evaluate()
-            accelerator.print(f"step {done}: eval_loss {eval_loss:.4f}")
-            log({"step": done, "epoch": done / steps_per_epoch, "eval_loss": eval_loss})
+            log({"step": done, "epoch": done / steps_per_epoch, "eval_loss": evaluate()})
         if args.save_steps > 0 and done % args.save_steps == 0 and done < total_steps:
             save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, model, tokenizer, optimizer, scheduler,
-                            done)
+                            {"step": done, "num_tokens": num_tokens_seen})
 
     # 9. Save: plain save_pretrained weights that AutoModelForCausalLM loads; with LoRA, the merged model in
     #    output_dir and the adapter alone in output_dir/adapter.

@@ -1,0 +1,79 @@
+"""The offline tiny world: the builder is deterministic and matches what is committed, the scorer means what it says,
+and the datasets and the tiny policy are what the other scripts rely on."""
+
+import filecmp
+import json
+import subprocess
+import sys
+
+import torch
+from conftest import ASSETS, OFFLINE_ENV
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tiny_world import make_datasets, sentiment_score
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_builder_rebuilds_the_committed_data_and_tokenizer_byte_for_byte(tmp_path):
+    subprocess.run([sys.executable, str(ASSETS / "tiny_world.py"), "--stage", "data", "--out", str(tmp_path)],
+                   check=True, env={**OFFLINE_ENV, "PATH": "/usr/bin:/bin"}, capture_output=True)
+    for sub in ["data", "tokenizer"]:
+        comparison = filecmp.dircmp(tmp_path / sub, ASSETS / sub)
+        pending = [comparison]
+        while pending:
+            current = pending.pop()
+            assert not current.left_only and not current.right_only, (current.left_only, current.right_only)
+            _, mismatch, errors = filecmp.cmpfiles(current.left, current.right, current.common_files, shallow=False)
+            assert not mismatch and not errors, f"{current.right}: {mismatch} {errors}"
+            pending.extend(current.subdirs.values())
+
+
+def test_make_datasets_is_deterministic():
+    assert make_datasets() == make_datasets()
+    assert make_datasets(seed=1) != make_datasets()
+
+
+def test_sentiment_score_counts_polarity_and_negation():
+    assert sentiment_score("The plot was brilliant. I loved it.") == 2 / 3
+    assert sentiment_score("The plot was dull.") == -1 / 2
+    assert sentiment_score("The plot was not dull.") == 1 / 2
+    assert sentiment_score("Nothing to say about it") == 0.0
+    assert sentiment_score("Great. Superb. Charming.") > sentiment_score("Great.") > sentiment_score("Great. Awful.")
+
+
+def test_every_format_has_train_and_test_with_the_expected_columns():
+    expected = {"sft_text": {"text"}, "sft_prompt_completion": {"prompt", "completion"}, "sft_messages": {"messages"},
+                "preference": {"prompt", "chosen", "rejected"},
+                "preference_conversational": {"prompt", "chosen", "rejected"},
+                "unpaired": {"prompt", "completion", "label"}, "prompts": {"prompt"}}
+    for name, columns in expected.items():
+        for split in ["train", "test"]:
+            rows = read_jsonl(ASSETS / "data" / name / f"{split}.jsonl")
+            assert rows and all(set(row) == columns for row in rows), (name, split)
+
+
+def test_preferences_and_labels_agree_with_the_scorer():
+    for row in read_jsonl(ASSETS / "data" / "preference" / "train.jsonl"):
+        assert sentiment_score(row["chosen"]) > sentiment_score(row["rejected"])
+    for row in read_jsonl(ASSETS / "data" / "preference_conversational" / "test.jsonl"):
+        assert sentiment_score(row["chosen"][0]["content"]) > sentiment_score(row["rejected"][0]["content"])
+    labels = [row["label"] for row in read_jsonl(ASSETS / "data" / "unpaired" / "train.jsonl")]
+    assert 0.3 < sum(labels) / len(labels) < 0.7
+
+
+def test_tiny_policy_is_small_gpt2_style_and_writes_in_domain_reviews():
+    model = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-gpt2").eval()
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tiny-gpt2")
+    assert 0.5e6 < model.num_parameters() < 5e6
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # GPT-2 style: EOS doubles as pad
+    assert tokenizer.chat_template is not None
+    inputs = tokenizer(["Review of Golden Harbor:"] * 8, return_tensors="pt")
+    torch.manual_seed(0)
+    output = model.generate(**inputs, do_sample=True, max_new_tokens=48, pad_token_id=tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    # nearly every sampled review uses the world's sentiment vocabulary
+    assert sum(any(w in text for w in ["was", "felt", "seemed", "is"]) for text in texts) >= 7, texts
+    assert sum(sentiment_score(text) != 0 for text in texts) >= 6, texts
