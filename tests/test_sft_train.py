@@ -1,6 +1,7 @@
 """sft.py end to end, run as a user runs it: learning, packing, resuming, several processes, LoRA, NaN, bad input."""
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -173,9 +174,10 @@ def test_neftune_noises_training_only_and_gradient_checkpointing_changes_nothing
     assert noisy_eval[0] == pytest.approx(plain_eval[0], abs=1e-6)  # ...evaluation does not
 
 
-def test_bf16_mixed_precision_runs(tmp_path):
-    run_ok("sft.py", *SHORT, "--max_steps", 3, "--bf16", "--output_dir", tmp_path)
-    assert all(loss == loss for loss in metric_series(tmp_path, "loss"))
+def test_bf16_mixed_precision_and_disabled_wandb_tracking_run(tmp_path):
+    run_ok("sft.py", *SHORT, "--max_steps", 3, "--bf16", "--track", "--output_dir", tmp_path)  # WANDB_MODE=disabled
+    losses = metric_series(tmp_path, "loss")
+    assert losses and all(math.isfinite(loss) for loss in losses)
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path):
