@@ -46,7 +46,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (used in the wandb run name)"""
     seed: int = 42
-    """seed of the experiment: data order, initialisation of new weights, NEFTune noise"""
+    """seed of the experiment: data order, initialisation of new weights, sampling noise"""
     output_dir: str = "runs/sft"
     """where the final model, metrics.jsonl, args.json and checkpoints are written"""
     track: bool = False

@@ -3,7 +3,7 @@
 Every script of this repository defaults to the models and datasets under `assets/`, and every test uses them, so that
 everything runs with no network and no GPU. This file is the single committed recipe for all of it:
 
-    python assets/tiny_world.py            # rebuild everything (data, tokenizer, tiny policy) -- about 5 minutes on CPU
+    python assets/tiny_world.py            # rebuild everything (data, tokenizer, tiny models) -- about 3 minutes on CPU
     python assets/tiny_world.py --stage data   # only the datasets and the tokenizer (seconds; deterministic)
 
 What it builds (all deterministic given the seed):
@@ -11,7 +11,9 @@ What it builds (all deterministic given the seed):
     negation with "not"), and `sentiment_score(text)`, the world's ground-truth reward, in (-1, 1);
   * `assets/tokenizer/`: a GPT-2-style byte-level BPE tokenizer (EOS doubles as pad, as GPT-2's) with a chat template;
   * `assets/data/*/{train,test}.jsonl`: datasets in every format of CONVENTIONS section 3;
-  * `assets/tiny-gpt2/`: a ~1M-parameter GPT-2 pretrained on the corpus *with sft.py itself*.
+  * `assets/tiny-gpt2/`: a ~1M-parameter GPT-2 pretrained on the corpus *with sft.py itself*;
+  * `assets/tiny-reward/`: that GPT-2 with a score head, trained on the preference pairs *with reward.py* -- the
+    default reward of ppo.py, best_of_n.py and iterative_sft.py.
 
 Scripts never import this file (each script stands alone); the builder and the tests do.
 """
@@ -144,8 +146,8 @@ def make_datasets(seed: int = SEED) -> dict[str, dict[str, list[dict]]]:
         return {"prompt": user_turn(title), "chosen": [{"role": "assistant", "content": chosen}],
                 "rejected": [{"role": "assistant", "content": rejected}]}
 
-    build("preference", pair_string)
-    build("preference_conversational", pair_messages)
+    build("preference", pair_string, {"train": 3000, "test": 200})
+    build("preference_conversational", pair_messages, {"train": 3000, "test": 200})
 
     # Unpaired thumbs-up / thumbs-down (KTO): label is True when the review is positive; neutral reviews are redrawn.
     def unpaired(rng):
@@ -203,22 +205,36 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1024):
 
 
 def corpus_texts(datasets: dict) -> list[str]:
-    """Every string the tokenizer should see: all dataset texts, rendered in every format."""
-    texts = []
-    for splits in datasets.values():
-        for row in splits["train"]:
-            for value in row.values():
-                if isinstance(value, str):
-                    texts.append(value)
-                elif isinstance(value, list):
-                    texts.extend(message["content"] for message in value)
+    """What the tokenizer is trained on: the pretraining corpus and the chat turns. Other datasets use the same
+    language, and leaving them out keeps the tokenizer (and so every tiny model) unchanged when they grow."""
+    texts = [row["text"] for row in datasets["sft_text"]["train"]]
+    texts += [message["content"] for row in datasets["sft_messages"]["train"] for message in row["messages"]]
     return texts
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The tiny policy: a random-init GPT-2, pretrained on sft_text with sft.py (the project's own script)
+# The tiny models, each trained by the project's own script
 # ----------------------------------------------------------------------------------------------------------------------
+MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "chat_template.jinja"]
+
+
+def train_and_copy(script: str, arguments: list[str], out_dir: Path) -> None:
+    """Run `python <script> <arguments> --output_dir <tmp>` and copy the saved model and tokenizer to out_dir."""
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, str(ASSETS.parent / script), *arguments, "--output_dir", tmp, "--seed", str(SEED)]
+        print(f"training {out_dir.name}:", " ".join(command), flush=True)
+        subprocess.run(command, check=True)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+        for name in MODEL_FILES:
+            if (Path(tmp) / name).exists():
+                shutil.copy(Path(tmp) / name, out_dir / name)
+
+
 def build_policy(tokenizer, out_dir: Path, steps: int) -> None:
+    """The tiny policy: a random-init GPT-2 pretrained on sft_text with sft.py (packed, full loss)."""
     from transformers import GPT2Config, GPT2LMHeadModel, set_seed
 
     set_seed(SEED)
@@ -226,29 +242,24 @@ def build_policy(tokenizer, out_dir: Path, steps: int) -> None:
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no dropout: runs replay exactly
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.eos_token_id)
-    with tempfile.TemporaryDirectory() as tmp:
-        init_dir, run_dir = Path(tmp) / "init", Path(tmp) / "run"
+    with tempfile.TemporaryDirectory() as init_dir:
         GPT2LMHeadModel(config).save_pretrained(init_dir)
         tokenizer.save_pretrained(init_dir)
-        command = [sys.executable, str(ASSETS.parent / "sft.py"), "--model_name_or_path", str(init_dir),
-                   "--dataset_name", str(ASSETS / "data" / "sft_text"), "--output_dir", str(run_dir),
-                   "--packing", "--max_length", "256", "--per_device_train_batch_size", "8",
-                   "--learning_rate", "2e-3", "--warmup_ratio", "0.05", "--lr_scheduler_type", "cosine",
-                   "--max_steps", str(steps), "--eval_steps", "100", "--save_steps", "0", "--seed", str(SEED)]
-        print("pretraining the tiny policy:", " ".join(command), flush=True)
-        subprocess.run(command, check=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True)
-        for name in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json", "chat_template.jinja"]:
-            if (run_dir / name).exists():
-                shutil.copy(run_dir / name, out_dir / name)
+        train_and_copy("sft.py", ["--model_name_or_path", init_dir, "--dataset_name", str(ASSETS / "data" / "sft_text"),
+                                  "--packing", "--max_length", "256", "--per_device_train_batch_size", "8",
+                                  "--learning_rate", "2e-3", "--warmup_ratio", "0.05", "--lr_scheduler_type", "cosine",
+                                  "--max_steps", str(steps), "--eval_steps", "100", "--save_steps", "0"], out_dir)
+
+
+def build_reward_model(out_dir: Path) -> None:
+    """The tiny reward model: the tiny policy plus a score head, trained on the preference pairs by reward.py
+    (its defaults, for longer)."""
+    train_and_copy("reward.py", ["--num_train_epochs", "5", "--save_steps", "0"], out_dir)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", choices=["all", "data", "policy"], default="all")
+    parser.add_argument("--stage", choices=["all", "data", "policy", "reward"], default="all")
     parser.add_argument("--out", type=Path, default=ASSETS, help="where to write (default: assets/ itself)")
     parser.add_argument("--policy_steps", type=int, default=600)
     args = parser.parse_args()
@@ -261,6 +272,8 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         build_policy(AutoTokenizer.from_pretrained(args.out / "tokenizer"), args.out / "tiny-gpt2", args.policy_steps)
+    if args.stage in ("all", "reward"):
+        build_reward_model(args.out / "tiny-reward")
 
 
 if __name__ == "__main__":

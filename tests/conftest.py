@@ -44,6 +44,18 @@ def metric_series(output_dir: Path, key: str) -> list[float]:
     return [row[key] for row in read_metrics(output_dir) if key in row]
 
 
+def relative_weight_difference(a: dict, b: dict, initial: dict) -> float:
+    """||a - b|| / ||a - initial|| over all shared tensors: how far two trainings ended apart, relative to how far
+    training moved. (Element-wise comparison is too strict under Adam: parameters whose true gradient is zero,
+    such as attention key biases, take lr-sized steps on float noise.)"""
+    import torch
+
+    names = [name for name in initial if name in a and name in b]
+    apart = torch.cat([(a[name] - b[name]).flatten() for name in names]).norm()
+    moved = torch.cat([(a[name] - initial[name]).flatten() for name in names]).norm()
+    return (apart / moved).item()
+
+
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory) -> Path:
     """A Llama-style tiny model built from config: random init, a tokenizer that adds BOS and has NO pad token, and a

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import ASSETS, metric_series, read_metrics, run_ok, run_script
+from conftest import ASSETS, metric_series, read_metrics, relative_weight_difference, run_ok, run_script
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,11 +140,14 @@ def test_two_processes_and_accumulation_match_one_process_at_the_same_global_bat
            launcher=[sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                      "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
     one = final_weights(tmp_path / "one")
-    assert_same_weights(one, final_weights(tmp_path / "accumulated"), atol=1e-4)
-    assert_same_weights(one, final_weights(tmp_path / "two"), atol=1e-4)
-    assert metric_series(tmp_path / "two", "loss") == pytest.approx(metric_series(tmp_path / "one", "loss"), abs=1e-5)
-    # and training really moved the weights, so the comparison above is not trivially true
     initial = load_file(ASSETS / "tiny-gpt2" / "model.safetensors")
+    for other in ["accumulated", "two"]:
+        # Adam ignores the gradient's scale, so the scale-sensitive gradient norm is what shows the normalisation
+        for key, tolerance in [("loss", 1e-4), ("grad_norm", 1e-3), ("eval_loss", 1e-4)]:
+            expected = metric_series(tmp_path / "one", key)
+            assert metric_series(tmp_path / other, key) == pytest.approx(expected, rel=tolerance), (other, key)
+        assert relative_weight_difference(one, final_weights(tmp_path / other), initial) < 1e-2, other
+    # and training really moved the weights, so the comparison above is not trivially true
     assert max((one[k] - initial[k]).abs().max().item() for k in one) > 1e-3
 
 
