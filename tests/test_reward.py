@@ -232,6 +232,10 @@ def test_bad_input_is_one_clear_line_before_the_model_loads(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "reward.py: error: expected 'chosen' and 'rejected' columns (and optionally 'prompt' and 'margin'); "
         "missing ['rejected']; found columns ['prompt', 'chosen']")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "train.csv").write_text("prompt,chosen,rejected\n")
+    result = run_script("reward.py", "--dataset_name", tmp_path / "empty", "--dataset_test_split", "None")
+    assert result.returncode != 0 and "every split needs at least one row" in result.stderr.strip().splitlines()[-1]
     (tmp_path / "same.jsonl").write_text(json.dumps({"prompt": "a", "chosen": " b", "rejected": " b"}) + "\n")
     result = run_script("reward.py", "--dataset_name", tmp_path / "same.jsonl", "--dataset_test_split", "None")
     assert result.returncode != 0
