@@ -1,6 +1,6 @@
 """Reward modelling: learn a scalar score r(x) from pairwise preferences with the Bradley-Terry loss.
 
-The reward model is a causal LM with a one-output linear head read at the last real token
+The reward model is a causal LM with a one-output linear head read at the last token that is not padding
 (`AutoModelForSequenceClassification(num_labels=1)`), trained so that the preferred text scores higher:
 loss = -log sigmoid(r(chosen) - r(rejected) - margin) (Ouyang et al. 2022, https://arxiv.org/abs/2203.02155;
 the optional per-pair margin is Llama 2's, https://arxiv.org/abs/2307.09288). This file reproduces TRL's
@@ -172,20 +172,20 @@ def format_pair(example: dict, tokenizer) -> tuple[str, str, bool]:
 
 
 def tokenize_pair(example: dict, tokenizer, max_length: int) -> dict:
-    """One preference row -> token ids of both texts (each ending with EOS, at most max_length tokens), the margin,
-    and flags for truncation and for identical texts (which carry no preference signal)."""
+    """One preference row -> token ids of both texts (each ending with EOS, then cut to max_length tokens), the
+    margin, and flags for truncation and for identical texts (which carry no preference signal)."""
     chosen_text, rejected_text, templated = format_pair(example, tokenizer)
-    row = {}
+    full = {}
     for name, text in (("chosen", chosen_text), ("rejected", rejected_text)):
         input_ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
         if not input_ids or input_ids[-1] != tokenizer.eos_token_id:
             input_ids.append(tokenizer.eos_token_id)
-        row[f"{name}_truncated"] = len(input_ids) > max_length
-        row[f"{name}_input_ids"] = input_ids[:max_length]  # truncation keeps the start
-    row["truncated"] = row.pop("chosen_truncated") or row.pop("rejected_truncated")
-    row["identical"] = row["chosen_input_ids"] == row["rejected_input_ids"]
-    row["margin"] = float(example.get("margin") or 0.0)
-    return row
+        full[name] = input_ids
+    return {"chosen_input_ids": full["chosen"][:max_length],  # truncation keeps the start
+            "rejected_input_ids": full["rejected"][:max_length],
+            "truncated": max(len(full["chosen"]), len(full["rejected"])) > max_length,
+            "identical": full["chosen"] == full["rejected"],
+            "margin": float(example.get("margin") or 0.0)}
 
 
 def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -219,11 +219,13 @@ def get_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     """(N, T) -> (N,) float32 scores.
 
     transformers reads a sequence-classification head at the rightmost token that is not `config.pad_token_id`,
-    which works for right and left padding alike. That is why `config.pad_token_id` must be set: without it the
-    score is read at the last position, i.e. on padding for every shorter text of the batch. Reading the score the
-    same way as plain transformers means anyone who loads the saved model gets the scores it was trained to give.
+    which works for right and left padding alike. That is why `config.pad_token_id` must be set: without it
+    transformers cannot find the last real token of a padded batch (current versions refuse the batch; older ones
+    read the last position, i.e. padding). When pad == EOS, the trailing EOS counts as padding and the score is read
+    at the token before it. Reading the score the same way as plain transformers means anyone who loads the saved
+    model gets the scores it was trained to give.
     """
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0].float()
 
 
 def reward_loss(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor, margin: torch.Tensor | None = None,

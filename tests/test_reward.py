@@ -84,7 +84,11 @@ def test_conversational_and_implicit_prompt_rows(tokenizer):
 def test_truncation_and_identical_pairs_are_flagged(tokenizer):
     row = tokenize_pair({"prompt": "Review of X:", "chosen": " Great. " * 10, "rejected": " Dull."}, tokenizer, 10)
     assert row["truncated"] and len(row["chosen_input_ids"]) == 10 and len(row["rejected_input_ids"]) < 10
+    assert set(row) == {"chosen_input_ids", "rejected_input_ids", "truncated", "identical", "margin"}
     assert tokenize_pair({"chosen": "Same.", "rejected": "Same."}, tokenizer, 64)["identical"]
+    # texts that differ only beyond max_length are not identical pairs: they are truncated ones
+    differ_late = tokenize_pair({"chosen": "Same start. Great.", "rejected": "Same start. Dull."}, tokenizer, 3)
+    assert differ_late["truncated"] and not differ_late["identical"]
 
 
 def test_collate_puts_chosen_first_then_rejected_right_padded():
