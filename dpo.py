@@ -175,8 +175,8 @@ def check_preference_columns(column_names: list[str]) -> None:
 
 def split_implicit_prompt(chosen, rejected):
     """Rows with only 'chosen' and 'rejected' full texts (or conversations): the prompt is their common prefix.
-    Strings split at the last whitespace of the common prefix, so no word is cut; conversations at the first
-    message that differs."""
+    Strings split before the last whitespace of the common prefix, so no word is cut and both answers start with
+    their space, as in the string format; conversations split at the first message that differs."""
     if isinstance(chosen, list):
         n = 0
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
@@ -185,8 +185,8 @@ def split_implicit_prompt(chosen, rejected):
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    while n > 0 and not chosen[n - 1].isspace() and n < len(chosen) and not chosen[n].isspace():
-        n -= 1  # back off to a word boundary so that both answers start with a whole word
+    while n > 0 and not (n < len(chosen) and chosen[n].isspace() and n < len(rejected) and rejected[n].isspace()):
+        n -= 1  # back off to a whitespace both answers start with
     return chosen[:n], chosen[n:], rejected[n:]
 
 
@@ -227,6 +227,8 @@ def tokenize_pair(example: dict, tokenizer, max_length: int, max_prompt_length: 
     bos = tokenizer.bos_token_id
     if bos is not None and len(prompt_ids) > 1 and prompt_ids[0] == prompt_ids[1] == bos:
         prompt_ids = prompt_ids[1:]  # the text already started with BOS and the tokenizer added another
+    if not prompt_ids:  # an empty prompt: start from BOS (or EOS, GPT-2's document separator) so that the first
+        prompt_ids = [bos if bos is not None else tokenizer.eos_token_id]  # answer token is predicted too
     answers = []
     for text in (chosen_text, rejected_text):
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -441,6 +443,9 @@ if __name__ == "__main__":
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     max_length = min(args.max_length, tokenizer.model_max_length)
+    if args.max_prompt_length >= max_length:
+        fail(f"--max_prompt_length {args.max_prompt_length} leaves no room for answers within the model's "
+             f"{max_length} tokens (tokenizer.model_max_length)")
     if isinstance(raw[args.dataset_train_split][0]["chosen"], list) and tokenizer.chat_template is None:
         fail(f"the rows are conversations but the tokenizer of {args.model_name_or_path} has no chat template")
 
@@ -506,9 +511,10 @@ if __name__ == "__main__":
                                   disable=not accelerator.is_local_main_process):
                     chunk = mine[start : start + args.per_device_eval_batch_size]
                     batch = collate_pairs([rows[i] for i in chunk], tokenizer.pad_token_id)
-                    logits = reference_model(input_ids=batch["input_ids"].to(accelerator.device),
-                                             attention_mask=batch["attention_mask"].to(accelerator.device),
-                                             use_cache=False).logits
+                    with accelerator.autocast():  # the same precision as the policy's forward under --bf16
+                        logits = reference_model(input_ids=batch["input_ids"].to(accelerator.device),
+                                                 attention_mask=batch["attention_mask"].to(accelerator.device),
+                                                 use_cache=False).logits
                     logps = get_batch_logps(logits, batch["labels"].to(accelerator.device), average_log_prob)
                     chosen, rejected = logps.chunk(2)
                     scored += list(zip(chunk, chosen.tolist(), rejected.tolist()))
@@ -527,8 +533,6 @@ if __name__ == "__main__":
     model = AutoModelForCausalLM.from_pretrained(load_path, revision=None if load_path != args.model_name_or_path
                                                  else args.revision, dtype=dtype,
                                                  attn_implementation=args.attn_implementation)
-    if args.disable_dropout:
-        disable_dropout_in_model(model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.use_peft:
@@ -540,6 +544,8 @@ if __name__ == "__main__":
             lora_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                      target_modules=args.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
             model = get_peft_model(model, lora_config)
+    if args.disable_dropout:  # after wrapping, so that LoRA's dropout is off too, as in the seed
+        disable_dropout_in_model(model)
     model.to(accelerator.device)
     needs_live_reference = not (args.precompute_ref_log_probs or args.reference_free)
     reference_model = load_reference_model() if needs_live_reference and not args.use_peft else None
@@ -570,11 +576,12 @@ if __name__ == "__main__":
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
-        if not args.resume_from_checkpoint:  # a fresh run starts a fresh log
-            metrics_file.unlink(missing_ok=True)
-        elif metrics_file.exists():  # a resumed one keeps what was logged up to its checkpoint, and appends
-            logged = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-            metrics_file.write_text("".join(line + "\n" for line in logged))
+        for file in (metrics_file, output_dir / "samples.jsonl"):
+            if not args.resume_from_checkpoint:  # a fresh run starts a fresh log
+                file.unlink(missing_ok=True)
+            elif file.exists():  # a resumed one keeps what was logged up to its checkpoint, and appends
+                logged = [line for line in file.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+                file.write_text("".join(line + "\n" for line in logged))
         if args.track:
             import wandb
 
@@ -609,7 +616,7 @@ if __name__ == "__main__":
             out["reference_chosen"], out["reference_rejected"] = (batch["reference_chosen_logps"],
                                                                   batch["reference_rejected_logps"])
         else:
-            with torch.no_grad():
+            with torch.no_grad(), accelerator.autocast():  # the policy's precision (prepare() autocasts it)
                 if reference_model is not None:
                     reference_logits = reference_model(input_ids=batch["input_ids"], use_cache=False,
                                                        attention_mask=batch["attention_mask"]).logits
@@ -659,7 +666,7 @@ if __name__ == "__main__":
                 with policy.disable_adapter():
                     reference_out = policy.generate(**kwargs)
             else:
-                reference_out = None  # the reference was freed (precomputed) or is not used (reference-free)
+                reference_out = None  # the frozen copy was freed (precomputed) or never loaded (reference-free)
         decode = lambda out: tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)  # noqa: E731
         samples = [{"step": step, "prompt": tokenizer.decode(ids, skip_special_tokens=True), "policy": p,
                     "reference": r} for ids, p, r in zip(prompts, decode(policy_out), decode(reference_out)
@@ -688,8 +695,10 @@ if __name__ == "__main__":
 
     # 9. Training loop. One optimizer step = gradient_accumulation_steps micro-batches of pairs on each process.
     model.train()
+    if start_step == 0:
+        log({"step": 0, "epoch": 0.0, "params_in_memory": params_in_memory})
     if eval_rows and start_step == 0:
-        log({"step": 0, "epoch": 0.0, "params_in_memory": params_in_memory, **evaluate(0)})
+        log({"step": 0, "epoch": 0.0, **evaluate(0)})
     # running sums over the current logging window; train_seconds excludes evaluation and checkpointing
     running, running_tokens, train_seconds = torch.zeros(len(METRIC_NAMES) + 1), 0, 0.0
     progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="dpo",

