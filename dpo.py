@@ -784,4 +784,6 @@ if __name__ == "__main__":
             tokenizer.push_to_hub(output_dir.name)
         if args.track:
             wandb.finish()
+    accelerator.wait_for_everyone()  # every process leaves together, once the main one has saved
     accelerator.print(f"saved to {output_dir}")
+    accelerator.end_training()  # an orderly end of the process group: a peer torn down mid-exit can abort the other
