@@ -129,11 +129,11 @@ def make_datasets(seed: int = SEED) -> dict[str, dict[str, list[dict]]]:
             datasets[name][split] = [make_row(rng) for _ in range(size)]
 
     # SFT: plain text (also the corpus the tiny policy is pretrained on), prompt + completion, and conversational.
-    build("sft_text", lambda rng: {"text": f"{string_prompt(t := rng.choice(TITLES))} {sample_review(rng)}"},
+    build("sft_text", lambda rng: {"text": f"{string_prompt(rng.choice(TITLES))} {sample_review(rng)}"},
           {"train": 3000, "test": 200})
     build("sft_prompt_completion",
-          lambda rng: {"prompt": string_prompt(t := rng.choice(TITLES)), "completion": " " + sample_review(rng)})
-    build("sft_messages", lambda rng: {"messages": user_turn(t := rng.choice(TITLES))
+          lambda rng: {"prompt": string_prompt(rng.choice(TITLES)), "completion": " " + sample_review(rng)})
+    build("sft_messages", lambda rng: {"messages": user_turn(rng.choice(TITLES))
                                        + [{"role": "assistant", "content": sample_review(rng)}]})
 
     # Preferences: chosen is the more positive review, as strings (completions start with a space) and as messages.

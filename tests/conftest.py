@@ -36,6 +36,10 @@ def run_ok(script: str, *args, **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
+TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -83,3 +87,55 @@ def llama_dir(tmp_path_factory) -> Path:
                          tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+def assert_same_training_however_the_global_batch_is_split(script: str, args: list, tmp_path: Path) -> None:
+    """Train on global batches of 8 three ways: 1 process x 8, 1 process x 4 x 2 accumulation steps, and
+    `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU) x 4. They must be the same training."""
+    from safetensors.torch import load_file
+
+    run_ok(script, *args, "--output_dir", tmp_path / "one", "--per_device_train_batch_size", 8)
+    run_ok(script, *args, "--output_dir", tmp_path / "accumulated", "--per_device_train_batch_size", 4,
+           "--gradient_accumulation_steps", 2)
+    run_ok(script, *args, "--output_dir", tmp_path / "two", "--per_device_train_batch_size", 4,
+           launcher=TWO_PROCESSES)
+    one = load_file(tmp_path / "one" / "model.safetensors")
+    initial = load_file(ASSETS / "tiny-gpt2" / "model.safetensors")
+    for other in ["accumulated", "two"]:
+        # Adam ignores the gradient's scale, so the scale-sensitive gradient norm is what shows the normalisation
+        for key, tolerance in [("loss", 1e-4), ("grad_norm", 1e-3), ("eval_loss", 1e-4)]:
+            expected = metric_series(tmp_path / "one", key)
+            assert expected and metric_series(tmp_path / other, key) == pytest.approx(expected, rel=tolerance), \
+                (other, key)
+        weights = load_file(tmp_path / other / "model.safetensors")
+        assert relative_weight_difference(one, weights, initial) < 1e-2, other
+    # and training really moved the weights, so the comparisons above are not trivially true
+    assert max((one[name] - initial[name]).abs().max().item() for name in initial) > 1e-3
+
+
+def assert_resumed_run_ends_where_the_uninterrupted_run_ends(script: str, args: list, tmp_path: Path,
+                                                            save_steps: int = 6) -> None:
+    """Run `args` with checkpoints every save_steps; resume from the first checkpoint, copied alone into a fresh
+    directory; the resumed run must log the same metrics after the checkpoint and end on the same weights."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    run_ok(script, *args, "--save_steps", save_steps, "--output_dir", tmp_path / "full")
+    checkpoint = tmp_path / f"checkpoint-{save_steps}"
+    shutil.copytree(tmp_path / "full" / checkpoint.name, checkpoint)
+    run_ok(script, *args, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint", checkpoint)
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert full.keys() == resumed.keys()
+    for name in full:
+        assert torch.allclose(full[name], resumed[name], atol=1e-6), name
+    timing = {"samples_per_second", "tokens_per_second", "peak_memory_mb"}
+    after = [row for row in read_metrics(tmp_path / "full") if row["step"] > save_steps]
+    logged = read_metrics(tmp_path / "resumed")
+    assert [row["step"] for row in logged] == [row["step"] for row in after]
+    for expected, got in zip(after, logged):
+        assert expected.keys() == got.keys()
+        for key in expected.keys() - timing:
+            assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-6), (expected["step"], key)

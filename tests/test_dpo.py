@@ -3,14 +3,13 @@ variants (live copy, precomputed, LoRA adapters off, reference-free), several pr
 
 import json
 import math
-import shutil
-import sys
 import time
 
 import pytest
 import torch
-from conftest import ASSETS, metric_series, read_metrics, relative_weight_difference, run_ok, run_script
-from safetensors.torch import load_file
+from conftest import (ASSETS, assert_resumed_run_ends_where_the_uninterrupted_run_ends,
+                      assert_same_training_however_the_global_batch_is_split, metric_series, read_metrics, run_ok,
+                      run_script)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo import collate_pairs, dpo_loss, get_batch_logps, split_implicit_prompt, tokenize_pair
@@ -236,34 +235,12 @@ def test_every_loss_variant_trains(tmp_path, variant):
 
 
 def test_two_processes_and_accumulation_match_one_process_at_the_same_global_batch(tmp_path):
-    run_ok("dpo.py", *SHORT, "--output_dir", tmp_path / "one", "--per_device_train_batch_size", 8)
-    run_ok("dpo.py", *SHORT, "--output_dir", tmp_path / "accumulated", "--per_device_train_batch_size", 4,
-           "--gradient_accumulation_steps", 2)
-    run_ok("dpo.py", *SHORT, "--output_dir", tmp_path / "two", "--per_device_train_batch_size", 4,
-           launcher=[sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
-    one = load_file(tmp_path / "one" / "model.safetensors")
-    initial = load_file(ASSETS / "tiny-gpt2" / "model.safetensors")
-    for other in ["accumulated", "two"]:
-        # Adam ignores the gradient's scale, so the scale-sensitive gradient norm is what shows the normalisation
-        for key, tolerance in [("loss", 1e-4), ("grad_norm", 1e-3), ("eval_loss", 1e-4)]:
-            expected = metric_series(tmp_path / "one", key)
-            assert metric_series(tmp_path / other, key) == pytest.approx(expected, rel=tolerance), (other, key)
-        weights = load_file(tmp_path / other / "model.safetensors")
-        assert relative_weight_difference(one, weights, initial) < 1e-2, other
+    assert_same_training_however_the_global_batch_is_split("dpo.py", SHORT, tmp_path)
 
 
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
-    run_ok("dpo.py", *SHORT, "--save_steps", 6, "--output_dir", tmp_path / "full")
-    shutil.copytree(tmp_path / "full" / "checkpoint-6", tmp_path / "checkpoint-6")
-    run_ok("dpo.py", *SHORT, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint",
-           tmp_path / "checkpoint-6")  # the reference must still be the initial model, not the checkpoint
-    full, resumed = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" /
-                                                                                 "model.safetensors")
-    for name in full:
-        assert torch.allclose(full[name], resumed[name], atol=1e-6), name
-    assert metric_series(tmp_path / "resumed", "eval_loss") == pytest.approx(
-        metric_series(tmp_path / "full", "eval_loss")[-1:], abs=1e-6)
+    # the reference must still be the initial model after resuming, not the checkpoint
+    assert_resumed_run_ends_where_the_uninterrupted_run_ends("dpo.py", SHORT, tmp_path)
 
 
 def test_generate_during_eval_writes_policy_and_reference_samples(tmp_path):

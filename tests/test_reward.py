@@ -4,13 +4,14 @@ bad input; and the tiny world's reward model against the ground-truth sentiment 
 import json
 import math
 import shutil
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import ASSETS, metric_series, read_metrics, relative_weight_difference, run_ok, run_script
+from conftest import (ASSETS, assert_resumed_run_ends_where_the_uninterrupted_run_ends,
+                      assert_same_training_however_the_global_batch_is_split, metric_series, read_metrics, run_ok,
+                      run_script)
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -173,35 +174,11 @@ def test_llama_style_model_without_pad_token_learns_conversational_pairs(llama_d
 
 
 def test_two_processes_and_accumulation_match_one_process_at_the_same_global_batch(tmp_path):
-    run_ok("reward.py", *SHORT, "--output_dir", tmp_path / "one", "--per_device_train_batch_size", 8)
-    run_ok("reward.py", *SHORT, "--output_dir", tmp_path / "accumulated", "--per_device_train_batch_size", 4,
-           "--gradient_accumulation_steps", 2)
-    run_ok("reward.py", *SHORT, "--output_dir", tmp_path / "two", "--per_device_train_batch_size", 4,
-           launcher=[sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
-    one = load_file(tmp_path / "one" / "model.safetensors")
-    initial = load_file(ASSETS / "tiny-gpt2" / "model.safetensors")
-    for other in ["accumulated", "two"]:
-        # Adam ignores the gradient's scale, so the scale-sensitive gradient norm is what shows the normalisation
-        for key, tolerance in [("loss", 1e-4), ("grad_norm", 1e-3), ("eval_loss", 1e-4)]:
-            expected = metric_series(tmp_path / "one", key)
-            assert metric_series(tmp_path / other, key) == pytest.approx(expected, rel=tolerance), (other, key)
-        weights = load_file(tmp_path / other / "model.safetensors")
-        assert relative_weight_difference(one, weights, initial) < 1e-2, other
-    assert max((one[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # training really moved them
+    assert_same_training_however_the_global_batch_is_split("reward.py", SHORT, tmp_path)
 
 
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
-    run_ok("reward.py", *SHORT, "--save_steps", 6, "--output_dir", tmp_path / "full")
-    shutil.copytree(tmp_path / "full" / "checkpoint-6", tmp_path / "checkpoint-6")
-    run_ok("reward.py", *SHORT, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint",
-           tmp_path / "checkpoint-6")
-    full, resumed = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" /
-                                                                                 "model.safetensors")
-    for name in full:
-        assert torch.allclose(full[name], resumed[name], atol=1e-6), name
-    assert metric_series(tmp_path / "resumed", "eval_accuracy") == metric_series(tmp_path / "full",
-                                                                                 "eval_accuracy")[-1:]
+    assert_resumed_run_ends_where_the_uninterrupted_run_ends("reward.py", SHORT, tmp_path)
 
 
 def test_lora_trains_adapters_and_the_full_score_head(tmp_path):

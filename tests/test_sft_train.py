@@ -2,13 +2,13 @@
 
 import json
 import math
-import shutil
-import sys
 import time
 
 import pytest
 import torch
-from conftest import ASSETS, metric_series, read_metrics, relative_weight_difference, run_ok, run_script
+from conftest import (ASSETS, assert_resumed_run_ends_where_the_uninterrupted_run_ends,
+                      assert_same_training_however_the_global_batch_is_split, metric_series, read_metrics, run_ok,
+                      run_script)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,42 +113,14 @@ def test_packed_run_sees_the_same_eval_tokens_and_learns(tmp_path):
 
 @pytest.mark.parametrize("use_peft", [False, True])
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, use_peft):
-    extra = ["--gradient_accumulation_steps", 2, "--per_device_train_batch_size", 4, "--save_steps", 6]
+    extra = ["--gradient_accumulation_steps", 2, "--per_device_train_batch_size", 4]
     if use_peft:
         extra += ["--use_peft", "--learning_rate", 5e-3]
-    run_ok("sft.py", *SHORT, *extra, "--output_dir", tmp_path / "full")
-    assert (tmp_path / "full" / "checkpoint-6" / "training_state.pt").exists()
-    # a fresh directory holding only the checkpoint: the resumed run must not lean on anything else
-    shutil.copytree(tmp_path / "full" / "checkpoint-6", tmp_path / "checkpoint-6")
-    run_ok("sft.py", *SHORT, *extra, "--output_dir", tmp_path / "resumed",
-           "--resume_from_checkpoint", tmp_path / "checkpoint-6")
-    assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "resumed"), atol=1e-6)
-    full_losses = [row for row in read_metrics(tmp_path / "full") if row["step"] > 6]
-    resumed_losses = read_metrics(tmp_path / "resumed")
-    assert [row["step"] for row in resumed_losses] == [row["step"] for row in full_losses]
-    for a, b in zip(full_losses, resumed_losses):
-        assert a.get("loss", a.get("eval_loss")) == pytest.approx(b.get("loss", b.get("eval_loss")), abs=1e-6)
-        assert a.get("num_tokens") == b.get("num_tokens")
+    assert_resumed_run_ends_where_the_uninterrupted_run_ends("sft.py", [*SHORT, *extra], tmp_path)
 
 
 def test_two_processes_and_accumulation_match_one_process_at_the_same_global_batch(tmp_path):
-    common = [*SHORT, "--learning_rate", 1e-3]
-    run_ok("sft.py", *common, "--output_dir", tmp_path / "one", "--per_device_train_batch_size", 8)
-    run_ok("sft.py", *common, "--output_dir", tmp_path / "accumulated", "--per_device_train_batch_size", 2,
-           "--gradient_accumulation_steps", 4)
-    run_ok("sft.py", *common, "--output_dir", tmp_path / "two", "--per_device_train_batch_size", 4,
-           launcher=[sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
-    one = final_weights(tmp_path / "one")
-    initial = load_file(ASSETS / "tiny-gpt2" / "model.safetensors")
-    for other in ["accumulated", "two"]:
-        # Adam ignores the gradient's scale, so the scale-sensitive gradient norm is what shows the normalisation
-        for key, tolerance in [("loss", 1e-4), ("grad_norm", 1e-3), ("eval_loss", 1e-4)]:
-            expected = metric_series(tmp_path / "one", key)
-            assert metric_series(tmp_path / other, key) == pytest.approx(expected, rel=tolerance), (other, key)
-        assert relative_weight_difference(one, final_weights(tmp_path / other), initial) < 1e-2, other
-    # and training really moved the weights, so the comparison above is not trivially true
-    assert max((one[k] - initial[k]).abs().max().item() for k in one) > 1e-3
+    assert_same_training_however_the_global_batch_is_split("sft.py", [*SHORT, "--learning_rate", 1e-3], tmp_path)
 
 
 def test_lora_learns_and_saves_a_merged_model_and_the_adapter(tmp_path):
