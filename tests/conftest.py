@@ -40,6 +40,12 @@ TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gp
                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a failed run ends with (asserting that it did fail)."""
+    assert result.returncode != 0, f"expected a failure, got exit 0:\n{result.stdout[-2000:]}"
+    return result.stderr.strip().splitlines()[-1]
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import (ASSETS, assert_resumed_run_ends_where_the_uninterrupted_run_ends,
                       assert_same_training_however_the_global_batch_is_split, metric_series, read_metrics, run_ok,
-                      run_script)
+                      error_line, run_script)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo import collate_pairs, dpo_loss, get_batch_logps, split_implicit_prompt, tokenize_pair
@@ -255,18 +255,16 @@ def test_generate_during_eval_writes_policy_and_reference_samples(tmp_path):
 def test_bad_input_is_one_clear_line(tmp_path):
     (tmp_path / "no_chosen.jsonl").write_text(json.dumps({"prompt": "a", "rejected": "b"}) + "\n")
     result = run_script("dpo.py", "--dataset_name", tmp_path / "no_chosen.jsonl", "--dataset_test_split", "None")
-    assert result.returncode != 0 and "parameters in memory" not in result.stdout
-    assert result.stderr.strip().splitlines()[-1] == (
-        "dpo.py: error: expected 'chosen' and 'rejected' columns (and optionally 'prompt'); missing ['chosen']; "
-        "found columns ['prompt', 'rejected']")
-    result = run_script("dpo.py", "--max_length", 64, "--max_prompt_length", 64)
-    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1] == (
+    assert error_line(result) == ("dpo.py: error: expected 'chosen' and 'rejected' columns (and optionally 'prompt'); "
+                                  "missing ['chosen']; found columns ['prompt', 'rejected']")
+    assert "parameters in memory" not in result.stdout  # failed before the model was loaded
+    assert error_line(run_script("dpo.py", "--max_length", 64, "--max_prompt_length", 64)) == (
         "dpo.py: error: --max_prompt_length must be positive and below --max_length 64 so that answers keep some "
         "tokens, got 64")
     (tmp_path / "same.jsonl").write_text(json.dumps({"prompt": "a", "chosen": " b", "rejected": " b"}) + "\n")
     result = run_script("dpo.py", "--dataset_name", tmp_path / "same.jsonl", "--dataset_test_split", "None")
-    assert result.returncode != 0 and "1 of 1 train pairs have identical chosen and rejected answers" in result.stdout
-    assert result.stderr.strip().splitlines()[-1].endswith("every pair has identical chosen and rejected answers")
+    assert error_line(result).endswith("every pair has identical chosen and rejected answers")
+    assert "1 of 1 train pairs have identical chosen and rejected answers" in result.stdout
 
 
 def test_long_prompts_are_cut_and_counted(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import (ASSETS, assert_resumed_run_ends_where_the_uninterrupted_run_ends,
                       assert_same_training_however_the_global_batch_is_split, metric_series, read_metrics, run_ok,
-                      run_script)
+                      error_line, run_script)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -200,8 +200,7 @@ def test_bad_input_fails_with_one_clear_line_before_the_model_loads(tmp_path, ca
         args += ["--model_name_or_path", tmp_path / "no-eos"]
         expected = "has no EOS token"
     result = run_script("sft.py", *args)
-    assert result.returncode != 0
-    last_line = result.stderr.strip().splitlines()[-1]
+    last_line = error_line(result)
     assert last_line.startswith("sft.py: error: ") and expected in last_line, result.stderr[-2000:]
     assert "parameters," not in result.stdout  # failed before the model was loaded
 
