@@ -46,6 +46,51 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     return result.stderr.strip().splitlines()[-1]
 
 
+def mean_sentiment_of_samples(model_dir, prompts, chat: bool = False, n_tokens: int = 48) -> float:
+    """Sample one answer per prompt (seeded) and average the ground-truth sentiment of the answers."""
+    import torch
+    from tiny_world import sentiment_score
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if chat:
+        prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        output = model.generate(**batch, do_sample=True, top_k=0, max_new_tokens=n_tokens, pad_token_id=pad)
+    answers = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(sentiment_score(answer) for answer in answers) / len(answers)
+
+
+def answer_logps(model_dir, rows: list[dict], average: bool = False) -> list[tuple[float, float]]:
+    """(log p(chosen | prompt), log p(rejected | prompt)) under a saved model, for string preference rows, computed
+    here with plain transformers (independently of the scripts): the sum, or the per-token mean, over the answer
+    tokens and the EOS that ends them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    result = []
+    with torch.no_grad():
+        for row in rows:
+            prompt = tokenizer(row["prompt"])["input_ids"]
+            pair = []
+            for answer in (row["chosen"], row["rejected"]):
+                ids = prompt + tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                log_probs = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+                token_logps = [log_probs[t - 1, ids[t]].item() for t in range(len(prompt), len(ids))]
+                pair.append(sum(token_logps) / (len(token_logps) if average else 1))
+            result.append(tuple(pair))
+    return result
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
 

@@ -8,12 +8,11 @@ import time
 import pytest
 import torch
 from conftest import (ASSETS, assert_resumed_run_ends_where_the_uninterrupted_run_ends,
-                      assert_same_training_however_the_global_batch_is_split, metric_series, read_metrics, run_ok,
-                      error_line, run_script)
+                      assert_same_training_however_the_global_batch_is_split, error_line, mean_sentiment_of_samples,
+                      metric_series, read_metrics, run_ok, run_script)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo import collate_pairs, dpo_loss, get_batch_logps, split_implicit_prompt, tokenize_pair
-from tiny_world import sentiment_score
 
 PREFERENCE = ASSETS / "data" / "preference"
 SHORT = ["--max_steps", 12, "--eval_steps", 6, "--logging_steps", 2]
@@ -21,24 +20,6 @@ SHORT = ["--max_steps", 12, "--eval_steps", 6, "--logging_steps", 2]
 
 def log_sigmoid(x: float) -> float:
     return -math.log(1 + math.exp(-x))
-
-
-def mean_sentiment_of_samples(model_dir, prompts, chat: bool = False, n_tokens: int = 48) -> float:
-    """Sample one answer per prompt (seeded) and average the ground-truth sentiment of the answers."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.padding_side = "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    if chat:
-        prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        output = model.generate(**batch, do_sample=True, top_k=0, max_new_tokens=n_tokens, pad_token_id=pad)
-    answers = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return sum(sentiment_score(answer) for answer in answers) / len(answers)
 
 
 @pytest.fixture(scope="module")
