@@ -77,18 +77,26 @@ def answer_logps(model_dir, rows: list[dict], average: bool = False) -> list[tup
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    result = []
+    sequences, answer_starts = [], []
+    for row in rows:
+        prompt = tokenizer(row["prompt"])["input_ids"]
+        for answer in (row["chosen"], row["rejected"]):
+            sequences.append(prompt + tokenizer(answer, add_special_tokens=False)["input_ids"] +
+                             [tokenizer.eos_token_id])
+            answer_starts.append(len(prompt))
+    logps = []
     with torch.no_grad():
-        for row in rows:
-            prompt = tokenizer(row["prompt"])["input_ids"]
-            pair = []
-            for answer in (row["chosen"], row["rejected"]):
-                ids = prompt + tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                log_probs = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
-                token_logps = [log_probs[t - 1, ids[t]].item() for t in range(len(prompt), len(ids))]
-                pair.append(sum(token_logps) / (len(token_logps) if average else 1))
-            result.append(tuple(pair))
-    return result
+        for start in range(0, len(sequences), 64):
+            chunk = sequences[start : start + 64]
+            longest = max(len(ids) for ids in chunk)
+            input_ids = torch.tensor([ids + [0] * (longest - len(ids)) for ids in chunk])
+            attention_mask = torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in chunk])
+            log_probs = torch.log_softmax(model(input_ids, attention_mask=attention_mask).logits.float(), dim=-1)
+            for b, ids in enumerate(chunk):
+                first = answer_starts[start + b]
+                token_logps = [log_probs[b, t - 1, ids[t]].item() for t in range(first, len(ids))]
+                logps.append(sum(token_logps) / (len(token_logps) if average else 1))
+    return list(zip(logps[0::2], logps[1::2]))
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
