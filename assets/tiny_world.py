@@ -155,7 +155,7 @@ def make_datasets(seed: int = SEED) -> dict[str, dict[str, list[dict]]]:
             pass
         return {"prompt": string_prompt(rng.choice(TITLES)), "completion": " " + review, "label": score > 0}
 
-    build("unpaired", unpaired)
+    build("unpaired", unpaired, {"train": 3000, "test": 200})
 
     # Prompts only (PPO, best-of-n).
     build("prompts", lambda rng: {"prompt": string_prompt(rng.choice(TITLES))}, {"train": 500, "test": 100})

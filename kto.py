@@ -1,0 +1,898 @@
+"""Kahneman-Tversky Optimization (KTO): align a model from unpaired thumbs-up / thumbs-down examples.
+
+KTO (Ethayarajh et al. 2024, https://arxiv.org/abs/2402.01306) needs no preference pairs, only completions labelled
+desirable or undesirable. With the implicit reward r(x, y) = log(pi(y|x) / pi_ref(y|x)) and a reference point z0, an
+estimate of KL(pi || pi_ref) taken from mismatched prompt/completion pairs, it minimises
+desirable_weight * (1 - sigmoid(beta * (r - z0))) on desirable and undesirable_weight * (1 - sigmoid(beta * (z0 - r)))
+on undesirable examples: a prospect-theory value function, loss-averse around the reference point. This file
+reproduces TRL's `KTOTrainer` (v0.8 era) in one readable loop: unpaired rows (and preference pairs unrolled into
+them), desirable/undesirable weights, a frozen or LoRA adapters-off reference, precomputed reference log-probs. It
+fixes the seed's KL pairing, which matches an example with itself in odd batches (see docs/kto.md).
+
+    # offline quickstart: the tiny world (assets/), CPU, about a minute
+    python kto.py
+    # a real model and dataset from the Hub
+    python kto.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/kto-mix-14k \
+        --learning_rate 5e-7 --per_device_train_batch_size 8 --gradient_accumulation_steps 4 --max_length 1024 \
+        --max_prompt_length 512 --gradient_checkpointing --bf16 --precompute_ref_log_probs --eval_steps 200
+    # several GPUs (the global batch is per_device_train_batch_size x gradient_accumulation_steps x processes)
+    accelerate launch --multi_gpu --num_processes 8 kto.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --bf16
+"""
+
+import gc
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import tyro
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from datasets import DatasetDict, load_dataset, load_from_disk
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler, set_seed
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (used in the wandb run name)"""
+    seed: int = 42
+    """seed of the experiment: data order, initialisation of new weights, sampling noise"""
+    output_dir: str = "runs/kto"
+    """where the final model, metrics.jsonl, args.json and checkpoints are written"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "post-training"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    push_to_hub: bool = False
+    """push the final model and tokenizer to the Hub under the name of output_dir"""
+    logging_steps: int = 10
+    """print and record training metrics every this many optimizer steps"""
+
+    # --- model ---
+    model_name_or_path: str = str(ASSETS / "tiny-gpt2")
+    """a Hub id or a local directory (default: the tiny world's pretrained GPT-2); also the reference model"""
+    revision: str | None = None
+    """the Hub revision (branch, tag or commit) of the model"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """dtype the weights are loaded in; keep float32 and use --bf16 for mixed precision unless memory forbids it"""
+    attn_implementation: str | None = None
+    """attention kernel, e.g. "sdpa", "eager" or "flash_attention_2" (default: transformers' choice)"""
+    bf16: bool = False
+    """bf16 mixed precision (autocast) through accelerate"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, about a third more compute"""
+    use_peft: bool = False
+    """train LoRA adapters instead of all weights"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)"""
+    lora_dropout: float = 0.05
+    """dropout on the LoRA branch"""
+    lora_target_modules: list[str] | None = None
+    """module names that get adapters (default: all linear layers)"""
+
+    # --- data ---
+    dataset_name: str = str(ASSETS / "data" / "unpaired")
+    """a Hub id, a local .json/.jsonl/.csv/.parquet file, a save_to_disk directory, or a directory of split files"""
+    dataset_config: str | None = None
+    """the dataset configuration (subset) name"""
+    dataset_train_split: str = "train"
+    """the split to train on"""
+    dataset_test_split: str | None = "test"
+    """the split to evaluate on (None: no evaluation)"""
+    max_length: int = 512
+    """tokens per prompt + completion; the prompt is truncated first (to max_prompt_length), then the completion"""
+    max_prompt_length: int = 128
+    """tokens the prompt keeps when prompt + answer is longer than max_length"""
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    """which end of a long prompt is kept (keep_end keeps the BOS token too)"""
+
+    # --- optimisation ---
+    learning_rate: float = 5e-4
+    """peak learning rate of AdamW (the default suits the tiny world; real models want about 5e-7)"""
+    per_device_train_batch_size: int = 8
+    """examples per process per micro-batch (a pair counts as two examples)"""
+    per_device_eval_batch_size: int = 16
+    """examples per process per evaluation batch"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    num_train_epochs: float = 1.0
+    """passes over the training set (ignored when max_steps > 0)"""
+    max_steps: int = -1
+    """optimizer steps to take (-1: as many as num_train_epochs needs)"""
+    warmup_ratio: float = 0.0
+    """fraction of the steps during which the learning rate ramps up linearly from 0"""
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    """the learning-rate schedule after warm-up"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (0: no clipping)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    eval_steps: int = 100
+    """evaluate every this many optimizer steps (also before the first and after the last)"""
+    save_steps: int = 500
+    """write a resumable checkpoint every this many optimizer steps (0: never)"""
+    resume_from_checkpoint: str | None = None
+    """a checkpoint-N directory written by this script to continue from"""
+
+    # --- KTO ---
+    beta: float = 0.1
+    """temperature of the implicit reward beta * log(pi / pi_ref): lower stays further from the reference"""
+    desirable_weight: float = 1.0
+    """weight of the desirable examples' losses (lambda_D in the paper)"""
+    undesirable_weight: float = 1.0
+    """weight of the undesirable examples' losses (lambda_U); the paper advises
+    desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3]"""
+    precompute_ref_log_probs: bool = False
+    """compute the reference log-probs (examples and KL pairs) once before training and free the reference model"""
+    disable_dropout: bool = True
+    """turn dropout off in the policy and the reference, as the seed does"""
+    generate_during_eval: bool = False
+    """at each evaluation, sample answers to a few eval prompts from the policy and the reference (samples.jsonl)"""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: loading, validation, formatting, tokenisation, KL pairs, collation
+# ----------------------------------------------------------------------------------------------------------------------
+def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
+    """Load a Hub dataset, a local data file, a `save_to_disk` directory or a directory of split files."""
+    path = Path(name)
+    if path.is_file():
+        builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+        if path.suffix not in builders:
+            raise ValueError(f"unknown dataset file type '{path.suffix}' of {name}: expected one of {sorted(builders)}")
+        return load_dataset(builders[path.suffix], data_files=str(path))
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+        loaded = load_from_disk(str(path))
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
+    return load_dataset(name, config)  # a Hub id, or a directory of train/test files (splits inferred from names)
+
+
+def check_kto_columns(column_names: list[str]) -> str:
+    """Which row format the columns hold: 'unpaired' (prompt, completion, label) or 'paired' (chosen, rejected and
+    optionally prompt, unrolled into a desirable and an undesirable example). Anything else is a clear error."""
+    if "chosen" in column_names and "rejected" in column_names and "completion" not in column_names:
+        return "paired"
+    missing = [column for column in ("prompt", "completion", "label") if column not in column_names]
+    if missing:
+        raise ValueError(f"expected 'prompt', 'completion' and 'label' columns (or preference pairs: 'chosen' and "
+                         f"'rejected'); missing {missing}; found columns {column_names}")
+    return "unpaired"
+
+
+def check_labels(labels: list, split: str) -> tuple[int, int]:
+    """Every label must be a boolean (or 0/1): True is desirable. Returns (n_desirable, n_undesirable)."""
+    for i, label in enumerate(labels):
+        if not (type(label) is bool or (type(label) is int and label in (0, 1))):
+            raise ValueError(f"column 'label' must hold booleans (true: desirable, false: undesirable) or 0/1; "
+                             f"{split} row {i} has {label!r} ({type(label).__name__})")
+    n_desirable = sum(bool(label) for label in labels)
+    return n_desirable, len(labels) - n_desirable
+
+
+def split_implicit_prompt(chosen, rejected):
+    """Rows with only 'chosen' and 'rejected' full texts (or conversations): the prompt is their common prefix.
+    Strings split before the last whitespace of the common prefix, so no word is cut and both answers start with
+    their space, as in the string format; conversations split at the first message that differs."""
+    if isinstance(chosen, list):
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        return chosen[:n], chosen[n:], rejected[n:]
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    while n > 0 and not (n < len(chosen) and chosen[n].isspace() and n < len(rejected) and rejected[n].isspace()):
+        n -= 1  # back off to a whitespace both answers start with
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def format_example(example: dict, tokenizer) -> tuple[str, list[str], list[bool], bool]:
+    """THE place to change how a row becomes (prompt_text, completions, desirable, templated).
+
+    An unpaired row gives its one completion and label; a preference pair is unrolled into its chosen answer
+    (desirable) and its rejected answer (undesirable), as the seed's KTO examples do. Message lists are rendered with
+    the chat template: the prompt with the generation prompt, and each completion as what the template adds after it
+    (end-of-turn included). Strings are used as they are.
+    """
+    if "completion" in example:
+        prompt, completions, desirable = example["prompt"], [example["completion"]], [bool(example["label"])]
+    else:
+        if "prompt" in example and example["prompt"] is not None:
+            prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
+        else:
+            prompt, chosen, rejected = split_implicit_prompt(example["chosen"], example["rejected"])
+        completions, desirable = [chosen, rejected], [True, False]
+    if not isinstance(completions[0], list):
+        return prompt, completions, desirable, False
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    texts = []
+    for completion in completions:
+        full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        if not full.startswith(prompt_text):
+            raise ValueError("the chat template renders the prompt differently once a completion follows it, so the "
+                             "completion cannot be separated; pass string prompt/completion rows instead")
+        texts.append(full[len(prompt_text) :])
+    return prompt_text, texts, desirable, True
+
+
+def tokenize_row(example: dict, tokenizer, max_length: int, max_prompt_length: int, truncation_mode: str) -> dict:
+    """One row -> the prompt's token ids and each completion's token ids (one, or two for a pair), with truncation
+    flags.
+
+    The prompt and the completions are tokenised apart, so the prompt tokens are a true prefix of every sequence and
+    the completion tokens are those the model would generate after the prompt (joint tokenisation can merge the last
+    prompt token with the first completion token). BOS comes from the tokenizer (plain text) or the template (chat),
+    never twice; EOS ends each plain completion. Too long: the prompt is cut to max_prompt_length first (keep_end
+    keeps BOS and the prompt's end), then the completions.
+    """
+    prompt_text, texts, desirable, templated = format_example(example, tokenizer)
+    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=not templated)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(prompt_ids) > 1 and prompt_ids[0] == prompt_ids[1] == bos:
+        prompt_ids = prompt_ids[1:]  # the text already started with BOS and the tokenizer added another
+    if not prompt_ids:  # an empty prompt: start from BOS (or EOS, GPT-2's document separator) so that the first
+        prompt_ids = [bos if bos is not None else tokenizer.eos_token_id]  # completion token is predicted too
+    completions = []
+    for text in texts:
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not templated and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids.append(tokenizer.eos_token_id)
+        completions.append(ids)
+    longer = max(len(ids) for ids in completions)
+    prompt_truncated = answer_truncated = False
+    if len(prompt_ids) + longer > max_length and len(prompt_ids) > max_prompt_length:
+        prompt_truncated = True
+        if truncation_mode == "keep_start":
+            prompt_ids = prompt_ids[:max_prompt_length]
+        else:
+            keeps_bos = bos is not None and prompt_ids[0] == bos
+            prompt_ids = ([bos] if keeps_bos else []) + prompt_ids[len(prompt_ids) - max_prompt_length + keeps_bos :]
+    if len(prompt_ids) + longer > max_length:
+        answer_truncated = True
+        completions = [ids[: max_length - len(prompt_ids)] for ids in completions]
+    return {"prompt_ids": prompt_ids, "completion_ids": completions, "desirable": desirable,
+            "prompt_truncated": prompt_truncated, "answer_truncated": answer_truncated,
+            "identical": len(completions) == 2 and completions[0] == completions[1]}
+
+
+def kl_partners(prompts: list) -> list[int]:
+    """For each example k of a batch, the example whose completion its prompt is paired with to estimate the KL
+    reference point: (k + s) mod n, with the smallest shift s >= 1 (up to 100 tried) under which no example meets a
+    completion written for its own prompt (s = 1 if none does).
+
+    A rotation is a permutation without fixed points for any n >= 2, odd or even, so every completion is used once
+    and no example is ever paired with itself. (The seed reverses the batch, which pairs the middle example of an odd
+    batch with itself: its KL estimate then contains a matched pair.) `prompts`: anything comparable, one per example.
+    """
+    n = len(prompts)
+    if n < 2:
+        raise ValueError(f"the KL reference point needs mismatched pairs, i.e. at least 2 examples; got {n}")
+    for shift in range(1, min(n, 101)):
+        if all(prompts[k] != prompts[(k + shift) % n] for k in range(n)):
+            return [(k + shift) % n for k in range(n)]
+    return [(k + 1) % n for k in range(n)]
+
+
+def mismatched_example(prompt_row: dict, completion_row: dict, max_length: int) -> dict:
+    """The prompt of one example followed by the completion of another (cut to fit max_length): a KL pair."""
+    return {"prompt_ids": prompt_row["prompt_ids"],
+            "completion_ids": completion_row["completion_ids"][: max_length - len(prompt_row["prompt_ids"])]}
+
+
+def collate_examples(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """n examples -> input_ids, attention_mask and labels (n, T), prompt + completion right-padded (labels -100 on
+    the prompt and padding), and `desirable` (n,) bool when the rows carry labels; plus the precomputed reference
+    log-probs (n,) when the rows carry them."""
+    sequences = [row["prompt_ids"] + row["completion_ids"] for row in rows]
+    labels = [[-100] * len(row["prompt_ids"]) + row["completion_ids"] for row in rows]
+    longest = max(len(ids) for ids in sequences)
+    batch = {
+        "input_ids": torch.tensor([ids + [pad_token_id] * (longest - len(ids)) for ids in sequences]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in sequences]),
+        "labels": torch.tensor([ids + [-100] * (longest - len(ids)) for ids in labels]),
+    }
+    if "desirable" in rows[0]:
+        batch["desirable"] = torch.tensor([row["desirable"] for row in rows], dtype=torch.bool)
+    if "reference_logps" in rows[0]:
+        batch["reference_logps"] = torch.tensor([row["reference_logps"] for row in rows], dtype=torch.float32)
+    return batch
+
+
+def step_indices(step: int, num_rows: int, global_batch_size: int, seed: int) -> list[int]:
+    """Row indices of optimizer step `step` over all processes and micro-batches.
+
+    Each epoch is a permutation seeded by (seed + epoch), consumed global_batch_size rows at a time; the incomplete
+    tail of an epoch is dropped. The data order depends on the step alone, which makes resuming exact and makes
+    N processes see the same global batches as one.
+    """
+    steps_per_epoch = num_rows // global_batch_size
+    epoch, position = divmod(step, steps_per_epoch)
+    permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return permutation[position * global_batch_size : (position + 1) * global_batch_size]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Log-probs and loss
+# ----------------------------------------------------------------------------------------------------------------------
+def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob: bool = False,
+                    label_pad_token_id: int = -100) -> torch.Tensor:
+    """(B, T, V) logits, (B, T) labels -> (B,) float32 sum (or per-token mean) of the labels' log-probs.
+
+    Position t predicts label t+1; labels equal to label_pad_token_id (prompt, padding) are skipped. Each log-prob is
+    logit[label] - logsumexp(logits), which never materialises a (B, T, V) log-softmax.
+    """
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != label_pad_token_id
+    safe_labels = labels.masked_fill(~mask, 0)
+    label_logits = torch.gather(logits, 2, safe_labels.unsqueeze(-1)).squeeze(-1).float()
+    per_token_logps = (label_logits - torch.logsumexp(logits.float(), dim=-1)) * mask
+    if average_log_prob:
+        return per_token_logps.sum(-1) / mask.sum(-1).clamp(min=1)
+    return per_token_logps.sum(-1)
+
+
+def kto_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, policy_KL_logps: torch.Tensor,
+             reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
+             reference_KL_logps: torch.Tensor, beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The seed's `kto_loss`. Desirable (Nc,) and undesirable (Nr,) log-probs, KL pairs (K,) -> (losses (Nc + Nr,),
+    chosen_rewards (Nc,), rejected_rewards (Nr,), kl ()).
+
+      kl   = max(0, mean(policy_KL - reference_KL))                       the reference point z0, detached
+      desirable:   desirable_weight   * (1 - sigmoid(beta * (logratio - kl)))
+      undesirable: undesirable_weight * (1 - sigmoid(beta * (kl - logratio)))     logratio = policy - reference
+    Rewards are beta * logratio, detached. Pass the KL pairs of every process (the training loop gathers them), so
+    that kl is their mean over processes, as the seed's gather-then-mean. Nc or Nr may be 0: a batch holding only
+    one kind of example gives empty tensors for the other and a finite loss.
+    """
+    kl = (policy_KL_logps - reference_KL_logps).mean().detach().clamp(min=0)
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    chosen_losses = 1 - torch.sigmoid(beta * (chosen_logratios - kl))
+    rejected_losses = 1 - torch.sigmoid(beta * (kl - rejected_logratios))
+    losses = torch.cat((desirable_weight * chosen_losses, undesirable_weight * rejected_losses), 0)
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach(), kl
+
+
+def disable_dropout_in_model(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, scheduler, progress: dict) -> None:
+    """A resumable checkpoint: weights (or LoRA adapter) in save_pretrained form, optimizer, scheduler, progress
+    counters (step, tokens seen), and the RNG states of every process."""
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        torch.save({**progress, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   path / "training_state.pt")
+    accelerator.wait_for_everyone()
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(rng, path / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+
+
+def load_rng_state(path: Path, process_index: int) -> None:
+    rng = torch.load(path / f"rng_state_{process_index}.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+
+    def fail(message: str):
+        sys.exit(f"{Path(__file__).name}: error: {message}")
+
+    # 0. Validate what can be checked before anything is loaded.
+    for name in ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "max_length", "logging_steps", "eval_steps"]:
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        fail(f"need --max_steps > 0 or --num_train_epochs > 0, got {args.max_steps} and {args.num_train_epochs}")
+    if args.resume_from_checkpoint and not (Path(args.resume_from_checkpoint) / "training_state.pt").exists():
+        fail(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint directory of this script "
+             "(no training_state.pt in it)")
+    if not 0 < args.max_prompt_length < args.max_length:
+        fail(f"--max_prompt_length must be positive and below --max_length {args.max_length} so that answers keep "
+             f"some tokens, got {args.max_prompt_length}")
+    if args.beta <= 0 or args.desirable_weight <= 0 or args.undesirable_weight <= 0:
+        fail(f"need --beta, --desirable_weight and --undesirable_weight > 0, got {args.beta}, "
+             f"{args.desirable_weight} and {args.undesirable_weight}")
+
+    # 1. Seed and accelerator. Derived sizes live here, in one place.
+    # Several processes but no GPU (e.g. `accelerate launch --multi_gpu` on a CPU machine): make them one gloo
+    # process group on CPU; otherwise accelerate would start independent copies that never exchange gradients.
+    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision="bf16" if args.bf16 else None)
+    set_seed(args.seed)
+    world_size = accelerator.num_processes
+    global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    output_dir = Path(args.output_dir)
+    if global_batch_size < 2:  # the seed raises this too
+        fail(f"the KL reference point is estimated from mismatched pairs inside each optimizer step's batch, which "
+             f"needs at least 2 examples; got {global_batch_size} (per_device_train_batch_size "
+             f"{args.per_device_train_batch_size} x gradient_accumulation_steps {args.gradient_accumulation_steps} x "
+             f"{world_size} processes)")
+
+    # 2. Data: load and validate before the model is loaded.
+    try:
+        raw = load_any_dataset(args.dataset_name, args.dataset_config)
+    except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
+        message = str(error)
+        if "corresponds to no data" in message or "generating the dataset" in message:  # how datasets says "empty"
+            message += " (is a data file empty? every split needs at least one row)"
+        fail(f"could not load dataset {args.dataset_name}: {message}")
+    try:
+        for split in [args.dataset_train_split] + ([args.dataset_test_split] if args.dataset_test_split else []):
+            if split not in raw:
+                raise ValueError(f"dataset {args.dataset_name} has no split '{split}'; found splits {list(raw)} "
+                                 "(--dataset_test_split None trains without evaluation)")
+            if len(raw[split]) == 0:
+                raise ValueError(f"split '{split}' of dataset {args.dataset_name} is empty; expected at least one row")
+            if check_kto_columns(raw[split].column_names) == "unpaired":
+                n_desirable, n_undesirable = check_labels(raw[split]["label"], split)
+                if split == args.dataset_train_split and not (n_desirable and n_undesirable):
+                    raise ValueError(f"KTO needs both desirable and undesirable examples, but the '{split}' split has "
+                                     f"{n_desirable} with label true and {n_undesirable} with label false")
+    except ValueError as error:
+        fail(str(error))
+
+    # 3. Tokenizer. A tokenizer without a pad token gets EOS as pad: padding is masked by position (attention mask,
+    #    labels -100), never by token id, so the EOS that ends each completion is still learned.
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.revision)
+    if tokenizer.eos_token_id is None:
+        fail(f"the tokenizer of {args.model_name_or_path} has no EOS token; expected one to end every answer")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    max_length = min(args.max_length, tokenizer.model_max_length)
+    if args.max_prompt_length >= max_length:
+        fail(f"--max_prompt_length {args.max_prompt_length} leaves no room for answers within the model's "
+             f"{max_length} tokens (tokenizer.model_max_length)")
+    first = raw[args.dataset_train_split][0]
+    if isinstance(first.get("completion", first.get("chosen")), list) and tokenizer.chat_template is None:
+        fail(f"the rows are conversations but the tokenizer of {args.model_name_or_path} has no chat template")
+
+    # 4. Tokenise every row (prompt masked); count truncations; unroll pairs into a desirable and an undesirable
+    #    example, dropping pairs whose answers are identical.
+    try:
+        with accelerator.main_process_first():  # the main process fills the datasets cache first
+            tokenized = {
+                split: raw[split].map(tokenize_row, remove_columns=raw[split].column_names,
+                                      fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
+                                                 "max_prompt_length": args.max_prompt_length,
+                                                 "truncation_mode": args.truncation_mode},
+                                      desc=f"tokenizing {split}")
+                for split in [args.dataset_train_split, args.dataset_test_split] if split
+            }
+    except (ValueError, KeyError, TypeError) as error:
+        fail(f"could not format the rows of {args.dataset_name}: {error!r}")
+    splits = {}
+    for split, dataset in tokenized.items():
+        rows = dataset.to_list()
+        if num_truncated := sum(row["prompt_truncated"] for row in rows):
+            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} prompts were cut to "
+                              f"--max_prompt_length {args.max_prompt_length} ({args.truncation_mode})")
+        if num_truncated := sum(row["answer_truncated"] for row in rows):
+            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} rows had completions cut to fit "
+                              f"{max_length} tokens")
+        if num_identical := sum(row["identical"] for row in rows):
+            accelerator.print(f"warning: {num_identical} of {len(rows)} {split} pairs have identical chosen and "
+                              "rejected answers; they carry no preference and are dropped")
+        # each example: prompt_ids, completion_ids, desirable, and the index of the pair it came from (-1: unpaired)
+        splits[split] = [{"prompt_ids": row["prompt_ids"], "completion_ids": completion, "desirable": desirable,
+                          "pair": i if len(row["completion_ids"]) == 2 else -1}
+                         for i, row in enumerate(rows) if not row["identical"]
+                         for completion, desirable in zip(row["completion_ids"], row["desirable"])]
+        if len(splits[split]) < 2:
+            fail(f"the {split} split has {len(splits[split])} usable examples; the KL reference point needs at least 2")
+    train_rows = splits[args.dataset_train_split]
+    eval_rows = splits.get(args.dataset_test_split, [])
+    n_desirable = sum(row["desirable"] for row in train_rows)
+    n_undesirable = len(train_rows) - n_desirable
+    # The paper's eq. (8): desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3].
+    ratio = args.desirable_weight * n_desirable / (args.undesirable_weight * n_undesirable)
+    if not 1 <= ratio <= 4 / 3 + 1e-9:
+        accelerator.print(
+            f"warning: desirable_weight x desirable / (undesirable_weight x undesirable) = {args.desirable_weight:g} x "
+            f"{n_desirable} / ({args.undesirable_weight:g} x {n_undesirable}) = {ratio:.3f}, outside the [1, 4/3] the "
+            f"KTO paper advises; e.g. --undesirable_weight in [{3 * ratio * args.undesirable_weight / 4:.3f}, "
+            f"{ratio * args.undesirable_weight:.3f}] or --desirable_weight in [{args.desirable_weight / ratio:.3f}, "
+            f"{4 * args.desirable_weight / (3 * ratio):.3f}]")
+    steps_per_epoch = len(train_rows) // global_batch_size
+    if steps_per_epoch == 0:
+        fail(f"the training set has {len(train_rows)} examples but one optimizer step needs {global_batch_size} "
+             f"(per_device_train_batch_size {args.per_device_train_batch_size} x gradient_accumulation_steps "
+             f"{args.gradient_accumulation_steps} x {world_size} processes)")
+    total_steps = args.max_steps if args.max_steps > 0 else max(1, int(args.num_train_epochs * steps_per_epoch))
+    # The evaluation's KL pairs are fixed once, over the whole eval split, so that the eval metrics do not depend on
+    # how the split is sharded over processes or batched.
+    eval_partners = kl_partners([tuple(row["prompt_ids"]) for row in eval_rows]) if eval_rows else []
+    eval_kl_rows = [mismatched_example(row, eval_rows[j], max_length) for row, j in zip(eval_rows, eval_partners)]
+    eval_pairs = [k for k, row in enumerate(eval_rows) if row["pair"] >= 0 and row["desirable"]]  # rejected: k + 1
+    accelerator.print(f"KTO data: {len(train_rows)} train examples ({n_desirable} desirable, {n_undesirable} "
+                      f"undesirable) / {len(eval_rows)} eval; {total_steps} steps of {global_batch_size}")
+
+    def step_kl_rows(step: int, indices: list[int], positions) -> list[dict]:
+        """The KL pairs of step `step` at the given positions of its global batch: the prompt of example k with the
+        completion of another example of the same batch (kl_partners)."""
+        partners = kl_partners([tuple(train_rows[i]["prompt_ids"]) for i in indices])
+        return [mismatched_example(train_rows[indices[k]], train_rows[indices[partners[k]]], max_length)
+                for k in positions]
+
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+
+    def load_reference_model():
+        """A frozen copy of the initial policy, in eval mode (always --model_name_or_path, also when resuming)."""
+        reference = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, revision=args.revision, dtype=dtype,
+                                                         attn_implementation=args.attn_implementation)
+        if args.disable_dropout:
+            disable_dropout_in_model(reference)
+        return reference.eval().requires_grad_(False).to(accelerator.device)
+
+    # 5. Reference log-probs precomputed (before the policy is loaded, so the two never share memory) for every
+    #    example and every KL pair: the training KL pairs of each step are known in advance, because the data order
+    #    is a function of the step. Each process scores its share, then every process receives all of them.
+    reference_kl_logps = None  # per step, the (global_batch_size,) reference log-probs of its KL pairs
+    if args.precompute_ref_log_probs:
+        reference_model = load_reference_model()
+
+        def score(rows: list[dict], desc: str) -> list[float]:
+            mine = list(range(accelerator.process_index, len(rows), world_size))
+            scored = []
+            with torch.no_grad():
+                for start in tqdm(range(0, len(mine), args.per_device_eval_batch_size), desc=f"reference {desc}",
+                                  disable=not accelerator.is_local_main_process):
+                    chunk = mine[start : start + args.per_device_eval_batch_size]
+                    batch = collate_examples([rows[i] for i in chunk], tokenizer.pad_token_id)
+                    with accelerator.autocast():  # the same precision as the policy's forward under --bf16
+                        logits = reference_model(input_ids=batch["input_ids"].to(accelerator.device),
+                                                 attention_mask=batch["attention_mask"].to(accelerator.device),
+                                                 use_cache=False).logits
+                    scored += list(zip(chunk, get_batch_logps(logits, batch["labels"].to(accelerator.device)).tolist()))
+            logps = [0.0] * len(rows)
+            for i, logp in gather_object(scored):
+                logps[i] = logp
+            return logps
+
+        for rows, desc in ((train_rows, "train"), (eval_rows, "eval"), (eval_kl_rows, "eval KL pairs")):
+            for row, logp in zip(rows, score(rows, desc)):
+                row["reference_logps"] = logp
+        everything = range(global_batch_size)
+        kl_rows = [row for step in range(total_steps) for row in step_kl_rows(
+            step, step_indices(step, len(train_rows), global_batch_size, args.seed), everything)]
+        logps = score(kl_rows, "train KL pairs")
+        reference_kl_logps = [logps[s * global_batch_size : (s + 1) * global_batch_size] for s in range(total_steps)]
+        del reference_model, kl_rows
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # 6. Policy: optional LoRA, gradient checkpointing, dropout off. The live reference is a frozen copy, or, with
+    #    LoRA, the policy itself with its adapters switched off (no second copy of the weights).
+    load_path = args.model_name_or_path
+    if args.resume_from_checkpoint and not args.use_peft:
+        load_path = args.resume_from_checkpoint  # full weights live in the checkpoint
+    model = AutoModelForCausalLM.from_pretrained(load_path, revision=None if load_path != args.model_name_or_path
+                                                 else args.revision, dtype=dtype,
+                                                 attn_implementation=args.attn_implementation)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.use_peft:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if args.resume_from_checkpoint:
+            model = PeftModel.from_pretrained(model, args.resume_from_checkpoint, is_trainable=True)
+        else:
+            lora_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                     target_modules=args.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
+            model = get_peft_model(model, lora_config)
+    if args.disable_dropout:  # after wrapping, so that LoRA's dropout is off too, as in the seed
+        disable_dropout_in_model(model)
+    model.to(accelerator.device)
+    needs_live_reference = not args.precompute_ref_log_probs
+    reference_model = load_reference_model() if needs_live_reference and not args.use_peft else None
+    params_in_memory = sum(p.numel() for m in (model, reference_model) if m is not None for p in m.parameters())
+    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    accelerator.print(f"model: {params_in_memory / 1e6:.2f}M parameters in memory (policy"
+                      f"{' + reference' if reference_model is not None else ''}), {num_trainable / 1e6:.2f}M trainable")
+
+    # 7. Optimizer and schedule. The scheduler is stepped once per optimizer step by us (not wrapped by accelerate,
+    #    which would step it once per process).
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
+                              num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    start_step, num_tokens_seen = 0, 0
+    if args.resume_from_checkpoint:
+        checkpoint = Path(args.resume_from_checkpoint)
+        state = torch.load(checkpoint / "training_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        load_rng_state(checkpoint, accelerator.process_index)
+        start_step, num_tokens_seen = state["step"], state["num_tokens"]
+        accelerator.print(f"resumed from {checkpoint} at step {start_step}")
+
+    # 8. Logging: metrics.jsonl always, wandb with --track.
+    metrics_file = output_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        for file in (metrics_file, output_dir / "samples.jsonl"):
+            if not args.resume_from_checkpoint:  # a fresh run starts a fresh log
+                file.unlink(missing_ok=True)
+            elif file.exists():  # a resumed one keeps what was logged up to its checkpoint, and appends
+                logged = [line for line in file.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+                file.write_text("".join(line + "\n" for line in logged))
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                       name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
+
+    def log(metrics: dict) -> None:
+        """A compact console line, a metrics.jsonl row and (with --track) a wandb point, from the main process."""
+        if accelerator.is_main_process:
+            tqdm.write(" ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                                for key, value in metrics.items()))
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if args.track:
+                wandb.log(metrics, step=metrics["step"])
+
+    def forward(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy and reference log-probs (n,) of a batch of examples, desirable and undesirable together: ONE
+        policy forward (with gradient unless the caller turned it off), and one reference forward unless the
+        reference log-probs were precomputed."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        policy = get_batch_logps(logits, batch["labels"])
+        if "reference_logps" in batch:
+            return policy, batch["reference_logps"]
+        with torch.no_grad(), accelerator.autocast():  # the policy's precision (prepare() autocasts it)
+            if reference_model is not None:
+                reference_logits = reference_model(input_ids=batch["input_ids"], use_cache=False,
+                                                   attention_mask=batch["attention_mask"]).logits
+            else:  # LoRA: the reference is the base model, i.e. the policy with its adapters off
+                with accelerator.unwrap_model(model).disable_adapter():
+                    reference_logits = model(input_ids=batch["input_ids"], use_cache=False,
+                                             attention_mask=batch["attention_mask"]).logits
+        return policy, get_batch_logps(reference_logits, batch["labels"])
+
+    def compute_loss(policy, reference, desirable, policy_kl, reference_kl):
+        """kto_loss on a batch: its desirable and undesirable examples, and the KL pairs of the whole step."""
+        return kto_loss(policy[desirable], policy[~desirable], policy_kl, reference[desirable],
+                        reference[~desirable], reference_kl, beta=args.beta, desirable_weight=args.desirable_weight,
+                        undesirable_weight=args.undesirable_weight)
+
+    def example_metrics(policy, desirable, losses, chosen_rewards, rejected_rewards) -> torch.Tensor:
+        """Sums over the batch's examples: loss, chosen/rejected rewards and log-probs, and the desirable and
+        undesirable counts; reduced over processes and divided by the counts later (summarize)."""
+        policy = policy.detach()
+        return torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(), policy[desirable].sum(),
+                            policy[~desirable].sum(), desirable.sum().float(), (~desirable).sum().float()])
+
+    def summarize(sums: list[float], kl: float, prefix: str = "") -> dict:
+        """Means from example_metrics sums, as the seed logs them: rewards/chosen is the mean over the desirable
+        examples, rewards/rejected over the undesirable ones (left out when there were none)."""
+        loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, n_chosen, n_rejected = sums
+        metrics = {"loss": loss / (n_chosen + n_rejected)}
+        if n_chosen:
+            metrics["rewards/chosen"] = chosen_rewards / n_chosen
+        if n_rejected:
+            metrics["rewards/rejected"] = rejected_rewards / n_rejected
+        if n_chosen and n_rejected:
+            metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        metrics["kl"] = kl
+        if n_chosen:
+            metrics["logps/chosen"] = chosen_logps / n_chosen
+        if n_rejected:
+            metrics["logps/rejected"] = rejected_logps / n_rejected
+        return {prefix + key: value for key, value in metrics.items()}
+
+    def generate_samples(step: int) -> None:
+        """Answers of the policy and of the reference to the first eval prompts, to samples.jsonl (and wandb)."""
+        prompts = [list(ids) for ids in dict.fromkeys(tuple(row["prompt_ids"]) for row in eval_rows)]
+        prompts = prompts[: args.per_device_eval_batch_size]
+        longest = max(len(ids) for ids in prompts)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(ids)) + ids for ids in prompts])
+        attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompts])
+        kwargs = {"input_ids": input_ids.to(accelerator.device), "attention_mask": attention_mask.to(
+            accelerator.device), "max_new_tokens": max_length - args.max_prompt_length, "do_sample": True,
+                  "top_k": 0, "pad_token_id": tokenizer.pad_token_id}
+        policy = accelerator.unwrap_model(model)
+        with torch.no_grad():
+            policy_out = policy.generate(**kwargs)
+            if reference_model is not None:
+                reference_out = reference_model.generate(**kwargs)
+            elif args.use_peft:
+                with policy.disable_adapter():
+                    reference_out = policy.generate(**kwargs)
+            else:
+                reference_out = None  # the frozen copy was freed (precomputed)
+        decode = lambda out: tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)  # noqa: E731
+        samples = [{"step": step, "prompt": tokenizer.decode(ids, skip_special_tokens=True), "policy": p,
+                    "reference": r} for ids, p, r in zip(prompts, decode(policy_out), decode(reference_out)
+                                                          if reference_out is not None else [None] * len(prompts))]
+        with open(output_dir / "samples.jsonl", "a") as f:
+            f.writelines(json.dumps(sample) + "\n" for sample in samples)
+        if args.track:
+            wandb.log({"game_log": wandb.Table(columns=list(samples[0]), rows=[list(s.values()) for s in samples])},
+                      step=step)
+
+    def evaluate(step: int) -> dict:
+        """KTO metrics over every example of the eval split (each process takes every N-th one), with the KL
+        reference point of the whole split; when the split holds preference pairs, also the accuracy of the
+        implicit reward on them (ties count half). Prefixed eval_."""
+        model.eval()
+        n = len(eval_rows)
+        policy_kl, reference_kl, rewards = (torch.zeros(n, device=accelerator.device) for _ in range(3))
+        mine = torch.arange(accelerator.process_index, n, world_size)
+        chunks = mine.split(args.per_device_eval_batch_size)
+        sums = torch.zeros(7, device=accelerator.device)
+        with torch.no_grad():
+            for chunk in chunks:  # the KL pairs first: the loss of every example needs their mean
+                batch = collate_examples([eval_kl_rows[k] for k in chunk], tokenizer.pad_token_id)
+                policy_kl[chunk], reference_kl[chunk] = forward({k: v.to(accelerator.device) for k, v in batch.items()})
+            policy_kl, reference_kl = accelerator.reduce(policy_kl, "sum"), accelerator.reduce(reference_kl, "sum")
+            for chunk in chunks:
+                batch = collate_examples([eval_rows[k] for k in chunk], tokenizer.pad_token_id)
+                batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+                policy, reference = forward(batch)
+                losses, chosen_rewards, rejected_rewards, kl = compute_loss(policy, reference, batch["desirable"],
+                                                                            policy_kl, reference_kl)
+                sums += example_metrics(policy, batch["desirable"], losses, chosen_rewards, rejected_rewards)
+                rewards[chunk] = args.beta * (policy - reference)
+        if args.generate_during_eval and accelerator.is_main_process:
+            generate_samples(step)
+        model.train()
+        metrics = summarize(accelerator.reduce(sums, "sum").tolist(), kl.item(), prefix="eval_")
+        if eval_pairs:
+            rewards = accelerator.reduce(rewards, "sum")
+            chosen, rejected = rewards[eval_pairs], rewards[[k + 1 for k in eval_pairs]]
+            metrics["eval_rewards/accuracies"] = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+                                                  ).mean().item()
+        return metrics
+
+    # 9. Training loop. One optimizer step = gradient_accumulation_steps micro-batches of examples on each process.
+    model.train()
+    if start_step == 0:
+        log({"step": 0, "epoch": 0.0, "params_in_memory": params_in_memory})
+    if eval_rows and start_step == 0:
+        log({"step": 0, "epoch": 0.0, **evaluate(0)})
+    # running sums over the current logging window; train_seconds excludes evaluation and checkpointing
+    running, running_kl, running_tokens, train_seconds = torch.zeros(7), [], 0, 0.0
+    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="kto",
+                    disable=not accelerator.is_local_main_process)
+    for step in progress:
+        step_start = time.time()
+        # 9a. This process's micro-batches of this step: positions process_index, process_index + N, ... of the
+        #     step's global batch, split into micro-batches.
+        indices = step_indices(step, len(train_rows), global_batch_size, args.seed)
+        positions = torch.arange(accelerator.process_index, global_batch_size, world_size)
+        micro_positions = positions.split(args.per_device_train_batch_size)
+
+        # 9b. The KL reference point of the step, without gradient: the policy's and the reference's log-probs of
+        #     the step's mismatched pairs, every process scoring its positions, then summed into (global_batch_size,)
+        #     vectors that every process holds. kto_loss takes their mean, i.e. the mean over all processes and
+        #     micro-batches, so the step's KL estimate does not depend on how the step is split.
+        policy_kl, reference_kl = (torch.zeros(global_batch_size, device=accelerator.device) for _ in range(2))
+        with torch.no_grad():
+            for chunk in micro_positions:
+                kl_rows = step_kl_rows(step, indices, chunk.tolist())
+                if reference_kl_logps is not None:
+                    for row, k in zip(kl_rows, chunk.tolist()):
+                        row["reference_logps"] = reference_kl_logps[step][k]
+                batch = collate_examples(kl_rows, tokenizer.pad_token_id)
+                policy_kl[chunk], reference_kl[chunk] = forward({k: v.to(accelerator.device) for k, v in batch.items()})
+        policy_kl, reference_kl = accelerator.reduce(policy_kl, "sum"), accelerator.reduce(reference_kl, "sum")
+
+        # 9c. Forward and backward each micro-batch. The losses are averaged over the examples of the whole step
+        #     (the micro-batch sum divided by the step's example count, as the seed's mean over a batch), and scaled
+        #     by world_size because DDP averages gradients over processes.
+        micro_batches = [collate_examples([train_rows[indices[k]] for k in chunk.tolist()], tokenizer.pad_token_id)
+                         for chunk in micro_positions]
+        step_sums = torch.zeros(7, device=accelerator.device)
+        for j, batch in enumerate(micro_batches):
+            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+            is_last = j == len(micro_batches) - 1
+            with accelerator.no_sync(model) if not is_last else nullcontext():  # sync gradients once per step
+                policy, reference = forward(batch)  # under --bf16, accelerate.prepare wrapped forward in autocast
+                losses, chosen_rewards, rejected_rewards, kl = compute_loss(policy, reference, batch["desirable"],
+                                                                            policy_kl, reference_kl)
+                accelerator.backward(losses.sum() / global_batch_size * world_size)
+            step_sums += example_metrics(policy, batch["desirable"], losses.detach(), chosen_rewards, rejected_rewards)
+        step_totals = accelerator.reduce(step_sums, "sum")
+        step_loss = (step_totals[0] / step_totals[5:].sum()).item()
+
+        # 9d. Clip (max_grad_norm 0: only measure the norm). Stop cleanly on a non-finite loss or gradient, before the
+        #     update would poison the weights; every process sees the same reduced values and stops together.
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+        if not (np.isfinite(step_loss) and torch.isfinite(grad_norm)):
+            checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+            fail(f"loss is {step_loss} (gradient norm {grad_norm.item()}) at step {step + 1}; stopping "
+                 f"without updating the weights ({kept})")
+
+        # 9e. Update and schedule.
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # 9f. Log, evaluate, checkpoint.
+        tokens = int(accelerator.reduce(torch.tensor(sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
+                                                     device=accelerator.device), "sum"))
+        num_tokens_seen += tokens
+        running += step_totals.cpu()
+        running_kl.append(kl.item())  # one KL estimate per step
+        running_tokens += tokens
+        train_seconds += time.time() - step_start
+        done = step + 1
+        if done % args.logging_steps == 0 or done == total_steps:
+            examples = running[5:].sum().item()
+            metrics = {"step": done, "epoch": done / steps_per_epoch,
+                       **summarize(running.tolist(), sum(running_kl) / len(running_kl)),
+                       "grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0],
+                       "num_tokens": num_tokens_seen, "samples_per_second": examples / train_seconds,
+                       "tokens_per_second": running_tokens / train_seconds, "peak_memory_mb": peak_memory_mb()}
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.3f}")
+            log(metrics)
+            running, running_kl, running_tokens, train_seconds = torch.zeros(7), [], 0, 0.0
+        if eval_rows and (done % args.eval_steps == 0 or done == total_steps):
+            log({"step": done, "epoch": done / steps_per_epoch, **evaluate(done)})
+        if args.save_steps > 0 and done % args.save_steps == 0 and done < total_steps:
+            save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, model, tokenizer, optimizer, scheduler,
+                            {"step": done, "num_tokens": num_tokens_seen})
+
+    # 10. Save: plain save_pretrained weights that AutoModelForCausalLM loads; with LoRA, the merged model in
+    #     output_dir and the adapter alone in output_dir/adapter.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        if args.use_peft:
+            final.save_pretrained(output_dir / "adapter")
+            final = final.merge_and_unload()
+        final.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        if args.push_to_hub:
+            final.push_to_hub(output_dir.name)
+            tokenizer.push_to_hub(output_dir.name)
+        if args.track:
+            wandb.finish()
+    accelerator.wait_for_everyone()  # every process leaves together, once the main one has saved
+    accelerator.print(f"saved to {output_dir}")
+    accelerator.end_training()  # an orderly end of the process group: a peer torn down mid-exit can abort the other
