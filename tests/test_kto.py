@@ -208,7 +208,8 @@ def test_bad_input_is_one_clear_line(tmp_path):
                                   "split has 4 with label true and 0 with label false")
     (tmp_path / "empty.jsonl").write_text("")
     result = run_script("kto.py", "--dataset_name", tmp_path / "empty.jsonl", "--dataset_test_split", "None")
-    assert error_line(result).startswith(f"kto.py: error: could not load dataset {tmp_path / 'empty.jsonl'}")
+    assert error_line(result) == (f"kto.py: error: could not load dataset {tmp_path / 'empty.jsonl'}: StopIteration "
+                                  "(is a data file empty? every split needs at least one row)")
     assert error_line(run_script("kto.py", "--per_device_train_batch_size", 1)).startswith(
         "kto.py: error: the KL reference point is estimated from mismatched pairs inside each optimizer step's "
         "batch, which needs at least 2 examples; got 1")
