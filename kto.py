@@ -773,12 +773,13 @@ if __name__ == "__main__":
                 batch = collate_examples([eval_kl_rows[k] for k in chunk], tokenizer.pad_token_id)
                 policy_kl[chunk], reference_kl[chunk] = forward({k: v.to(accelerator.device) for k, v in batch.items()})
             policy_kl, reference_kl = accelerator.reduce(policy_kl, "sum"), accelerator.reduce(reference_kl, "sum")
+            kl = (policy_kl - reference_kl).mean().clamp(min=0)  # the reference point kto_loss uses, for the log
             for chunk in chunks:
                 batch = collate_examples([eval_rows[k] for k in chunk], tokenizer.pad_token_id)
                 batch = {key: value.to(accelerator.device) for key, value in batch.items()}
                 policy, reference = forward(batch)
-                losses, chosen_rewards, rejected_rewards, kl = compute_loss(policy, reference, batch["desirable"],
-                                                                            policy_kl, reference_kl)
+                losses, chosen_rewards, rejected_rewards, _ = compute_loss(policy, reference, batch["desirable"],
+                                                                           policy_kl, reference_kl)
                 sums += example_metrics(policy, batch["desirable"], losses, chosen_rewards, rejected_rewards)
                 rewards[chunk] = args.beta * (policy - reference)
         if args.generate_during_eval and accelerator.is_main_process:
