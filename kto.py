@@ -531,12 +531,13 @@ if __name__ == "__main__":
     # The paper's eq. (8): desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3].
     ratio = args.desirable_weight * n_desirable / (args.undesirable_weight * n_undesirable)
     if not 1 <= ratio <= 4 / 3 + 1e-9:
-        accelerator.print(
+        up, down = lambda x: math.ceil(x * 1000) / 1000, lambda x: math.floor(x * 1000) / 1000  # noqa: E731
+        accelerator.print(  # the suggested ranges are rounded inwards, so that their printed ends are inside
             f"warning: desirable_weight x desirable / (undesirable_weight x undesirable) = {args.desirable_weight:g} x "
             f"{n_desirable} / ({args.undesirable_weight:g} x {n_undesirable}) = {ratio:.3f}, outside the [1, 4/3] the "
-            f"KTO paper advises; e.g. --undesirable_weight in [{3 * ratio * args.undesirable_weight / 4:.3f}, "
-            f"{ratio * args.undesirable_weight:.3f}] or --desirable_weight in [{args.desirable_weight / ratio:.3f}, "
-            f"{4 * args.desirable_weight / (3 * ratio):.3f}]")
+            f"KTO paper advises; e.g. --undesirable_weight in [{up(3 * ratio * args.undesirable_weight / 4):.3f}, "
+            f"{down(ratio * args.undesirable_weight):.3f}] or --desirable_weight in "
+            f"[{up(args.desirable_weight / ratio):.3f}, {down(4 * args.desirable_weight / (3 * ratio)):.3f}]")
     steps_per_epoch = len(train_rows) // global_batch_size
     if steps_per_epoch == 0:
         fail(f"the training set has {len(train_rows)} examples but one optimizer step needs {global_batch_size} "
