@@ -9,7 +9,7 @@ reproduces TRL's `KTOTrainer` (v0.8 era) in one readable loop: unpaired rows (an
 them), desirable/undesirable weights, a frozen or LoRA adapters-off reference, precomputed reference log-probs. It
 fixes the seed's KL pairing, which matches an example with itself in odd batches (see docs/kto.md).
 
-    # offline quickstart: the tiny world (assets/), CPU, about a minute
+    # offline quickstart: the tiny world (assets/), CPU, under a minute
     python kto.py
     # a real model and dataset from the Hub
     python kto.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/kto-mix-14k \
