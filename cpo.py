@@ -2,11 +2,11 @@
 
 CPO (Xu et al. 2024, https://arxiv.org/abs/2401.08417) drops DPO's reference model (a uniform reference, so the
 implicit reward is beta * log pi(y|x)) and adds behaviour cloning of the chosen answers: the loss is
--log sigmoid(beta * (log pi(chosen) - log pi(rejected))) + cpo_alpha * NLL(chosen) (eq. 3 and 6). One model in memory,
-one forward per pair. This file reproduces TRL's `CPOTrainer` (v0.8 era, with the later `cpo_alpha`) in one readable
-loop: the `sigmoid` (with cDPO label smoothing), `hinge` and `ipo` losses, and, as an extension, `simpo` (SimPO,
-Meng et al. 2024, https://arxiv.org/abs/2405.14734: per-token averaged log-probs and a target margin gamma;
---cpo_alpha 0 is pure SimPO). The NLL is normalised per token over the whole optimizer step (see docs/cpo.md).
+-log sigmoid(beta * (log pi(chosen) - log pi(rejected))) + cpo_alpha * NLL(chosen) (eq. 3, plus the NLL term). One
+model in memory, one forward per pair. This file reproduces TRL's `CPOTrainer` (v0.8 era, with the later
+`cpo_alpha`) in one readable loop: the `sigmoid` (with cDPO label smoothing), `hinge` and `ipo` losses, and, as an
+extension, `simpo` (SimPO, Meng et al. 2024, https://arxiv.org/abs/2405.14734: per-token averaged log-probs and a
+target margin gamma; --cpo_alpha 0 is pure SimPO). The NLL is normalised per token over the whole optimizer step (see docs/cpo.md).
 
     # offline quickstart: the tiny world (assets/), CPU, under a minute
     python cpo.py
@@ -676,7 +676,7 @@ if __name__ == "__main__":
             with accelerator.no_sync(model) if not is_last else nullcontext():  # sync gradients once per step
                 out = pair_forward(batch)  # under --bf16, accelerate.prepare wrapped forward in autocast
                 losses, chosen_rewards, rejected_rewards = compute_loss(out)
-                loss = losses.sum() / global_batch_size + args.cpo_alpha * out["nll_sum"] / step_nll_tokens  # eq. 6
+                loss = losses.sum() / global_batch_size + args.cpo_alpha * out["nll_sum"] / step_nll_tokens
                 accelerator.backward(loss * world_size)
             step_sums += pair_metrics(out, losses.detach(), chosen_rewards, rejected_rewards)
         step_totals = accelerator.reduce(step_sums, "sum")
