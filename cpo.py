@@ -6,7 +6,8 @@ implicit reward is beta * log pi(y|x)) and adds behaviour cloning of the chosen 
 model in memory, one forward per pair. This file reproduces TRL's `CPOTrainer` (v0.8 era, with the later
 `cpo_alpha`) in one readable loop: the `sigmoid` (with cDPO label smoothing), `hinge` and `ipo` losses, and, as an
 extension, `simpo` (SimPO, Meng et al. 2024, https://arxiv.org/abs/2405.14734: per-token averaged log-probs and a
-target margin gamma; --cpo_alpha 0 is pure SimPO). The NLL is normalised per token over the whole optimizer step (see docs/cpo.md).
+target margin gamma; --cpo_alpha 0 is pure SimPO). The NLL is normalised per token over the whole optimizer step
+(see docs/cpo.md).
 
     # offline quickstart: the tiny world (assets/), CPU, under a minute
     python cpo.py
