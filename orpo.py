@@ -1,0 +1,743 @@
+"""Odds Ratio Preference Optimization (ORPO): SFT and preference alignment in one loss, with no reference model.
+
+ORPO (Hong et al. 2024, https://arxiv.org/abs/2403.07691) adds to the usual next-token NLL on the chosen answer a
+penalty on the odds ratio of the two answers: with P the per-token averaged likelihood of an answer and
+odds(y|x) = P / (1 - P), the loss is NLL(chosen) - beta * log sigmoid(log(odds(chosen) / odds(rejected))) (eq. 6-7;
+the paper's lambda is beta here). There is no reference model: one model in memory, one forward per pair. This file
+reproduces TRL's `ORPOTrainer` (v0.8 era) in one readable loop; the NLL counts the chosen answer's tokens and never
+padding (the seed used the input ids as labels, so padding and the prompt were targets; --nll_include_prompt keeps
+its prompt choice) and is normalised per token over the whole optimizer step (see docs/orpo.md).
+
+    # offline quickstart: the tiny world (assets/), CPU, under a minute
+    python orpo.py
+    # a real model and dataset from the Hub (ORPO starts from a base model: no SFT stage)
+    python orpo.py --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/ultrafeedback_binarized \
+        --learning_rate 8e-6 --beta 0.1 --per_device_train_batch_size 4 --gradient_accumulation_steps 8 \
+        --max_length 1024 --max_prompt_length 512 --lr_scheduler_type linear --warmup_ratio 0.1 \
+        --gradient_checkpointing --bf16 --eval_steps 200
+    # several GPUs (the global batch is per_device_train_batch_size x gradient_accumulation_steps x processes)
+    accelerate launch --multi_gpu --num_processes 8 orpo.py --model_name_or_path Qwen/Qwen2.5-0.5B --bf16
+"""
+
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from accelerate import Accelerator
+from datasets import DatasetDict, load_dataset, load_from_disk
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler, set_seed
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (used in the wandb run name)"""
+    seed: int = 42
+    """seed of the experiment: data order, initialisation of new weights, sampling noise"""
+    output_dir: str = "runs/orpo"
+    """where the final model, metrics.jsonl, args.json and checkpoints are written"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "post-training"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    push_to_hub: bool = False
+    """push the final model and tokenizer to the Hub under the name of output_dir"""
+    logging_steps: int = 10
+    """print and record training metrics every this many optimizer steps"""
+
+    # --- model ---
+    model_name_or_path: str = str(ASSETS / "tiny-gpt2")
+    """a Hub id or a local directory (default: the tiny world's pretrained GPT-2)"""
+    revision: str | None = None
+    """the Hub revision (branch, tag or commit) of the model"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """dtype the weights are loaded in; keep float32 and use --bf16 for mixed precision unless memory forbids it"""
+    attn_implementation: str | None = None
+    """attention kernel, e.g. "sdpa", "eager" or "flash_attention_2" (default: transformers' choice)"""
+    bf16: bool = False
+    """bf16 mixed precision (autocast) through accelerate"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, about a third more compute"""
+    use_peft: bool = False
+    """train LoRA adapters instead of all weights"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)"""
+    lora_dropout: float = 0.05
+    """dropout on the LoRA branch"""
+    lora_target_modules: list[str] | None = None
+    """module names that get adapters (default: all linear layers)"""
+
+    # --- data ---
+    dataset_name: str = str(ASSETS / "data" / "preference")
+    """a Hub id, a local .json/.jsonl/.csv/.parquet file, a save_to_disk directory, or a directory of split files"""
+    dataset_config: str | None = None
+    """the dataset configuration (subset) name"""
+    dataset_train_split: str = "train"
+    """the split to train on"""
+    dataset_test_split: str | None = "test"
+    """the split to evaluate on (None: no evaluation)"""
+    max_length: int = 512
+    """tokens per prompt + answer; the prompt is truncated first (to max_prompt_length), then the answers"""
+    max_prompt_length: int = 128
+    """tokens the prompt keeps when prompt + answer is longer than max_length"""
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    """which end of a long prompt is kept (keep_end keeps the BOS token too)"""
+
+    # --- optimisation ---
+    learning_rate: float = 5e-4
+    """peak learning rate of AdamW (the default suits the tiny world; real models want about 5e-7)"""
+    per_device_train_batch_size: int = 8
+    """preference pairs per process per micro-batch"""
+    per_device_eval_batch_size: int = 16
+    """preference pairs per process per evaluation batch"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    num_train_epochs: float = 1.0
+    """passes over the training set (ignored when max_steps > 0)"""
+    max_steps: int = -1
+    """optimizer steps to take (-1: as many as num_train_epochs needs)"""
+    warmup_ratio: float = 0.0
+    """fraction of the steps during which the learning rate ramps up linearly from 0"""
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    """the learning-rate schedule after warm-up"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (0: no clipping)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    eval_steps: int = 100
+    """evaluate every this many optimizer steps (also before the first and after the last)"""
+    save_steps: int = 500
+    """write a resumable checkpoint every this many optimizer steps (0: never)"""
+    resume_from_checkpoint: str | None = None
+    """a checkpoint-N directory written by this script to continue from"""
+
+    # --- ORPO ---
+    beta: float = 1.0
+    """weight of the odds-ratio term against the NLL (the paper's lambda); ORPOConfig's 0.1 suits real models, the
+    tiny world needs more (with 0.1 its held-out preference accuracy stalls near 0.85)"""
+    nll_include_prompt: bool = False
+    """also count the prompt tokens in the NLL term, as the seed does (padding never counts)"""
+    disable_dropout: bool = True
+    """turn dropout off in the policy, as the seed does"""
+    generate_during_eval: bool = False
+    """at each evaluation, sample answers to a few eval prompts from the policy (samples.jsonl)"""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: loading, validation, formatting, tokenisation, collation
+# ----------------------------------------------------------------------------------------------------------------------
+def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
+    """Load a Hub dataset, a local data file, a `save_to_disk` directory or a directory of split files."""
+    path = Path(name)
+    if path.is_file():
+        builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+        if path.suffix not in builders:
+            raise ValueError(f"unknown dataset file type '{path.suffix}' of {name}: expected one of {sorted(builders)}")
+        return load_dataset(builders[path.suffix], data_files=str(path))
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+        loaded = load_from_disk(str(path))
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
+    return load_dataset(name, config)  # a Hub id, or a directory of train/test files (splits inferred from names)
+
+
+def check_preference_columns(column_names: list[str]) -> None:
+    """Preference rows need 'chosen' and 'rejected'; 'prompt' is optional (else it is the answers' common prefix)."""
+    missing = [column for column in ("chosen", "rejected") if column not in column_names]
+    if missing:
+        raise ValueError(f"expected 'chosen' and 'rejected' columns (and optionally 'prompt'); "
+                         f"missing {missing}; found columns {column_names}")
+
+
+def split_implicit_prompt(chosen, rejected):
+    """Rows with only 'chosen' and 'rejected' full texts (or conversations): the prompt is their common prefix.
+    Strings split before the last whitespace of the common prefix, so no word is cut and both answers start with
+    their space, as in the string format; conversations split at the first message that differs."""
+    if isinstance(chosen, list):
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        return chosen[:n], chosen[n:], rejected[n:]
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    while n > 0 and not (n < len(chosen) and chosen[n].isspace() and n < len(rejected) and rejected[n].isspace()):
+        n -= 1  # back off to a whitespace both answers start with
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def format_pair(example: dict, tokenizer) -> tuple[str, str, str, bool]:
+    """THE place to change how a preference row becomes (prompt_text, chosen_answer, rejected_answer, templated).
+
+    Message lists are rendered with the chat template: the prompt with the generation prompt, and each answer as
+    what the template adds after it (end-of-turn included). Strings are used as they are.
+    """
+    if "prompt" in example and example["prompt"] is not None:
+        prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
+    else:
+        prompt, chosen, rejected = split_implicit_prompt(example["chosen"], example["rejected"])
+    if not isinstance(chosen, list):
+        return prompt, chosen, rejected, False
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    answers = []
+    for answer in (chosen, rejected):
+        full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
+        if not full.startswith(prompt_text):
+            raise ValueError("the chat template renders the prompt differently once an answer follows it, so the "
+                             "answer cannot be separated; pass string prompt/chosen/rejected rows instead")
+        answers.append(full[len(prompt_text) :])
+    return prompt_text, answers[0], answers[1], True
+
+
+def tokenize_pair(example: dict, tokenizer, max_length: int, max_prompt_length: int, truncation_mode: str) -> dict:
+    """One preference row -> prompt+answer token ids and labels for chosen and rejected, with truncation flags.
+
+    The prompt and each answer are tokenised apart and concatenated, so the prompt tokens are by construction a true
+    prefix of both sequences, and the answer tokens are those the model would generate after the prompt (joint
+    tokenisation can merge the last prompt token with the first answer token). BOS comes from the tokenizer (plain
+    text) or the template (chat), never twice; EOS ends each plain answer. Labels are -100 on the prompt. Too long:
+    the prompt is cut to max_prompt_length first (keep_end keeps BOS and the prompt's end), then the answers.
+    """
+    prompt_text, chosen_text, rejected_text, templated = format_pair(example, tokenizer)
+    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=not templated)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(prompt_ids) > 1 and prompt_ids[0] == prompt_ids[1] == bos:
+        prompt_ids = prompt_ids[1:]  # the text already started with BOS and the tokenizer added another
+    if not prompt_ids:  # an empty prompt: start from BOS (or EOS, GPT-2's document separator) so that the first
+        prompt_ids = [bos if bos is not None else tokenizer.eos_token_id]  # answer token is predicted too
+    answers = []
+    for text in (chosen_text, rejected_text):
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not templated and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids.append(tokenizer.eos_token_id)
+        answers.append(ids)
+    longer = max(len(ids) for ids in answers)
+    prompt_truncated = answer_truncated = False
+    if len(prompt_ids) + longer > max_length and len(prompt_ids) > max_prompt_length:
+        prompt_truncated = True
+        if truncation_mode == "keep_start":
+            prompt_ids = prompt_ids[:max_prompt_length]
+        else:
+            keeps_bos = bos is not None and prompt_ids[0] == bos
+            prompt_ids = ([bos] if keeps_bos else []) + prompt_ids[len(prompt_ids) - max_prompt_length + keeps_bos :]
+    if len(prompt_ids) + longer > max_length:
+        answer_truncated = True
+        answers = [ids[: max_length - len(prompt_ids)] for ids in answers]
+    row = {"prompt_length": len(prompt_ids), "prompt_truncated": prompt_truncated,
+           "answer_truncated": answer_truncated, "identical": answers[0] == answers[1]}
+    for name, ids in zip(("chosen", "rejected"), answers):
+        row[f"{name}_input_ids"] = prompt_ids + ids
+        row[f"{name}_labels"] = [-100] * len(prompt_ids) + ids
+    return row
+
+
+def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """B pairs -> one batch of 2B sequences for a single forward: input_ids, attention_mask and labels (2B, T), the B
+    chosen sequences first and the B rejected after them, right-padded (labels -100 on padding)."""
+    sequences = [row["chosen_input_ids"] for row in rows] + [row["rejected_input_ids"] for row in rows]
+    labels = [row["chosen_labels"] for row in rows] + [row["rejected_labels"] for row in rows]
+    longest = max(len(ids) for ids in sequences)
+    batch = {
+        "input_ids": torch.tensor([ids + [pad_token_id] * (longest - len(ids)) for ids in sequences]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in sequences]),
+        "labels": torch.tensor([ids + [-100] * (longest - len(ids)) for ids in labels]),
+    }
+    return batch
+
+
+def step_indices(step: int, num_rows: int, global_batch_size: int, seed: int) -> list[int]:
+    """Row indices of optimizer step `step` over all processes and micro-batches.
+
+    Each epoch is a permutation seeded by (seed + epoch), consumed global_batch_size rows at a time; the incomplete
+    tail of an epoch is dropped. The data order depends on the step alone, which makes resuming exact and makes
+    N processes see the same global batches as one.
+    """
+    steps_per_epoch = num_rows // global_batch_size
+    epoch, position = divmod(step, steps_per_epoch)
+    permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return permutation[position * global_batch_size : (position + 1) * global_batch_size]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Log-probs and loss
+# ----------------------------------------------------------------------------------------------------------------------
+def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob: bool = False,
+                    label_pad_token_id: int = -100) -> torch.Tensor:
+    """(B, T, V) logits, (B, T) labels -> (B,) float32 sum (or per-token mean) of the labels' log-probs.
+
+    Position t predicts label t+1; labels equal to label_pad_token_id (prompt, padding) are skipped. Each log-prob is
+    logit[label] - logsumexp(logits), which never materialises a (B, T, V) log-softmax.
+    """
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != label_pad_token_id
+    safe_labels = labels.masked_fill(~mask, 0)
+    label_logits = torch.gather(logits, 2, safe_labels.unsqueeze(-1)).squeeze(-1).float()
+    per_token_logps = (label_logits - torch.logsumexp(logits.float(), dim=-1)) * mask
+    if average_log_prob:
+        return per_token_logps.sum(-1) / mask.sum(-1).clamp(min=1)
+    return per_token_logps.sum(-1)
+
+
+def chosen_nll_labels(batch: dict[str, torch.Tensor], include_prompt: bool = False) -> torch.Tensor:
+    """The NLL term's targets (B, T) from a collate_pairs batch of 2B sequences: the B chosen answers (EOS included),
+    -100 elsewhere; with include_prompt their prompt tokens too, the seed's choice. Padding is never a target (the
+    seed's labels were the input ids, padding included: fixed in TRL 0.9)."""
+    pairs = len(batch["labels"]) // 2
+    if include_prompt:
+        return batch["input_ids"][:pairs].masked_fill(batch["attention_mask"][:pairs] == 0, -100)
+    return batch["labels"][:pairs]
+
+
+def chosen_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, V) logits, (B, T) labels -> (summed next-token NLL of the labels, float32 scalar; number of labels).
+
+    Labels of -100 (padding, and the prompt unless it is meant to be learned) are not targets. The caller divides by
+    the target count of the whole optimizer step, so the NLL is a per-token mean however the step is split.
+    """
+    return -get_batch_logps(logits, labels).sum(), (labels[:, 1:] != -100).sum()
+
+
+def odds_ratio_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                    beta: float = 0.1) -> tuple[torch.Tensor, ...]:
+    """The seed's `odds_ratio_loss`. Per-token averaged log-probs (B,) -> (losses (B,), chosen_rewards (B,),
+    rejected_rewards (B,), log_odds_ratio (), log_odds_chosen ()).
+
+    With c, r the averaged log-probs, log odds = log(e^c / (1 - e^c)) - log(e^r / (1 - e^r))
+    = (c - r) - (log(1 - e^c) - log(1 - e^r)) (ORPO eq. 4 and 7), and losses = beta * log sigmoid(log odds): the term
+    the total loss SUBTRACTS from the NLL. log(1 - e^x) is log(-expm1(x)), exact near 0 where log1p(-exp(x)) gives
+    -inf; the log-probs are clamped just below 0 so that a certain answer (log-prob exactly 0) stays finite.
+    Rewards are beta * log-probs, detached. log_odds_ratio is the mean of log sigmoid(log odds) and
+    log_odds_chosen the mean of log odds, as the seed logs them (detached).
+    """
+    chosen = policy_chosen_logps.clamp(max=-1e-6)
+    rejected = policy_rejected_logps.clamp(max=-1e-6)
+    log_odds = (chosen - rejected) - (torch.log(-torch.expm1(chosen)) - torch.log(-torch.expm1(rejected)))
+    ratio = F.logsigmoid(log_odds)
+    losses = beta * ratio
+    chosen_rewards = beta * policy_chosen_logps.detach()
+    rejected_rewards = beta * policy_rejected_logps.detach()
+    return losses, chosen_rewards, rejected_rewards, ratio.detach().mean(), log_odds.detach().mean()
+
+
+def disable_dropout_in_model(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, scheduler, progress: dict) -> None:
+    """A resumable checkpoint: weights (or LoRA adapter) in save_pretrained form, optimizer, scheduler, progress
+    counters (step, tokens seen), and the RNG states of every process."""
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        torch.save({**progress, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   path / "training_state.pt")
+    accelerator.wait_for_everyone()
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(rng, path / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+
+
+def load_rng_state(path: Path, process_index: int) -> None:
+    rng = torch.load(path / f"rng_state_{process_index}.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+
+    def fail(message: str):
+        sys.exit(f"{Path(__file__).name}: error: {message}")
+
+    # 0. Validate what can be checked before anything is loaded.
+    for name in ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "max_length", "logging_steps", "eval_steps"]:
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        fail(f"need --max_steps > 0 or --num_train_epochs > 0, got {args.max_steps} and {args.num_train_epochs}")
+    if args.resume_from_checkpoint and not (Path(args.resume_from_checkpoint) / "training_state.pt").exists():
+        fail(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint directory of this script "
+             "(no training_state.pt in it)")
+    if not 0 < args.max_prompt_length < args.max_length:
+        fail(f"--max_prompt_length must be positive and below --max_length {args.max_length} so that answers keep "
+             f"some tokens, got {args.max_prompt_length}")
+    if args.beta <= 0:
+        fail(f"need --beta > 0, got {args.beta}")
+
+    # 1. Seed and accelerator. Derived sizes live here, in one place.
+    # Several processes but no GPU (e.g. `accelerate launch --multi_gpu` on a CPU machine): make them one gloo
+    # process group on CPU; otherwise accelerate would start independent copies that never exchange gradients.
+    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision="bf16" if args.bf16 else None)
+    set_seed(args.seed)
+    world_size = accelerator.num_processes
+    global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    output_dir = Path(args.output_dir)
+
+    # 2. Data: load and validate before the model is loaded.
+    try:
+        raw = load_any_dataset(args.dataset_name, args.dataset_config)
+    except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
+        message = str(error)
+        if "corresponds to no data" in message or "generating the dataset" in message:  # how datasets says "empty"
+            message += " (is a data file empty? every split needs at least one row)"
+        fail(f"could not load dataset {args.dataset_name}: {message}")
+    try:
+        for split in [args.dataset_train_split] + ([args.dataset_test_split] if args.dataset_test_split else []):
+            if split not in raw:
+                raise ValueError(f"dataset {args.dataset_name} has no split '{split}'; found splits {list(raw)} "
+                                 "(--dataset_test_split None trains without evaluation)")
+            if len(raw[split]) == 0:
+                raise ValueError(f"split '{split}' of dataset {args.dataset_name} is empty; expected at least one row")
+            check_preference_columns(raw[split].column_names)
+    except ValueError as error:
+        fail(str(error))
+
+    # 3. Tokenizer. A tokenizer without a pad token gets EOS as pad: padding is masked by position (attention mask,
+    #    labels -100), never by token id, so the EOS that ends each answer is still learned.
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.revision)
+    if tokenizer.eos_token_id is None:
+        fail(f"the tokenizer of {args.model_name_or_path} has no EOS token; expected one to end every answer")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    max_length = min(args.max_length, tokenizer.model_max_length)
+    if args.max_prompt_length >= max_length:
+        fail(f"--max_prompt_length {args.max_prompt_length} leaves no room for answers within the model's "
+             f"{max_length} tokens (tokenizer.model_max_length)")
+    if isinstance(raw[args.dataset_train_split][0]["chosen"], list) and tokenizer.chat_template is None:
+        fail(f"the rows are conversations but the tokenizer of {args.model_name_or_path} has no chat template")
+
+    # 4. Tokenise every pair (prompt masked); count truncations; drop pairs whose answers are identical.
+    try:
+        with accelerator.main_process_first():  # the main process fills the datasets cache first
+            tokenized = {
+                split: raw[split].map(tokenize_pair, remove_columns=raw[split].column_names,
+                                      fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
+                                                 "max_prompt_length": args.max_prompt_length,
+                                                 "truncation_mode": args.truncation_mode},
+                                      desc=f"tokenizing {split}")
+                for split in [args.dataset_train_split, args.dataset_test_split] if split
+            }
+    except (ValueError, KeyError, TypeError) as error:
+        fail(f"could not format the preference rows of {args.dataset_name}: {error!r}")
+    splits = {}
+    for split, dataset in tokenized.items():
+        rows = dataset.to_list()
+        if num_truncated := sum(row["prompt_truncated"] for row in rows):
+            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} prompts were cut to "
+                              f"--max_prompt_length {args.max_prompt_length} ({args.truncation_mode})")
+        if num_truncated := sum(row["answer_truncated"] for row in rows):
+            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} pairs had answers cut to fit "
+                              f"{max_length} tokens")
+        if num_identical := sum(row["identical"] for row in rows):
+            accelerator.print(f"warning: {num_identical} of {len(rows)} {split} pairs have identical chosen and "
+                              "rejected answers; they carry no preference and are dropped")
+        splits[split] = [row for row in rows if not row["identical"]]
+        if not splits[split]:
+            fail(f"no {split} pair is left: every pair has identical chosen and rejected answers")
+    train_rows = splits[args.dataset_train_split]
+    eval_rows = splits.get(args.dataset_test_split, [])
+    steps_per_epoch = len(train_rows) // global_batch_size
+    if steps_per_epoch == 0:
+        fail(f"the training set has {len(train_rows)} pairs but one optimizer step needs {global_batch_size} "
+             f"(per_device_train_batch_size {args.per_device_train_batch_size} x gradient_accumulation_steps "
+             f"{args.gradient_accumulation_steps} x {world_size} processes)")
+    total_steps = args.max_steps if args.max_steps > 0 else max(1, int(args.num_train_epochs * steps_per_epoch))
+    accelerator.print(f"preference data: {len(train_rows)} train / {len(eval_rows)} eval pairs; "
+                      f"{total_steps} steps of {global_batch_size}")
+
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+
+    # 5. Policy: optional LoRA, gradient checkpointing, dropout off. ORPO has no reference model: one model in memory.
+    load_path = args.model_name_or_path
+    if args.resume_from_checkpoint and not args.use_peft:
+        load_path = args.resume_from_checkpoint  # full weights live in the checkpoint
+    model = AutoModelForCausalLM.from_pretrained(load_path, revision=None if load_path != args.model_name_or_path
+                                                 else args.revision, dtype=dtype,
+                                                 attn_implementation=args.attn_implementation)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.use_peft:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if args.resume_from_checkpoint:
+            model = PeftModel.from_pretrained(model, args.resume_from_checkpoint, is_trainable=True)
+        else:
+            lora_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                     target_modules=args.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
+            model = get_peft_model(model, lora_config)
+    if args.disable_dropout:  # after wrapping, so that LoRA's dropout is off too, as in the seed
+        disable_dropout_in_model(model)
+    model.to(accelerator.device)
+    params_in_memory = sum(p.numel() for p in model.parameters())
+    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    accelerator.print(f"model: {params_in_memory / 1e6:.2f}M parameters in memory (policy only), "
+                      f"{num_trainable / 1e6:.2f}M trainable")
+
+    # 6. Optimizer and schedule. The scheduler is stepped once per optimizer step by us (not wrapped by accelerate,
+    #    which would step it once per process).
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
+                              num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    start_step, num_tokens_seen = 0, 0
+    if args.resume_from_checkpoint:
+        checkpoint = Path(args.resume_from_checkpoint)
+        state = torch.load(checkpoint / "training_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        load_rng_state(checkpoint, accelerator.process_index)
+        start_step, num_tokens_seen = state["step"], state["num_tokens"]
+        accelerator.print(f"resumed from {checkpoint} at step {start_step}")
+
+    # 7. Logging: metrics.jsonl always, wandb with --track.
+    metrics_file = output_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        for file in (metrics_file, output_dir / "samples.jsonl"):
+            if not args.resume_from_checkpoint:  # a fresh run starts a fresh log
+                file.unlink(missing_ok=True)
+            elif file.exists():  # a resumed one keeps what was logged up to its checkpoint, and appends
+                logged = [line for line in file.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+                file.write_text("".join(line + "\n" for line in logged))
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                       name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
+
+    def log(metrics: dict) -> None:
+        """A compact console line, a metrics.jsonl row and (with --track) a wandb point, from the main process."""
+        if accelerator.is_main_process:
+            tqdm.write(" ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                                for key, value in metrics.items()))
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if args.track:
+                wandb.log(metrics, step=metrics["step"])
+
+    def nll_tokens(batch: dict) -> torch.Tensor:
+        """Targets of the NLL term: the chosen answers' tokens (their EOS included), and with --nll_include_prompt
+        their prompts' tokens too; never padding."""
+        return (chosen_nll_labels(batch, args.nll_include_prompt)[:, 1:] != -100).sum()
+
+    def pair_forward(batch: dict) -> dict[str, torch.Tensor]:
+        """Per-token averaged log-probs of the B pairs of a batch and the summed NLL of its chosen answers: ONE
+        forward over the 2B sequences (chosen then rejected), as the seed's concatenated_forward."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        summed = get_batch_logps(logits, batch["labels"])
+        counts = (batch["labels"][:, 1:] != -100).sum(-1)
+        # ORPO's likelihoods are per-token averages (get_batch_logps(average_log_prob=True), from the sums at hand)
+        policy_chosen, policy_rejected = (summed / counts.clamp(min=1)).chunk(2)
+        if args.nll_include_prompt:  # the prompt's targets too: one more pass over the chosen half's logits
+            nll_sum, _ = chosen_nll_sum(logits[: len(policy_chosen)], chosen_nll_labels(batch, include_prompt=True))
+        else:  # chosen_nll_sum(chosen logits, chosen labels), read off the sums already computed
+            nll_sum = -summed[: len(policy_chosen)].sum()
+        # mean logit over the vocabulary at each answer position, averaged over the chosen and the rejected answers
+        target = batch["labels"][:, 1:] != -100
+        mean_logits = logits[:, :-1].detach().float().mean(-1) * target
+        (chosen_logits, rejected_logits), (chosen_target, rejected_target) = mean_logits.chunk(2), target.chunk(2)
+        return {"policy_chosen": policy_chosen, "policy_rejected": policy_rejected, "nll_sum": nll_sum,
+                "nll_tokens": nll_tokens(batch), "logits_chosen": chosen_logits.sum() / chosen_target.sum(),
+                "logits_rejected": rejected_logits.sum() / rejected_target.sum()}
+
+    def pair_metrics(out: dict, losses: torch.Tensor, chosen_rewards, rejected_rewards, log_odds_ratio,
+                     log_odds_chosen) -> torch.Tensor:
+        """Sums over the batch's pairs: the odds-ratio term of the loss (-losses), chosen/rejected rewards, accuracy
+        (ties half), margin, log-probs, logits and log odds (means times pairs); then the NLL sum, its target count
+        and the pair count; reduced over processes and turned into means by summarize()."""
+        pairs = len(chosen_rewards)
+        accuracy = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+        return torch.stack([-losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
+                            accuracy.sum(), (chosen_rewards - rejected_rewards).sum(),
+                            out["policy_chosen"].detach().sum(), out["policy_rejected"].detach().sum(),
+                            out["logits_chosen"] * pairs, out["logits_rejected"] * pairs, log_odds_ratio * pairs,
+                            log_odds_chosen * pairs, out["nll_sum"].detach(), out["nll_tokens"].float(),
+                            torch.tensor(float(pairs), device=losses.device)])
+
+    METRIC_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                    "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "log_odds_ratio",
+                    "log_odds_chosen"]
+    NUM_SUMS = len(METRIC_NAMES) + 3  # then the NLL sum, the NLL target count and the pair count
+
+    def summarize(totals: list[float], prefix: str = "") -> dict:
+        """pair_metrics sums -> means per pair; nll_loss per target token; loss = nll_loss - mean odds-ratio term."""
+        nll_sum, nll_tokens, pairs = totals[-3:]
+        metrics = {name: value / pairs for name, value in zip(METRIC_NAMES, totals)}
+        metrics["nll_loss"] = nll_sum / max(nll_tokens, 1.0)
+        metrics["loss"] += metrics["nll_loss"]
+        return {f"{prefix}{name}": value for name, value in metrics.items()}
+
+    def compute_loss(out: dict) -> tuple[torch.Tensor, ...]:
+        return odds_ratio_loss(out["policy_chosen"], out["policy_rejected"], beta=args.beta)
+
+    def generate_samples(step: int) -> None:
+        """Answers of the policy to the first eval prompts, to samples.jsonl (and wandb)."""
+        rows = eval_rows[: args.per_device_eval_batch_size]
+        prompts = [row["chosen_input_ids"][: row["prompt_length"]] for row in rows]
+        longest = max(len(ids) for ids in prompts)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(ids)) + ids for ids in prompts])
+        attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompts])
+        kwargs = {"input_ids": input_ids.to(accelerator.device), "attention_mask": attention_mask.to(
+            accelerator.device), "max_new_tokens": max_length - args.max_prompt_length, "do_sample": True,
+                  "top_k": 0, "pad_token_id": tokenizer.pad_token_id}
+        with torch.no_grad():
+            policy_out = accelerator.unwrap_model(model).generate(**kwargs)
+        answers = tokenizer.batch_decode(policy_out[:, longest:], skip_special_tokens=True)
+        samples = [{"step": step, "prompt": tokenizer.decode(ids, skip_special_tokens=True), "policy": answer}
+                   for ids, answer in zip(prompts, answers)]
+        with open(output_dir / "samples.jsonl", "a") as f:
+            f.writelines(json.dumps(sample) + "\n" for sample in samples)
+        if args.track:
+            wandb.log({"game_log": wandb.Table(columns=list(samples[0]), rows=[list(s.values()) for s in samples])},
+                      step=step)
+
+    def evaluate(step: int) -> dict:
+        """ORPO metrics over every pair of the eval split (each process takes every N-th pair), prefixed eval_."""
+        model.eval()
+        sums = torch.zeros(NUM_SUMS, device=accelerator.device)
+        my_rows = eval_rows[accelerator.process_index :: world_size]
+        with torch.no_grad():
+            for start in range(0, len(my_rows), args.per_device_eval_batch_size):
+                batch = collate_pairs(my_rows[start : start + args.per_device_eval_batch_size], tokenizer.pad_token_id)
+                out = pair_forward({key: value.to(accelerator.device) for key, value in batch.items()})
+                sums += pair_metrics(out, *compute_loss(out))
+        if args.generate_during_eval and accelerator.is_main_process:
+            generate_samples(step)
+        model.train()
+        return summarize(accelerator.reduce(sums, "sum").tolist(), prefix="eval_")
+
+    # 8. Training loop. One optimizer step = gradient_accumulation_steps micro-batches of pairs on each process.
+    model.train()
+    if start_step == 0:
+        log({"step": 0, "epoch": 0.0, "params_in_memory": params_in_memory})
+    if eval_rows and start_step == 0:
+        log({"step": 0, "epoch": 0.0, **evaluate(0)})
+    # running sums over the current logging window; train_seconds excludes evaluation and checkpointing
+    running, running_tokens, train_seconds = torch.zeros(NUM_SUMS), 0, 0.0
+    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="orpo",
+                    disable=not accelerator.is_local_main_process)
+    for step in progress:
+        step_start = time.time()
+        # 8a. This process's micro-batches of this step.
+        indices = step_indices(step, len(train_rows), global_batch_size, args.seed)
+        mine = indices[accelerator.process_index :: world_size]
+        micro_batches = [
+            collate_pairs([train_rows[i] for i in mine[j : j + args.per_device_train_batch_size]],
+                          tokenizer.pad_token_id)
+            for j in range(0, len(mine), args.per_device_train_batch_size)
+        ]
+        # the NLL targets of the whole step (all micro-batches, all processes), counted before any forward
+        step_nll_tokens = accelerator.reduce(sum(nll_tokens(mb) for mb in micro_batches).to(accelerator.device),
+                                             "sum").clamp(min=1)
+
+        # 8b. Forward and backward each micro-batch. The NLL is summed over tokens and divided by the step's NLL
+        #     targets (as sft.py), the odds-ratio term summed over pairs and divided by the step's pairs (as dpo.py);
+        #     the loss is scaled by world_size because DDP averages gradients over processes. The update is the
+        #     gradient of the step's per-token NLL minus its mean odds-ratio term, however the step is split.
+        step_sums = torch.zeros(NUM_SUMS, device=accelerator.device)
+        for j, batch in enumerate(micro_batches):
+            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+            is_last = j == len(micro_batches) - 1
+            with accelerator.no_sync(model) if not is_last else nullcontext():  # sync gradients once per step
+                out = pair_forward(batch)  # under --bf16, accelerate.prepare wrapped forward in autocast
+                losses, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = compute_loss(out)
+                loss = out["nll_sum"] / step_nll_tokens - losses.sum() / global_batch_size  # ORPO eq. 6
+                accelerator.backward(loss * world_size)
+            step_sums += pair_metrics(out, losses.detach(), chosen_rewards, rejected_rewards, log_odds_ratio,
+                                      log_odds_chosen)
+        step_totals = accelerator.reduce(step_sums, "sum")
+        step_loss = summarize(step_totals.tolist())["loss"]
+
+        # 8c. Clip (max_grad_norm 0: only measure the norm). Stop cleanly on a non-finite loss or gradient, before the
+        #     update would poison the weights; every process sees the same reduced values and stops together.
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+        if not (np.isfinite(step_loss) and torch.isfinite(grad_norm)):
+            checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+            fail(f"loss is {step_loss} (gradient norm {grad_norm.item()}) at step {step + 1}; stopping "
+                 f"without updating the weights ({kept})")
+
+        # 8d. Update and schedule.
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # 8e. Log, evaluate, checkpoint.
+        tokens = int(accelerator.reduce(torch.tensor(sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
+                                                     device=accelerator.device), "sum"))
+        num_tokens_seen += tokens
+        running += step_totals.cpu()
+        running_tokens += tokens
+        train_seconds += time.time() - step_start
+        done = step + 1
+        if done % args.logging_steps == 0 or done == total_steps:
+            pairs = running[-1].item()
+            metrics = {"step": done, "epoch": done / steps_per_epoch, **summarize(running.tolist()),
+                       "grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0],
+                       "num_tokens": num_tokens_seen, "samples_per_second": pairs / train_seconds,
+                       "tokens_per_second": running_tokens / train_seconds, "peak_memory_mb": peak_memory_mb()}
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", accuracy=f"{metrics['rewards/accuracies']:.3f}")
+            log(metrics)
+            running, running_tokens, train_seconds = torch.zeros(NUM_SUMS), 0, 0.0
+        if eval_rows and (done % args.eval_steps == 0 or done == total_steps):
+            log({"step": done, "epoch": done / steps_per_epoch, **evaluate(done)})
+        if args.save_steps > 0 and done % args.save_steps == 0 and done < total_steps:
+            save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, model, tokenizer, optimizer, scheduler,
+                            {"step": done, "num_tokens": num_tokens_seen})
+
+    # 9. Save: plain save_pretrained weights that AutoModelForCausalLM loads; with LoRA, the merged model in
+    #    output_dir and the adapter alone in output_dir/adapter.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        if args.use_peft:
+            final.save_pretrained(output_dir / "adapter")
+            final = final.merge_and_unload()
+        final.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        if args.push_to_hub:
+            final.push_to_hub(output_dir.name)
+            tokenizer.push_to_hub(output_dir.name)
+        if args.track:
+            wandb.finish()
+    accelerator.wait_for_everyone()  # every process leaves together, once the main one has saved
+    accelerator.print(f"saved to {output_dir}")
+    accelerator.end_training()  # an orderly end of the process group: a peer torn down mid-exit can abort the other

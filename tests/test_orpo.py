@@ -1,0 +1,151 @@
+"""orpo.py: the odds-ratio loss by hand (also at log-prob 0), the NLL's targets (never padding), then learning,
+several processes, resume and bad input. (cpo.py's tests hold the LoRA run for both reference-free scripts.)"""
+
+import json
+import math
+import time
+
+import pytest
+import torch
+import tyro
+from conftest import (ASSETS, answer_logps, assert_resumed_run_ends_where_the_uninterrupted_run_ends,
+                      assert_same_training_however_the_global_batch_is_split, error_line, mean_sentiment_of_samples,
+                      read_metrics, run_ok, run_script)
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from orpo import Args, chosen_nll_labels, chosen_nll_sum, collate_pairs, odds_ratio_loss, tokenize_pair
+
+PREFERENCE = ASSETS / "data" / "preference"
+SHORT = ["--max_steps", 12, "--eval_steps", 6, "--logging_steps", 2]
+KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+        "logps/rejected", "logits/chosen", "logits/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen"}
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log(1 + math.exp(-x))
+
+
+# ---------------------------------------------------------------------------------------------------------- unit tests
+def test_odds_ratio_loss_by_hand():
+    chosen, rejected = [-0.5, -2.0], [-1.5, -0.3]  # per-token averaged log-probs
+    losses, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = odds_ratio_loss(
+        torch.tensor(chosen), torch.tensor(rejected), beta=0.25)
+    # log odds(y) = log(p / (1 - p)) with p = e^logp, written out from the definition
+    log_odds = [math.log(math.exp(c) / (1 - math.exp(c))) - math.log(math.exp(r) / (1 - math.exp(r)))
+                for c, r in zip(chosen, rejected)]
+    assert losses.tolist() == pytest.approx([0.25 * log_sigmoid(x) for x in log_odds], abs=1e-6)
+    assert chosen_rewards.tolist() == pytest.approx([0.25 * c for c in chosen], abs=1e-6)
+    assert rejected_rewards.tolist() == pytest.approx([0.25 * r for r in rejected], abs=1e-6)
+    assert log_odds_ratio.item() == pytest.approx(sum(log_sigmoid(x) for x in log_odds) / 2, abs=1e-6)
+    assert log_odds_chosen.item() == pytest.approx(sum(log_odds) / 2, abs=1e-6)
+
+
+@pytest.mark.parametrize("logp", [0.0, -1e-9, -1e-5])
+def test_odds_ratio_loss_is_finite_with_a_finite_gradient_at_and_near_log_prob_zero(logp):
+    chosen = torch.tensor([logp, -1.0], requires_grad=True)
+    rejected = torch.tensor([-1.0, logp], requires_grad=True)
+    losses, *_ = odds_ratio_loss(chosen, rejected, beta=0.1)
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(chosen.grad).all() and torch.isfinite(rejected.grad).all()
+    if logp == -1e-5:  # above the clamp: the exact value, log(1 - e^x) computed as log(-expm1(x))
+        log_odds = (logp + 1.0) - (math.log(-math.expm1(logp)) - math.log(-math.expm1(-1.0)))
+        assert losses[0].item() == pytest.approx(0.1 * log_sigmoid(log_odds), rel=1e-5)
+    if logp > -1e-7:  # where the seed's log1p(-exp(x)) is -inf in float32
+        assert torch.log1p(-torch.exp(torch.tensor(logp))).isinf()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
+
+
+def test_padding_never_enters_the_nll_and_the_prompt_only_when_asked(tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-gpt2").eval()
+    pair = tokenize_pair({"prompt": "Review of X:", "chosen": " Great fun.", "rejected": " Dull."}, tokenizer,
+                         max_length=128, max_prompt_length=64, truncation_mode="keep_end")
+    longer = tokenize_pair({"prompt": "Review of Y:", "chosen": " Fine." * 30, "rejected": " Bad." * 30},
+                           tokenizer, max_length=128, max_prompt_length=64, truncation_mode="keep_end")
+    alone = collate_pairs([pair], tokenizer.pad_token_id)
+    padded = collate_pairs([pair, longer], tokenizer.pad_token_id)  # the pair is right-padded by ~60 tokens
+    assert padded["input_ids"].shape[1] > alone["input_ids"].shape[1] + 50
+    answer_tokens = len(pair["chosen_input_ids"]) - pair["prompt_length"]  # " Great fun." and EOS
+    for include_prompt, expected_count in [(False, answer_tokens), (True, len(pair["chosen_input_ids"]) - 1)]:
+        results = []
+        for batch in (alone, padded):
+            labels = chosen_nll_labels(batch, include_prompt)
+            with torch.no_grad():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            results.append(chosen_nll_sum(logits[:1], labels[:1]))  # the pair's chosen sequence
+        (alone_sum, alone_count), (padded_sum, padded_count) = results
+        assert alone_count.item() == padded_count.item() == expected_count, include_prompt
+        assert padded_sum.item() == pytest.approx(alone_sum.item(), rel=1e-5), include_prompt
+    # the seed's labels (the input ids) would have made every pad token of the padded row a target
+    assert (padded["input_ids"][0, 1:] != -100).sum().item() > expected_count + 50
+
+
+# ------------------------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """`python orpo.py` as the README has it: (output_dir, seconds)."""
+    cwd = tmp_path_factory.mktemp("orpo-default")
+    start = time.time()
+    run_ok("orpo.py", cwd=cwd)
+    return cwd / "runs" / "orpo", time.time() - start
+
+
+def test_default_run_prefers_chosen_on_held_out_pairs_and_writes_more_positive_reviews(default_run):
+    output_dir, elapsed = default_run
+    assert elapsed < 120, f"took {elapsed:.0f}s"
+    rows = [json.loads(line) for line in (PREFERENCE / "test.jsonl").read_text().splitlines()]
+    logps = answer_logps(output_dir, rows, average=True)  # independent of orpo.py's own log-probs
+    accuracy = sum(chosen > rejected for chosen, rejected in logps) / len(logps)
+    assert accuracy >= 0.9, accuracy
+    prompts = [row["prompt"] for row in rows][:64]
+    before = mean_sentiment_of_samples(ASSETS / "tiny-gpt2", prompts)
+    after = mean_sentiment_of_samples(output_dir, prompts)
+    assert after > before + 0.3, (before, after)
+
+
+def test_default_run_logs_the_seed_metrics(default_run):
+    output_dir, _ = default_run
+    rows = read_metrics(output_dir)
+    assert rows[0] == {"step": 0, "epoch": 0.0, "params_in_memory": rows[0]["params_in_memory"]}
+    assert rows[0]["params_in_memory"] == AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-gpt2").num_parameters()
+    train, evaluation = rows[-2], rows[-1]
+    assert KEYS | {"grad_norm", "learning_rate", "num_tokens", "samples_per_second", "tokens_per_second",
+                   "peak_memory_mb"} <= set(train)
+    assert {f"eval_{key}" for key in KEYS} <= set(evaluation)
+    # the logged loss is the NLL minus the mean odds-ratio term, log_odds_ratio = mean log sigmoid(log odds)
+    assert evaluation["eval_loss"] == pytest.approx(evaluation["eval_nll_loss"] - evaluation["eval_log_odds_ratio"],
+                                                    rel=1e-5)
+    evaluations = [row for row in rows if "eval_loss" in row]
+    assert evaluations[-1]["eval_log_odds_chosen"] > evaluations[0]["eval_log_odds_chosen"] + 0.2
+
+
+def test_two_processes_and_accumulation_match_one_process_at_the_same_global_batch(tmp_path):
+    assert_same_training_however_the_global_batch_is_split("orpo.py", SHORT, tmp_path)
+
+
+def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
+    # with the seed's prompt-in-NLL option, so that its second pass over the chosen logits is exercised too
+    assert_resumed_run_ends_where_the_uninterrupted_run_ends("orpo.py", SHORT + ["--nll_include_prompt"], tmp_path)
+    prompt_nll = read_metrics(tmp_path / "full")[-1]["eval_nll_loss"]
+    assert math.isfinite(prompt_nll) and prompt_nll > 0
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    (tmp_path / "no_chosen.jsonl").write_text(json.dumps({"prompt": "a", "rejected": "b"}) + "\n")
+    result = run_script("orpo.py", "--dataset_name", tmp_path / "no_chosen.jsonl", "--dataset_test_split", "None")
+    assert error_line(result) == ("orpo.py: error: expected 'chosen' and 'rejected' columns (and optionally "
+                                  "'prompt'); missing ['chosen']; found columns ['prompt', 'rejected']")
+    assert "parameters in memory" not in result.stdout  # failed before the model was loaded
+    # (bad hyper-parameters: see test_cpo.py; the two scripts validate alike, and each run costs seconds)
+
+
+def test_help_lists_the_arguments_with_their_docs(capsys):
+    with pytest.raises(SystemExit):  # in-process: main() parses with exactly this call
+        tyro.cli(Args, args=["--help"])
+    text = capsys.readouterr().out
+    for flag in ["--beta", "--nll-include-prompt", "--generate-during-eval", "odds-ratio"]:
+        assert flag in text
+    assert "--reference-free" not in text and "--precompute-ref-log-probs" not in text
