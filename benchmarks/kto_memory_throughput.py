@@ -46,7 +46,8 @@ def run(model: Path, extra: list[str], steps: int) -> dict:
                    "--dataset_test_split", "None", "--save_steps", "0", *extra]
         subprocess.run(command, check=True, capture_output=True, text=True)
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    steady = rows[1:] or rows  # skip the first window (warm-up)
+    windows = [row for row in rows if "samples_per_second" in row]  # not the params_in_memory row
+    steady = windows[1:] or windows  # skip the first window (warm-up)
     return {"samples_per_second": sum(r["samples_per_second"] for r in steady) / len(steady),
             "peak_memory_mb": rows[-1]["peak_memory_mb"]}
 
