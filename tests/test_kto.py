@@ -8,12 +8,13 @@ import time
 
 import pytest
 import torch
+import tyro
 from conftest import (ASSETS, answer_logps, assert_resumed_run_ends_where_the_uninterrupted_run_ends,
                       assert_same_training_however_the_global_batch_is_split, error_line, metric_series, read_metrics,
                       run_ok, run_script)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kto import check_kto_columns, check_labels, kl_partners, kto_loss, mismatched_example, tokenize_row
+from kto import Args, check_kto_columns, check_labels, kl_partners, kto_loss, mismatched_example, tokenize_row
 
 UNPAIRED = ASSETS / "data" / "unpaired"
 PREFERENCE = ASSETS / "data" / "preference"
@@ -215,7 +216,9 @@ def test_bad_input_is_one_clear_line(tmp_path):
         "batch, which needs at least 2 examples; got 1")
 
 
-def test_help_lists_the_arguments_with_their_docs():
-    result = run_ok("kto.py", "--help")
-    for text in ["--beta", "--desirable-weight", "--undesirable-weight", "--precompute-ref-log-probs", "4/3"]:
-        assert text in result.stdout
+def test_help_lists_the_arguments_with_their_docs(capsys):
+    with pytest.raises(SystemExit):  # in-process: main() parses with exactly this call
+        tyro.cli(Args, args=["--help"])
+    text = capsys.readouterr().out
+    for flag in ["--beta", "--desirable-weight", "--undesirable-weight", "--precompute-ref-log-probs", "4/3"]:
+        assert flag in text
