@@ -8,9 +8,10 @@ import time
 import pytest
 import torch
 import tyro
-from conftest import (ASSETS, answer_logps, assert_resumed_run_ends_where_the_uninterrupted_run_ends,
-                      assert_same_training_however_the_global_batch_is_split, error_line, mean_sentiment_of_samples,
-                      metric_series, read_metrics, run_ok, run_script)
+from conftest import (ASSETS, assert_prefers_chosen_and_writes_more_positive_reviews,
+                      assert_resumed_run_ends_where_the_uninterrupted_run_ends,
+                      assert_same_training_however_the_global_batch_is_split, error_line, metric_series, read_metrics,
+                      run_ok, run_script)
 from transformers import AutoModelForCausalLM
 
 from cpo import Args, cpo_loss
@@ -71,14 +72,7 @@ def test_default_run_prefers_chosen_on_held_out_pairs_and_writes_more_positive_r
     elapsed = time.time() - start
     output_dir = tmp_path / "runs" / "cpo"
     assert elapsed < 120, f"took {elapsed:.0f}s"
-    rows = [json.loads(line) for line in (PREFERENCE / "test.jsonl").read_text().splitlines()]
-    logps = answer_logps(output_dir, rows, average=True)  # independent of cpo.py's own log-probs
-    accuracy = sum(chosen > rejected for chosen, rejected in logps) / len(logps)
-    assert accuracy >= 0.9, accuracy
-    prompts = [row["prompt"] for row in rows][:64]
-    before = mean_sentiment_of_samples(ASSETS / "tiny-gpt2", prompts)
-    after = mean_sentiment_of_samples(output_dir, prompts)
-    assert after > before + 0.3, (before, after)
+    assert_prefers_chosen_and_writes_more_positive_reviews(output_dir)
     metrics = read_metrics(output_dir)
     assert metrics[0] == {"step": 0, "epoch": 0.0, "params_in_memory": metrics[0]["params_in_memory"]}
     assert KEYS | {"grad_norm", "num_tokens", "samples_per_second", "peak_memory_mb"} <= set(metrics[-2])

@@ -8,9 +8,10 @@ import time
 import pytest
 import torch
 import tyro
-from conftest import (ASSETS, answer_logps, assert_resumed_run_ends_where_the_uninterrupted_run_ends,
-                      assert_same_training_however_the_global_batch_is_split, error_line, mean_sentiment_of_samples,
-                      read_metrics, run_ok, run_script)
+from conftest import (ASSETS, assert_prefers_chosen_and_writes_more_positive_reviews,
+                      assert_resumed_run_ends_where_the_uninterrupted_run_ends,
+                      assert_same_training_however_the_global_batch_is_split, error_line, read_metrics, run_ok,
+                      run_script)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orpo import Args, chosen_nll_labels, chosen_nll_sum, collate_pairs, odds_ratio_loss, tokenize_pair
@@ -96,14 +97,7 @@ def default_run(tmp_path_factory):
 def test_default_run_prefers_chosen_on_held_out_pairs_and_writes_more_positive_reviews(default_run):
     output_dir, elapsed = default_run
     assert elapsed < 120, f"took {elapsed:.0f}s"
-    rows = [json.loads(line) for line in (PREFERENCE / "test.jsonl").read_text().splitlines()]
-    logps = answer_logps(output_dir, rows, average=True)  # independent of orpo.py's own log-probs
-    accuracy = sum(chosen > rejected for chosen, rejected in logps) / len(logps)
-    assert accuracy >= 0.9, accuracy
-    prompts = [row["prompt"] for row in rows][:64]
-    before = mean_sentiment_of_samples(ASSETS / "tiny-gpt2", prompts)
-    after = mean_sentiment_of_samples(output_dir, prompts)
-    assert after > before + 0.3, (before, after)
+    assert_prefers_chosen_and_writes_more_positive_reviews(output_dir)
 
 
 def test_default_run_logs_the_seed_metrics(default_run):
