@@ -114,6 +114,16 @@ def assert_prefers_chosen_and_writes_more_positive_reviews(output_dir: Path) -> 
     assert after > before + 0.3, (before, after)
 
 
+def help_text(args_class, capsys) -> str:
+    """A script's --help, produced in-process (the script's main parses with exactly `tyro.cli(Args)`), which saves
+    the seconds a subprocess spends importing torch and transformers."""
+    import tyro
+
+    with pytest.raises(SystemExit):
+        tyro.cli(args_class, args=["--help"])
+    return capsys.readouterr().out
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
 
