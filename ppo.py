@@ -1,0 +1,1566 @@
+"""Proximal Policy Optimization (PPO) for language models: RLHF with a value head, a KL-shaped reward and GAE.
+
+RLHF-PPO (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593; Ouyang et al. 2022, https://arxiv.org/abs/2203.02155)
+treats each response token as an action: the policy samples a response to a query, a reward model scores it, and the
+per-token reward is -beta * KL(policy || reference) with the score added on the last token. Generalised advantage
+estimation (Schulman et al. 2016, https://arxiv.org/abs/1506.02438) turns rewards and the value head's estimates into
+advantages, and the clipped PPO objective (Schulman et al. 2017, https://arxiv.org/abs/1707.06347) updates policy and
+value head together for a few epochs over the batch; an adaptive controller steers beta towards a target KL. This file
+reproduces TRL's v0.8 API in one piece: `AutoModelForCausalLMWithValueHead` (and its seq2seq twin),
+`create_reference_model`, `PPOConfig` and `PPOTrainer.generate / step / log_stats`, with the seed's numbers (see
+docs/ppo.md for every stage, every stat and the deviations).
+
+    # offline quickstart: the tiny world (assets/), CPU, a few minutes: the tiny policy learns to write positive reviews
+    python ppo.py
+    # the seed's sentiment example: GPT-2 on IMDB prompts, rewarded by a sentiment classifier
+    python ppo.py --model_name lvwerra/gpt2-imdb --query_dataset stanfordnlp/imdb --query_column text \
+        --input_min_text_length 2 --input_max_text_length 8 --reward_model sentiment-analysis:lvwerra/distilbert-imdb \
+        --learning_rate 1.41e-5 --batch_size 128 --mini_batch_size 128 --output_min_length 4 --output_max_length 16 \
+        --steps 194
+    # several GPUs: each process rolls out and scores its own batch_size queries
+    accelerate launch --multi_gpu --num_processes 8 ppo.py --model_name lvwerra/gpt2-imdb --query_dataset stanfordnlp/imdb \
+        --query_column text --input_min_text_length 2 --input_max_text_length 8 --bf16
+
+From Python, as in the seed's quickstart: `from ppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer`.
+"""
+
+import copy
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from accelerate import Accelerator
+from datasets import DatasetDict, load_dataset, load_from_disk
+from tqdm.auto import tqdm
+from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                          AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, get_scheduler, set_seed)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+@dataclass
+class PPOConfig:
+    """The seed's `PPOConfig` (field names and meanings), which is also this script's command line. Built in code,
+    every knob that `PPOTrainer.step` reads keeps the seed's default; the fields that set the scale of a run
+    (model_name, query_dataset, reward_model, steps, learning_rate, batch_size, mini_batch_size, output lengths)
+    default to the tiny world, and docs/ppo.md gives the seed's values."""
+
+    # --- experiment ---
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (used in the wandb run name)"""
+    seed: int = 0
+    """seed of the experiment: value-head initialisation, sampling noise, mini-batch order"""
+    output_dir: str = "runs/ppo"
+    """where the final model, metrics.jsonl, samples.jsonl, args.json and checkpoints are written"""
+    track: bool = False
+    """log to Weights & Biases"""
+    log_with: Literal["wandb"] | None = None
+    """the seed's switch for tracking: "wandb" is the same as --track"""
+    wandb_project_name: str = "post-training"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    push_to_hub: bool = False
+    """push the final model (with its value head) and tokenizer to the Hub under the name of output_dir"""
+    logging_steps: int = 1
+    """print and record training metrics every this many PPO steps"""
+
+    # --- model ---
+    model_name: str = str(ASSETS / "tiny-gpt2")
+    """the policy: a Hub id or local directory of a causal LM (or a seq2seq LM such as T5); also the reference"""
+    revision: str | None = None
+    """the Hub revision (branch, tag or commit) of the policy"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """dtype the weights are loaded in; keep float32 and use --bf16 for mixed precision unless memory forbids it"""
+    bf16: bool = False
+    """bf16 mixed precision (autocast) through accelerate"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, about a third more compute"""
+    use_peft: bool = False
+    """train LoRA adapters (and the value head in full); the reference is the policy with adapters off"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)"""
+    lora_dropout: float = 0.05
+    """dropout on the LoRA branch"""
+    lora_target_modules: list[str] | None = None
+    """module names that get adapters (default: all linear layers)"""
+
+    # --- data ---
+    query_dataset: str = str(ASSETS / "data" / "prompts")
+    """prompts: a Hub id, a local .json/.jsonl/.csv/.parquet file, a save_to_disk directory or a directory of splits"""
+    dataset_config: str | None = None
+    """the dataset configuration (subset) name"""
+    dataset_train_split: str = "train"
+    """the split whose prompts are used"""
+    query_column: str | None = None
+    """the column holding the prompts (default: 'prompt', else 'query'); strings or message lists"""
+    input_min_text_length: int | None = None
+    """with input_max_text_length: cut each tokenised prompt to a random length in [min, max) (the seed's IMDB
+    example uses 2 and 8 to turn reviews into short queries); None keeps whole prompts"""
+    input_max_text_length: int | None = None
+    """see input_min_text_length"""
+    reward_model: str = str(ASSETS / "tiny-reward")
+    """a sequence-classification model (path or Hub id; any reward.py output), or a 'task:model' transformers pipeline
+    such as the seed's 'sentiment-analysis:lvwerra/distilbert-imdb' (the score of the last label is the reward)"""
+    output_min_length: int = 8
+    """responses get max_new_tokens drawn from [output_min_length, output_max_length) each step (seed example: 4)"""
+    output_max_length: int = 24
+    """see output_min_length (seed example: 16)"""
+    temperature: float = 1.0
+    """sampling temperature; the same temperature divides the logits when log-probs are recomputed for training"""
+
+    # --- optimisation ---
+    steps: int = 60
+    """PPO steps (each: one batch of rollouts, scores and ppo_epochs of updates) that `python ppo.py` runs"""
+    learning_rate: float = 1e-4
+    """Adam learning rate (seed: 1.41e-5; the default suits the tiny world)"""
+    batch_size: int = 32
+    """rollouts per PPO step per process (seed: 128)"""
+    mini_batch_size: int = 8
+    """rollouts per forward/backward pass (seed: 128)"""
+    gradient_accumulation_steps: int = 1
+    """mini-batches whose gradients are summed per optimizer step"""
+    ppo_epochs: int = 4
+    """passes over each batch of rollouts"""
+    max_grad_norm: float | None = None
+    """clip the global gradient norm to this (None: no clipping)"""
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
+    """the learning-rate schedule over the `steps` PPO steps of __main__ (the seed keeps it constant)"""
+    save_steps: int = 0
+    """write a resumable checkpoint every this many PPO steps (0: never)"""
+    resume_from_checkpoint: str | None = None
+    """a checkpoint-N directory written by this script to continue from"""
+
+    # --- PPO ---
+    adap_kl_ctrl: bool = True
+    """adaptive KL control (Ziegler et al.); otherwise the KL coefficient stays at init_kl_coef"""
+    init_kl_coef: float = 0.2
+    """initial KL penalty coefficient beta"""
+    kl_penalty: Literal["kl", "abs", "mse", "full"] = "kl"
+    """per-token KL estimate: kl: logp - ref_logp; abs: |kl|; mse: kl^2 / 2; full: the exact KL over the vocabulary"""
+    target: float = 6.0
+    """target KL (per sequence) of the adaptive controller"""
+    horizon: float = 10000.0
+    """horizon of the adaptive controller (in rollouts)"""
+    gamma: float = 1.0
+    """discount of GAE"""
+    lam: float = 0.95
+    """lambda of GAE"""
+    cliprange: float = 0.2
+    """clip range of the policy ratio"""
+    cliprange_value: float = 0.2
+    """clip range of the value prediction around the rollout's value"""
+    vf_coef: float = 0.1
+    """weight of the value loss"""
+    early_stopping: bool = False
+    """stop the PPO epochs of a step once the policy KL exceeds 1.5 x target_kl"""
+    target_kl: float = 1.0
+    """see early_stopping"""
+    ratio_threshold: float = 10.0
+    """zero the loss of a mini-batch whose mean ratio exceeds this (it would spike the loss)"""
+    use_score_scaling: bool = False
+    """divide scores by their running standard deviation"""
+    use_score_norm: bool = False
+    """with use_score_scaling: also subtract the running mean"""
+    score_clip: float | None = None
+    """clip scores to [-score_clip, score_clip] (after scaling)"""
+    whiten_rewards: bool = False
+    """whiten the per-token rewards before GAE"""
+
+    # --- beyond the seed (defaults keep the seed's behaviour) ---
+    stop_token: str | None = None
+    """truncate each response after the first occurrence of this token before it is scored and trained on: 'eos' for
+    the EOS token, or any string that is one token (e.g. '.'); generation stops there too"""
+    missing_eos_penalty: float | None = None
+    """subtract this from the score of a response that never produced the stop token (EOS by default)"""
+    fix_seed_bugs: bool = False
+    """fix the seed's bugs that change numbers (docs/ppo.md lists them): gradient clipping only on the first
+    optimizer step, padding that leaks whitened rewards into advantages"""
+
+    def __post_init__(self):
+        """Sizes are checked for exact division, in the seed's terms."""
+        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.batch_size % self.backward_batch_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
+                             f"({self.mini_batch_size}) x gradient_accumulation_steps "
+                             f"({self.gradient_accumulation_steps}) = {self.backward_batch_size}")
+        if self.log_with == "wandb":
+            self.track = True
+
+    @property
+    def backward_batch_size(self) -> int:
+        """rollouts per optimizer step (per process)"""
+        return self.mini_batch_size * self.gradient_accumulation_steps
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: loading, validation, prompts
+# ----------------------------------------------------------------------------------------------------------------------
+def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
+    """Load a Hub dataset, a local data file, a `save_to_disk` directory or a directory of split files."""
+    path = Path(name)
+    if path.is_file():
+        builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+        if path.suffix not in builders:
+            raise ValueError(f"unknown dataset file type '{path.suffix}' of {name}: expected one of {sorted(builders)}")
+        return load_dataset(builders[path.suffix], data_files=str(path))
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+        loaded = load_from_disk(str(path))
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
+    return load_dataset(name, config)  # a Hub id, or a directory of train/test files (splits inferred from names)
+
+
+def find_query_column(column_names: list[str], query_column: str | None = None) -> str:
+    """The column holding the prompts: --query_column, else 'prompt', else 'query'."""
+    candidates = [query_column] if query_column else ["prompt", "query"]
+    for column in candidates:
+        if column in column_names:
+            return column
+    expected = f"a '{query_column}' column" if query_column else "a 'prompt' or 'query' column"
+    raise ValueError(f"expected {expected} (strings or message lists); found columns {column_names}")
+
+
+def format_query(prompt, tokenizer) -> tuple[str, bool]:
+    """THE place to change how a prompt becomes text: a message list is rendered with the chat template and the
+    generation prompt (then the text holds its own special tokens: templated=True); a string is used as it is."""
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), True
+    return prompt, False
+
+
+class LengthSampler:
+    """The seed's LengthSampler: a uniformly random integer in [min_value, max_value), from numpy's global RNG."""
+
+    def __init__(self, min_value: int, max_value: int):
+        self.values = list(range(min_value, max_value))
+
+    def __call__(self) -> int:
+        return int(np.random.choice(self.values))
+
+
+def step_indices(step: int, num_rows: int, global_batch_size: int, seed: int) -> list[int]:
+    """Prompt indices of PPO step `step` over all processes: each epoch over the prompts is a permutation seeded by
+    (seed + epoch), consumed global_batch_size prompts at a time (the tail is dropped). The order depends on the step
+    alone, which makes resuming exact."""
+    steps_per_epoch = num_rows // global_batch_size
+    epoch, position = divmod(step, steps_per_epoch)
+    permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return permutation[position * global_batch_size : (position + 1) * global_batch_size]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The reward rule: a sequence-classification model scored as reward.py scores, or a transformers pipeline
+# ----------------------------------------------------------------------------------------------------------------------
+def parse_reward_spec(spec: str) -> tuple[str | None, str]:
+    """'task:model' for a transformers pipeline (task one of the pipeline tasks, e.g. sentiment-analysis), else
+    (None, spec): a sequence-classification model path or Hub id. Raises ValueError for a spec that cannot work."""
+    from transformers.pipelines import SUPPORTED_TASKS, TASK_ALIASES
+
+    task, sep, model = spec.partition(":")
+    if sep and not Path(spec).exists() and (task in SUPPORTED_TASKS or task in TASK_ALIASES):
+        if not model:
+            raise ValueError(f"reward pipeline spec '{spec}' names no model; expected 'task:model'")
+        return task, model
+    if sep and not Path(spec).exists():
+        raise ValueError(f"unknown reward spec '{spec}': '{task}' is not a transformers pipeline task (expected "
+                         f"'task:model' with a task such as sentiment-analysis, or a sequence-classification model)")
+    if Path(spec).exists() and not (Path(spec) / "config.json").exists():
+        raise ValueError(f"reward model '{spec}' is not a model directory (no config.json in it)")
+    if not Path(spec).exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        raise ValueError(f"reward model '{spec}' does not exist: expected a model directory, a Hub id or 'task:model'")
+    return None, spec
+
+
+def load_reward_function(spec: str, device, max_length: int = 1024) -> Callable[[list, list], list[float]]:
+    """A callable (prompts, responses) -> list of float scores, from a reward spec (see parse_reward_spec).
+
+    A sequence-classification model scores prompt + response the way reward.py trained it: message-list prompts
+    rendered with the chat template and the response as the assistant turn, string prompts concatenated; EOS
+    appended, the start kept when too long, right padding; the score read where plain transformers reads it. A
+    pipeline (the seed's sentiment example) scores prompt + response, and the reward is the raw score (logit) of the
+    pipeline's last label, e.g. POSITIVE for a binary sentiment classifier.
+    """
+    task, name = parse_reward_spec(spec)
+    if task is not None:
+        from transformers import pipeline
+
+        pipe = pipeline(task, model=name, device=device)
+
+        def score_with_pipeline(prompts: list, responses: list[str]) -> list[float]:
+            texts = [(format_query(p, pipe.tokenizer)[0] if isinstance(p, list) else p) + r
+                     for p, r in zip(prompts, responses)]
+            outputs = pipe(texts, top_k=None, function_to_apply="none", batch_size=16, truncation=True)
+            last = pipe.model.config.num_labels - 1
+            label = pipe.model.config.id2label[last]
+            return [next(o["score"] for o in output if o["label"] == label) for output in outputs]
+
+        return score_with_pipeline
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForSequenceClassification.from_pretrained(name).eval().requires_grad_(False).to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:  # transformers finds the last real token through config.pad_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    max_length = min(max_length, tokenizer.model_max_length)
+
+    @torch.no_grad()
+    def score_with_model(prompts: list, responses: list[str]) -> list[float]:
+        sequences = []
+        for prompt, response in zip(prompts, responses):
+            if isinstance(prompt, list):
+                text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}],
+                                                     tokenize=False)
+                ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            else:
+                ids = list(tokenizer(prompt + response)["input_ids"])
+            if not ids or ids[-1] != tokenizer.eos_token_id:
+                ids.append(tokenizer.eos_token_id)
+            sequences.append(ids[:max_length])
+        scores = []
+        for start in range(0, len(sequences), 64):
+            chunk = sequences[start : start + 64]
+            longest = max(len(ids) for ids in chunk)
+            input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (longest - len(ids)) for ids in chunk])
+            attention_mask = torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in chunk])
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            scores += logits[:, 0].float().tolist()
+        return scores
+
+    return score_with_model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PPO math: log-probs, masked statistics, KL penalties, GAE, the clipped losses, KL controllers
+# ----------------------------------------------------------------------------------------------------------------------
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits, (B, T) labels -> (B, T) float32 log-probs of the labels, as logit[label] - logsumexp(logits)
+    (the seed takes a full log_softmax over the vocabulary and gathers from it: the same numbers, V times the
+    memory)."""
+    logits = logits.float()
+    return torch.gather(logits, 2, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) logits -> (...) entropy of the softmax distribution: logsumexp(l) - sum(softmax(l) * l)."""
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+    """Mean of values where mask is 1 (over all elements, or along axis)."""
+    if axis is not None:
+        return (values * mask).sum(axis=axis) / mask.sum(axis=axis)
+    return (values * mask).sum() / mask.sum()
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of values where mask is 1; unbiased (Bessel's n / (n - 1)) by default, as the seed."""
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        count = mask.sum()
+        if count == 0:
+            raise ValueError("the mask is empty: there are no response tokens to take a variance over")
+        variance = variance * count / (count - 1)
+    return variance
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(values - mean) / sqrt(var + 1e-8) with the masked mean and unbiased variance; shift_mean=False adds the mean
+    back (only the scale changes). Applied to every position, masked or not, as the seed."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def clip_by_value(x: torch.Tensor, tensor_min: torch.Tensor, tensor_max: torch.Tensor) -> torch.Tensor:
+    return torch.max(torch.min(x, tensor_max), tensor_min)
+
+
+def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kind: str = "kl") -> torch.Tensor:
+    """Per-token KL estimate between policy and reference at the sampled tokens, (B, T) -> (B, T).
+
+    kl: logp - ref_logp (unbiased, can be negative); abs: |logp - ref_logp|; mse: (logp - ref_logp)^2 / 2;
+    full: the exact KL(policy || reference) of the next-token distributions, from (B, T, V) log-prob inputs:
+    sum_v p(v) (log p(v) - log ref(v)).
+    """
+    if kind == "kl":
+        return logprob - ref_logprob
+    if kind == "abs":
+        return (logprob - ref_logprob).abs()
+    if kind == "mse":
+        return 0.5 * (logprob - ref_logprob).square()
+    if kind == "full":
+        return (logprob.exp() * (logprob - ref_logprob)).sum(-1)
+    raise ValueError(f"unknown kl_penalty '{kind}': expected one of kl, abs, mse, full")
+
+
+def compute_gae(values: torch.Tensor, rewards: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimation over (B, T) rewards and values (already zero outside the response):
+    delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1}, V_T = 0."""
+    lastgaelam = torch.zeros_like(values[:, 0])
+    advantages_reversed = []
+    length = rewards.shape[-1]
+    for t in reversed(range(length)):
+        next_values = values[:, t + 1] if t < length - 1 else 0.0
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    return torch.stack(advantages_reversed[::-1], dim=1)
+
+
+def ppo_losses(old_logprobs, values, logprobs, vpreds, mask, advantages, returns, cliprange: float,
+               cliprange_value: float) -> dict[str, torch.Tensor]:
+    """The clipped surrogate policy loss and the clipped value loss of a mini-batch, all inputs (B, T):
+
+    ratio = exp(logp - old_logp);  pg_loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
+    vpred_clipped = clip(vpred, V_old - eps_v, V_old + eps_v);
+    vf_loss = 0.5 * masked_mean(max((vpred - R)^2, (vpred_clipped - R)^2))
+    """
+    vpredclipped = clip_by_value(vpreds, values - cliprange_value, values + cliprange_value)
+    vf_losses1 = (vpreds - returns) ** 2
+    vf_losses2 = (vpredclipped - returns) ** 2
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    return {"pg_loss": masked_mean(torch.max(pg_losses, pg_losses2), mask),
+            "vf_loss": 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask),
+            "pg_clipfrac": masked_mean(torch.gt(pg_losses2, pg_losses).float(), mask),
+            "vf_clipfrac": masked_mean(torch.gt(vf_losses2, vf_losses1).float(), mask), "ratio": ratio}
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current: float, n_steps: int) -> None:
+        proportional_error = np.clip(current / self.target - 1, -0.2, 0.2)
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+
+class FixedKLController:
+    """A constant beta."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current: float, n_steps: int) -> None:
+        pass
+
+
+class RunningMoments:
+    """Running mean and standard deviation of the scores over all processes (the seed's score scaling), merged with
+    Chan et al.'s parallel update."""
+
+    def __init__(self, accelerator):
+        self.mean, self.std, self.var, self.count = 0.0, 1.0, 1.0, 1e-24
+        self.accelerator = accelerator
+
+    @torch.no_grad()
+    def update(self, xs: torch.Tensor) -> tuple[float, float]:
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(torch.stack([xs.sum(), torch.tensor(float(xs.numel()), device=xs.device)]),
+                                            "sum")
+            xs_mean, xs_count = total[0] / total[1], total[1]
+            xs_var = self.accelerator.reduce(((xs - xs_mean) ** 2).sum(), "sum") / xs_count
+        else:
+            xs_count = xs.numel()
+            xs_var, xs_mean = torch.var_mean(xs, unbiased=False)
+        xs_mean, xs_var = xs_mean.float(), xs_var.float()
+        delta = xs_mean - self.mean
+        tot_count = self.count + xs_count
+        old_sum = self.var * self.count + delta**2 * self.count * xs_count / tot_count
+        self.mean += delta * xs_count / tot_count
+        self.var = (old_sum + xs_var * xs_count) / tot_count
+        self.std = (self.var * tot_count / (tot_count - 1)).float().sqrt()
+        self.count = tot_count
+        return xs_mean.item(), (xs_var * xs_count / (xs_count - 1)).float().sqrt().item()
+
+    def state_dict(self) -> dict:
+        return {key: torch.as_tensor(getattr(self, key)).cpu() for key in ("mean", "std", "var", "count")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models: a language model with a value head, in the seed's weight layout; the reference model
+# ----------------------------------------------------------------------------------------------------------------------
+class ValueHead(nn.Module):
+    """One scalar per token: dropout, then a linear map of the last hidden state (the seed's layout: `summary`)."""
+
+    def __init__(self, config, summary_dropout_prob: float | None = None):
+        super().__init__()
+        if summary_dropout_prob is None:  # the seed: the config's value, else 0.1
+            summary_dropout_prob = getattr(config, "summary_dropout_prob", 0.1)
+        self.dropout = nn.Dropout(summary_dropout_prob) if summary_dropout_prob else nn.Identity()
+        hidden_size = getattr(config, "word_embed_proj_dim", None) or getattr(config, "hidden_size", None)
+        if getattr(config, "is_encoder_decoder", False) and hasattr(config, "decoder"):
+            hidden_size = getattr(config.decoder, "hidden_size", hidden_size)
+        self.summary = nn.Linear(hidden_size, 1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        output = self.dropout(hidden_states)
+        return self.summary(output.to(self.summary.weight.dtype))
+
+
+def read_value_head_weights(name_or_path: str, revision: str | None = None, token=None) -> dict | None:
+    """The `v_head.*` tensors stored in a checkpoint's weight files, keys without the prefix; None if it has none.
+
+    A model saved by the seed's library (or by this file) keeps its value head inside the model's own weight file:
+    model.safetensors, pytorch_model.bin, or their sharded indexes; LoRA checkpoints keep it in pytorch_model.bin.
+    """
+    from huggingface_hub import hf_hub_download
+
+    def locate(filename: str) -> Path | None:
+        if Path(name_or_path).is_dir():
+            path = Path(name_or_path) / filename
+            return path if path.exists() else None
+        try:  # a Hub id: the files from_pretrained has just downloaded are in the cache
+            return Path(hf_hub_download(name_or_path, filename, revision=revision, token=token))
+        except Exception:  # not in the repository (or offline): try the next layout
+            return None
+
+    def read(path: Path) -> dict:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return {key: f.get_tensor(key) for key in f.keys() if key.startswith("v_head.")}
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return {key: value for key, value in state.items() if key.startswith("v_head.")}
+
+    for filename in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json"):
+        path = locate(filename)
+        if path is None:
+            continue
+        if filename.endswith(".index.json"):
+            weight_map = json.loads(path.read_text())["weight_map"]
+            state = {}
+            for shard in sorted({file for key, file in weight_map.items() if key.startswith("v_head.")}):
+                state.update(read(locate(shard)))
+        else:
+            state = read(path)
+        return {key[len("v_head."):]: value for key, value in state.items()} or None
+    return None
+
+
+class PreTrainedModelWrapper(nn.Module):
+    """A transformers model (`.pretrained_model`) plus a value head (`.v_head`), saved in the seed's layout: the
+    wrapped model's own state-dict keys, unchanged, plus `v_head.summary.weight` and `v_head.summary.bias`, all in
+    the model's weight file. Plain transformers loads such a checkpoint (ignoring the two extra keys), and
+    `from_pretrained` here loads the value head back instead of initialising a new one."""
+
+    transformers_parent_class = None
+    supported_args = ("summary_dropout_prob", "v_head_initializer_range", "v_head_init_strategy")
+
+    def __init__(self, pretrained_model, score_module=None, supports_rm_adapter=False, rm_adapter_name=None,
+                 summary_dropout_prob=None, v_head_initializer_range=0.2, v_head_init_strategy=None):
+        super().__init__()
+        self.pretrained_model = pretrained_model
+        self.config = pretrained_model.config
+        self.is_peft_model = not isinstance(pretrained_model, PreTrainedModel) and hasattr(
+            pretrained_model, "disable_adapter")
+        self.supports_rm_adapter, self.rm_adapter_name, self.policy_adapter_name = (
+            supports_rm_adapter, rm_adapter_name, "default")
+        if score_module is not None:
+            self.score = score_module
+        self.v_head = ValueHead(self.config, summary_dropout_prob)
+        if v_head_init_strategy == "normal":
+            self.v_head.summary.weight.data.normal_(mean=0.0, std=v_head_initializer_range)
+            self.v_head.summary.bias.data.zero_()
+        elif v_head_init_strategy is not None:
+            raise ValueError(f"unknown v_head_init_strategy '{v_head_init_strategy}': expected None or 'normal'")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load (or wrap) a transformers model and add a value head: the checkpoint's own value head if it has one
+        (seed layout), else a new one. Value-head kwargs: summary_dropout_prob, v_head_initializer_range (0.2),
+        v_head_init_strategy (None: the default init of nn.Linear; "normal"). `peft_config` adds new LoRA adapters;
+        a directory holding an adapter_config.json loads that adapter on its base model; `reward_adapter` adds a
+        LoRA reward adapter (with its score head) on the same base weights. Everything else goes to transformers."""
+        head_kwargs = {key: kwargs.pop(key) for key in cls.supported_args if key in kwargs}
+        peft_config = kwargs.pop("peft_config", None)
+        reward_adapter = kwargs.pop("reward_adapter", None)
+        reward_adapter_name = kwargs.pop("reward_adapter_name", "reward_adapter")
+        is_trainable = kwargs.pop("is_trainable", False)
+        value_head = None
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            name = str(pretrained_model_name_or_path)
+            if (Path(name) / "adapter_config.json").exists():  # a LoRA checkpoint: base model + adapter
+                from peft import PeftConfig, PeftModel
+
+                base_name = PeftConfig.from_pretrained(name).base_model_name_or_path
+                base = cls.transformers_parent_class.from_pretrained(base_name, *model_args, **kwargs)
+                pretrained_model = PeftModel.from_pretrained(base, name, is_trainable=is_trainable)
+            else:
+                pretrained_model = cls.transformers_parent_class.from_pretrained(name, *model_args, **kwargs)
+            value_head = read_value_head_weights(name, kwargs.get("revision"), kwargs.get("token"))
+        elif isinstance(pretrained_model_name_or_path, nn.Module):
+            pretrained_model = pretrained_model_name_or_path
+        else:
+            raise ValueError("pretrained_model_name_or_path should be a string or a PreTrainedModel, "
+                             f"but is {type(pretrained_model_name_or_path)}")
+        if peft_config is not None and isinstance(pretrained_model, PreTrainedModel):
+            from peft import get_peft_model
+
+            pretrained_model = get_peft_model(pretrained_model, peft_config)
+        multi_adapter = {}
+        if reward_adapter is not None:
+            if isinstance(pretrained_model, PreTrainedModel):
+                raise ValueError("reward_adapter can only be used with a LoRA (PEFT) policy: pass peft_config too")
+            multi_adapter = {"score_module": cls.add_and_load_reward_modeling_adapter(
+                pretrained_model, reward_adapter, reward_adapter_name), "supports_rm_adapter": True,
+                "rm_adapter_name": reward_adapter_name}
+        model = cls(pretrained_model, **multi_adapter, **head_kwargs)
+        if value_head is not None:  # resuming: the checkpoint's value head, not a new one
+            model.v_head.load_state_dict(value_head)
+        model.v_head.to(next(pretrained_model.parameters()).device)
+        return model
+
+    @staticmethod
+    def add_and_load_reward_modeling_adapter(pretrained_model, adapter_path: str, adapter_name: str = "reward_adapter"):
+        """Load a LoRA reward adapter (trained on the same base, e.g. by reward.py --use_peft) next to the policy's
+        adapter, and return its score head as a frozen nn.Linear: policy, reference and reward model then share one
+        copy of the base weights."""
+        pretrained_model.load_adapter(adapter_path, adapter_name, is_trainable=False)
+        files = [Path(adapter_path) / name for name in ("adapter_model.safetensors", "adapter_model.bin")]
+        file = next((f for f in files if f.exists()), None)
+        if file is None:
+            raise ValueError(f"no adapter_model.safetensors or adapter_model.bin in reward adapter {adapter_path}")
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(file)
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        score = {key.rsplit(".", 1)[-1]: value for key, value in state.items() if ".score." in f".{key}"}
+        if "weight" not in score:
+            raise ValueError(f"reward adapter {adapter_path} holds no score head (expected a '*score.weight' tensor)")
+        num_labels, hidden = score["weight"].shape
+        head = nn.Linear(hidden, num_labels, bias="bias" in score).to(next(pretrained_model.parameters()).device)
+        head.load_state_dict(score)
+        return head.requires_grad_(False)
+
+    def compute_reward_score(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+        """(B, T, num_labels) scores of the reward adapter at every position (the seed's API): the reward adapter is
+        switched on for one no-grad forward, then the policy's adapter is active again."""
+        if not self.supports_rm_adapter:
+            raise ValueError("this model has no reward adapter: load it with from_pretrained(..., reward_adapter=...)")
+        self.pretrained_model.set_adapter(self.rm_adapter_name)
+        try:
+            with torch.no_grad():
+                output = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask,
+                                               output_hidden_states=True, return_dict=True, **kwargs)
+                scores = self.score(output.hidden_states[-1].to(self.score.weight.dtype))
+        finally:
+            self.pretrained_model.set_adapter(self.policy_adapter_name)
+        return scores
+
+    def generate(self, *args, **kwargs):
+        """The wrapped model's `generate`."""
+        return self.pretrained_model.generate(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, **kwargs):
+        self.pretrained_model.gradient_checkpointing_enable(**kwargs)
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        """The wrapped model's keys unchanged, plus v_head.*. A LoRA policy: the value head alone (the seed's
+        layout; its adapter is saved by peft)."""
+        state = {} if self.is_peft_model else self.pretrained_model.state_dict(*args, **kwargs)
+        for key, value in self.v_head.state_dict().items():
+            state[f"v_head.{key}"] = value
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        heads = {key[len("v_head."):]: value for key, value in state_dict.items() if key.startswith("v_head.")}
+        self.v_head.load_state_dict(heads, strict=strict)
+        rest = {key: value for key, value in state_dict.items() if not key.startswith("v_head.")}
+        if rest or not self.is_peft_model:
+            return self.pretrained_model.load_state_dict(rest, strict=strict, assign=assign)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """save_pretrained of the wrapped model with the value head inside its weight file. A LoRA policy: the
+        adapter (peft's save_pretrained) and the value head in pytorch_model.bin, as the seed does."""
+        if self.is_peft_model:
+            self.pretrained_model.save_pretrained(save_directory, *args, **kwargs)
+            torch.save(self.state_dict(), Path(save_directory) / "pytorch_model.bin")
+            return
+        kwargs.setdefault("state_dict", self.state_dict())
+        return self.pretrained_model.save_pretrained(save_directory, *args, **kwargs)
+
+    def push_to_hub(self, *args, **kwargs):
+        """push_to_hub of the wrapped model, with the value head in the pushed weights (seed layout)."""
+        self.pretrained_model.v_head = self.v_head  # a temporary submodule, so its keys are v_head.*
+        try:
+            return self.pretrained_model.push_to_hub(*args, **kwargs)
+        finally:
+            del self.pretrained_model.v_head
+
+
+class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
+    """A causal LM with a value head: forward returns (lm_logits in float32, loss, value (B, T))."""
+
+    transformers_parent_class = AutoModelForCausalLM
+
+    def __init__(self, pretrained_model, **kwargs):
+        super().__init__(pretrained_model, **kwargs)
+        if pretrained_model.get_output_embeddings() is None:
+            raise ValueError("The model does not have a language model head, please use a model that has one.")
+
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, **kwargs):
+        kwargs["output_hidden_states"] = True  # the value head reads the last hidden state
+        output = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask,
+                                       past_key_values=past_key_values, **kwargs)
+        value = self.v_head(output.hidden_states[-1]).squeeze(-1)
+        return output.logits.float(), output.loss, value
+
+
+class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
+    """An encoder-decoder LM (T5 family) with a value head on the decoder's last hidden state: forward(input_ids,
+    attention_mask, decoder_input_ids=..., decoder_attention_mask=...) returns (lm_logits, loss, value (B, T_dec))."""
+
+    transformers_parent_class = AutoModelForSeq2SeqLM
+    is_encoder_decoder = True
+
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, **kwargs):
+        output = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask,
+                                       past_key_values=past_key_values, output_hidden_states=True, **kwargs)
+        value = self.v_head(output.decoder_hidden_states[-1]).squeeze(-1)
+        return output.logits.float(), output.loss, value
+
+
+LAYER_PATTERNS = ["transformer.h.{layer}", "model.decoder.layers.{layer}", "gpt_neox.layers.{layer}",
+                  "model.layers.{layer}"]
+
+
+def create_reference_model(model: nn.Module, num_shared_layers: int | None = None, pattern: str | None = None):
+    """A frozen copy of `model` in eval mode, the reference of the KL penalty.
+
+    With num_shared_layers=k, every parameter before the k-th layer (embeddings and layers 0..k-1, found with
+    `pattern`, e.g. "transformer.h.{layer}", or the usual layer names) is frozen in the policy and SHARED with the
+    reference: the same tensors, no copy. The seed froze them but deep-copied them anyway, saving no memory.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    shared: list[str] = []
+    if num_shared_layers is not None:
+        candidates = [pattern] if pattern is not None else LAYER_PATTERNS
+        found = next((c.format(layer=num_shared_layers) for c in candidates
+                      if any(c.format(layer=num_shared_layers) in name for name in names)), None)
+        if found is None:
+            raise ValueError(f"no parameter name contains the layer pattern for layer {num_shared_layers} "
+                             f"(tried {candidates}); pass pattern= with the model's layer names")
+        for name in names:
+            if found in name:
+                break
+            shared.append(name)
+    memo = {}
+    for name in shared:
+        parameter = model.get_parameter(name)
+        parameter.requires_grad_(False)  # frozen in the policy too: the two models hold the one tensor
+        memo[id(parameter)] = parameter  # deepcopy returns what the memo holds instead of copying it
+    reference = copy.deepcopy(model, memo)
+    for parameter in reference.parameters():
+        parameter.requires_grad_(False)
+    return reference.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The trainer: generate, step (the seed's algorithm, stage by stage), log_stats
+# ----------------------------------------------------------------------------------------------------------------------
+class PPOTrainer:
+    """The seed's PPOTrainer: `generate` rolls out, `step(queries, responses, scores)` runs one PPO update on a batch
+    of rollouts and returns the seed's stats, `log_stats` writes them. Without `ref_model` the reference is a frozen
+    copy made by create_reference_model (sharing `num_shared_layers` layers), or, for a LoRA policy, the policy with
+    its adapters off. The default optimizer is Adam over the trainable parameters with config.learning_rate."""
+
+    def __init__(self, config: PPOConfig | None = None, model: nn.Module | None = None, ref_model=None,
+                 tokenizer: PreTrainedTokenizerBase | None = None, dataset=None, optimizer=None, data_collator=None,
+                 num_shared_layers: int | None = None, lr_scheduler=None):
+        # 0. Check the arguments (the seed's checks, with what was found).
+        if not isinstance(config, PPOConfig):
+            raise ValueError(f"config must be a PPOConfig, got {type(config)}")
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise ValueError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer)}")
+        if not isinstance(model, PreTrainedModelWrapper):
+            raise ValueError(f"model must be an AutoModelForCausalLMWithValueHead or AutoModelForSeq2SeqLMWithValueHead"
+                             f", got {type(model)}")
+        set_seed(config.seed)  # as the seed: value-head-free RNG state from here on is a function of config.seed
+        self.config, self.tokenizer = config, tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+        # 1. Accelerator. Several processes but no GPU (`accelerate launch --multi_gpu` on a CPU machine): one gloo
+        #    process group on CPU; otherwise accelerate would start independent copies that never exchange gradients.
+        multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        self.accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision="bf16" if config.bf16 else None)
+        self.is_distributed = self.accelerator.num_processes > 1
+        self.is_encoder_decoder = getattr(model, "is_encoder_decoder", False)
+        self.is_peft_model = model.is_peft_model
+
+        # 2. Reference model: the one given, a frozen copy (layers optionally shared), or LoRA's adapters-off policy.
+        if ref_model is not None:
+            if num_shared_layers is not None:
+                warnings.warn("num_shared_layers is ignored when ref_model is given", UserWarning)
+            self.ref_model = ref_model.eval().requires_grad_(False)
+        elif self.is_peft_model:
+            self.ref_model = None
+        else:
+            self.ref_model = create_reference_model(model, num_shared_layers=num_shared_layers)
+        self.optional_peft_ctx = (lambda: self.accelerator.unwrap_model(self.model).pretrained_model.disable_adapter()
+                                  ) if self.is_peft_model else nullcontext
+
+        # 3. Data (optional, as in the seed: the training loop may feed step() itself).
+        self.dataset, self.dataloader = dataset, None
+        if dataset is not None:
+            self.dataloader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
+                                                          drop_last=True, collate_fn=data_collator)
+
+        # 4. Optimizer (Adam over the trainable parameters, as the seed), KL controller, score statistics.
+        self.optimizer = optimizer or torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                                       lr=config.learning_rate)
+        self.lr_scheduler = lr_scheduler
+        self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target, config.horizon) if config.adap_kl_ctrl
+                       else FixedKLController(config.init_kl_coef))
+        self.running = RunningMoments(self.accelerator)
+        self.model, self.optimizer = self.accelerator.prepare(model.to(self.accelerator.device), self.optimizer)
+        if self.dataloader is not None:
+            self.dataloader = self.accelerator.prepare(self.dataloader)
+        if self.ref_model is not None:
+            self.ref_model.to(self.accelerator.device)
+        self.current_device = self.accelerator.device
+        self.current_step = 0  # step() calls so far
+        self._micro_steps, self._clipped = 0, False
+        if config.max_grad_norm is not None and not config.fix_seed_bugs:
+            warnings.warn("the seed clips the gradient norm on the first optimizer step only (its parameter list is a "
+                          "one-shot iterator); pass fix_seed_bugs=True (--fix_seed_bugs) to clip every step")
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Rollouts
+    # ------------------------------------------------------------------------------------------------------------------
+    def generate(self, query_tensor, length_sampler: Callable | None = None, batch_size: int = 4,
+                 return_prompt: bool = True, generate_ref_response: bool = False, **generation_kwargs):
+        """Responses of the policy (and, with generate_ref_response, of the reference) to one query tensor (T,) or to
+        a list of them. A list is generated batch_size queries at a time, left-padded, with the KV cache; each
+        response is cut after its first EOS (padding removed), and return_prompt=False returns the response alone.
+        length_sampler() draws max_new_tokens for each batch."""
+        generation_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        policy = self.accelerator.unwrap_model(self.model)
+        if generate_ref_response:
+            reference = policy if self.is_peft_model else self.ref_model
+            reference_ctx = self.optional_peft_ctx
+        if isinstance(query_tensor, list):
+            response = self._generate_batched(policy, query_tensor, length_sampler, batch_size, return_prompt,
+                                              **generation_kwargs)
+            if generate_ref_response:
+                with reference_ctx():
+                    ref_response = self._generate_batched(reference, query_tensor, length_sampler, batch_size,
+                                                          return_prompt, **generation_kwargs)
+        else:
+            if query_tensor.dim() != 1:
+                raise ValueError(f"query_tensor must be a tensor of shape (seq_len,) or a list of such tensors, got "
+                                 f"shape {tuple(query_tensor.shape)}")
+            if length_sampler is not None:
+                generation_kwargs["max_new_tokens"] = length_sampler()
+            input_ids = query_tensor.unsqueeze(0).to(self.current_device)
+            with torch.no_grad():
+                response = policy.generate(input_ids=input_ids, **generation_kwargs)
+                if generate_ref_response:
+                    with reference_ctx():
+                        ref_response = reference.generate(input_ids=input_ids, **generation_kwargs)
+            if not return_prompt and not self.is_encoder_decoder:
+                response = response[:, query_tensor.shape[0]:]
+                if generate_ref_response:
+                    ref_response = ref_response[:, query_tensor.shape[0]:]
+        return (response, ref_response) if generate_ref_response else response
+
+    @torch.no_grad()
+    def _generate_batched(self, model, query_tensors: list[torch.Tensor], length_sampler=None, batch_size: int = 4,
+                          return_prompt: bool = True, remove_padding: bool = True, **generation_kwargs):
+        outputs = []
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        batch_size = min(len(query_tensors), batch_size)
+        for start in range(0, len(query_tensors), batch_size):
+            if length_sampler is not None:
+                generation_kwargs["max_new_tokens"] = length_sampler()
+            batch = [query.to(self.current_device) for query in query_tensors[start : start + batch_size]]
+            longest = max(len(query) for query in batch)
+            # decoder-only: left padding, so that every query ends where its response starts; encoder-decoder: right
+            input_ids = torch.full((len(batch), longest), pad, dtype=torch.long, device=self.current_device)
+            attention_mask = torch.zeros_like(input_ids)
+            for i, query in enumerate(batch):
+                if self.is_encoder_decoder:
+                    input_ids[i, : len(query)], attention_mask[i, : len(query)] = query, 1
+                else:
+                    input_ids[i, longest - len(query) :], attention_mask[i, longest - len(query) :] = query, 1
+            generations = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)
+            for query, generation in zip(batch, generations):
+                if self.is_encoder_decoder:  # the decoder's sequence: start token, response, padding
+                    response = generation
+                else:
+                    response = generation[longest:]
+                if remove_padding and (response == eos).any():  # cut after the first EOS (kept): padding goes
+                    response = response[: int((response == eos).nonzero()[0, 0]) + 1]
+                outputs.append(torch.cat([query, response]) if return_prompt and not self.is_encoder_decoder
+                               else response)
+        return outputs
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # One PPO step
+    # ------------------------------------------------------------------------------------------------------------------
+    def _step_safety_checker(self, batch_size: int, queries, responses, scores, masks=None):
+        """Every input a list of batch_size tensors, responses non-empty, scores finite scalars -> on the device."""
+        for name, items in (("queries", queries), ("responses", responses), ("scores", scores)):
+            if not isinstance(items, list):
+                raise ValueError(f"{name} must be a list of tensors, got {type(items).__name__}")
+            if len(items) != batch_size:
+                raise ValueError(f"step expects config.batch_size = {batch_size} {name}, got {len(items)} (queries "
+                                 f"{len(queries)}, responses {len(responses)}, scores {len(scores)})")
+        if not isinstance(queries[0], torch.Tensor) or not isinstance(responses[0], torch.Tensor):
+            raise ValueError(f"queries and responses must be lists of 1-D token-id tensors, got lists of "
+                             f"{type(queries[0]).__name__} and {type(responses[0]).__name__}")
+        if empty := [i for i, response in enumerate(responses) if response.numel() == 0]:
+            raise ValueError(f"responses must not be empty; responses {empty[:10]} have no tokens")
+        if empty := [i for i, query in enumerate(queries) if query.numel() == 0 and not self.is_encoder_decoder]:
+            raise ValueError(f"queries must not be empty; queries {empty[:10]} have no tokens")
+        scores = [torch.as_tensor(score, dtype=torch.float32) for score in scores]
+        if bad := [i for i, score in enumerate(scores) if score.numel() != 1]:
+            raise ValueError(f"each score must be one number; scores {bad[:10]} have shapes "
+                             f"{[tuple(scores[i].shape) for i in bad[:10]]}")
+        scores = torch.stack([score.reshape(()) for score in scores]).to(self.current_device)
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"scores must be finite; got {scores[~torch.isfinite(scores)].tolist()} at positions "
+                             f"{(~torch.isfinite(scores)).nonzero().flatten().tolist()}")
+        queries = [query.to(self.current_device) for query in queries]
+        responses = [response.to(self.current_device) for response in responses]
+        masks = [mask.to(self.current_device) for mask in masks] if masks is not None else None
+        return queries, responses, scores, masks
+
+    def step(self, queries: list[torch.Tensor], responses: list[torch.Tensor], scores: list[torch.Tensor],
+             response_masks: list[torch.Tensor] | None = None) -> dict:
+        """One PPO update on batch_size rollouts: queries and responses are lists of 1-D token-id tensors, scores a
+        list of scalar tensors (one per response); response_masks optionally marks the response tokens to train on.
+        Returns the seed's stats."""
+        config, bs = self.config, self.config.batch_size
+        queries, responses, scores, response_masks = self._step_safety_checker(bs, queries, responses, scores,
+                                                                                response_masks)
+        timing, t0 = {}, time.time()
+
+        # 1. Score scaling (running statistics over all processes) and clipping, as the seed.
+        if config.use_score_scaling:
+            self.running.update(scores)
+            scaling = torch.as_tensor(self.running.std, dtype=scores.dtype, device=scores.device) + torch.finfo(
+                scores.dtype).eps
+            mean = torch.as_tensor(self.running.mean, dtype=scores.dtype, device=scores.device)
+            scores = (scores - mean) / scaling if config.use_score_norm else scores / scaling
+        if config.score_clip is not None:
+            scores = torch.clip(scores, -config.score_clip, config.score_clip)
+
+        # 2. Forward passes without gradient: the policy's log-probs and values (the "old" ones of PPO), the
+        #    reference's log-probs; in mini_batch_size chunks. (B, T-1) tensors: position t scores token t+1.
+        t = time.time()
+        model_inputs = self.prepare_model_inputs(queries, responses)
+        full_kl = config.kl_penalty == "full"
+        with torch.no_grad():
+            all_logprobs, logits, values, masks = self.batched_forward_pass(
+                self.model, queries, responses, model_inputs, return_logits=full_kl, response_masks=response_masks)
+            with self.optional_peft_ctx():
+                ref_logprobs, ref_logits, _, _ = self.batched_forward_pass(
+                    self.model if self.is_peft_model else self.ref_model, queries, responses, model_inputs,
+                    return_logits=full_kl)
+        timing["time/ppo/forward_pass"] = time.time() - t
+
+        # 3. Per-token rewards (-beta * KL, plus the score on the last response token), then GAE advantages.
+        with torch.no_grad():
+            t = time.time()
+            if full_kl:  # the exact KL needs the whole next-token distributions
+                rewards, non_score_reward, kls = self.compute_rewards(
+                    scores, torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1), masks)
+                del logits, ref_logits
+            else:
+                rewards, non_score_reward, kls = self.compute_rewards(scores, all_logprobs, ref_logprobs, masks)
+            timing["time/ppo/compute_rewards"] = time.time() - t
+            t = time.time()
+            values, advantages, returns = self.compute_advantages(values, rewards, masks)
+            timing["time/ppo/compute_advantages"] = time.time() - t
+
+        # 4. ppo_epochs passes over the batch in shuffled mini-batches (the seed's numpy permutation), an optimizer
+        #    step every gradient_accumulation_steps mini-batches; early stopping between epochs.
+        t = time.time()
+        all_stats, early_stop = [], False
+        for _ in range(config.ppo_epochs):
+            if early_stop:
+                break
+            b_inds = np.random.permutation(bs)
+            for backward_start in range(0, bs, config.backward_batch_size):
+                backward_inds = b_inds[backward_start : backward_start + config.backward_batch_size]
+                for mini_start in range(0, config.backward_batch_size, config.mini_batch_size):
+                    inds = backward_inds[mini_start : mini_start + config.mini_batch_size]
+                    logprobs, logits, vpreds, _ = self.batched_forward_pass(
+                        self.model, [queries[i] for i in inds], [responses[i] for i in inds],
+                        {key: value[inds] for key, value in model_inputs.items()}, return_logits=True)
+                    train_stats = self.train_minibatch(all_logprobs[inds], values[inds], logprobs, logits, vpreds,
+                                                       masks[inds], advantages[inds], returns[inds])
+                    all_stats.append(train_stats)
+            if config.early_stopping:
+                early_stop = self._early_stop(train_stats["policy/policykl"])
+        timing["time/ppo/optimize_step"] = time.time() - t
+
+        # 5. Statistics (averaged over the mini-batches, and over processes), then the KL controller's update with
+        #    the global batch size.
+        t = time.time()
+        train_stats = {key: torch.stack([stats[key] for stats in all_stats]).mean() for key in all_stats[0]}
+        stats = self.record_step_stats(scores=scores, logprobs=all_logprobs, ref_logprobs=ref_logprobs,
+                                       non_score_reward=non_score_reward, train_stats=train_stats,
+                                       kl_coef=self.kl_ctl.value, masks=masks, queries=queries, responses=responses,
+                                       kls=kls)
+        timing["time/ppo/calc_stats"] = time.time() - t
+        stats["ppo/learning_rate"] = self.optimizer.param_groups[0]["lr"]
+        self.kl_ctl.update(stats["objective/kl"], bs * self.accelerator.num_processes)
+        timing["time/ppo/total"] = time.time() - t0
+        stats.update(timing)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.current_step += 1
+        return stats
+
+    def prepare_model_inputs(self, queries: list[torch.Tensor], responses: list[torch.Tensor]) -> dict:
+        """Right-padded model inputs: query + response (decoder-only), or query -> encoder and response -> decoder."""
+        pad = self.tokenizer.pad_token_id
+
+        def pad_right(sequences):
+            longest = max(len(s) for s in sequences)
+            ids = torch.full((len(sequences), longest), pad, dtype=torch.long, device=self.current_device)
+            mask = torch.zeros_like(ids)
+            for i, s in enumerate(sequences):
+                ids[i, : len(s)], mask[i, : len(s)] = s, 1
+            return ids, mask
+
+        if self.is_encoder_decoder:
+            input_ids, attention_mask = pad_right(queries)
+            decoder_input_ids, decoder_attention_mask = pad_right(responses)
+            return {"input_ids": input_ids, "attention_mask": attention_mask, "decoder_input_ids": decoder_input_ids,
+                    "decoder_attention_mask": decoder_attention_mask}
+        input_ids, attention_mask = pad_right([torch.cat([q, r]) for q, r in zip(queries, responses)])
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def batched_forward_pass(self, model, queries, responses, model_inputs: dict, return_logits: bool = False,
+                             response_masks=None):
+        """Log-probs (B, T-1) of every next token, logits (B, T-1, V) if asked, values (B, T-1) and the mask (B, T-1)
+        of the response tokens, computed mini_batch_size rows at a time.
+
+        Position t holds log p(token t+1) and the value of the state before it; the mask is 1 on the response's
+        tokens: t in [len(query) - 1, len(query) - 1 + len(response)) (encoder-decoder: the decoder positions from 1
+        up to its last token, as the seed). Each chunk is run at its own longest length and zero-padded back to T-1,
+        which is exact because padding is on the right; the log-probs and logits are divided by the temperature.
+        """
+        fbs = self.config.mini_batch_size
+        key = "decoder_attention_mask" if self.is_encoder_decoder else "attention_mask"
+        full_length = model_inputs[key].shape[1]
+        all_logprobs, all_logits, all_values, all_masks = [], [], [], []
+        for start in range(0, len(queries), fbs):
+            chunk = {name: value[start : start + fbs] for name, value in model_inputs.items()}
+            for ids_key, mask_key in (("input_ids", "attention_mask"), ("decoder_input_ids", "decoder_attention_mask")):
+                if ids_key in chunk:  # drop the columns that are padding in every row of the chunk
+                    used = int(chunk[mask_key].sum(1).max())
+                    chunk[ids_key], chunk[mask_key] = chunk[ids_key][:, :used], chunk[mask_key][:, :used]
+            with self.accelerator.autocast():
+                logits, _, values = model(**chunk, use_cache=False)
+            logits = logits / self.config.temperature if self.config.temperature != 1.0 else logits
+            input_ids = chunk["decoder_input_ids" if self.is_encoder_decoder else "input_ids"]
+            logprobs = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])
+            masks = torch.zeros_like(logprobs)
+            for j in range(len(input_ids)):
+                if self.is_encoder_decoder:
+                    begin, end = 1, int(chunk["decoder_attention_mask"][j].sum()) - 1
+                else:
+                    begin = len(queries[start + j]) - 1
+                    end = begin + len(responses[start + j])
+                masks[j, begin:end] = 1
+                if response_masks is not None and not self.is_encoder_decoder:
+                    masks[j, begin:end] *= response_masks[start + j].to(masks.dtype)
+            pad = full_length - 1 - logprobs.shape[1]
+            all_logprobs.append(F.pad(logprobs, (0, pad)))
+            all_values.append(F.pad(values[:, :-1].float(), (0, pad)))
+            all_masks.append(F.pad(masks, (0, pad)))
+            if return_logits:
+                all_logits.append(F.pad(logits[:, :-1], (0, 0, 0, pad)))
+        return (torch.cat(all_logprobs), torch.cat(all_logits) if return_logits else None, torch.cat(all_values),
+                torch.cat(all_masks))
+
+    def compute_rewards(self, scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                        masks: torch.Tensor):
+        """(B,) scores and (B, T) log-probs -> per-token rewards, non-score rewards (-beta * KL) and KLs, (B, T):
+        the score is added on the last response token."""
+        kls = kl_penalty(logprobs, ref_logprobs, self.config.kl_penalty)
+        non_score_reward = -self.kl_ctl.value * kls
+        rewards = non_score_reward.clone()
+        last = masks.shape[1] - 1 - masks.flip(1).argmax(1)  # the last position where the mask is 1
+        rewards[torch.arange(len(scores), device=rewards.device), last] += scores
+        return rewards, non_score_reward, kls
+
+    def _whiten(self, values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+        """masked_whiten, with the mean and variance over every process's tokens (one process: the seed's)."""
+        if not self.is_distributed:
+            return masked_whiten(values, mask, shift_mean)
+        total = self.accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum()]), "sum")
+        mean, count = total[0] / total[1], total[1]
+        var = self.accelerator.reduce((((values - mean) ** 2) * mask).sum(), "sum") / (count - 1)
+        whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+        return whitened if shift_mean else whitened + mean
+
+    def compute_advantages(self, values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor):
+        """GAE advantages (whitened over the batch's response tokens) and returns (advantages + values), (B, T)."""
+        values, rewards = values * mask, rewards * mask
+        if self.config.whiten_rewards:
+            rewards = self._whiten(rewards, mask, shift_mean=False)
+            if self.config.fix_seed_bugs:  # whitening moved the zeros of the padding: keep padding reward-free
+                rewards = rewards * mask
+        advantages = compute_gae(values, rewards, self.config.gamma, self.config.lam)
+        returns = advantages + values
+        advantages = self._whiten(advantages, mask).detach()
+        return values, advantages, returns
+
+    def loss(self, old_logprobs, values, logits, vpreds, logprobs, mask, advantages, returns):
+        """The policy loss, vf_coef x the value loss, and the mini-batch's stats. A mini-batch whose mean ratio
+        exceeds ratio_threshold has its losses zeroed (the seed still steps the optimizer on it)."""
+        out = ppo_losses(old_logprobs, values, logprobs, vpreds, mask, advantages, returns, self.config.cliprange,
+                         self.config.cliprange_value)
+        pg_loss, vf_loss, ratio = out["pg_loss"], out["vf_loss"], out["ratio"]
+        loss = pg_loss + self.config.vf_coef * vf_loss
+        avg_ratio = masked_mean(ratio, mask).item()
+        if avg_ratio > self.config.ratio_threshold:
+            warnings.warn(f"The average ratio of batch ({avg_ratio:.2f}) exceeds threshold "
+                          f"{self.config.ratio_threshold:.2f}. Skipping batch.")
+            pg_loss, vf_loss, loss = pg_loss * 0.0, vf_loss * 0.0, loss * 0.0
+        with torch.no_grad():
+            # the entropy needs the whole distribution; taken only at the response positions
+            entropy = entropy_from_logits(logits[mask.bool()]).mean()
+            stats = {
+                "loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "loss/total": loss.detach(),
+                "policy/entropy": entropy, "policy/approxkl": 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask),
+                "policy/policykl": masked_mean(old_logprobs - logprobs, mask), "policy/clipfrac": out["pg_clipfrac"],
+                "policy/advantages_mean": masked_mean(advantages, mask),
+                "returns/mean": masked_mean(returns, mask), "returns/var": masked_var(returns, mask),
+                "val/vpred": masked_mean(vpreds, mask), "val/error": masked_mean((vpreds - returns) ** 2, mask),
+                "val/clipfrac": out["vf_clipfrac"], "val/mean": masked_mean(values, mask),
+                "val/var": masked_var(values, mask),
+            }
+        return pg_loss, self.config.vf_coef * vf_loss, {key: value.detach().float() for key, value in stats.items()}
+
+    def train_minibatch(self, old_logprobs, values, logprobs, logits, vpreds, mask, advantages, returns) -> dict:
+        """Loss and backward of one mini-batch (scaled by 1 / gradient_accumulation_steps); every
+        gradient_accumulation_steps-th call also clips and steps the optimizer. A non-finite loss stops before it
+        reaches the optimizer (FloatingPointError), on every process together."""
+        loss_p, loss_v, train_stats = self.loss(old_logprobs, values, logits, vpreds, logprobs, mask, advantages,
+                                                returns)
+        loss = loss_p + loss_v
+        finite = torch.isfinite(loss.detach()).float()
+        if self.is_distributed:
+            finite = self.accelerator.reduce(finite, "min")
+        if finite.item() == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"the PPO loss is {loss.item()} (policy {loss_p.item()}, value {loss_v.item()}); "
+                                     "the optimizer was not stepped")
+        self._micro_steps += 1
+        sync = self._micro_steps % self.config.gradient_accumulation_steps == 0
+        with self.accelerator.no_sync(self.model) if not sync else nullcontext():
+            self.accelerator.backward(loss / self.config.gradient_accumulation_steps)
+        if sync:
+            if self.config.max_grad_norm is not None and (self.config.fix_seed_bugs or not self._clipped):
+                self.accelerator.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                 self.config.max_grad_norm)
+                self._clipped = True
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return train_stats
+
+    def _early_stop(self, policykl: torch.Tensor) -> bool:
+        """Stop this step's PPO epochs when the (process-averaged) policy KL exceeds 1.5 x target_kl."""
+        if self.is_distributed:
+            policykl = self.accelerator.reduce(policykl.clone(), "mean")
+        return bool(policykl > 1.5 * self.config.target_kl)
+
+    def record_step_stats(self, kl_coef: float, **data) -> dict:
+        """The seed's stats of a step: objective/*, ppo/* (means over the mini-batches) and tokens/*; scalars are
+        averaged over processes, distributions (numpy arrays) are this process's."""
+        mask, kls = data["masks"], data["kls"]
+        kl_list = (kls * mask).sum(-1)
+        query_lens = torch.tensor([len(q) for q in data["queries"]], dtype=torch.float)
+        response_lens = torch.tensor([len(r) for r in data["responses"]], dtype=torch.float)
+        scalars = {
+            "objective/kl": kl_list.mean(),
+            "objective/kl_coef": torch.tensor(float(kl_coef)),
+            "objective/entropy": (-data["logprobs"] * mask).sum(-1).mean(),
+            "ppo/mean_non_score_reward": masked_mean(data["non_score_reward"], mask),
+            "ppo/mean_scores": data["scores"].mean(), "ppo/std_scores": data["scores"].std(),
+            "tokens/queries_len_mean": query_lens.mean(), "tokens/queries_len_std": query_lens.std(),
+            "tokens/responses_len_mean": response_lens.mean(), "tokens/responses_len_std": response_lens.std(),
+            **{f"ppo/{key}": value for key, value in data["train_stats"].items()},
+        }
+        scalars["ppo/val/var_explained"] = 1 - scalars["ppo/val/error"] / scalars["ppo/returns/var"]
+        values = torch.stack([value.float().to(self.current_device) for value in scalars.values()])
+        if self.is_distributed:
+            values = self.accelerator.reduce(values, "mean")
+        stats = dict(zip(scalars, values.tolist()))
+        if stats["objective/kl"] < -1.0:
+            warnings.warn(f"KL divergence is starting to become negative: {stats['objective/kl']:.2f} - this might be "
+                          "a precursor for failed training (often: generation kwargs that differ from the sampling "
+                          "the log-probs assume, e.g. a temperature, top_k or min_length)")
+        stats.update({"objective/kl_dist": kl_list.cpu().numpy(), "objective/logprobs": data["logprobs"].cpu().numpy(),
+                      "objective/ref_logprobs": data["ref_logprobs"].cpu().numpy(),
+                      "tokens/queries_dist": query_lens.numpy(), "tokens/responses_dist": response_lens.numpy()})
+        return stats
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Logging and saving
+    # ------------------------------------------------------------------------------------------------------------------
+    def log_stats(self, stats: dict, batch: dict, rewards, columns_to_log=("query", "response")) -> None:
+        """A console line, a metrics.jsonl row (the scalar stats plus env/reward_mean|std over all processes) and
+        samples.jsonl rows (columns_to_log of batch, with the reward) in config.output_dir; with --track, wandb too
+        (a game_log table and histograms)."""
+        rewards = torch.as_tensor(torch.stack(list(rewards)) if isinstance(rewards, list) and rewards and isinstance(
+            rewards[0], torch.Tensor) else rewards, dtype=torch.float32).to(self.current_device).flatten()
+        rewards = self.accelerator.gather(rewards).flatten().cpu()
+        missing = [column for column in columns_to_log if column not in batch]
+        if missing:
+            raise ValueError(f"columns_to_log {list(columns_to_log)} are not all in the batch: missing {missing}, "
+                             f"found {list(batch)}")
+        from accelerate.utils import gather_object
+
+        columns = [gather_object(list(batch[column])) if self.is_distributed else list(batch[column])
+                   for column in columns_to_log]
+        if not self.accelerator.is_main_process:
+            return
+        row = {"step": self.current_step, "env/reward_mean": rewards.mean().item(),
+               "env/reward_std": rewards.std().item() if len(rewards) > 1 else 0.0}
+        row.update({key: value for key, value in stats.items() if isinstance(value, (int, float))})
+        output_dir = Path(self.config.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with open(output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        samples = [{"step": self.current_step, **dict(zip(columns_to_log, values)), "reward": reward}
+                   for *values, reward in zip(*columns, rewards.tolist())]
+        with open(output_dir / "samples.jsonl", "a") as f:
+            f.writelines(json.dumps(sample) + "\n" for sample in samples)
+        shown = ["env/reward_mean", "objective/kl", "objective/kl_coef", "ppo/loss/total", "ppo/policy/clipfrac",
+                 "tokens/responses_len_mean", "episodes_per_second"]
+        tqdm.write(f"step {self.current_step} " + " ".join(f"{key.split('/')[-1]} {row[key]:.4g}" for key in shown
+                                                            if key in row))
+        if self.config.track:
+            import wandb
+
+            logs = {key: wandb.Histogram(value) if isinstance(value, np.ndarray) else value
+                    for key, value in {**row, **stats}.items() if key != "step"}
+            logs["env/reward_dist"] = wandb.Histogram(rewards.numpy())
+            logs["game_log"] = wandb.Table(columns=[*columns_to_log, "reward"],
+                                           rows=[list(sample.values())[1:] for sample in samples])
+            wandb.log(logs, step=self.current_step)
+
+    def _save_pretrained(self, save_directory) -> None:
+        """The policy with its value head (seed layout) and the tokenizer."""
+        self.accelerator.unwrap_model(self.model).save_pretrained(save_directory)
+        self.tokenizer.save_pretrained(save_directory)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, scheduler, progress: dict) -> None:
+    """A resumable checkpoint: weights (or LoRA adapter) in save_pretrained form, optimizer, scheduler, progress
+    counters (step, tokens seen), and the RNG states of every process."""
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        torch.save({**progress, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   path / "training_state.pt")
+    accelerator.wait_for_everyone()
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(rng, path / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+
+
+def load_rng_state(path: Path, process_index: int) -> None:
+    rng = torch.load(path / f"rng_state_{process_index}.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+if __name__ == "__main__":
+
+    def fail(message: str):
+        sys.exit(f"{Path(__file__).name}: error: {message}")
+
+    try:
+        args = tyro.cli(PPOConfig)
+    except ValueError as error:  # sizes that do not divide (PPOConfig.__post_init__)
+        fail(str(error))
+
+    # 0. Validate what can be checked before anything is loaded.
+    for name in ["steps", "logging_steps", "output_min_length"]:
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.output_max_length <= args.output_min_length:
+        fail(f"--output_max_length must be above --output_min_length {args.output_min_length} (the range is "
+             f"[min, max)), got {args.output_max_length}")
+    if (args.input_min_text_length is None) != (args.input_max_text_length is None) or (
+            args.input_min_text_length is not None and not 0 < args.input_min_text_length < args.input_max_text_length):
+        fail(f"--input_min_text_length and --input_max_text_length go together, with 0 < min < max; got "
+             f"{args.input_min_text_length} and {args.input_max_text_length}")
+    if args.temperature <= 0:
+        fail(f"--temperature must be positive, got {args.temperature}")
+    if args.resume_from_checkpoint and not (Path(args.resume_from_checkpoint) / "training_state.pt").exists():
+        fail(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint directory of this script "
+             "(no training_state.pt in it)")
+    try:
+        parse_reward_spec(args.reward_model)
+    except ValueError as error:
+        fail(str(error))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # the accelerator is the trainer's; sizes are needed now
+    global_batch_size = args.batch_size * world_size
+    output_dir = Path(args.output_dir)
+
+    # 1. Data: load and validate the prompts before any model is loaded.
+    try:
+        raw = load_any_dataset(args.query_dataset, args.dataset_config)
+    except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
+        message = str(error) or type(error).__name__  # an empty JSON file raises a bare StopIteration
+        cause = error.__cause__  # datasets wraps the real reason, e.g. split files whose columns differ
+        if cause is not None and str(cause):
+            message += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
+        elif isinstance(error, StopIteration) or "corresponds to no data" in message or "generating the dataset" in \
+                message:  # how datasets says "empty"
+            message += " (is a data file empty? every split needs at least one row)"
+        fail(f"could not load dataset {args.query_dataset}: {message}")
+    try:
+        if args.dataset_train_split not in raw:
+            raise ValueError(f"dataset {args.query_dataset} has no split '{args.dataset_train_split}'; found splits "
+                             f"{list(raw)}")
+        if len(raw[args.dataset_train_split]) == 0:
+            raise ValueError(f"split '{args.dataset_train_split}' of dataset {args.query_dataset} is empty; expected "
+                             "at least one prompt")
+        query_column = find_query_column(raw[args.dataset_train_split].column_names, args.query_column)
+    except ValueError as error:
+        fail(str(error))
+    prompts = raw[args.dataset_train_split][query_column]
+
+    # 2. Tokenizer and tokenised queries. A tokenizer without a pad token gets EOS as pad (padding is masked by
+    #    position). With --input_min/max_text_length each query is cut to a random length, as the seed's example.
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name, revision=args.revision)
+    if tokenizer.eos_token_id is None:
+        fail(f"the tokenizer of {args.model_name} has no EOS token; expected one to end responses")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if isinstance(prompts[0], list) and tokenizer.chat_template is None:
+        fail(f"the prompts are conversations but the tokenizer of {args.model_name} has no chat template")
+    set_seed(args.seed)
+    cut_length = (LengthSampler(args.input_min_text_length, args.input_max_text_length)
+                  if args.input_min_text_length is not None else None)
+    queries, reward_prompts = [], []  # token ids, and what the reward function sees as the prompt
+    for prompt in prompts:
+        if not isinstance(prompt, (str, list)):
+            fail(f"prompts must be strings or message lists; column '{query_column}' holds {type(prompt).__name__}")
+        text, templated = format_query(prompt, tokenizer)
+        ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+        if cut_length is not None:
+            ids = ids[: cut_length()]
+        if ids:
+            queries.append(ids)
+            reward_prompts.append(tokenizer.decode(ids, skip_special_tokens=True) if cut_length else prompt)
+    if len(queries) < global_batch_size:
+        fail(f"the query dataset has {len(queries)} non-empty prompts but one PPO step needs {global_batch_size} "
+             f"(batch_size {args.batch_size} x {world_size} processes)")
+    stop_token_id = None
+    if args.stop_token is not None:
+        stop_ids = ([tokenizer.eos_token_id] if args.stop_token == "eos" else
+                    tokenizer(args.stop_token, add_special_tokens=False)["input_ids"])
+        if len(stop_ids) != 1:
+            fail(f"--stop_token must be 'eos' or one token; '{args.stop_token}' is {len(stop_ids)} tokens {stop_ids}")
+        stop_token_id = stop_ids[0]
+
+    # 3. Policy with a value head (seq2seq models get the seq2seq wrapper); LoRA; gradient checkpointing. When
+    #    resuming, the policy (and its value head) come from the checkpoint and the reference from model_name.
+    from transformers import AutoConfig
+
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    is_encoder_decoder = AutoConfig.from_pretrained(args.model_name, revision=args.revision).is_encoder_decoder
+    wrapper = AutoModelForSeq2SeqLMWithValueHead if is_encoder_decoder else AutoModelForCausalLMWithValueHead
+    peft_config = None
+    if args.use_peft and not args.resume_from_checkpoint:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                 target_modules=args.lora_target_modules or "all-linear",
+                                 task_type="SEQ_2_SEQ_LM" if is_encoder_decoder else "CAUSAL_LM")
+    load_path = args.resume_from_checkpoint or args.model_name
+    model = wrapper.from_pretrained(load_path, dtype=dtype, peft_config=peft_config, is_trainable=True,
+                                    **({"revision": args.revision} if load_path == args.model_name else {}))
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref_model = None
+    if args.resume_from_checkpoint and not args.use_peft:
+        ref_model = wrapper.from_pretrained(args.model_name, revision=args.revision, dtype=dtype)
+
+    # 4. Optimizer and schedule (the seed's Adam; the schedule is stepped once per PPO step), then the trainer.
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=args.steps, num_warmup_steps=0)
+    trainer = PPOTrainer(args, model, ref_model, tokenizer, optimizer=optimizer, lr_scheduler=scheduler)
+    accelerator = trainer.accelerator
+    torch.manual_seed(args.seed + accelerator.process_index)  # each process samples its own responses
+    params_in_memory = sum(p.numel() for m in (model, trainer.ref_model) if m is not None for p in m.parameters())
+    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    accelerator.print(f"model: {params_in_memory / 1e6:.2f}M parameters in memory (policy"
+                      f"{' + reference' if trainer.ref_model is not None else ''}), {num_trainable / 1e6:.2f}M "
+                      f"trainable; {len(queries)} prompts, {args.steps} steps of {global_batch_size} rollouts")
+
+    # 5. The reward: a sequence-classification model or a pipeline, on the same device.
+    try:
+        reward_fn = load_reward_function(args.reward_model, accelerator.device)
+    except (OSError, ValueError) as error:
+        fail(f"could not load reward model {args.reward_model}: {' '.join(str(error).split())[:500]}")
+
+    start_step = 0
+    if args.resume_from_checkpoint:
+        checkpoint = Path(args.resume_from_checkpoint)
+        state = torch.load(checkpoint / "training_state.pt", weights_only=False)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        trainer.kl_ctl.value, trainer._clipped = state["kl_coef"], state["clipped"]
+        trainer.running.load_state_dict(state["running"])
+        load_rng_state(checkpoint, accelerator.process_index)
+        start_step = trainer.current_step = state["step"]
+        accelerator.print(f"resumed from {checkpoint} at step {start_step}")
+
+    # 6. Logging: metrics.jsonl and samples.jsonl always (written by log_stats), wandb with --track.
+    metrics_file = output_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        for file in (metrics_file, output_dir / "samples.jsonl"):
+            if not args.resume_from_checkpoint:  # a fresh run starts a fresh log
+                file.unlink(missing_ok=True)
+            elif file.exists():  # a resumed one keeps what was logged up to its checkpoint, and appends
+                logged = [line for line in file.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+                file.write_text("".join(line + "\n" for line in logged))
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                       name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
+
+    # 7. Training loop: rollout -> score -> PPO step -> log, batch_size queries per process per step.
+    generation_kwargs = {"min_length": -1, "top_k": 0, "top_p": 1.0, "do_sample": True,
+                         "temperature": args.temperature, "pad_token_id": tokenizer.pad_token_id}
+    if stop_token_id is not None and stop_token_id != tokenizer.eos_token_id:
+        generation_kwargs["eos_token_id"] = [tokenizer.eos_token_id, stop_token_id]
+    output_length_sampler = LengthSampler(args.output_min_length, args.output_max_length)
+    ended_by = tokenizer.eos_token_id if stop_token_id is None else stop_token_id
+    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="ppo",
+                    disable=not accelerator.is_local_main_process)
+    for step in progress:
+        step_start = time.time()
+        indices = step_indices(step, len(queries), global_batch_size, args.seed)
+        mine = indices[accelerator.process_index :: accelerator.num_processes]
+        query_tensors = [torch.tensor(queries[i]) for i in mine]
+
+        # 7a. Rollout: all of this process's queries in one left-padded generate call with the KV cache; each
+        #     response cut after its first EOS.
+        response_tensors = trainer.generate(query_tensors, length_sampler=output_length_sampler,
+                                            batch_size=args.batch_size, return_prompt=False, **generation_kwargs)
+        if stop_token_id is not None:  # truncate after the first stop token (it is kept)
+            response_tensors = [r[: int((r == stop_token_id).nonzero()[0, 0]) + 1] if (r == stop_token_id).any()
+                                else r for r in response_tensors]
+        empty = [i for i, r in enumerate(response_tensors) if len(r) == 0]
+        for i in empty:  # a response must hold one token to be trained on: an immediate stop is the EOS itself
+            response_tensors[i] = torch.tensor([tokenizer.eos_token_id], device=accelerator.device)
+        rollout_seconds = time.time() - step_start
+
+        # 7b. Score prompt + response with the reward model; the optional penalty for responses that never ended.
+        score_start = time.time()
+        response_texts = tokenizer.batch_decode(response_tensors, skip_special_tokens=True)
+        scores = reward_fn([reward_prompts[i] for i in mine], response_texts)
+        if args.missing_eos_penalty is not None:
+            scores = [s - args.missing_eos_penalty * float(not (r == ended_by).any())
+                      for s, r in zip(scores, response_tensors)]
+        score_tensors = [torch.tensor(float(s)) for s in scores]
+        score_seconds = time.time() - score_start
+
+        # 7c. The PPO step. A non-finite loss stops the run before the optimizer sees it.
+        try:
+            stats = trainer.step(query_tensors, response_tensors, score_tensors)
+        except FloatingPointError as error:
+            checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+            fail(f"{error} at step {step + 1}; stopping ({kept})")
+
+        # 7d. Log (every logging_steps) and checkpoint.
+        done = step + 1
+        step_seconds = time.time() - step_start
+        stats.update({"time/rollout": rollout_seconds, "time/score": score_seconds,
+                      "episodes_per_second": global_batch_size / step_seconds, "peak_memory_mb": peak_memory_mb()})
+        if done % args.logging_steps == 0 or done == args.steps:
+            query_texts = tokenizer.batch_decode(query_tensors, skip_special_tokens=True)
+            trainer.log_stats(stats, {"query": query_texts, "response": response_texts}, score_tensors)
+            progress.set_postfix(reward=f"{stats['ppo/mean_scores']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+        if args.save_steps > 0 and done % args.save_steps == 0 and done < args.steps:
+            save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, trainer.model, tokenizer,
+                            trainer.optimizer, scheduler, {"step": done, "kl_coef": trainer.kl_ctl.value,
+                                                           "clipped": trainer._clipped,
+                                                           "running": trainer.running.state_dict()})
+
+    # 8. Save: the policy with its value head in the seed's layout (plain AutoModelForCausalLM loads it, ignoring
+    #    v_head.*), and the tokenizer; with LoRA, the merged model in output_dir and the adapter (+ value head) in
+    #    output_dir/adapter.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(trainer.model)
+        if args.use_peft:
+            final.save_pretrained(output_dir / "adapter")
+            merged = wrapper(final.pretrained_model.merge_and_unload())
+            merged.v_head = final.v_head
+            final = merged
+        final.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        if args.push_to_hub:
+            final.push_to_hub(output_dir.name)
+            tokenizer.push_to_hub(output_dir.name)
+        if args.track:
+            wandb.finish()
+    accelerator.wait_for_everyone()  # every process leaves together, once the main one has saved
+    accelerator.print(f"saved to {output_dir}")
+    accelerator.end_training()  # an orderly end of the process group: a peer torn down mid-exit can abort the other
