@@ -10,7 +10,7 @@ reproduces TRL's v0.8 API in one piece: `AutoModelForCausalLMWithValueHead` (and
 `create_reference_model`, `PPOConfig` and `PPOTrainer.generate / step / log_stats`, with the seed's numbers (see
 docs/ppo.md for every stage, every stat and the deviations).
 
-    # offline quickstart: the tiny world (assets/), CPU, a few minutes: the tiny policy learns to write positive reviews
+    # offline quickstart: the tiny world (assets/), CPU, about 30 s: the tiny policy learns to write positive reviews
     python ppo.py
     # the seed's sentiment example: GPT-2 on IMDB prompts, rewarded by a sentiment classifier
     python ppo.py --model_name lvwerra/gpt2-imdb --query_dataset stanfordnlp/imdb --query_column text \
@@ -19,7 +19,9 @@ docs/ppo.md for every stage, every stat and the deviations).
         --steps 194
     # several GPUs: each process rolls out and scores its own batch_size queries
     accelerate launch --multi_gpu --num_processes 8 ppo.py --model_name lvwerra/gpt2-imdb --query_dataset stanfordnlp/imdb \
-        --query_column text --input_min_text_length 2 --input_max_text_length 8 --bf16
+        --query_column text --input_min_text_length 2 --input_max_text_length 8 \
+        --reward_model sentiment-analysis:lvwerra/distilbert-imdb --learning_rate 1.41e-5 --batch_size 16 \
+        --mini_batch_size 16 --output_min_length 4 --output_max_length 16 --steps 194 --bf16
 
 From Python, as in the seed's quickstart: `from ppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer`.
 """
@@ -36,7 +38,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -193,8 +195,16 @@ class PPOConfig:
     """fix the seed's bugs that change numbers (docs/ppo.md lists them): gradient clipping only on the first
     optimizer step, padding that leaks whitened rewards into advantages"""
 
+    check_on_init: ClassVar[bool] = True  # __main__ turns it off to report a bad size as one line, not tyro's box
+
     def __post_init__(self):
-        """Sizes are checked for exact division, in the seed's terms."""
+        if self.log_with == "wandb":
+            self.track = True
+        if self.check_on_init:
+            self.check_sizes()
+
+    def check_sizes(self) -> None:
+        """Sizes are checked for exact division, in the seed's terms (ValueError)."""
         for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -202,8 +212,6 @@ class PPOConfig:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
                              f"({self.mini_batch_size}) x gradient_accumulation_steps "
                              f"({self.gradient_accumulation_steps}) = {self.backward_batch_size}")
-        if self.log_with == "wandb":
-            self.track = True
 
     @property
     def backward_batch_size(self) -> int:
@@ -448,6 +456,12 @@ def ppo_losses(old_logprobs, values, logprobs, vpreds, mask, advantages, returns
             "vf_loss": 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask),
             "pg_clipfrac": masked_mean(torch.gt(pg_losses2, pg_losses).float(), mask),
             "vf_clipfrac": masked_mean(torch.gt(vf_losses2, vf_losses1).float(), mask), "ratio": ratio}
+
+
+def disable_dropout_in_model(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 class AdaptiveKLController:
@@ -822,6 +836,11 @@ class PPOTrainer:
         self.is_distributed = self.accelerator.num_processes > 1
         self.is_encoder_decoder = getattr(model, "is_encoder_decoder", False)
         self.is_peft_model = model.is_peft_model
+        # Dropout off, as in the seed, whose every forward pass runs in eval mode (value head, LoRA and model
+        # dropout included). Here the probabilities are zeroed and the policy stays in train mode, which computes
+        # the same numbers and lets gradient checkpointing (active only in train mode) work.
+        disable_dropout_in_model(model)
+        model.train()
 
         # 2. Reference model: the one given, a frozen copy (layers optionally shared), or LoRA's adapters-off policy.
         if ref_model is not None:
@@ -871,6 +890,15 @@ class PPOTrainer:
         length_sampler() draws max_new_tokens for each batch."""
         generation_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         policy = self.accelerator.unwrap_model(self.model)
+        policy.eval()  # for generate only: under gradient checkpointing, train mode would switch the KV cache off
+        try:
+            return self._generate(policy, query_tensor, length_sampler, batch_size, return_prompt,
+                                  generate_ref_response, **generation_kwargs)
+        finally:
+            policy.train()
+
+    def _generate(self, policy, query_tensor, length_sampler, batch_size, return_prompt, generate_ref_response,
+                  **generation_kwargs):
         if generate_ref_response:
             reference = policy if self.is_peft_model else self.ref_model
             reference_ctx = self.optional_peft_ctx
@@ -920,12 +948,11 @@ class PPOTrainer:
                     input_ids[i, longest - len(query) :], attention_mask[i, longest - len(query) :] = query, 1
             generations = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)
             for query, generation in zip(batch, generations):
-                if self.is_encoder_decoder:  # the decoder's sequence: start token, response, padding
-                    response = generation
-                else:
-                    response = generation[longest:]
-                if remove_padding and (response == eos).any():  # cut after the first EOS (kept): padding goes
-                    response = response[: int((response == eos).nonzero()[0, 0]) + 1]
+                # the decoder's sequence starts with its start token (which may be the EOS id); skip it
+                response = generation if self.is_encoder_decoder else generation[longest:]
+                first = 1 if self.is_encoder_decoder else 0
+                if remove_padding and (response[first:] == eos).any():  # cut after the first EOS (kept)
+                    response = response[: first + int((response[first:] == eos).nonzero()[0, 0]) + 1]
                 outputs.append(torch.cat([query, response]) if return_prompt and not self.is_encoder_decoder
                                else response)
         return outputs
@@ -1326,9 +1353,11 @@ if __name__ == "__main__":
     def fail(message: str):
         sys.exit(f"{Path(__file__).name}: error: {message}")
 
+    PPOConfig.check_on_init = False
+    args = tyro.cli(PPOConfig)
     try:
-        args = tyro.cli(PPOConfig)
-    except ValueError as error:  # sizes that do not divide (PPOConfig.__post_init__)
+        args.check_sizes()
+    except ValueError as error:  # sizes that do not divide
         fail(str(error))
 
     # 0. Validate what can be checked before anything is loaded.
