@@ -376,7 +376,7 @@ def test_seq2seq_step_learns_a_toy_reward():
                       decoder_start_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
                       eos_token_id=tokenizer.eos_token_id, dropout_rate=0.0)
     model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(T5ForConditionalGeneration(config))
-    trainer = PPOTrainer(PPOConfig(batch_size=16, mini_batch_size=8, learning_rate=3e-3, init_kl_coef=0.01), model,
+    trainer = PPOTrainer(PPOConfig(batch_size=16, mini_batch_size=8, learning_rate=3e-2, init_kl_coef=0.01), model,
                          None, tokenizer)
     queries = [torch.randint(1, 600, (5,)) for _ in range(16)]
     means = []
@@ -387,7 +387,7 @@ def test_seq2seq_step_learns_a_toy_reward():
         stats = trainer.step(queries, responses, scores)
         means.append(stats["ppo/mean_scores"])
     assert responses[0][0].item() == tokenizer.eos_token_id  # the decoder's start token leads the response
-    assert max(means[-3:]) > means[0] + 0.5, means
+    assert min(means[-3:]) > means[0] + 1.5, means  # about 0.6 -> 4 of 6 tokens
 
 
 def test_the_seeds_quickstart_runs_with_only_its_import_changed(tmp_path, monkeypatch):
@@ -440,8 +440,8 @@ def test_ppo_learns_on_the_tiny_world(tmp_path):
     initial policy by the ground-truth scorer, which PPO never saw."""
     run_ok("ppo.py", "--output_dir", tmp_path)
     rewards = metric_series(tmp_path, "env/reward_mean")
-    assert len(rewards) == 60
-    assert sum(rewards[-10:]) / 10 > sum(rewards[:10]) / 10 + 5, rewards
+    assert len(rewards) == 20
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 5, rewards
     assert max(metric_series(tmp_path, "objective/kl")) < 40
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert {"step", "query", "response", "reward"} <= set(samples[0])
@@ -449,7 +449,7 @@ def test_ppo_learns_on_the_tiny_world(tmp_path):
                (ASSETS / "data" / "prompts" / "test.jsonl").read_text().splitlines()][:64]
     before = mean_sentiment_of_samples(TINY, prompts, n_tokens=24)
     after = mean_sentiment_of_samples(tmp_path, prompts, n_tokens=24)
-    assert after > before + 0.2, (before, after)
+    assert after > before + 0.15, (before, after)  # 0.09 -> 0.32 / 0.44 / 0.36 with seeds 0 / 1 / 2
 
 
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
