@@ -27,6 +27,7 @@ From Python, as in the seed's quickstart: `from ppo import AutoModelForCausalLMW
 """
 
 import copy
+import gc
 import json
 import math
 import os
@@ -1208,10 +1209,10 @@ class PPOTrainer:
         loss_p, loss_v, train_stats = self.loss(old_logprobs, values, logits, vpreds, logprobs, mask, advantages,
                                                 returns)
         loss = loss_p + loss_v
-        finite = torch.isfinite(loss.detach()).float()
-        if self.is_distributed:
-            finite = self.accelerator.reduce(finite, "min")
-        if finite.item() == 0:
+        nonfinite = (~torch.isfinite(loss.detach())).float()
+        if self.is_distributed:  # any process's non-finite loss stops all of them
+            nonfinite = self.accelerator.reduce(nonfinite, "max")
+        if nonfinite.item() > 0:
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(f"the PPO loss is {loss.item()} (policy {loss_p.item()}, value {loss_v.item()}); "
                                      "the optimizer was not stepped")
@@ -1593,4 +1594,6 @@ if __name__ == "__main__":
             wandb.finish()
     accelerator.wait_for_everyone()  # every process leaves together, once the main one has saved
     accelerator.print(f"saved to {output_dir}")
+    del trainer, model  # the DDP-wrapped policy goes before its process group does
+    gc.collect()
     accelerator.end_training()  # an orderly end of the process group: a peer torn down mid-exit can abort the other

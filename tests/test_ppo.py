@@ -510,7 +510,9 @@ if trainer.accelerator.is_main_process:
     trainer._save_pretrained(sys.argv[1])
     import json; open(sys.argv[1] + "/stats.json", "w").write(json.dumps({k: v for k, v in stats.items()
                                                                             if isinstance(v, float)}))
-trainer.accelerator.end_training()
+accelerator = trainer.accelerator
+del trainer, model  # the DDP-wrapped policy goes before its process group does (else an exit-time abort)
+accelerator.end_training()
 '''
 
 
@@ -557,3 +559,69 @@ def test_help(capsys):
     text = help_text(PPOConfig, capsys)
     for flag in ("--init-kl-coef", "--kl-penalty", "--mini-batch-size", "--reward-model", "--fix-seed-bugs"):
         assert flag in text or flag.replace("-", "_") in text, flag
+
+
+def test_reward_rule_model_and_pipeline():
+    """A sequence-classification model scores prompt + response as reward.py does (EOS appended, the score where
+    plain transformers reads it); a 'task:model' spec goes through a transformers pipeline (raw score, last label)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ppo import load_reward_function
+
+    prompts, responses = ["Review of Golden Harbor:", "Review of X:"], [" The plot was superb.", " Dull. Awful."]
+    by_model = load_reward_function(str(ASSETS / "tiny-reward"), "cpu")(prompts, responses)
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tiny-reward")
+    model = AutoModelForSequenceClassification.from_pretrained(ASSETS / "tiny-reward").eval()
+    for prompt, response, score in zip(prompts, responses, by_model):
+        ids = tokenizer(prompt + response)["input_ids"] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            assert model(torch.tensor([ids])).logits[0, 0].item() == pytest.approx(score, abs=1e-4)
+    assert by_model[0] > by_model[1]
+    by_pipeline = load_reward_function(f"sentiment-analysis:{ASSETS / 'tiny-reward'}", "cpu")(prompts, responses)
+    assert by_pipeline[0] > by_pipeline[1]
+
+
+def test_reward_adapter_shares_the_base_weights(tmp_path):
+    """The seed's reward adapter: a LoRA reward model trained on the policy's base, loaded next to the policy's
+    adapter; compute_reward_score switches to it for one forward and back."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    reward_base = AutoModelForSequenceClassification.from_pretrained(TINY, num_labels=1)
+    reward = get_peft_model(reward_base, LoraConfig(r=4, target_modules=["c_attn"], modules_to_save=["score"],
+                                                    task_type="SEQ_CLS"))
+    with torch.no_grad():
+        reward.base_model.model.score.modules_to_save["default"].weight.normal_()
+    reward.save_pretrained(tmp_path / "reward_adapter")
+    policy = AutoModelForCausalLMWithValueHead.from_pretrained(
+        TINY, peft_config=LoraConfig(r=4, target_modules=["c_attn"], task_type="CAUSAL_LM"),
+        reward_adapter=str(tmp_path / "reward_adapter"))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    scores = policy.compute_reward_score(ids)
+    assert scores.shape == (1, 5, 1)
+    expected = reward.eval()(input_ids=ids).logits[0, 0].item()  # a sequence classifier reads the last position
+    assert scores[0, -1, 0].item() == pytest.approx(expected, abs=1e-4)
+    assert policy.pretrained_model.active_adapter == "default"  # the policy's adapter is active again
+
+
+def test_stop_token_penalty_temperature_and_a_pipeline_reward_from_the_command_line(tmp_path):
+    result = run_ok("ppo.py", "--steps", 2, "--batch_size", 8, "--mini_batch_size", 8, "--stop_token", ".",
+                    "--missing_eos_penalty", 100, "--temperature", 0.7,
+                    "--reward_model", f"sentiment-analysis:{ASSETS / 'tiny-reward'}", "--output_dir", tmp_path)
+    assert "saved to" in result.stdout
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    for sample in samples:  # cut after the first '.', and a response without one lost 100
+        assert sample["response"].count(".") <= 1
+        assert (sample["reward"] < -50) == ("." not in sample["response"]), sample
+
+
+def test_two_process_command_line_run(tmp_path):
+    """`accelerate launch` with 2 processes (gloo on CPU): each process rolls out its own batch_size queries; the
+    logs hold both processes' samples."""
+    run_ok("ppo.py", "--steps", 2, "--batch_size", 4, "--mini_batch_size", 4, "--output_dir", tmp_path,
+           launcher=TWO_PROCESSES)
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1] * 8 + [2] * 8
+    assert len({s["query"] for s in samples if s["step"] == 1}) == 8  # eight different prompts, four per process
+    assert (tmp_path / "model.safetensors").exists()
