@@ -625,3 +625,15 @@ def test_two_process_command_line_run(tmp_path):
     assert [s["step"] for s in samples] == [1] * 8 + [2] * 8
     assert len({s["query"] for s in samples if s["step"] == 1}) == 8  # eight different prompts, four per process
     assert (tmp_path / "model.safetensors").exists()
+
+
+def test_a_non_finite_loss_never_reaches_the_optimizer():
+    trainer = tiny_trainer(learning_rate=1e-3)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad():
+        model.v_head.summary.bias.fill_(float("nan"))  # NaN values -> NaN advantages and value loss
+    before = {name: p.detach().clone() for name, p in model.pretrained_model.named_parameters()}
+    with pytest.raises(FloatingPointError, match="the optimizer was not stepped"):
+        trainer.step(*rollouts())
+    for name, p in model.pretrained_model.named_parameters():
+        assert torch.equal(p, before[name]), name
