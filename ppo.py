@@ -1273,9 +1273,10 @@ class PPOTrainer:
         """A console line, a metrics.jsonl row (the scalar stats plus env/reward_mean|std over all processes) and
         samples.jsonl rows (columns_to_log of batch, with the reward) in config.output_dir; with --track, wandb too
         (a game_log table and histograms)."""
-        rewards = torch.as_tensor(torch.stack(list(rewards)) if isinstance(rewards, list) and rewards and isinstance(
-            rewards[0], torch.Tensor) else rewards, dtype=torch.float32).to(self.current_device).flatten()
-        rewards = self.accelerator.gather(rewards).flatten().cpu()
+        if isinstance(rewards, list):  # a list of scalar tensors or numbers, as passed to step
+            rewards = [float(reward) for reward in rewards]
+        rewards = torch.as_tensor(rewards, dtype=torch.float32, device=self.current_device).flatten()
+        rewards = self.accelerator.gather(rewards).cpu()
         missing = [column for column in columns_to_log if column not in batch]
         if missing:
             raise ValueError(f"columns_to_log {list(columns_to_log)} are not all in the batch: missing {missing}, "

@@ -310,6 +310,11 @@ def test_generate_batched_left_padded_cut_after_eos():
         assert (r == eos).sum() <= 1 and (eos not in r[:-1].tolist())  # cut after the first EOS, kept
     single = trainer.generate(queries[0], return_prompt=False, do_sample=False, max_new_tokens=5)
     assert single.shape == (1, 5)
+    # the reference's responses too: greedy, and the policy is still the reference, so both agree
+    policy, reference = trainer.generate(queries, batch_size=2, return_prompt=False, generate_ref_response=True,
+                                         do_sample=False, max_new_tokens=6)
+    assert len(policy) == len(reference) == 3
+    assert all(torch.equal(p, r) for p, r in zip(policy, reference))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
