@@ -227,16 +227,18 @@ def test_batched_forward_pass_is_the_same_across_mini_batch_sizes_and_padding():
 def test_mini_batch_2_equals_mini_batch_1_with_accumulation_2():
     queries, responses, scores = rollouts(lengths=(4, 4, 4, 4), query_length=4)
     queries = [q[:4] for q in queries]  # equal lengths: the seed's per-mini-batch token means then weigh alike
-    weights = []
+    weights, stats = [], []
     for overrides in ({"mini_batch_size": 2}, {"mini_batch_size": 1, "gradient_accumulation_steps": 2}):
         trainer = tiny_trainer(sgd=True, learning_rate=0.01, **overrides)  # ratios stay below ratio_threshold
-        stats = trainer.step(queries, responses, scores)
+        stats.append(trainer.step(queries, responses, scores))
         weights.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
     initial = AutoModelForCausalLMWithValueHead.from_pretrained(TINY).state_dict()
     apart = sum((weights[0][k] - weights[1][k]).norm() ** 2 for k in initial) ** 0.5
     moved = sum((weights[0][k] - initial[k]).norm() ** 2 for k in initial) ** 0.5
     assert apart / moved < 1e-4, (apart, moved)
-    assert moved > 1e-2 and stats["ppo/policy/clipfrac"] >= 0
+    assert moved > 1e-2  # training really moved the weights, so the comparison above is not trivially true
+    # the losses are reported per mini-batch: a 2-row mean equals the mean of its two 1-row losses
+    assert stats[1]["ppo/loss/total"] == pytest.approx(stats[0]["ppo/loss/total"], rel=1e-3)
 
 
 def test_dropout_off_and_policy_in_train_mode():
