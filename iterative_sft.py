@@ -1,0 +1,955 @@
+"""Iterative SFT (expert iteration): sample from the policy, keep the best-scored samples, fine-tune on them, repeat.
+
+Expert iteration / rejection-sampling fine-tuning (Anthony et al. 2017, https://arxiv.org/abs/1705.08439; RAFT, Dong et
+al. 2023, https://arxiv.org/abs/2304.06767; Touvron et al. 2023's rejection sampling, https://arxiv.org/abs/2307.09288)
+improves a policy without a policy gradient: each iteration draws several responses per prompt, scores them with a
+reward model, keeps the top fraction of each prompt's samples, and takes supervised (next-token cross-entropy) steps
+on the kept responses only. This file reproduces TRL v0.8's `IterativeSFTTrainer` (its `step(input_ids, attention_mask,
+labels, texts, texts_labels)` API, outside transformers.Trainer) and runs the expert-iteration loop with it. It fixes
+four bugs of the seed's trainer (docs/iterative_sft.md):
+
+  1. labels given by the caller were ignored for decoder-only models (the collator rebuilt them from input_ids); here
+     they are honoured, -100 masks included;
+  2. `texts_labels` were tokenised from `texts`; here they are the decoder targets of an encoder-decoder model, and
+     for a decoder-only model the suffix of each text that carries the loss (completion-only loss);
+  3. `max_length` sliced the batch dimension (`v[:max_length]` of (B, T) tensors dropped whole examples); here each
+     sequence is truncated to max_length tokens (keep_end: its last tokens, keep_start: its first);
+  4. with pad == EOS (GPT-2) the collator masked every EOS out of the labels, so the model never learned to stop; here
+     padding is masked by position, never by token id.
+
+    # offline quickstart: the tiny world (assets/), CPU, about a minute: the tiny policy learns to write positive reviews
+    python iterative_sft.py
+    # a real model, IMDB prompts, rewarded by a sentiment classifier
+    python iterative_sft.py --model_name_or_path lvwerra/gpt2-imdb --dataset_name stanfordnlp/imdb --query_column text \
+        --reward_model sentiment-analysis:lvwerra/distilbert-imdb --learning_rate 1.41e-5 --num_iterations 10 \
+        --prompts_per_iteration 256 --samples_per_prompt 8 --keep_fraction 0.25 --max_length 512
+    # several GPUs: each process samples, scores and trains on its share of each iteration's prompts
+    accelerate launch --multi_gpu --num_processes 8 iterative_sft.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \
+        --dataset_name trl-lib/ultrafeedback-prompt --reward_model <a reward.py output> --bf16
+
+From Python: `from iterative_sft import IterativeSFTTrainer`; `trainer.step(input_ids=..., labels=...)` or
+`trainer.step(texts=..., texts_labels=...)` (docs/iterative_sft.md has the expert-iteration loop).
+"""
+
+import gc
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from accelerate import Accelerator
+from datasets import DatasetDict, load_dataset, load_from_disk
+from tqdm.auto import tqdm
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                          AutoTokenizer, PreTrainedTokenizerBase, set_seed)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (used in the wandb run name)"""
+    seed: int = 42
+    """seed of the experiment: data order, initialisation of new weights, sampling noise"""
+    output_dir: str = "runs/iterative_sft"
+    """where the final model, metrics.jsonl, samples.jsonl, args.json and checkpoints are written"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "post-training"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    push_to_hub: bool = False
+    """push the final model and tokenizer to the Hub under the name of output_dir"""
+    logging_steps: int = 1
+    """print and record metrics (and samples) every this many iterations (and after the last)"""
+
+    # --- model ---
+    model_name_or_path: str = str(ASSETS / "tiny-gpt2")
+    """a Hub id or a local directory (default: the tiny world's pretrained GPT-2)"""
+    revision: str | None = None
+    """the Hub revision (branch, tag or commit) of the model"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """dtype the weights are loaded in; keep float32 and use --bf16 for mixed precision unless memory forbids it"""
+    attn_implementation: str | None = None
+    """attention kernel, e.g. "sdpa", "eager" or "flash_attention_2" (default: transformers' choice)"""
+    bf16: bool = False
+    """bf16 mixed precision (autocast) through accelerate"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, about a third more compute"""
+    use_peft: bool = False
+    """train LoRA adapters instead of all weights"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)"""
+    lora_dropout: float = 0.05
+    """dropout on the LoRA branch"""
+    lora_target_modules: list[str] | None = None
+    """module names that get adapters (default: all linear layers)"""
+
+    # --- data ---
+    dataset_name: str = str(ASSETS / "data" / "prompts")
+    """prompts: a Hub id, a local .json/.jsonl/.csv/.parquet file, a save_to_disk directory or a directory of splits"""
+    dataset_config: str | None = None
+    """the dataset configuration (subset) name"""
+    dataset_train_split: str = "train"
+    """the split whose prompts are used"""
+    query_column: str | None = None
+    """the column holding the prompts (default: 'prompt', else 'query'); strings or message lists"""
+    reward_model: str = str(ASSETS / "tiny-reward")
+    """a sequence-classification model (path or Hub id; any reward.py output), or a 'task:model' transformers pipeline
+    such as 'sentiment-analysis:lvwerra/distilbert-imdb' (the score of the last label is the reward)"""
+    output_min_length: int = 8
+    """each prompt's responses get max_new_tokens drawn from [output_min_length, output_max_length); responses are
+    also at least output_min_length tokens long (EOS is blocked before), which keeps the policy from collapsing to
+    the very short answers a small reward model may overrate"""
+    output_max_length: int = 24
+    """see output_min_length"""
+    temperature: float = 1.0
+    """sampling temperature"""
+    max_length: int = 1024
+    """tokens per training sequence (prompt + response); longer ones are truncated as truncation_mode says"""
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    """keep_end: a too long sequence keeps its last max_length tokens (the response); keep_start: its first"""
+
+    # --- optimisation ---
+    learning_rate: float = 5e-4
+    """AdamW learning rate, constant (the default suits the tiny world; real models want about 1e-5)"""
+    per_device_train_batch_size: int = 16
+    """kept samples per process per micro-batch"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (0: no clipping)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    save_steps: int = 0
+    """write a resumable checkpoint every this many iterations (0: never)"""
+    resume_from_checkpoint: str | None = None
+    """a checkpoint-N directory written by this script to continue from"""
+
+    # --- expert iteration ---
+    num_iterations: int = 8
+    """rounds of sample -> score -> keep the best -> fine-tune"""
+    prompts_per_iteration: int = 32
+    """prompts drawn each iteration, over all processes (each process takes an equal share)"""
+    samples_per_prompt: int = 8
+    """responses sampled per prompt"""
+    keep_fraction: float = 0.25
+    """fraction of each prompt's samples trained on: the top ceil(keep_fraction * samples_per_prompt) by reward"""
+    sft_epochs: int = 2
+    """passes of trainer.step over the kept samples per iteration"""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: loading, prompts
+# ----------------------------------------------------------------------------------------------------------------------
+def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
+    """Load a Hub dataset, a local data file, a `save_to_disk` directory or a directory of split files."""
+    path = Path(name)
+    if path.is_file():
+        builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+        if path.suffix not in builders:
+            raise ValueError(f"unknown dataset file type '{path.suffix}' of {name}: expected one of {sorted(builders)}")
+        return load_dataset(builders[path.suffix], data_files=str(path))
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+        loaded = load_from_disk(str(path))
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
+    return load_dataset(name, config)  # a Hub id, or a directory of train/test files (splits inferred from names)
+
+
+def find_query_column(column_names: list[str], query_column: str | None = None) -> str:
+    """The column holding the prompts: --query_column, else 'prompt', else 'query'."""
+    candidates = [query_column] if query_column else ["prompt", "query"]
+    for column in candidates:
+        if column in column_names:
+            return column
+    expected = f"a '{query_column}' column" if query_column else "a 'prompt' or 'query' column"
+    raise ValueError(f"expected {expected} (strings or message lists); found columns {column_names}")
+
+
+def format_query(prompt, tokenizer) -> tuple[str, bool]:
+    """THE place to change how a prompt becomes text: a message list is rendered with the chat template and the
+    generation prompt (then the text holds its own special tokens: templated=True); a string is used as it is."""
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), True
+    return prompt, False
+
+
+class LengthSampler:
+    """The seed's LengthSampler: a uniformly random integer in [min_value, max_value), from numpy's global RNG."""
+
+    def __init__(self, min_value: int, max_value: int):
+        self.values = list(range(min_value, max_value))
+
+    def __call__(self) -> int:
+        return int(np.random.choice(self.values))
+
+
+def step_indices(step: int, num_rows: int, global_batch_size: int, seed: int) -> list[int]:
+    """Prompt indices of PPO step `step` over all processes: each epoch over the prompts is a permutation seeded by
+    (seed + epoch), consumed global_batch_size prompts at a time (the tail is dropped). The order depends on the step
+    alone, which makes resuming exact."""
+    steps_per_epoch = num_rows // global_batch_size
+    epoch, position = divmod(step, steps_per_epoch)
+    permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return permutation[position * global_batch_size : (position + 1) * global_batch_size]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The reward rule: a sequence-classification model scored as reward.py scores, or a transformers pipeline
+# ----------------------------------------------------------------------------------------------------------------------
+def parse_reward_spec(spec: str) -> tuple[str | None, str]:
+    """'task:model' for a transformers pipeline (task one of the pipeline tasks, e.g. sentiment-analysis), else
+    (None, spec): a sequence-classification model path or Hub id. Raises ValueError for a spec that cannot work."""
+    from transformers.pipelines import SUPPORTED_TASKS, TASK_ALIASES
+
+    task, sep, model = spec.partition(":")
+    if sep and not Path(spec).exists() and (task in SUPPORTED_TASKS or task in TASK_ALIASES):
+        if not model:
+            raise ValueError(f"reward pipeline spec '{spec}' names no model; expected 'task:model'")
+        return task, model
+    if sep and not Path(spec).exists():
+        raise ValueError(f"unknown reward spec '{spec}': '{task}' is not a transformers pipeline task (expected "
+                         f"'task:model' with a task such as sentiment-analysis, or a sequence-classification model)")
+    if Path(spec).exists() and not (Path(spec) / "config.json").exists():
+        raise ValueError(f"reward model '{spec}' is not a model directory (no config.json in it)")
+    if not Path(spec).exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        raise ValueError(f"reward model '{spec}' does not exist: expected a model directory, a Hub id or 'task:model'")
+    return None, spec
+
+
+def load_reward_function(spec: str, device, max_length: int = 1024) -> Callable[[list, list], list[float]]:
+    """A callable (prompts, responses) -> list of float scores, from a reward spec (see parse_reward_spec).
+
+    A sequence-classification model scores prompt + response the way reward.py trained it: message-list prompts
+    rendered with the chat template and the response as the assistant turn, string prompts concatenated; EOS
+    appended, the start kept when too long, right padding; the score read where plain transformers reads it. A
+    pipeline (the seed's sentiment example) scores prompt + response, and the reward is the raw score (logit) of the
+    pipeline's last label, e.g. POSITIVE for a binary sentiment classifier.
+    """
+    task, name = parse_reward_spec(spec)
+    if task is not None:
+        from transformers import pipeline
+
+        pipe = pipeline(task, model=name, device=device)
+
+        def score_with_pipeline(prompts: list, responses: list[str]) -> list[float]:
+            texts = [(format_query(p, pipe.tokenizer)[0] if isinstance(p, list) else p) + r
+                     for p, r in zip(prompts, responses)]
+            outputs = pipe(texts, top_k=None, function_to_apply="none", batch_size=16, truncation=True)
+            last = pipe.model.config.num_labels - 1
+            label = pipe.model.config.id2label[last]
+            return [next(o["score"] for o in output if o["label"] == label) for output in outputs]
+
+        return score_with_pipeline
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForSequenceClassification.from_pretrained(name).eval().requires_grad_(False).to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:  # transformers finds the last real token through config.pad_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    max_length = min(max_length, tokenizer.model_max_length)
+
+    @torch.no_grad()
+    def score_with_model(prompts: list, responses: list[str]) -> list[float]:
+        sequences = []
+        for prompt, response in zip(prompts, responses):
+            if isinstance(prompt, list):
+                text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}],
+                                                     tokenize=False)
+                ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            else:
+                ids = list(tokenizer(prompt + response)["input_ids"])
+            if not ids or ids[-1] != tokenizer.eos_token_id:
+                ids.append(tokenizer.eos_token_id)
+            sequences.append(ids[:max_length])
+        scores = []
+        for start in range(0, len(sequences), 64):
+            chunk = sequences[start : start + 64]
+            longest = max(len(ids) for ids in chunk)
+            input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (longest - len(ids)) for ids in chunk])
+            attention_mask = torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in chunk])
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            scores += logits[:, 0].float().tolist()
+        return scores
+
+    return score_with_model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_responses(model, queries: list[torch.Tensor], num_samples: int, max_new_tokens: list[int],
+                     pad_token_id: int, eos_token_ids: list[int], **generation_kwargs) -> list[list[torch.Tensor]]:
+    """num_samples responses to each query, all queries in ONE `generate` call with the KV cache.
+
+    queries: 1-D token-id tensors. Decoder-only models get them left-padded, so that every response starts in the same
+    column. Each row is repeated num_samples times, contiguously: what `num_return_sequences` does (which greedy
+    decoding refuses), and what the seed's `query.repeat` does, so the samples drawn are the same. The call generates
+    up to max(max_new_tokens) tokens; query i's responses are then cut to max_new_tokens[i] tokens and after their
+    first EOS (kept), so each query gets the length it asked for. Returns per query a list of num_samples 1-D response
+    tensors (on the CPU; padding stripped; at least one token each).
+    """
+    device = next(model.parameters()).device
+    is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    longest = max(len(query) for query in queries)
+    input_ids = torch.full((len(queries), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, query in enumerate(queries):  # encoder-decoder: right padding (the encoder reads the mask either way)
+        start = 0 if is_encoder_decoder else longest - len(query)
+        input_ids[i, start : start + len(query)], attention_mask[i, start : start + len(query)] = query.cpu(), 1
+    input_ids, attention_mask = (x.repeat_interleave(num_samples, dim=0) for x in (input_ids, attention_mask))
+    generations = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 max_new_tokens=max(max_new_tokens), pad_token_id=pad_token_id, **generation_kwargs)
+    generations = generations.cpu()
+    # (queries * num_samples, tokens): decoder-only outputs repeat the padded queries; an encoder-decoder's output is
+    # the decoder's sequence, which starts with its start token
+    responses = generations[:, 1:] if is_encoder_decoder else generations[:, longest:]
+    eos = torch.tensor(eos_token_ids)
+    samples = []
+    for i in range(len(queries)):
+        mine = []
+        for response in responses[i * num_samples : (i + 1) * num_samples]:
+            response = response[: max_new_tokens[i]]
+            ended = torch.isin(response, eos).nonzero()
+            mine.append(response[: int(ended[0, 0]) + 1] if len(ended) else response)
+        samples.append(mine)
+    return samples
+
+
+def keep_best(rewards: list[float], num_samples: int, keep: int) -> list[int]:
+    """Indices (into the flat list of rewards, num_samples consecutive ones per prompt) of each prompt's `keep`
+    highest-rewarded samples, in their original order; ties keep the earlier sample (RAFT's per-prompt ranking)."""
+    kept = []
+    for start in range(0, len(rewards), num_samples):
+        mine = range(start, start + num_samples)
+        kept += sorted(sorted(mine, key=lambda i: -rewards[i])[:keep])
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loss
+# ----------------------------------------------------------------------------------------------------------------------
+def selective_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each next-token label: (B, T, V) logits, (B, T) labels -> ((B, T-1) log-probs, (B, T-1) mask).
+
+    Position t predicts label t+1. Computed as logit[label] - logsumexp(logits) in float32, which never materialises
+    a (B, T, V) log-softmax. Masked positions (label -100) get log-prob 0 and mask False.
+    """
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != -100
+    safe_labels = labels.masked_fill(~mask, 0)
+    label_logits = torch.gather(logits, 2, safe_labels.unsqueeze(-1)).squeeze(-1).float()
+    log_probs = label_logits - torch.logsumexp(logits.float(), dim=-1)
+    return log_probs * mask, mask
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor) -> torch.Tensor:
+    """Summed next-token negative log-likelihood of a micro-batch, divided by num_items_in_batch: the number of target
+    tokens in the whole optimizer step (all micro-batches, all processes). Summing these over micro-batches gives
+    the exact per-token mean of the step, however it is split. (B, T, V), (B, T) -> scalar."""
+    log_probs, _ = selective_log_probs(logits, labels)
+    return -log_probs.sum() / num_items_in_batch
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------------------------------
+class IterativeSFTTrainer:
+    """The seed's IterativeSFTTrainer: `step(...)` takes supervised steps on whatever examples the caller brings (the
+    samples an outer loop chose), as lists of 1-D token-id tensors or of strings, and returns training stats.
+
+    An AdamW optimizer over the trainable parameters is made when `optimizers` holds none, and a constant schedule
+    when it holds no scheduler (the seed demanded max_steps then). Model and optimizer are prepared with the given
+    accelerator or a new one; the scheduler is stepped by step() once per optimizer step (accelerate's wrapper would
+    step it once per process). Causal LMs and encoder-decoder models (AutoModelForSeq2SeqLM: labels are the decoder's
+    targets, not shifted) are supported.
+    """
+
+    def __init__(self, model=None, tokenizer=None, optimizers=(None, None), learning_rate: float = 1e-5,
+                 per_device_train_batch_size: int = 8, gradient_accumulation_steps: int = 1,
+                 max_grad_norm: float | None = 1.0, weight_decay: float = 0.0, max_length: int | None = None,
+                 truncation_mode: str = "keep_end", seed: int = 0, accelerator: Accelerator | None = None,
+                 bf16: bool = False):
+        # 0. Check the arguments, with what was found.
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise ValueError(f"tokenizer must be a transformers tokenizer (PreTrainedTokenizerBase), got "
+                             f"{type(tokenizer).__name__}")
+        if not isinstance(model, torch.nn.Module) or not any(True for _ in model.parameters()):
+            raise ValueError(f"model must be a torch module with parameters (an AutoModelForCausalLM or "
+                             f"AutoModelForSeq2SeqLM), got {type(model).__name__}")
+        if truncation_mode not in ("keep_end", "keep_start"):
+            raise ValueError(f"truncation_mode must be 'keep_end' or 'keep_start', got {truncation_mode!r}")
+        for name, value in (("per_device_train_batch_size", per_device_train_batch_size),
+                            ("gradient_accumulation_steps", gradient_accumulation_steps),
+                            ("max_length", 1 if max_length is None else max_length)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if learning_rate < 0 or weight_decay < 0 or (max_grad_norm is not None and max_grad_norm < 0):
+            raise ValueError(f"learning_rate, weight_decay and max_grad_norm must not be negative, got {learning_rate}, "
+                             f"{weight_decay} and {max_grad_norm}")
+        if tokenizer.pad_token_id is None:  # EOS doubles as pad: safe, since padding is masked by position
+            if tokenizer.eos_token_id is None:
+                raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        self.is_encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        self.per_device_train_batch_size = per_device_train_batch_size
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.max_grad_norm, self.max_length, self.truncation_mode = max_grad_norm, max_length, truncation_mode
+        self.seed = seed
+        self.calls = 0  # step() calls so far: the shuffle of call k is seeded with seed + k
+        self.optimizer_steps = 0
+
+        # 1. Accelerator (several processes but no GPU: one gloo process group on CPU, as every script here does),
+        #    optimizer and schedule.
+        if accelerator is None:
+            multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+            accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision="bf16" if bf16 else None)
+        self.accelerator = accelerator
+        optimizer, scheduler = optimizers
+        if optimizer is None:
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
+                                          weight_decay=weight_decay)
+        self.lr_scheduler = scheduler or torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        self.model, self.optimizer = accelerator.prepare(model.to(accelerator.device), optimizer)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Inputs: checks, tokenisation, truncation, collation
+    # ------------------------------------------------------------------------------------------------------------------
+    def _check_inputs(self, input_ids, attention_mask, labels, texts, texts_labels) -> int:
+        """Clear ValueErrors for inputs step() cannot train on; returns the number of examples."""
+        if input_ids is None and texts is None:
+            raise ValueError("step needs input_ids (a list of 1-D token-id tensors) or texts (a list of strings)")
+        if input_ids is not None and texts is not None:  # the seed warned and silently trained on texts
+            raise ValueError("step takes input_ids or texts, not both")
+        if texts is None and texts_labels is not None:
+            raise ValueError("texts_labels go with texts; with input_ids, pass labels")
+        if texts is not None and (attention_mask is not None or labels is not None):
+            raise ValueError("attention_mask and labels go with input_ids; with texts, pass texts_labels")
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels} if texts is None else \
+            {"texts": texts, "texts_labels": texts_labels}
+        first = next(iter(given))
+        for name, items in given.items():
+            if items is None:
+                continue
+            kind = str if name.startswith("texts") else torch.Tensor
+            if not isinstance(items, (list, tuple)):
+                raise ValueError(f"{name} must be a list of {'strings' if kind is str else '1-D tensors'}, got "
+                                 f"{type(items).__name__}")
+            if len(items) == 0:
+                raise ValueError(f"{name} is empty; step needs at least one example")
+            if len(items) != len(given[first]):
+                raise ValueError(f"{name} has {len(items)} elements but {first} has {len(given[first])}")
+            if bad := [i for i, item in enumerate(items) if not isinstance(item, kind)]:
+                raise ValueError(f"the elements of {name} must be {'strings' if kind is str else '1-D tensors'}; "
+                                 f"element {bad[0]} is a {type(items[bad[0]]).__name__}")
+            if kind is torch.Tensor and (bad := [i for i, item in enumerate(items) if item.dim() != 1]):
+                raise ValueError(f"the elements of {name} must be 1-D tensors; element {bad[0]} has shape "
+                                 f"{tuple(items[bad[0]].shape)}")
+            if bad := [i for i, item in enumerate(items) if len(item) == 0]:
+                raise ValueError(f"the elements of {name} must not be empty; elements {bad[:10]} are")
+        if self.is_encoder_decoder and labels is None and texts_labels is None:
+            raise ValueError("an encoder-decoder model needs its decoder targets: pass labels or texts_labels")
+        if not self.is_encoder_decoder and texts is None:
+            for name, items in (("attention_mask", attention_mask), ("labels", labels)):
+                if items is not None and (bad := [i for i, (a, b) in enumerate(zip(items, input_ids))
+                                                  if len(a) != len(b)]):
+                    raise ValueError(f"{name}[i] must have the length of input_ids[i] (a decoder-only model's labels "
+                                     f"are aligned with its inputs); example {bad[0]} has {len(items[bad[0]])} and "
+                                     f"{len(input_ids[bad[0]])}")
+        return len(given[first])
+
+    def _tokenize(self, texts: list[str], texts_labels: list[str] | None) -> tuple[list, list]:
+        """texts (and texts_labels) -> (input_ids, labels) lists of 1-D tensors.
+
+        Encoder-decoder: texts are the encoder's inputs, texts_labels the decoder's targets. Decoder-only: without
+        texts_labels every token of a text is a target (the seed's default); with them, texts_labels[i] must end
+        texts[i] and only its tokens are targets: the prefix is tokenised with the tokenizer's special tokens, the
+        suffix without, and the two are concatenated (completion-only loss).
+        """
+        tokenize = self.tokenizer
+        if self.is_encoder_decoder:
+            return ([torch.tensor(tokenize(text)["input_ids"]) for text in texts],
+                    [torch.tensor(tokenize(target)["input_ids"]) for target in texts_labels])
+        input_ids, labels = [], []
+        for i, text in enumerate(texts):
+            if texts_labels is None:
+                ids = torch.tensor(tokenize(text)["input_ids"])
+                input_ids.append(ids)
+                labels.append(ids.clone())
+                continue
+            if not text.endswith(texts_labels[i]):
+                raise ValueError(f"for a decoder-only model texts_labels[i] must be the end of texts[i] (the part "
+                                 f"that carries the loss); example {i}: {texts_labels[i]!r} does not end {text!r}")
+            prefix = tokenize(text[: len(text) - len(texts_labels[i])])["input_ids"]
+            suffix = tokenize(texts_labels[i], add_special_tokens=False)["input_ids"]
+            input_ids.append(torch.tensor(prefix + suffix))
+            labels.append(torch.tensor([-100] * len(prefix) + suffix))
+        return input_ids, labels
+
+    def _truncate(self, sequence: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        """One 1-D sequence cut to max_length tokens: keep_end keeps its last tokens, keep_start its first (the seed
+        sliced the batch dimension instead)."""
+        if self.max_length is None or len(sequence) <= self.max_length:
+            return sequence
+        if (mode or self.truncation_mode) == "keep_end":
+            return sequence[-self.max_length :]
+        return sequence[: self.max_length]
+
+    def _examples(self, input_ids, attention_mask, labels, texts, texts_labels) -> list[dict]:
+        """Per example: input_ids, attention_mask, labels (1-D, on the CPU, truncated), with -100 wherever no loss
+        is taken. Decoder-only labels default to the input ids, and positions outside the attention mask never carry
+        loss. Encoder-decoder labels are decoder targets: truncation keeps their start (a target can only end
+        early), and the encoder's inputs follow truncation_mode."""
+        if texts is not None:
+            input_ids, labels = self._tokenize(texts, texts_labels)
+        examples = []
+        for i, ids in enumerate(input_ids):
+            ids = ids.detach().long().cpu()
+            mask = torch.ones_like(ids) if attention_mask is None else attention_mask[i].detach().long().cpu()
+            target = ids.clone() if labels is None else labels[i].detach().long().cpu()
+            if not self.is_encoder_decoder:
+                target = target.masked_fill(mask == 0, -100)  # by position, never by token id (pad may be EOS)
+                examples.append({"input_ids": self._truncate(ids), "attention_mask": self._truncate(mask),
+                                 "labels": self._truncate(target)})
+            else:
+                examples.append({"input_ids": self._truncate(ids), "attention_mask": self._truncate(mask),
+                                 "labels": self._truncate(target, "keep_start")})
+        return examples
+
+    def _num_targets(self, labels: torch.Tensor) -> int:
+        """Target tokens of (B, T) labels: a decoder-only label at position 0 is never predicted."""
+        return int((labels != -100).sum()) if self.is_encoder_decoder else int((labels[:, 1:] != -100).sum())
+
+    def _collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Right-pad a micro-batch: input_ids with the pad token, attention_mask with 0, labels with -100 (labels
+        separately to their own longest length for an encoder-decoder)."""
+        def pad(key: str, value: int) -> torch.Tensor:
+            longest = max(len(example[key]) for example in examples)
+            return torch.stack([F.pad(example[key], (0, longest - len(example[key])), value=value)
+                                for example in examples])
+
+        return {"input_ids": pad("input_ids", self.tokenizer.pad_token_id), "attention_mask": pad("attention_mask", 0),
+                "labels": pad("labels", -100)}
+
+    def _loss(self, batch: dict, num_items_in_batch: torch.Tensor) -> torch.Tensor:
+        """sft_loss of one micro-batch. A decoder-only model's logits at t predict label t+1 (sft_loss shifts); an
+        encoder-decoder's logits at t predict label t, so one ignored label in front and one logit row at the end
+        line them up for sft_loss."""
+        with self.accelerator.autocast():
+            if not self.is_encoder_decoder:
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    use_cache=False).logits
+                return sft_loss(logits, batch["labels"], num_items_in_batch)
+            # the model builds the decoder's inputs from the labels (shifted right, -100 -> pad), as in the seed
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                labels=batch["labels"], use_cache=False).logits
+        return sft_loss(F.pad(logits, (0, 0, 0, 1)), F.pad(batch["labels"], (1, 0), value=-100), num_items_in_batch)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # One call: shuffled micro-batches, an optimizer step every gradient_accumulation_steps of them
+    # ------------------------------------------------------------------------------------------------------------------
+    def step(self, input_ids: list[torch.Tensor] | None = None, attention_mask: list[torch.Tensor] | None = None,
+             labels: list[torch.Tensor] | None = None, texts: list[str] | None = None,
+             texts_labels: list[str] | None = None) -> dict:
+        """Train on the given examples: lists of 1-D tensors (input_ids; optional attention_mask; optional labels,
+        -100 where no loss is taken, default: the input ids) or lists of strings (texts; optional texts_labels).
+
+        The examples are shuffled (seeded by seed + the number of earlier calls), cut into micro-batches of
+        per_device_train_batch_size, and every gradient_accumulation_steps micro-batches (a last, smaller group
+        too) make one optimizer step on sum(token NLL) / (target tokens of that step over all processes). Every
+        process must bring the same number of examples. Returns loss (per-token mean over the call), num_tokens
+        (its target tokens), grad_norm (mean over its optimizer steps, before clipping), learning_rate,
+        optimizer_steps and samples, all over every process. Raises FloatingPointError, with the weights unchanged
+        by that optimizer step, when a loss or gradient is not finite.
+        """
+        count = self._check_inputs(input_ids, attention_mask, labels, texts, texts_labels)
+        examples = self._examples(input_ids, attention_mask, labels, texts, texts_labels)
+        accelerator, device = self.accelerator, self.accelerator.device
+        counts = accelerator.gather(torch.tensor([count], device=device))
+        if (counts != counts[0]).any():  # otherwise the processes would wait for each other's gradients forever
+            raise ValueError(f"every process must pass step the same number of examples, got {counts.tolist()}")
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed + self.calls)).tolist()
+        self.calls += 1
+        size = self.per_device_train_batch_size
+        micro_batches = [self._collate([examples[i] for i in order[start : start + size]])
+                         for start in range(0, count, size)]
+        self.model.train()
+        total_nll, total_targets, grad_norms = 0.0, 0, []
+        for first in range(0, len(micro_batches), self.gradient_accumulation_steps):
+            group = micro_batches[first : first + self.gradient_accumulation_steps]
+            # the step's target tokens over all micro-batches and processes: the loss's denominator
+            num_items = accelerator.reduce(torch.tensor(sum(self._num_targets(mb["labels"]) for mb in group),
+                                                        device=device), "sum")
+            step_loss = torch.zeros((), device=device)
+            for j, batch in enumerate(group):
+                batch = {key: value.to(device) for key, value in batch.items()}
+                with accelerator.no_sync(self.model) if j < len(group) - 1 else nullcontext():
+                    loss = self._loss(batch, num_items.clamp(min=1))
+                    # DDP averages gradients over processes; the loss is already a share of the global sum
+                    accelerator.backward(loss * accelerator.num_processes)
+                step_loss += loss.detach()
+            step_loss = accelerator.reduce(step_loss, "sum")
+            grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or float("inf"))
+            if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):  # the same values on every process
+                self.optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError(f"loss is {step_loss.item()} (gradient norm {grad_norm.item()}) at optimizer "
+                                         f"step {self.optimizer_steps + 1}; the optimizer was not stepped")
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer_steps += 1
+            total_nll += step_loss.item() * num_items.item()
+            total_targets += int(num_items.item())
+            grad_norms.append(float(grad_norm))
+        return {"loss": total_nll / max(total_targets, 1), "num_tokens": total_targets,
+                "grad_norm": sum(grad_norms) / len(grad_norms), "learning_rate": self.lr_scheduler.get_last_lr()[0],
+                "optimizer_steps": len(grad_norms), "samples": int(counts.sum())}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, scheduler, progress: dict) -> None:
+    """A resumable checkpoint: weights (or LoRA adapter) in save_pretrained form, optimizer, scheduler, progress
+    counters (step, tokens seen), and the RNG states of every process."""
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        torch.save({**progress, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   path / "training_state.pt")
+    accelerator.wait_for_everyone()
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(rng, path / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+
+
+def load_rng_state(path: Path, process_index: int) -> None:
+    rng = torch.load(path / f"rng_state_{process_index}.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+
+    def fail(message: str):
+        sys.exit(f"{Path(__file__).name}: error: {message}")
+
+    # 0. Validate what can be checked before anything is loaded.
+    for name in ["num_iterations", "prompts_per_iteration", "samples_per_prompt", "sft_epochs",
+                 "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps",
+                 "output_min_length"]:
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if not 0 < args.keep_fraction <= 1:
+        fail(f"--keep_fraction must be in (0, 1] (the fraction of each prompt's samples trained on), got "
+             f"{args.keep_fraction}")
+    if args.output_max_length <= args.output_min_length:
+        fail(f"--output_max_length must be above --output_min_length {args.output_min_length} (the range is "
+             f"[min, max)), got {args.output_max_length}")
+    if args.temperature <= 0:
+        fail(f"--temperature must be positive, got {args.temperature}")
+    if args.save_steps < 0 or args.max_grad_norm < 0 or args.learning_rate < 0 or args.weight_decay < 0:
+        fail(f"--save_steps, --max_grad_norm, --learning_rate and --weight_decay must not be negative, got "
+             f"{args.save_steps}, {args.max_grad_norm}, {args.learning_rate} and {args.weight_decay}")
+    if args.resume_from_checkpoint and not (Path(args.resume_from_checkpoint) / "training_state.pt").exists():
+        fail(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint directory of this script "
+             "(no training_state.pt in it)")
+    try:
+        parse_reward_spec(args.reward_model)
+    except ValueError as error:
+        fail(str(error))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # the accelerator comes later; sizes are needed now
+    if args.prompts_per_iteration % world_size:
+        fail(f"--prompts_per_iteration {args.prompts_per_iteration} must be a multiple of the {world_size} processes "
+             "(each process samples and trains on an equal share)")
+    prompts_per_process = args.prompts_per_iteration // world_size
+    keep = math.ceil(round(args.keep_fraction * args.samples_per_prompt, 9))  # kept samples per prompt
+    output_dir = Path(args.output_dir)
+
+    # 1. Data: load and validate the prompts before any model is loaded.
+    try:
+        raw = load_any_dataset(args.dataset_name, args.dataset_config)
+    except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
+        message = str(error) or type(error).__name__  # an empty JSON file raises a bare StopIteration
+        cause = error.__cause__  # datasets wraps the real reason, e.g. split files whose columns differ
+        if cause is not None and str(cause):
+            message += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
+        elif isinstance(error, StopIteration) or "corresponds to no data" in message or "generating the dataset" in \
+                message:  # how datasets says "empty"
+            message += " (is a data file empty? every split needs at least one row)"
+        fail(f"could not load dataset {args.dataset_name}: {message}")
+    try:
+        if args.dataset_train_split not in raw:
+            raise ValueError(f"dataset {args.dataset_name} has no split '{args.dataset_train_split}'; found splits "
+                             f"{list(raw)}")
+        if len(raw[args.dataset_train_split]) == 0:
+            raise ValueError(f"split '{args.dataset_train_split}' of dataset {args.dataset_name} is empty; expected "
+                             "at least one prompt")
+        query_column = find_query_column(raw[args.dataset_train_split].column_names, args.query_column)
+    except ValueError as error:
+        fail(str(error))
+    prompts = raw[args.dataset_train_split][query_column]
+
+    # 2. Tokenizer and tokenised queries. A tokenizer without a pad token gets EOS as pad (padding is masked by
+    #    position).
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.revision)
+    if tokenizer.eos_token_id is None:
+        fail(f"the tokenizer of {args.model_name_or_path} has no EOS token; expected one to end responses")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if isinstance(prompts[0], list) and tokenizer.chat_template is None:
+        fail(f"the prompts are conversations but the tokenizer of {args.model_name_or_path} has no chat template")
+    queries, reward_prompts = [], []  # token ids, and what the reward function sees as the prompt
+    for prompt in prompts:
+        if not isinstance(prompt, (str, list)):
+            fail(f"prompts must be strings or message lists; column '{query_column}' holds {type(prompt).__name__}")
+        text, templated = format_query(prompt, tokenizer)
+        ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+        if ids:
+            queries.append(ids)
+            reward_prompts.append(prompt)
+    if len(queries) < args.prompts_per_iteration:
+        fail(f"the dataset has {len(queries)} non-empty prompts but one iteration needs {args.prompts_per_iteration} "
+             "(--prompts_per_iteration)")
+
+    # 3. Seed, accelerator and model (a seq2seq model when the config says encoder-decoder); LoRA; gradient
+    #    checkpointing. When resuming, the weights (or the adapter) come from the checkpoint.
+    # Several processes but no GPU (e.g. `accelerate launch --multi_gpu` on a CPU machine): make them one gloo
+    # process group on CPU; otherwise accelerate would start independent copies that never exchange gradients.
+    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision="bf16" if args.bf16 else None)
+    set_seed(args.seed)
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    is_encoder_decoder = AutoConfig.from_pretrained(args.model_name_or_path, revision=args.revision).is_encoder_decoder
+    auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
+    load_path = args.model_name_or_path
+    if args.resume_from_checkpoint and not args.use_peft:
+        load_path = args.resume_from_checkpoint  # full weights live in the checkpoint
+    model = auto_class.from_pretrained(load_path, revision=None if load_path != args.model_name_or_path
+                                       else args.revision, dtype=dtype, attn_implementation=args.attn_implementation)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.use_peft:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if args.resume_from_checkpoint:
+            model = PeftModel.from_pretrained(model, args.resume_from_checkpoint, is_trainable=True)
+        else:
+            lora_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                     target_modules=args.lora_target_modules or "all-linear",
+                                     task_type="SEQ_2_SEQ_LM" if is_encoder_decoder else "CAUSAL_LM")
+            model = get_peft_model(model, lora_config)
+
+    # 4. The trainer (AdamW, constant learning rate), then each process's own sampling noise.
+    trainer = IterativeSFTTrainer(model, tokenizer, learning_rate=args.learning_rate,
+                                  per_device_train_batch_size=args.per_device_train_batch_size,
+                                  gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                  max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay,
+                                  max_length=args.max_length, truncation_mode=args.truncation_mode, seed=args.seed,
+                                  accelerator=accelerator)
+    torch.manual_seed(args.seed + accelerator.process_index)  # each process samples its own responses
+    num_params = sum(p.numel() for p in model.parameters())
+    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    accelerator.print(f"model: {num_params / 1e6:.2f}M parameters, {num_trainable / 1e6:.2f}M trainable; "
+                      f"{len(queries)} prompts, {args.num_iterations} iterations of {args.prompts_per_iteration} "
+                      f"prompts x {args.samples_per_prompt} samples, the best {keep} of each prompt's kept")
+
+    # 5. The reward: a sequence-classification model or a pipeline, on the same device.
+    try:
+        reward_fn = load_reward_function(args.reward_model, accelerator.device)
+    except (OSError, ValueError) as error:
+        fail(f"could not load reward model {args.reward_model}: {' '.join(str(error).split())[:500]}")
+
+    start_step = 0
+    if args.resume_from_checkpoint:
+        checkpoint = Path(args.resume_from_checkpoint)
+        state = torch.load(checkpoint / "training_state.pt", weights_only=False)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.lr_scheduler.load_state_dict(state["scheduler"])
+        load_rng_state(checkpoint, accelerator.process_index)
+        start_step, trainer.calls, trainer.optimizer_steps = state["step"], state["calls"], state["optimizer_steps"]
+        accelerator.print(f"resumed from {checkpoint} at iteration {start_step}")
+
+    # 6. Logging: metrics.jsonl and samples.jsonl always, wandb with --track. Row `step` k describes the samples of
+    #    the policy after k iterations (and the training of iteration k + 1 on them), so a checkpoint after k
+    #    iterations keeps the rows before k.
+    metrics_file = output_dir / "metrics.jsonl"
+    samples_file = output_dir / "samples.jsonl"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        for file in (metrics_file, samples_file):
+            if not args.resume_from_checkpoint:  # a fresh run starts a fresh log
+                file.unlink(missing_ok=True)
+            elif file.exists():  # a resumed one keeps what was logged before its checkpoint, and appends
+                logged = [line for line in file.read_text().splitlines() if json.loads(line)["step"] < start_step]
+                file.write_text("".join(line + "\n" for line in logged))
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                       name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
+
+    def log(metrics: dict) -> None:
+        """A compact console line, a metrics.jsonl row and (with --track) a wandb point, from the main process."""
+        if accelerator.is_main_process:
+            tqdm.write(" ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                                for key, value in metrics.items()))
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if args.track:
+                wandb.log(metrics, step=metrics["step"])
+
+    def gather(values: list) -> list:
+        """Every process's list, concatenated in process order (on every process)."""
+        if accelerator.num_processes == 1:
+            return list(values)
+        from accelerate.utils import gather_object
+
+        return gather_object(list(values))
+
+    # 7. Expert iteration. Iteration k samples from the policy after k iterations; the last round (k =
+    #    num_iterations) only samples and scores, so the reward curve has a point before training and after each
+    #    iteration.
+    generation_kwargs = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": args.temperature,
+                         "min_new_tokens": args.output_min_length}
+    length_sampler = LengthSampler(args.output_min_length, args.output_max_length)
+    policy = accelerator.unwrap_model(trainer.model)
+    progress = tqdm(range(start_step, args.num_iterations + 1), initial=start_step, total=args.num_iterations + 1,
+                    desc="iterative_sft", disable=not accelerator.is_local_main_process)
+    for iteration in progress:
+        iteration_start = time.time()
+        # 7a. This iteration's prompts: a seeded permutation per epoch over the prompts (exact on resume), each
+        #     process taking every world_size-th one.
+        indices = step_indices(iteration, len(queries), args.prompts_per_iteration, args.seed)
+        mine = indices[accelerator.process_index :: accelerator.num_processes]
+        query_tensors = [torch.tensor(queries[i]) for i in mine]
+
+        # 7b. Sample samples_per_prompt responses per prompt in one left-padded generate call with the KV cache; each
+        #     prompt's max_new_tokens is drawn by the LengthSampler, as ppo.py draws it; cut after the first EOS.
+        policy.eval()  # for generate only: under gradient checkpointing, train mode would switch the KV cache off
+        responses = sample_responses(policy, query_tensors, args.samples_per_prompt,
+                                     [length_sampler() for _ in query_tensors], tokenizer.pad_token_id,
+                                     [tokenizer.eos_token_id], **generation_kwargs)
+        policy.train()
+        responses = [response for per_query in responses for response in per_query]  # samples_per_prompt per query
+        sample_seconds = time.time() - iteration_start
+
+        # 7c. Score prompt + response with the reward rule.
+        score_start = time.time()
+        response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        rewards = [float(r) for r in reward_fn([reward_prompts[i] for i in mine for _ in range(args.samples_per_prompt)],
+                                               response_texts)]
+        score_seconds = time.time() - score_start
+
+        # 7d. Keep each prompt's best samples (RAFT: the top-k by reward among the prompt's own samples, so every
+        #     prompt contributes, whatever its reward scale).
+        kept = keep_best(rewards, args.samples_per_prompt, keep)
+
+        # 7e. Fine-tune on the kept samples: prompt + response tokens, the loss on the response alone (its EOS
+        #     included when it ended), sft_epochs calls of step.
+        stats, train_seconds = {}, 0.0
+        if iteration < args.num_iterations:
+            train_start = time.time()
+            if is_encoder_decoder:  # the prompt feeds the encoder, the response is the decoder's target
+                input_ids = [query_tensors[i // args.samples_per_prompt] for i in kept]
+                labels = [responses[i] for i in kept]
+            else:
+                input_ids = [torch.cat([query_tensors[i // args.samples_per_prompt], responses[i]]) for i in kept]
+                labels = [torch.cat([torch.full((len(query_tensors[i // args.samples_per_prompt]),), -100),
+                                     responses[i]]) for i in kept]
+            epochs = []
+            for _ in range(args.sft_epochs):
+                try:
+                    epochs.append(trainer.step(input_ids=input_ids, labels=labels))
+                except FloatingPointError as error:
+                    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+                    kept_at = (f"the last checkpoint is {checkpoints[-1]}" if checkpoints
+                               else "no checkpoint was written yet")
+                    fail(f"{error} in iteration {iteration + 1}; stopping ({kept_at})")
+            stats = {"loss": epochs[-1]["loss"], "loss/first_epoch": epochs[0]["loss"],
+                     "grad_norm": sum(e["grad_norm"] for e in epochs) / len(epochs),
+                     "learning_rate": epochs[-1]["learning_rate"], "num_tokens": sum(e["num_tokens"] for e in epochs),
+                     "optimizer_steps": trainer.optimizer_steps}
+            train_seconds = time.time() - train_start
+
+        # 7f. Log: the fresh samples' reward over all processes, the kept ones', response lengths, throughput;
+        #     samples.jsonl holds every sample of the round.
+        if iteration % args.logging_steps == 0 or iteration == args.num_iterations:
+            all_rewards = torch.tensor(gather(rewards))
+            kept_rewards = torch.tensor(gather([rewards[i] for i in kept]))
+            lengths = torch.tensor(gather([float(len(r)) for r in responses]))
+            seconds = time.time() - iteration_start
+            log({"step": iteration, "iteration": iteration, "reward/mean": all_rewards.mean().item(),
+                 "reward/std": all_rewards.std().item() if len(all_rewards) > 1 else 0.0,
+                 "reward/kept_mean": kept_rewards.mean().item(), "response_length/mean": lengths.mean().item(),
+                 **stats, "samples_per_second": len(all_rewards) / seconds, "time/sample": sample_seconds,
+                 "time/score": score_seconds, "time/train": train_seconds, "peak_memory_mb": peak_memory_mb()})
+            progress.set_postfix(reward=f"{all_rewards.mean().item():.3f}")
+            rows = gather([{"step": iteration, "prompt": reward_prompts[mine[i // args.samples_per_prompt]],
+                            "response": response_texts[i], "reward": rewards[i], "kept": i in kept}
+                           for i in range(len(responses))])
+            if accelerator.is_main_process:
+                with open(samples_file, "a") as f:
+                    f.writelines(json.dumps(row) + "\n" for row in rows)
+                if args.track:
+                    wandb.log({"samples": wandb.Table(columns=list(rows[0]), rows=[list(r.values()) for r in rows])},
+                              step=iteration)
+
+        # 7g. Checkpoint after every save_steps iterations (not after the last: the final model is saved below).
+        done = iteration + 1
+        if args.save_steps > 0 and done % args.save_steps == 0 and done < args.num_iterations:
+            save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, trainer.model, tokenizer,
+                            trainer.optimizer, trainer.lr_scheduler,
+                            {"step": done, "calls": trainer.calls, "optimizer_steps": trainer.optimizer_steps})
+
+    # 8. Save: plain save_pretrained weights that AutoModelForCausalLM (AutoModelForSeq2SeqLM) loads; with LoRA, the
+    #    merged model in output_dir and the adapter alone in output_dir/adapter.
+    model = trainer.model
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        if args.use_peft:
+            final.save_pretrained(output_dir / "adapter")
+            final = final.merge_and_unload()
+        final.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        if args.push_to_hub:
+            final.push_to_hub(output_dir.name)
+            tokenizer.push_to_hub(output_dir.name)
+        if args.track:
+            wandb.finish()
+    accelerator.wait_for_everyone()  # every process leaves together, once the main one has saved
+    accelerator.print(f"saved to {output_dir}")
+    del trainer, model, policy  # the DDP-wrapped policy goes before its process group does
+    gc.collect()
+    accelerator.end_training()  # an orderly end of the process group: a peer torn down mid-exit can abort the other
