@@ -16,7 +16,8 @@ saves the chosen completions as a dataset that sft.py trains on (rejection-sampl
         --sample_size 16 --output_min_length 4 --output_max_length 16
     # several GPUs: each process samples its share of the prompts
     accelerate launch --multi_gpu --num_processes 8 best_of_n.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \
-        --dataset_name trl-lib/ultrafeedback-prompt --dataset_split train --reward_model Skywork/Skywork-Reward-V2-Qwen3-0.6B \
+        --dataset_name trl-lib/ultrafeedback-prompt --dataset_split train \
+        --reward_model Skywork/Skywork-Reward-V2-Qwen3-0.6B \
         --sample_size 16 --output_max_length 256 --dtype bfloat16
 
 From Python, as in the seed: `from best_of_n import BestOfNSampler, LengthSampler`.
@@ -88,8 +89,8 @@ class Args:
 
     # --- best-of-n ---
     reward_model: str = str(ASSETS / "tiny-reward")
-    """the scorer: a sequence-classification model (path or Hub id, scored as reward.py scores), or 'task:model' for a
-    transformers pipeline whose last label's raw score is the reward (e.g. sentiment-analysis:lvwerra/distilbert-imdb)"""
+    """the scorer: a sequence-classification model (path or Hub id, scored as reward.py scores), or 'task:model' for
+    a transformers pipeline whose last label's raw score is the reward (sentiment-analysis:lvwerra/distilbert-imdb)"""
     sample_size: int = 8
     """the largest n: responses sampled per prompt; n = 1, 2, 4, ... up to sample_size are compared"""
     n_candidates: int = 1
@@ -241,10 +242,11 @@ def sample_responses(model, queries: list[torch.Tensor], num_samples: int, max_n
     """num_samples responses to each query, all queries in ONE `generate` call with the KV cache.
 
     queries: 1-D token-id tensors. Decoder-only models get them left-padded, so that every response starts in the same
-    column; `num_return_sequences` repeats each query num_samples times, contiguously, as `query.repeat` would. The
-    call generates up to max(max_new_tokens) tokens; query i's responses are then cut to max_new_tokens[i] tokens and
-    after their first EOS (kept), so each query gets the length it asked for. Returns per query a list of num_samples
-    1-D response tensors (on the CPU; padding stripped; at least one token each).
+    column. Each row is repeated num_samples times, contiguously: what `num_return_sequences` does (which greedy
+    decoding refuses), and what the seed's `query.repeat` does, so the samples drawn are the same. The call generates
+    up to max(max_new_tokens) tokens; query i's responses are then cut to max_new_tokens[i] tokens and after their
+    first EOS (kept), so each query gets the length it asked for. Returns per query a list of num_samples 1-D response
+    tensors (on the CPU; padding stripped; at least one token each).
     """
     device = next(model.parameters()).device
     is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
@@ -254,9 +256,10 @@ def sample_responses(model, queries: list[torch.Tensor], num_samples: int, max_n
     for i, query in enumerate(queries):  # encoder-decoder: right padding (the encoder reads the mask either way)
         start = 0 if is_encoder_decoder else longest - len(query)
         input_ids[i, start : start + len(query)], attention_mask[i, start : start + len(query)] = query.cpu(), 1
+    input_ids, attention_mask = (x.repeat_interleave(num_samples, dim=0) for x in (input_ids, attention_mask))
     generations = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 num_return_sequences=num_samples, max_new_tokens=max(max_new_tokens),
-                                 pad_token_id=pad_token_id, **generation_kwargs).cpu()
+                                 max_new_tokens=max(max_new_tokens), pad_token_id=pad_token_id, **generation_kwargs)
+    generations = generations.cpu()
     # (queries * num_samples, tokens): decoder-only outputs repeat the padded queries; an encoder-decoder's output is
     # the decoder's sequence, which starts with its start token
     responses = generations[:, 1:] if is_encoder_decoder else generations[:, longest:]
