@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import ASSETS, error_line, help_text, read_metrics, run_ok, run_script
+from conftest import ASSETS, TWO_PROCESSES, error_line, help_text, read_metrics, run_ok, run_script
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from best_of_n import Args, BestOfNSampler, LengthSampler, as_query_list, load_reward_function
@@ -212,6 +212,19 @@ def test_command_line_best_of_8_beats_best_of_1_and_its_completions_train_with_s
            "--per_device_train_batch_size", 8, "--eval_steps", 5)
     eval_losses = [row["eval_loss"] for row in read_metrics(tmp_path / "sft") if "eval_loss" in row]
     assert eval_losses[-1] < eval_losses[0], eval_losses
+
+
+def test_two_processes_share_the_prompts_and_gather_every_result(tmp_path):
+    out = tmp_path / "bon"
+    run_ok("best_of_n.py", "--output_dir", out, "--num_prompts", 10, "--sample_size", 4, launcher=TWO_PROCESSES)
+    prompts = [json.loads(line)["prompt"] for line in (ASSETS / "data" / "prompts" / "test.jsonl").read_text()
+               .splitlines()[:10]]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples if s["n"] == 4] == prompts  # each prompt once, in order
+    assert [row["n"] for row in json.loads((out / "results.json").read_text())["rows"]] == [1, 2, 4]
+    train = (out / "completions" / "train.jsonl").read_text().splitlines()
+    test = (out / "completions" / "test.jsonl").read_text().splitlines()
+    assert [json.loads(line)["prompt"] for line in train + test] == prompts
 
 
 def test_command_line_bad_input_gives_one_clear_line(tmp_path):
