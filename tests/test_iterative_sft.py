@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (ASSETS, REPO, error_line, help_text, mean_sentiment_of_samples, metric_series, read_metrics,
-                      run_ok, run_script)
+from conftest import (ASSETS, REPO, TWO_PROCESSES, error_line, help_text, mean_sentiment_of_samples, metric_series,
+                      read_metrics, run_ok, run_script)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -196,6 +196,43 @@ def test_batch_4_equals_batch_2_with_accumulation_2_and_batch_1_with_accumulatio
             assert other_stats[key] == pytest.approx(stats[key], rel=1e-5), key
         for name in reference:
             assert torch.allclose(other[name], reference[name], atol=1e-6), name
+
+
+TWO_PROCESS_STEP = """
+import json, sys
+import torch
+sys.path.insert(0, {repo!r})
+sys.path.insert(0, {tests!r})
+from safetensors.torch import save_file
+from test_iterative_sft import EXAMPLES, prompt_and_response, tiny_trainer, weights
+
+trainer = tiny_trainer(sgd=True, lr=0.5, per_device_train_batch_size=2, max_grad_norm=None)
+rank = trainer.accelerator.process_index
+pairs = [prompt_and_response(trainer.tokenizer, p, r) for p, r in EXAMPLES][rank::2]  # this process's share
+stats = trainer.step(input_ids=[ids for ids, _ in pairs], labels=[lab for _, lab in pairs])
+if trainer.accelerator.is_main_process:
+    save_file(weights(trainer), {out!r} + "/weights.safetensors")
+    open({out!r} + "/stats.json", "w").write(json.dumps(stats))
+trainer.accelerator.end_training()
+"""
+
+
+def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
+    """`accelerate launch` with 2 processes (gloo on CPU), each stepping on 2 of the 4 examples, makes the same update
+    as one process on all 4: the loss is normalised by the target tokens of both processes."""
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESS_STEP.format(repo=str(REPO), tests=str(REPO / "tests"), out=str(tmp_path)))
+    run_ok(script, launcher=TWO_PROCESSES)
+    trainer = tiny_trainer(sgd=True, lr=0.5, per_device_train_batch_size=4, max_grad_norm=None)
+    pairs = [prompt_and_response(trainer.tokenizer, p, r) for p, r in EXAMPLES]
+    stats = trainer.step(input_ids=[ids for ids, _ in pairs], labels=[lab for _, lab in pairs])
+    two = json.loads((tmp_path / "stats.json").read_text())
+    assert two["samples"] == 4 and two["num_tokens"] == stats["num_tokens"]
+    for key in ("loss", "grad_norm"):
+        assert two[key] == pytest.approx(stats[key], rel=1e-5), key
+    two_weights, one_weights = load_file(tmp_path / "weights.safetensors"), weights(trainer)
+    for name in one_weights:
+        assert torch.allclose(two_weights[name], one_weights[name], atol=1e-6), name
 
 
 def test_partial_last_group_steps_and_the_shuffle_repeats():
