@@ -17,7 +17,7 @@ four bugs of the seed's trainer (docs/iterative_sft.md):
   4. with pad == EOS (GPT-2) the collator masked every EOS out of the labels, so the model never learned to stop; here
      padding is masked by position, never by token id.
 
-    # offline quickstart: the tiny world (assets/), CPU, about a minute: the tiny policy learns to write positive reviews
+    # offline quickstart: the tiny world (assets/), CPU, about 16 s: the tiny policy learns to write positive reviews
     python iterative_sft.py
     # a real model, IMDB prompts, rewarded by a sentiment classifier
     python iterative_sft.py --model_name_or_path lvwerra/gpt2-imdb --dataset_name stanfordnlp/imdb --query_column text \
@@ -402,8 +402,8 @@ class IterativeSFTTrainer:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if learning_rate < 0 or weight_decay < 0 or (max_grad_norm is not None and max_grad_norm < 0):
-            raise ValueError(f"learning_rate, weight_decay and max_grad_norm must not be negative, got {learning_rate}, "
-                             f"{weight_decay} and {max_grad_norm}")
+            raise ValueError(f"learning_rate, weight_decay and max_grad_norm must not be negative, got "
+                             f"{learning_rate}, {weight_decay} and {max_grad_norm}")
         if tokenizer.pad_token_id is None:  # EOS doubles as pad: safe, since padding is masked by position
             if tokenizer.eos_token_id is None:
                 raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
@@ -867,8 +867,8 @@ if __name__ == "__main__":
         # 7c. Score prompt + response with the reward rule.
         score_start = time.time()
         response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        rewards = [float(r) for r in reward_fn([reward_prompts[i] for i in mine for _ in range(args.samples_per_prompt)],
-                                               response_texts)]
+        prompts_of_samples = [reward_prompts[i] for i in mine for _ in range(args.samples_per_prompt)]
+        rewards = [float(r) for r in reward_fn(prompts_of_samples, response_texts)]
         score_seconds = time.time() - score_start
 
         # 7d. Keep each prompt's best samples (RAFT: the top-k by reward among the prompt's own samples, so every
