@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import ASSETS, TWO_PROCESSES, error_line, help_text, read_metrics, run_ok, run_script
+from conftest import (ASSETS, TWO_PROCESSES, error_line, help_text, read_metrics, run_main_in_process, run_ok,
+                      run_script)
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from best_of_n import Args, BestOfNSampler, LengthSampler, as_query_list, load_reward_function
@@ -227,7 +228,7 @@ def test_two_processes_share_the_prompts_and_gather_every_result(tmp_path):
     assert [json.loads(line)["prompt"] for line in train + test] == prompts
 
 
-def test_command_line_bad_input_gives_one_clear_line(tmp_path):
+def test_command_line_bad_input_gives_one_clear_line(tmp_path, monkeypatch):
     (tmp_path / "no_prompt.jsonl").write_text('{"text": "hello"}\n')
     (tmp_path / "empty_prompt.jsonl").write_text('{"prompt": "Review of X:"}\n{"prompt": "  "}\n')
     cases = [
@@ -239,8 +240,13 @@ def test_command_line_bad_input_gives_one_clear_line(tmp_path):
         (["--reward_model", tmp_path / "missing"], "does not exist"),
     ]
     for args, message in cases:
-        line = error_line(run_script("best_of_n.py", *args, "--output_dir", tmp_path / "out"))
-        assert line.startswith("best_of_n.py: error:") and message in line, line
+        line = run_main_in_process(monkeypatch, "best_of_n.py", *args, "--output_dir", tmp_path / "out")
+        assert line.startswith("best_of_n.py: error:") and message in line and "\n" not in line, line
+    assert not (tmp_path / "out").exists()  # nothing was written
+    # and as a user sees it: a non-zero exit whose last line is the message
+    line = error_line(run_script("best_of_n.py", "--sample_size", 2, "--n_candidates", 3))
+    assert line == "best_of_n.py: error: --n_candidates 3 cannot exceed --sample_size 2 (the best 3 of 2 samples do " \
+                   "not exist)"
 
 
 def test_help(capsys):

@@ -2,15 +2,13 @@
 seed's behaviour), accumulation, bad input, and the expert-iteration script learning on the tiny world."""
 
 import json
-import runpy
 import shutil
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (ASSETS, REPO, TWO_PROCESSES, error_line, help_text, mean_sentiment_of_samples, metric_series,
-                      read_metrics, run_ok, run_script)
+                      read_metrics, run_main_in_process, run_ok, run_script)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -355,14 +353,6 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
                 assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), (expected["step"], key)
 
 
-def run_main_in_process(monkeypatch, *args) -> str:
-    """The script's __main__ in this process (imports are already paid for); returns the message it exits with."""
-    monkeypatch.setattr(sys, "argv", ["iterative_sft.py", *[str(arg) for arg in args]])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(REPO / "iterative_sft.py"), run_name="__main__")
-    return str(exit_info.value.code)
-
-
 def test_bad_command_lines_fail_with_one_clear_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
     (tmp_path / "no_prompt.jsonl").write_text('{"text": "hello"}\n')
     (tmp_path / "empty_prompts.jsonl").write_text('{"prompt": ""}\n' * 40)
@@ -380,7 +370,7 @@ def test_bad_command_lines_fail_with_one_clear_line_before_the_model_loads(tmp_p
         (["--output_min_length", 8, "--output_max_length", 8], "--output_max_length must be above"),
     ]
     for args, message in cases:
-        line = run_main_in_process(monkeypatch, *args, "--output_dir", tmp_path / "out")
+        line = run_main_in_process(monkeypatch, "iterative_sft.py", *args, "--output_dir", tmp_path / "out")
         assert line.startswith("iterative_sft.py: error:") and message in line and "\n" not in line, line
     assert "parameters," not in capsys.readouterr().out  # no model was loaded
     assert not (tmp_path / "out").exists()
