@@ -484,8 +484,9 @@ if __name__ == "__main__":
     queries, reward_prompts = [], []  # token ids, and what the reward function sees as the prompt
     for prompt in prompts:
         text, templated = format_query(prompt, tokenizer)
-        ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])[: args.max_prompt_length]
-        cut = args.max_prompt_length is not None and len(ids) == args.max_prompt_length
+        ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+        cut = args.max_prompt_length is not None and len(ids) > args.max_prompt_length
+        ids = ids[: args.max_prompt_length]
         queries.append(torch.tensor(ids))
         reward_prompts.append(tokenizer.decode(ids, skip_special_tokens=True) if cut else prompt)
     decoded_prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)  # how each sample's text begins
