@@ -51,6 +51,15 @@ def run_main_in_process(monkeypatch, script: str, *args) -> str:
     return str(exit_info.value.code)
 
 
+def assert_each_fails_with_one_line(monkeypatch, script: str, cases: list, output_dir: Path) -> None:
+    """Each (args, message) case: the script's __main__ (in process) exits with one line that starts with
+    '<script>: error:' and contains the message, and writes nothing to output_dir."""
+    for args, message in cases:
+        line = run_main_in_process(monkeypatch, script, *args, "--output_dir", output_dir)
+        assert line.startswith(f"{script}: error:") and message in line and "\n" not in line, line
+    assert not Path(output_dir).exists()  # nothing was written
+
+
 def error_line(result: subprocess.CompletedProcess) -> str:
     """The one line a failed run ends with (asserting that it did fail)."""
     assert result.returncode != 0, f"expected a failure, got exit 0:\n{result.stdout[-2000:]}"
@@ -133,6 +142,13 @@ def help_text(args_class, capsys) -> str:
     with pytest.raises(SystemExit):
         tyro.cli(args_class, args=["--help"])
     return capsys.readouterr().out
+
+
+def assert_help_lists(args_class, capsys, flags: list[str]) -> None:
+    """--help names every flag (tyro may print it with dashes or with underscores)."""
+    text = help_text(args_class, capsys)
+    for flag in flags:
+        assert flag in text or flag.replace("-", "_") in text, flag
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

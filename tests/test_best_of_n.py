@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import (ASSETS, TWO_PROCESSES, error_line, help_text, read_metrics, run_main_in_process, run_ok,
-                      run_script)
+from conftest import (ASSETS, TWO_PROCESSES, assert_each_fails_with_one_line, assert_help_lists, error_line,
+                      read_metrics, run_ok, run_script)
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from best_of_n import Args, BestOfNSampler, LengthSampler, as_query_list, load_reward_function
@@ -239,10 +239,7 @@ def test_command_line_bad_input_gives_one_clear_line(tmp_path, monkeypatch):
          "prompt 1 of split 'train' is empty"),
         (["--reward_model", tmp_path / "missing"], "does not exist"),
     ]
-    for args, message in cases:
-        line = run_main_in_process(monkeypatch, "best_of_n.py", *args, "--output_dir", tmp_path / "out")
-        assert line.startswith("best_of_n.py: error:") and message in line and "\n" not in line, line
-    assert not (tmp_path / "out").exists()  # nothing was written
+    assert_each_fails_with_one_line(monkeypatch, "best_of_n.py", cases, tmp_path / "out")
     # and as a user sees it: a non-zero exit whose last line is the message
     line = error_line(run_script("best_of_n.py", "--sample_size", 2, "--n_candidates", 3))
     assert line == "best_of_n.py: error: --n_candidates 3 cannot exceed --sample_size 2 (the best 3 of 2 samples do " \
@@ -250,7 +247,5 @@ def test_command_line_bad_input_gives_one_clear_line(tmp_path, monkeypatch):
 
 
 def test_help(capsys):
-    text = help_text(Args, capsys)
-    for flag in ("--sample-size", "--n-candidates", "--output-min-length", "--output-max-length", "--reward-model",
-                 "--dataset-name", "--model-name-or-path", "--output-dir"):
-        assert flag in text or flag.replace("-", "_") in text, flag
+    assert_help_lists(Args, capsys, ["--sample-size", "--n-candidates", "--output-min-length", "--output-max-length",
+                                     "--reward-model", "--dataset-name", "--model-name-or-path", "--output-dir"])

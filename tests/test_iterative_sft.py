@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (ASSETS, REPO, TWO_PROCESSES, error_line, help_text, mean_sentiment_of_samples, metric_series,
-                      read_metrics, run_main_in_process, run_ok, run_script)
+from conftest import (ASSETS, REPO, TWO_PROCESSES, assert_each_fails_with_one_line, assert_help_lists, error_line,
+                      mean_sentiment_of_samples, metric_series, read_metrics, run_ok, run_script)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -369,11 +369,8 @@ def test_bad_command_lines_fail_with_one_clear_line_before_the_model_loads(tmp_p
         (["--reward_model", "no-such-task:some/model"], "'no-such-task' is not a transformers pipeline task"),
         (["--output_min_length", 8, "--output_max_length", 8], "--output_max_length must be above"),
     ]
-    for args, message in cases:
-        line = run_main_in_process(monkeypatch, "iterative_sft.py", *args, "--output_dir", tmp_path / "out")
-        assert line.startswith("iterative_sft.py: error:") and message in line and "\n" not in line, line
+    assert_each_fails_with_one_line(monkeypatch, "iterative_sft.py", cases, tmp_path / "out")
     assert "parameters," not in capsys.readouterr().out  # no model was loaded
-    assert not (tmp_path / "out").exists()
     # and as a user sees it: a non-zero exit whose last line is the message
     line = error_line(run_script("iterative_sft.py", "--keep_fraction", 1.5, "--output_dir", tmp_path / "out"))
     assert line == "iterative_sft.py: error: --keep_fraction must be in (0, 1] (the fraction of each prompt's " \
@@ -381,7 +378,6 @@ def test_bad_command_lines_fail_with_one_clear_line_before_the_model_loads(tmp_p
 
 
 def test_help(capsys):
-    text = help_text(Args, capsys)
-    for flag in ("--keep-fraction", "--samples-per-prompt", "--num-iterations", "--sft-epochs", "--reward-model",
-                 "--truncation-mode", "--output-min-length", "--resume-from-checkpoint"):
-        assert flag in text or flag.replace("-", "_") in text, flag
+    assert_help_lists(Args, capsys, ["--keep-fraction", "--samples-per-prompt", "--num-iterations", "--sft-epochs",
+                                     "--reward-model", "--truncation-mode", "--output-min-length",
+                                     "--resume-from-checkpoint"])

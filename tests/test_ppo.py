@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import (ASSETS, REPO, TWO_PROCESSES, error_line, mean_sentiment_of_samples, metric_series, read_metrics,
-                      run_ok, run_script)
+from conftest import (ASSETS, REPO, TWO_PROCESSES, assert_help_lists, error_line, mean_sentiment_of_samples,
+                      metric_series, read_metrics, run_ok, run_script)
 
 from ppo import (AdaptiveKLController, AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead,
                  PPOConfig, PPOTrainer, compute_gae, create_reference_model, kl_penalty, masked_whiten, ppo_losses)
@@ -561,11 +561,8 @@ def test_bad_input_gives_one_clear_line(tmp_path):
 
 
 def test_help(capsys):
-    from conftest import help_text
-
-    text = help_text(PPOConfig, capsys)
-    for flag in ("--init-kl-coef", "--kl-penalty", "--mini-batch-size", "--reward-model", "--fix-seed-bugs"):
-        assert flag in text or flag.replace("-", "_") in text, flag
+    assert_help_lists(PPOConfig, capsys, ["--init-kl-coef", "--kl-penalty", "--mini-batch-size", "--reward-model",
+                                          "--fix-seed-bugs"])
 
 
 def test_reward_rule_model_and_pipeline():
