@@ -5,6 +5,7 @@ everything runs with no network and no GPU. This file is the single committed re
 
     python assets/tiny_world.py            # rebuild everything (data, tokenizer, tiny models) -- about 3 minutes on CPU
     python assets/tiny_world.py --stage data   # only the datasets and the tokenizer (seconds; deterministic)
+    python assets/tiny_world.py --stage diffusion   # only the tiny Stable Diffusion pipeline (seconds; deterministic)
 
 What it builds (all deterministic given the seed):
   * a corpus of short templated movie reviews whose sentiment is controlled (positive and negative vocabularies,
@@ -13,7 +14,12 @@ What it builds (all deterministic given the seed):
   * `assets/data/*/{train,test}.jsonl`: datasets in every format of CONVENTIONS section 3;
   * `assets/tiny-gpt2/`: a ~1M-parameter GPT-2 pretrained on the corpus *with sft.py itself*;
   * `assets/tiny-reward/`: that GPT-2 with a score head, trained on the preference pairs *with reward.py* -- the
-    default reward of ppo.py, best_of_n.py and iterative_sft.py.
+    default reward of ppo.py, best_of_n.py and iterative_sft.py;
+  * `assets/tiny-sd/`: a randomly initialised, Stable-Diffusion-v1-shaped `StableDiffusionPipeline` (CLIP tokenizer
+    over the animal prompts, 2-layer CLIP text encoder, 0.8M-parameter UNet, 0.2M-parameter VAE, DDIM scheduler
+    with SD v1's betas) that makes 32x32 images in a fraction of a second on CPU -- the default model of ddpo.py.
+    Its images are not pictures of anything, but they vary with the prompt and the noise, so brightness and
+    compressibility rewards can be optimised.
 
 Scripts never import this file (each script stands alone); the builder and the tests do.
 """
@@ -257,9 +263,114 @@ def build_reward_model(out_dir: Path) -> None:
     train_and_copy("reward.py", ["--num_train_epochs", "5", "--save_steps", "0"], out_dir)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The tiny Stable Diffusion pipeline (random init; ddpo.py's default model)
+# ----------------------------------------------------------------------------------------------------------------------
+# ddpo.py's prompts: the animals of the reference's prompt function (and "" for the negative prompt).
+ANIMALS = ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
+           "frog", "chicken", "duck", "goose", "bee", "pig", "turkey", "fly", "llama", "camel", "bat", "gorilla",
+           "hedgehog", "kangaroo"]
+SD_MAX_LENGTH = 16  # the tokenizer's model_max_length and the text encoder's positions (SD v1: 77)
+# Stable Diffusion v1's noise schedule.
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's / CLIP's reversible map from bytes to printable unicode characters."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    characters = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            characters.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, characters)))
+
+
+def clip_vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-format byte-level BPE vocabulary: the 256 byte characters, the same with the end-of-word suffix "</w>",
+    one token per merge, then <|startoftext|> and <|endoftext|> (CLIP's layout). The merges are learned on `words`
+    (each counted once; the most frequent pair first, ties broken alphabetically) until every word is one token."""
+    alphabet = list(bytes_to_unicode().values())
+    vocab_list = alphabet + [c + "</w>" for c in alphabet]
+    byte_encoder = bytes_to_unicode()
+    pieces = [[byte_encoder[b] for b in w.encode()] for w in words]
+    pieces = [p[:-1] + [p[-1] + "</w>"] for p in pieces]
+    merges = []
+    while any(len(p) > 1 for p in pieces):
+        counts = {}
+        for p in pieces:
+            for pair in zip(p, p[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        vocab_list.append(best[0] + best[1])
+        for i, p in enumerate(pieces):
+            merged, j = [], 0
+            while j < len(p):
+                if j + 1 < len(p) and (p[j], p[j + 1]) == best:
+                    merged.append(p[j] + p[j + 1])
+                    j += 2
+                else:
+                    merged.append(p[j])
+                    j += 1
+            pieces[i] = merged
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(vocab_list)}, merges
+
+
+def build_tiny_sd(out_dir: Path) -> None:
+    """A Stable-Diffusion-v1-shaped StableDiffusionPipeline, randomly initialised (each component after its own
+    torch.manual_seed, so rebuilding is byte-identical), saved with save_pretrained to out_dir."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab, merges = clip_vocab_and_merges(ANIMALS)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=SD_MAX_LENGTH)
+    vocab_size = len(tokenizer)
+
+    torch.manual_seed(SEED)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=SD_MAX_LENGTH, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
+
+    torch.manual_seed(SEED + 1)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+
+    # Three blocks: latents are 4x smaller than images (SD's VAE: 8x), so 8x8x4 latents make 32x32 images.
+    # norm_num_groups=1: GroupNorm then removes only the mean over all channels, and the differences between channel
+    # means (the latents' global content) reach the pixels; with more groups a random decoder averages them away and
+    # every image has nearly the same brightness (per-image std ~0.003 with 8 groups, ~0.017 with 1).
+    torch.manual_seed(SEED + 2)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), layers_per_block=1,
+        latent_channels=4, norm_num_groups=1, sample_size=32)
+    with torch.no_grad():  # a deterministic 1.5x on the decoder's last conv: more contrast, more brightness spread
+        vae.decoder.conv_out.weight.mul_(1.5)  # (per-image std ~0.022, with ~12% of pixels clipped to 0 or 1)
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    # CLIP's own vocabulary files too, as in Stable Diffusion's tokenizer/ (tokenizer.json is what gets loaded)
+    (out_dir / "tokenizer" / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
+    merges_txt = "".join(f"{a} {b}\n" for a, b in merges)
+    (out_dir / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + merges_txt)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", choices=["all", "data", "policy", "reward"], default="all")
+    parser.add_argument("--stage", choices=["all", "data", "policy", "reward", "diffusion"], default="all")
     parser.add_argument("--out", type=Path, default=ASSETS, help="where to write (default: assets/ itself)")
     parser.add_argument("--policy_steps", type=int, default=600)
     args = parser.parse_args()
@@ -274,6 +385,8 @@ def main() -> None:
         build_policy(AutoTokenizer.from_pretrained(args.out / "tokenizer"), args.out / "tiny-gpt2", args.policy_steps)
     if args.stage in ("all", "reward"):
         build_reward_model(args.out / "tiny-reward")
+    if args.stage in ("all", "diffusion"):
+        build_tiny_sd(args.out / "tiny-sd")
 
 
 if __name__ == "__main__":

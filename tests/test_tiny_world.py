@@ -1,5 +1,5 @@
 """The offline tiny world: the builder is deterministic and matches what is committed, the scorer means what it says,
-and the datasets and the tiny policy are what the other scripts rely on."""
+and the datasets, the tiny policy and the tiny Stable Diffusion pipeline are what the other scripts rely on."""
 
 import filecmp
 import json
@@ -10,7 +10,7 @@ import torch
 from conftest import ASSETS, OFFLINE_ENV
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tiny_world import make_datasets, sentiment_score
+from tiny_world import ANIMALS, make_datasets, sentiment_score
 
 
 def read_jsonl(path):
@@ -21,14 +21,7 @@ def test_builder_rebuilds_the_committed_data_and_tokenizer_byte_for_byte(tmp_pat
     subprocess.run([sys.executable, str(ASSETS / "tiny_world.py"), "--stage", "data", "--out", str(tmp_path)],
                    check=True, env={**OFFLINE_ENV, "PATH": "/usr/bin:/bin"}, capture_output=True)
     for sub in ["data", "tokenizer"]:
-        comparison = filecmp.dircmp(tmp_path / sub, ASSETS / sub)
-        pending = [comparison]
-        while pending:
-            current = pending.pop()
-            assert not current.left_only and not current.right_only, (current.left_only, current.right_only)
-            _, mismatch, errors = filecmp.cmpfiles(current.left, current.right, current.common_files, shallow=False)
-            assert not mismatch and not errors, f"{current.right}: {mismatch} {errors}"
-            pending.extend(current.subdirs.values())
+        assert_same_tree(tmp_path / sub, ASSETS / sub)
 
 
 def test_make_datasets_is_deterministic():
@@ -77,3 +70,60 @@ def test_tiny_policy_is_small_gpt2_style_and_writes_in_domain_reviews():
     # nearly every sampled review uses the world's sentiment vocabulary
     assert sum(any(w in text for w in ["was", "felt", "seemed", "is"]) for text in texts) >= 7, texts
     assert sum(sentiment_score(text) != 0 for text in texts) >= 6, texts
+
+
+def assert_same_tree(left, right):
+    """Every file under left is under right with the same bytes, and the other way round."""
+    comparison = filecmp.dircmp(left, right)
+    pending = [comparison]
+    while pending:
+        current = pending.pop()
+        assert not current.left_only and not current.right_only, (current.left_only, current.right_only)
+        _, mismatch, errors = filecmp.cmpfiles(current.left, current.right, current.common_files, shallow=False)
+        assert not mismatch and not errors, f"{current.right}: {mismatch} {errors}"
+        pending.extend(current.subdirs.values())
+
+
+def test_builder_rebuilds_the_committed_tiny_sd_byte_for_byte(tmp_path):
+    subprocess.run([sys.executable, str(ASSETS / "tiny_world.py"), "--stage", "diffusion", "--out", str(tmp_path)],
+                   check=True, env={**OFFLINE_ENV, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+                   capture_output=True)
+    assert_same_tree(tmp_path / "tiny-sd", ASSETS / "tiny-sd")
+
+
+def test_tiny_sd_tokenizes_the_animal_prompts_into_few_tokens():
+    from transformers import CLIPTokenizer
+
+    for tokenizer in [CLIPTokenizer.from_pretrained(ASSETS / "tiny-sd", subfolder="tokenizer"),
+                      AutoTokenizer.from_pretrained(ASSETS / "tiny-sd" / "tokenizer")]:
+        batch = tokenizer(ANIMALS + [""], padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                          return_tensors="pt")
+        assert batch["input_ids"].shape == (len(ANIMALS) + 1, tokenizer.model_max_length)
+        # <|startoftext|> animal <|endoftext|>: every animal is one token; the empty prompt is BOS, EOS
+        assert batch["attention_mask"].sum(1).tolist() == [3] * len(ANIMALS) + [2]
+        assert (batch["input_ids"][:, 0] == tokenizer.bos_token_id).all()
+        assert tokenizer.pad_token_id == tokenizer.eos_token_id
+        assert tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True) == ANIMALS[0]
+
+
+def test_tiny_sd_loads_and_generates_images_that_vary_with_the_noise():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(ASSETS / "tiny-sd")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.steps_offset == 1
+    assert pipe.safety_checker is None
+    # ddpo.py's LoRA targets exist under their standard names
+    names = [name for name, _ in pipe.unet.named_modules()]
+    for target in ["to_q", "to_k", "to_v", "to_out.0"]:
+        assert any(name.endswith(target) for name in names), target
+    brightness = []
+    for seed in [0, 1]:
+        with torch.no_grad():
+            images = pipe(prompt=["cat", "dog"], num_inference_steps=3, guidance_scale=5.0, eta=1.0, output_type="pt",
+                          generator=torch.Generator().manual_seed(seed)).images
+        assert images.shape == (2, 3, 32, 32)
+        assert 0 <= images.min() and images.max() <= 1 and images.std() > 0.05  # not constant
+        brightness.append(images.mean(dim=(1, 2, 3)))
+    assert (brightness[0] - brightness[1]).abs().min() > 1e-3, brightness
