@@ -1,0 +1,974 @@
+"""Denoising Diffusion Policy Optimization (DDPO): fine-tune a text-to-image diffusion model on a reward, with PPO.
+
+DDPO (Black et al. 2023, "Training Diffusion Models with Reinforcement Learning", https://arxiv.org/abs/2305.13301;
+reference implementation kvablack/ddpo-pytorch) treats the denoising chain as a multi-step decision process: every
+DDIM step with eta > 0 samples the next latent from a Gaussian, so the probability of a whole trajectory is the product
+of those Gaussians and a policy gradient exists. Each epoch samples images from prompts while storing every latent, its
+timestep and the log-probability of each step; a reward scores the decoded images; rewards are normalised into
+advantages (per prompt, or over the batch); then a clipped PPO loss over the stored timesteps updates the UNet (LoRA
+adapters by default). This file reproduces TRL's v0.8 `DDPOConfig` / `DDPOTrainer` / `DefaultDDPOStableDiffusionPipeline`
+in one piece, with the reference's rewards (JPEG compressibility and incompressibility, brightness, the LAION aesthetic
+predictor) and prompts (its animal list). See docs/ddpo.md for the stages, the metrics and the deviations.
+
+    # offline quickstart: the tiny world's tiny Stable Diffusion (assets/tiny-sd), CPU, about a minute: images get brighter
+    python ddpo.py
+    # the seed's example: Stable Diffusion 1.5, animal prompts, the LAION aesthetic predictor on CLIP ViT-L/14
+    python ddpo.py --pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 --reward aesthetic \
+        --num_epochs 200 --sample_num_steps 50 --sample_batch_size 6 --train_batch_size 3 \
+        --sample_num_batches_per_epoch 4 --per_prompt_stat_tracking --per_prompt_stat_tracking_buffer_size 32 \
+        --mixed_precision fp16 --save_freq 10
+    # several GPUs: each process samples and trains on its own batches; rewards are normalised over all of them
+    accelerate launch --multi_gpu --num_processes 8 ddpo.py --pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --reward aesthetic --sample_num_steps 50 --sample_batch_size 8 --train_batch_size 4 --mixed_precision fp16
+
+From Python, as in the seed: `from ddpo import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline`.
+"""
+
+import io
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from collections import deque
+from concurrent import futures
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal
+
+import numpy as np
+import torch
+import tyro
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+# The reference's prompts (kvablack/ddpo-pytorch, TRL's examples/scripts/ddpo.py).
+ANIMALS = ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
+           "frog", "chicken", "duck", "goose", "bee", "pig", "turkey", "fly", "llama", "camel", "bat", "gorilla",
+           "hedgehog", "kangaroo"]
+
+
+@dataclass
+class DDPOConfig:
+    """The seed's `DDPOConfig` (field names and meanings) plus its example script's `pretrained_model`,
+    `pretrained_revision` and `use_lora`; also this script's command line. Fields that set the scale of a run default
+    to the tiny pipeline (a minute on CPU); docs/ddpo.md gives the seed's values."""
+
+    # --- experiment ---
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (used in the wandb run name)"""
+    run_name: str = ""
+    """the wandb run name (default: {exp_name}__{seed}__{time})"""
+    seed: int = 0
+    """seed of the experiment: prompts, sampling noise, shuffles (each process adds its index)"""
+    output_dir: str = "runs/ddpo"
+    """where the final weights (LoRA adapter or full pipeline), metrics.jsonl, images/ and config.json go"""
+    logdir: str | None = None
+    """the checkpoints' directory (checkpoint_<epoch> inside; default: output_dir/checkpoints)"""
+    track: bool = False
+    """log to Weights & Biases (metrics and the image grids)"""
+    wandb_project_name: str = "post-training"
+    """the wandb project (the seed's tracker_project_name)"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    push_to_hub: bool = False
+    """push the final weights to the Hub under the name of output_dir"""
+
+    # --- model ---
+    pretrained_model: str = str(ASSETS / "tiny-sd")
+    """a Stable Diffusion pipeline: Hub id or local directory (default: the tiny world's tiny pipeline; seed example:
+    runwayml/stable-diffusion-v1-5)"""
+    pretrained_revision: str = "main"
+    """the Hub revision of the pipeline"""
+    use_lora: bool = True
+    """train LoRA adapters on the UNet's attention projections (to_q, to_k, to_v, to_out.0) instead of the whole UNet"""
+    lora_r: int = 4
+    """LoRA rank (the reference's 4)"""
+    lora_alpha: int = 4
+    """LoRA scaling numerator (the reference's 4)"""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """precision of the frozen weights and autocast (seed: fp16, a GPU setting; LoRA weights stay float32)"""
+    allow_tf32: bool = True
+    """allow TF32 matrix products on Ampere and newer GPUs"""
+
+    # --- epochs, checkpoints ---
+    num_epochs: int = 12
+    """epochs (each: sample, score, train) (seed: 100)"""
+    save_freq: int = 4
+    """write a checkpoint every this many epochs (seed: 1)"""
+    num_checkpoint_limit: int = 5
+    """keep at most this many checkpoints (the oldest is deleted)"""
+    resume_from: str = ""
+    """a checkpoint_<epoch> directory, or a directory of them (the latest is taken), to continue from"""
+
+    # --- sampling ---
+    sample_num_steps: int = 10
+    """DDIM steps per image (seed: 50)"""
+    sample_eta: float = 1.0
+    """DDIM eta: 0 is deterministic (no policy gradient), 1 is DDPM-like noise"""
+    sample_guidance_scale: float = 5.0
+    """classifier-free guidance weight"""
+    sample_batch_size: int = 8
+    """images per process per sampling batch (seed: 1)"""
+    sample_num_batches_per_epoch: int = 2
+    """sampling batches per process per epoch"""
+
+    # --- training ---
+    train_batch_size: int = 4
+    """samples per process per training batch (seed: 1)"""
+    train_learning_rate: float = 1e-2
+    """AdamW learning rate (seed: 3e-4; the tiny pipeline's LoRA adapters need more to move in a dozen epochs)"""
+    train_adam_beta1: float = 0.9
+    """AdamW beta1"""
+    train_adam_beta2: float = 0.999
+    """AdamW beta2"""
+    train_adam_weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    train_adam_epsilon: float = 1e-8
+    """AdamW epsilon"""
+    train_gradient_accumulation_steps: int = 1
+    """training batches per optimizer step (each batch contributes all its trained timesteps)"""
+    train_max_grad_norm: float = 1.0
+    """clip the global gradient norm to this"""
+    train_num_inner_epochs: int = 1
+    """passes over an epoch's samples"""
+    train_cfg: bool = True
+    """recompute the log-probs with classifier-free guidance, as they were sampled"""
+    train_adv_clip_max: float = 5.0
+    """clamp advantages to [-train_adv_clip_max, train_adv_clip_max]"""
+    train_clip_range: float = 1e-2
+    """the PPO clip range of the probability ratio (seed: 1e-4, which on the tiny pipeline clips most updates away)"""
+    train_timestep_fraction: float = 1.0
+    """the fraction of each trajectory's timesteps trained on (a random subset per sample), in (0, 1]"""
+
+    # --- advantages, rewards, prompts ---
+    per_prompt_stat_tracking: bool = False
+    """normalise each reward by its prompt's running mean and std (else by the epoch's mean and std)"""
+    per_prompt_stat_tracking_buffer_size: int = 16
+    """rewards remembered per prompt"""
+    per_prompt_stat_tracking_min_count: int = 16
+    """below this many remembered rewards, a prompt is normalised with the epoch's mean and std"""
+    async_reward_computation: bool = False
+    """score each sampling batch in a thread pool while the next one is sampled"""
+    max_workers: int = 2
+    """threads of the reward pool"""
+    negative_prompts: str = ""
+    """the negative prompt of classifier-free guidance (one string, as the seed uses it)"""
+    reward: Literal["brightness", "jpeg_compressibility", "jpeg_incompressibility", "aesthetic"] = "brightness"
+    """the reward: mean pixel value, (in)compressibility as minus (plus) the JPEG size in kB, or the LAION aesthetic
+    predictor on CLIP ViT-L/14 (Hub weights)"""
+    prompts: Literal["animals", "fixed"] = "animals"
+    """the prompt function: a random animal of the reference's list, or always --prompt"""
+    prompt: str = "cat"
+    """the prompt of --prompts fixed"""
+
+    check_on_init: ClassVar[bool] = True  # the CLI checks itself, to print one line instead of a traceback
+
+    def __post_init__(self):
+        if self.check_on_init:
+            self.check()
+
+    def check(self) -> None:
+        """Sizes that must divide and values that must lie in range; a ValueError that says what was found."""
+        for name in ["num_epochs", "save_freq", "num_checkpoint_limit", "sample_num_steps", "sample_batch_size",
+                     "sample_num_batches_per_epoch", "train_batch_size", "train_gradient_accumulation_steps",
+                     "train_num_inner_epochs", "per_prompt_stat_tracking_buffer_size", "max_workers"]:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0 < self.train_timestep_fraction <= 1:
+            raise ValueError(f"train_timestep_fraction must be in (0, 1], got {self.train_timestep_fraction}")
+        if self.sample_batch_size % self.train_batch_size:
+            raise ValueError(f"sample_batch_size ({self.sample_batch_size}) must be a multiple of train_batch_size "
+                             f"({self.train_batch_size})")
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        samples = self.sample_batch_size * self.sample_num_batches_per_epoch
+        per_step = self.train_batch_size * self.train_gradient_accumulation_steps
+        if samples % per_step:
+            raise ValueError(f"the samples of an epoch per process (sample_batch_size x sample_num_batches_per_epoch "
+                             f"= {samples}) must be a multiple of train_batch_size x train_gradient_accumulation_steps "
+                             f"= {per_step} (the total train batch over {world_size} processes is {per_step * world_size})")
+        if self.sample_eta <= 0:
+            raise ValueError(f"sample_eta must be positive: with eta = 0 DDIM is deterministic and a step has no "
+                             f"log-probability; got {self.sample_eta}")
+        if self.train_clip_range <= 0 or self.train_adv_clip_max <= 0:
+            raise ValueError(f"train_clip_range and train_adv_clip_max must be positive, got {self.train_clip_range} "
+                             f"and {self.train_adv_clip_max}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The DDIM step with the log-probability of its sample, and sampling that stores whole trajectories
+# ----------------------------------------------------------------------------------------------------------------------
+def left_broadcast(values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """(B,) -> shape (B, ...): broadcast from the left (a per-sample scalar over its latent)."""
+    return values.reshape(values.shape + (1,) * (len(shape) - values.dim())).broadcast_to(shape)
+
+
+def ddim_step_with_logprob(scheduler, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor,
+                           eta: float, prev_sample: torch.Tensor | None = None,
+                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step x_t -> x_{t-1} that also returns log p(x_{t-1} | x_t) (Song et al. 2020, eq. 12).
+
+    With a = alphas_cumprod[t], a' = alphas_cumprod[t'] (t' = t - 1000 / steps, or the final alpha below 0) and the
+    predicted noise eps (B, C, H, W):
+        x0    = (x_t - sqrt(1 - a) eps) / sqrt(a)                            the predicted clean latent
+        sigma = eta * sqrt((1 - a') / (1 - a) * (1 - a / a'))                the step's standard deviation
+        mu    = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps                     the step's mean
+        x_{t-1} = mu + sigma z, z ~ N(0, I)   (or the given prev_sample: recomputing a stored step)
+        log p = mean over the C*H*W latent dimensions of
+                -(x_{t-1} - mu)^2 / (2 sigma^2) - log sigma - log sqrt(2 pi)
+    The sample is detached in log p, so the gradient flows through mu (the UNet) only. The mean over dimensions,
+    not the sum, is the reference's: it scales the log-ratio, so train_clip_range is tuned for it. timestep is a
+    scalar or (B,); returns (x_{t-1} (B, C, H, W), log p (B,)).
+    """
+    if scheduler.num_inference_steps is None:
+        raise ValueError("the scheduler has no timesteps: call scheduler.set_timesteps(num_steps) first")
+    if scheduler.config.prediction_type != "epsilon":
+        raise ValueError(f"only epsilon-prediction schedulers are supported, got {scheduler.config.prediction_type}")
+    timestep = torch.as_tensor(timestep, device="cpu").long().reshape(-1).expand(sample.shape[0])
+    prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alphas = scheduler.alphas_cumprod.to(torch.float32)
+    alpha_t = alphas[timestep]
+    # the seed clamps prev_timestep to >= 0 before this test, so it never takes the final alpha: the same numbers
+    # whenever set_alpha_to_one is False (Stable Diffusion's setting), the scheduler's own rule otherwise
+    alpha_prev = torch.where(prev_timestep >= 0, alphas[prev_timestep.clamp(min=0)],
+                             torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32))
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    alpha_t, alpha_prev, std = (left_broadcast(x, sample.shape).to(sample.device, torch.float32)
+                                for x in (alpha_t, alpha_prev, eta * variance.sqrt()))
+    model_output, sample_f = model_output.float(), sample.float()
+    x0 = (sample_f - (1 - alpha_t).sqrt() * model_output) / alpha_t.sqrt()
+    if scheduler.config.clip_sample:
+        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).clamp(min=0).sqrt() * model_output
+    if prev_sample is None:
+        noise = torch.randn(sample.shape, generator=generator, device=sample.device if generator is None else
+                            generator.device, dtype=torch.float32).to(sample.device)
+        prev_sample = mean + std * noise
+    log_prob = (-((prev_sample.detach().float() - mean) ** 2) / (2 * std**2) - std.log()
+                - math.log(math.sqrt(2 * math.pi)))
+    return prev_sample.to(sample.dtype), log_prob.mean(dim=tuple(range(1, log_prob.dim())))
+
+
+@torch.no_grad()
+def sample_with_logprob(pipe, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
+                        num_inference_steps: int, guidance_scale: float, eta: float,
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, list, list]:
+    """Stable Diffusion sampling that keeps the trajectory: (B, L, D) prompt embeddings (and the negative prompt's)
+    -> images (B, 3, H, W) in [0, 1], the latents x_T ... x_0 (steps + 1 tensors of (B, C, h, w)) and the log-prob
+    of each step (steps tensors of (B,)). Classifier-free guidance when guidance_scale > 1."""
+    unet, scheduler, vae = pipe.unet, pipe.scheduler, pipe.vae
+    batch, device = prompt_embeds.shape[0], prompt_embeds.device
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    size = unet.config.sample_size
+    latents = torch.randn((batch, unet.config.in_channels, size, size), generator=generator, device=device,
+                          dtype=prompt_embeds.dtype) * scheduler.init_noise_sigma
+    guided = guidance_scale > 1.0
+    embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
+    all_latents, all_log_probs = [latents], []
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+        noise_pred = unet(model_input, t, encoder_hidden_states=embeds).sample
+        if guided:  # eps = eps(uncond) + w (eps(text) - eps(uncond))
+            uncond, text = noise_pred.chunk(2)
+            noise_pred = uncond + guidance_scale * (text - uncond)
+        latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta, generator=generator)
+        all_latents.append(latents)
+        all_log_probs.append(log_prob)
+    images = vae.decode(latents / vae.config.scaling_factor).sample
+    images = (images.float() / 2 + 0.5).clamp(0, 1)
+    return images, all_latents, all_log_probs
+
+
+class DefaultDDPOStableDiffusionPipeline:
+    """The seed's pipeline wrapper: a diffusers StableDiffusionPipeline with a DDIM scheduler, frozen VAE and text
+    encoder, and either LoRA adapters on the UNet's attention (use_lora, the reference's r=4 on to_q, to_k, to_v,
+    to_out.0, Gaussian init) or the whole UNet trainable. Calling it samples with log-probs (sample_with_logprob);
+    `scheduler_step` is ddim_step_with_logprob. A pipeline directory that holds pytorch_lora_weights.safetensors
+    (an earlier run's output) starts from those adapters, as in the seed."""
+
+    def __init__(self, pretrained_model_name: str, *, pretrained_model_revision: str = "main", use_lora: bool = True,
+                 lora_r: int = 4, lora_alpha: int = 4):
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        self.sd_pipeline = StableDiffusionPipeline.from_pretrained(pretrained_model_name,
+                                                                   revision=pretrained_model_revision,
+                                                                   safety_checker=None, requires_safety_checker=False)
+        self.sd_pipeline.scheduler = DDIMScheduler.from_config(self.sd_pipeline.scheduler.config)
+        self.sd_pipeline.vae.requires_grad_(False)
+        self.sd_pipeline.text_encoder.requires_grad_(False)
+        self.use_lora, self.lora_r, self.lora_alpha = use_lora, lora_r, lora_alpha
+        self.pretrained_model, self.pretrained_revision = pretrained_model_name, pretrained_model_revision
+        self.sd_pipeline.unet.requires_grad_(not use_lora)
+        self.initial_lora = Path(pretrained_model_name) / "pytorch_lora_weights.safetensors"
+
+    def __call__(self, *args, **kwargs):
+        return sample_with_logprob(self.sd_pipeline, *args, **kwargs)
+
+    def scheduler_step(self, *args, **kwargs):
+        return ddim_step_with_logprob(self.sd_pipeline.scheduler, *args, **kwargs)
+
+    @property
+    def unet(self):
+        return self.sd_pipeline.unet
+
+    @property
+    def vae(self):
+        return self.sd_pipeline.vae
+
+    @property
+    def tokenizer(self):
+        return self.sd_pipeline.tokenizer
+
+    @property
+    def scheduler(self):
+        return self.sd_pipeline.scheduler
+
+    @property
+    def text_encoder(self):
+        return self.sd_pipeline.text_encoder
+
+    def get_trainable_layers(self) -> list[torch.nn.Parameter]:
+        """Add the LoRA adapters (trainable, float32 whatever the UNet's dtype) or unfreeze the UNet; returns the
+        trainable parameters."""
+        if self.use_lora:
+            from peft import LoraConfig
+
+            self.unet.add_adapter(LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, init_lora_weights="gaussian",
+                                             target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+            if self.initial_lora.exists():  # an earlier run's adapters: continue from them
+                self.load_checkpoint(self.initial_lora.parent)
+            for parameter in self.unet.parameters():
+                if parameter.requires_grad:
+                    parameter.data = parameter.data.float()
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def save_pretrained(self, output_dir) -> None:
+        """LoRA: the adapter alone (pytorch_lora_weights.safetensors, which `pipe.load_lora_weights(output_dir)`
+        loads onto the base pipeline); else the whole pipeline (StableDiffusionPipeline.from_pretrained loads it)."""
+        if self.use_lora:
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft import get_peft_model_state_dict
+
+            state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+            self.sd_pipeline.save_lora_weights(save_directory=str(output_dir), unet_lora_layers=state_dict)
+        else:
+            self.sd_pipeline.save_pretrained(str(output_dir))
+
+    def load_checkpoint(self, input_dir) -> None:
+        """The trained weights of save_pretrained's output (adapter or UNet) back into this pipeline's UNet."""
+        if self.use_lora:
+            from peft import set_peft_model_state_dict
+
+            state_dict, _ = self.sd_pipeline.lora_state_dict(str(input_dir),
+                                                              weight_name="pytorch_lora_weights.safetensors")
+            state_dict = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
+            from diffusers.utils import convert_unet_state_dict_to_peft
+
+            result = set_peft_model_state_dict(self.unet, convert_unet_state_dict_to_peft(state_dict))
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"the LoRA weights in {input_dir} do not fit this UNet: unexpected keys "
+                                 f"{result.unexpected_keys[:5]}")
+        else:
+            from diffusers import UNet2DConditionModel
+
+            self.unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(input_dir), subfolder="unet").state_dict())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rewards: reward_function(images, prompts, metadata) -> (rewards, metadata), images (B, 3, H, W) in [0, 1]
+# ----------------------------------------------------------------------------------------------------------------------
+def brightness():
+    """The mean pixel value of each image, in [0, 1]."""
+
+    def reward_fn(images: torch.Tensor, prompts, metadata):
+        return images.float().mean(dim=(1, 2, 3)), {}
+
+    return reward_fn
+
+
+def jpeg_sizes_kb(images: torch.Tensor) -> np.ndarray:
+    """The size of each image as a quality-95 JPEG, in kB (the reference's measure of (in)compressibility)."""
+    from PIL import Image
+
+    pixels = (images.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    sizes = []
+    for array in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+        sizes.append(buffer.tell() / 1000)
+    return np.array(sizes)
+
+
+def jpeg_compressibility():
+    """Minus the JPEG size in kB: smaller files (smoother, simpler images) score higher."""
+
+    def reward_fn(images: torch.Tensor, prompts, metadata):
+        return torch.as_tensor(-jpeg_sizes_kb(images), dtype=torch.float32), {}
+
+    return reward_fn
+
+
+def jpeg_incompressibility():
+    """The JPEG size in kB: larger files (more detail and texture) score higher."""
+
+    def reward_fn(images: torch.Tensor, prompts, metadata):
+        return torch.as_tensor(jpeg_sizes_kb(images), dtype=torch.float32), {}
+
+    return reward_fn
+
+
+def aesthetic_score(hub_model_id: str = "trl-lib/ddpo-aesthetic-predictor", model_filename: str = "aesthetic-model.pth",
+                    device: str | torch.device = "cpu"):
+    """The LAION aesthetic predictor (christophschuhmann/improved-aesthetic-predictor): an MLP on the normalised CLIP
+    ViT-L/14 image embedding, about 1 (ugly) to 10 (beautiful). Needs the CLIP and MLP weights from the Hub."""
+    from huggingface_hub import hf_hub_download
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        clip = CLIPModel.from_pretrained("openai/clip-vit-large-patch14").eval().to(device)
+        processor = CLIPProcessor.from_pretrained("openai/clip-vit-large-patch14")
+        path = Path(hub_model_id) / model_filename
+        if not path.exists():
+            path = hf_hub_download(hub_model_id, model_filename)
+    except Exception as error:  # offline, or no such repository
+        raise OSError(f"the aesthetic reward needs openai/clip-vit-large-patch14 and {hub_model_id}/{model_filename} "
+                      f"from the Hugging Face Hub (or its cache), which could not be loaded: "
+                      f"{' '.join(str(error).split())[:300]}") from None
+    mlp = torch.nn.Sequential(torch.nn.Linear(768, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+                              torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+                              torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+    state = torch.load(path, map_location="cpu")
+    mlp.load_state_dict({key.removeprefix("layers."): value for key, value in state.items()})
+    mlp = mlp.eval().to(device)
+
+    @torch.no_grad()
+    def reward_fn(images: torch.Tensor, prompts, metadata):
+        pixels = (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
+        inputs = processor(images=list(pixels.cpu()), return_tensors="pt")
+        embed = clip.get_image_features(pixel_values=inputs["pixel_values"].to(device))
+        embed = embed / torch.linalg.vector_norm(embed, dim=-1, keepdim=True)
+        return mlp(embed).squeeze(1).cpu(), {}
+
+    return reward_fn
+
+
+# Prompt functions: prompt_function() -> (prompt, metadata)
+def animal_prompt():
+    """A random animal of the reference's list (numpy's global RNG, as the reference)."""
+    return str(np.random.choice(ANIMALS)), {}
+
+
+def fixed_prompt(prompt: str):
+    return lambda: (prompt, {})
+
+
+class PerPromptStatTracker:
+    """The seed's per-prompt normalisation: each prompt remembers its last buffer_size rewards; a reward's advantage
+    is (reward - mean) / (std + 1e-6) over its prompt's buffer once that holds min_count rewards, and over the whole
+    batch before."""
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size, self.min_count, self.stats = buffer_size, min_count, {}
+
+    def update(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+        prompts, rewards = np.array(prompts), np.asarray(rewards, dtype=np.float64)
+        advantages = np.empty_like(rewards)
+        for prompt in np.unique(prompts):
+            mine = rewards[prompts == prompt]
+            buffer = self.stats.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(mine)
+            pool = buffer if len(buffer) >= self.min_count else rewards
+            advantages[prompts == prompt] = (mine - np.mean(pool)) / (np.std(pool) + 1e-6)
+        return advantages
+
+    def state_dict(self) -> dict:
+        return {prompt: list(buffer) for prompt, buffer in self.stats.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats = {prompt: deque(values, maxlen=self.buffer_size) for prompt, values in state.items()}
+
+
+def ddpo_loss(advantages: torch.Tensor, clip_range: float, ratio: torch.Tensor) -> torch.Tensor:
+    """The clipped PPO objective, negated: mean over the batch of max(-A r, -A clip(r, 1 - eps, 1 + eps)).
+    (B,), float, (B,) -> scalar."""
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The trainer: sample trajectories, score, normalise into advantages, clipped PPO over the stored timesteps
+# ----------------------------------------------------------------------------------------------------------------------
+class DDPOTrainer:
+    """The seed's DDPOTrainer. reward_function(images, prompts, metadata) -> (rewards, metadata) with images
+    (B, 3, H, W) in [0, 1] and one reward per image; prompt_function() -> (prompt, metadata); sd_pipeline a
+    DefaultDDPOStableDiffusionPipeline; image_samples_hook(prompt_image_data, global_step, tracker) is called once per
+    epoch with [images, prompts, prompt_metadata, rewards, reward_metadata] per sampling batch (tracker: the wandb
+    module under --track, else None). `train()` runs the epochs; `step(epoch, global_step)` is one epoch."""
+
+    def __init__(self, config: DDPOConfig, reward_function: Callable, prompt_function: Callable, sd_pipeline,
+                 image_samples_hook: Callable | None = None):
+        config.check()
+        if not callable(reward_function) or not callable(prompt_function):
+            raise ValueError("reward_function and prompt_function must be callables (see the class docstring)")
+        self.config, self.reward_fn, self.prompt_fn = config, reward_function, prompt_function
+        self.sd_pipeline, self.image_samples_callback = sd_pipeline, image_samples_hook
+        self.num_train_timesteps = int(config.sample_num_steps * config.train_timestep_fraction)
+        if self.num_train_timesteps == 0:
+            raise ValueError(f"train_timestep_fraction {config.train_timestep_fraction} of {config.sample_num_steps} "
+                             "sampling steps trains on no timestep")
+        self.output_dir = Path(config.output_dir)
+        self.logdir = Path(config.logdir) if config.logdir else self.output_dir / "checkpoints"
+        resume = self.resolve_checkpoint(config.resume_from) if config.resume_from else None
+        if resume is None and list(self.logdir.glob("checkpoint_*")):
+            raise ValueError(f"{self.logdir} already holds checkpoints of a previous run; pass --resume_from "
+                             f"{self.logdir} to continue it, or another --output_dir (or --logdir)")
+
+        # 1. Accelerator (several processes but no GPU: one gloo group on CPU, as every script here), seeds, dtypes.
+        multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        self.accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision=config.mixed_precision)
+        accelerator = self.accelerator
+        set_seeds(config.seed + accelerator.process_index)  # each process samples its own prompts and noise
+        if config.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+        for module in (sd_pipeline.vae, sd_pipeline.text_encoder, sd_pipeline.unet):
+            module.to(accelerator.device, **({"dtype": dtype} if dtype != torch.float32 else {}))
+        sd_pipeline.sd_pipeline.set_progress_bar_config(disable=True)
+
+        # 2. Trainable weights (LoRA adapters in float32, or the UNet), AdamW, the negative prompt's embedding.
+        trainable = sd_pipeline.get_trainable_layers()
+        optimizer = torch.optim.AdamW(trainable, lr=config.train_learning_rate, eps=config.train_adam_epsilon,
+                                      betas=(config.train_adam_beta1, config.train_adam_beta2),
+                                      weight_decay=config.train_adam_weight_decay)
+        self.neg_prompt_embed = self.encode_prompts([config.negative_prompts])  # (1, L, D)
+        self.stat_tracker = (PerPromptStatTracker(config.per_prompt_stat_tracking_buffer_size,
+                                                  config.per_prompt_stat_tracking_min_count)
+                             if config.per_prompt_stat_tracking else None)
+        # frozen weights in half precision are run as they are under LoRA; a full UNet trains under autocast
+        self.autocast = nullcontext if sd_pipeline.use_lora else accelerator.autocast
+        self.unet, self.optimizer = accelerator.prepare(sd_pipeline.unet, optimizer)  # DDP-wrapped for training
+        self.trainable_layers = trainable
+        self.executor = futures.ThreadPoolExecutor(config.max_workers) if config.async_reward_computation else None
+
+        # 3. Resume: weights, optimizer, epoch and step counters, prompt statistics, every process's RNG.
+        self.first_epoch, self.global_step = 0, 0
+        if resume is not None:
+            self.load_checkpoint(resume)
+
+        # 4. Logs: metrics.jsonl always, wandb with --track.
+        self.tracker = None
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+            metrics = self.output_dir / "metrics.jsonl"
+            if resume is None:
+                metrics.unlink(missing_ok=True)
+            elif metrics.exists():  # keep what was logged before the checkpoint, and append
+                kept = [line for line in metrics.read_text().splitlines()
+                        if json.loads(line)["epoch"] < self.first_epoch]
+                metrics.write_text("".join(line + "\n" for line in kept))
+            if config.track:
+                import wandb
+
+                wandb.init(project=config.wandb_project_name, entity=config.wandb_entity, config=asdict(config),
+                           name=config.run_name or f"{config.exp_name}__{config.seed}__{int(time.time())}")
+                self.tracker = wandb
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (B, L, D) text-encoder states, tokenised as Stable Diffusion does (padded to the tokenizer's
+        model_max_length)."""
+        tokenizer = self.sd_pipeline.tokenizer
+        ids = tokenizer(prompts, return_tensors="pt", padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length).input_ids.to(self.accelerator.device)
+        return self.sd_pipeline.text_encoder(ids)[0]
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Sampling and rewards
+    # ------------------------------------------------------------------------------------------------------------------
+    def _generate_samples(self, iterations: int, batch_size: int) -> tuple[list[dict], list[list]]:
+        """`iterations` batches of `batch_size` prompts -> per batch the trajectory tensors (prompt_embeds (B, L, D),
+        timesteps (B, T), latents (B, T, C, h, w) before each step, next_latents after it, log_probs (B, T)) and
+        [images, prompts, prompt_metadata]; with async_reward_computation, each batch's reward is already
+        being computed in the pool (a future) while the next batch samples."""
+        samples, prompt_image_data = [], []
+        self.sd_pipeline.unet.eval()
+        for _ in range(iterations):
+            prompts, prompt_metadata = zip(*[self.prompt_fn() for _ in range(batch_size)])
+            prompt_embeds = self.encode_prompts(list(prompts))
+            with self.autocast():
+                images, latents, log_probs = self.sd_pipeline(
+                    prompt_embeds, self.neg_prompt_embed.expand(batch_size, -1, -1),
+                    num_inference_steps=self.config.sample_num_steps,
+                    guidance_scale=self.config.sample_guidance_scale, eta=self.config.sample_eta)
+            latents = torch.stack(latents, dim=1)  # (B, T + 1, C, h, w): x_T ... x_0
+            samples.append({"prompt_embeds": prompt_embeds,
+                            "timesteps": self.sd_pipeline.scheduler.timesteps.repeat(batch_size, 1),  # (B, T)
+                            "latents": latents[:, :-1],  # the latent each step starts from
+                            "next_latents": latents[:, 1:],  # the latent it sampled
+                            "log_probs": torch.stack(log_probs, dim=1)})  # (B, T)
+            data = [images, list(prompts), list(prompt_metadata)]
+            if self.executor is not None:
+                data.append(self.executor.submit(self.reward_fn, images, list(prompts), list(prompt_metadata)))
+            prompt_image_data.append(data)
+        return samples, prompt_image_data
+
+    def compute_rewards(self, prompt_image_data: list[list]) -> tuple[list[torch.Tensor], list]:
+        """Each batch's (rewards (B,), reward metadata), from the pool's futures or computed here; checked: one finite
+        number per image."""
+        rewards, reward_metadata = [], []
+        for data in prompt_image_data:
+            images, prompts, prompt_metadata = data[:3]
+            result = data[3].result() if len(data) > 3 else self.reward_fn(images, prompts, prompt_metadata)
+            if not (isinstance(result, (tuple, list)) and len(result) == 2):
+                raise ValueError(f"reward_function must return (rewards, metadata), got {type(result).__name__}")
+            reward = torch.as_tensor(np.asarray(result[0].detach().cpu() if isinstance(result[0], torch.Tensor)
+                                                else result[0], dtype=np.float32)).flatten()
+            if reward.numel() != len(images):
+                raise ValueError(f"reward_function returned {reward.numel()} rewards (shape "
+                                 f"{tuple(np.shape(result[0]))}) for {len(images)} images; expected one per image")
+            if not torch.isfinite(reward).all():
+                raise ValueError(f"reward_function returned non-finite rewards {reward[~torch.isfinite(reward)].tolist()}"
+                                 f" for prompts {[p for p, r in zip(prompts, reward) if not torch.isfinite(r)][:5]}")
+            rewards.append(reward.to(self.accelerator.device))
+            reward_metadata.append(result[1])
+            del data[3:]  # the future, if any
+        return rewards, reward_metadata
+
+    def compute_advantages(self, rewards: np.ndarray, prompts: list[str]) -> np.ndarray:
+        """Rewards of all processes -> advantages: per prompt (the stat tracker) or (r - mean) / (std + 1e-8)."""
+        if self.stat_tracker is not None:
+            return self.stat_tracker.update(prompts, rewards)
+        return (rewards - rewards.mean()) / (rewards.std() + 1e-8)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # One epoch
+    # ------------------------------------------------------------------------------------------------------------------
+    def step(self, epoch: int, global_step: int) -> int:
+        """One epoch: sample, score, advantages, train_num_inner_epochs passes of clipped PPO; returns the global step
+        (optimizer steps so far)."""
+        config, accelerator = self.config, self.accelerator
+        start = time.time()
+
+        # 1. Sample sample_num_batches_per_epoch batches of trajectories (the rewards may start in the pool).
+        samples, prompt_image_data = self._generate_samples(config.sample_num_batches_per_epoch,
+                                                            config.sample_batch_size)
+        samples = {key: torch.cat([s[key] for s in samples]) for key in samples[0]}
+        sample_seconds = time.time() - start
+
+        # 2. Rewards, checked, gathered over all processes; the image hook sees every batch with its rewards.
+        reward_start = time.time()
+        rewards, reward_metadata = self.compute_rewards(prompt_image_data)
+        for data, reward, metadata in zip(prompt_image_data, rewards, reward_metadata):
+            data.extend([reward, metadata])
+        if self.image_samples_callback is not None and accelerator.is_main_process:
+            self.image_samples_callback(prompt_image_data, global_step, self.tracker)
+        prompts = [prompt for data in prompt_image_data for prompt in data[1]]
+        all_rewards = accelerator.gather(torch.cat(rewards)).cpu().numpy().astype(np.float64)
+        all_prompts = gather_strings(accelerator, prompts)
+        reward_seconds = time.time() - reward_start
+
+        # 3. Advantages over all processes (per prompt, or over the batch); this process keeps its own share.
+        advantages = torch.as_tensor(self.compute_advantages(all_rewards, all_prompts), dtype=torch.float32)
+        samples["advantages"] = advantages.reshape(accelerator.num_processes, -1)[accelerator.process_index].to(
+            accelerator.device)
+
+        # 4. train_num_inner_epochs passes: samples shuffled, and each sample's timesteps shuffled independently (the
+        #    first num_train_timesteps of them are trained on); then batches of train_batch_size.
+        train_start = time.time()
+        total, num_steps = samples["timesteps"].shape
+        info = {"loss": [], "approx_kl": [], "clipfrac": []}
+        self.unet.train()
+        for inner_epoch in range(config.train_num_inner_epochs):
+            order = torch.randperm(total, device=accelerator.device)
+            shuffled = {key: value[order] for key, value in samples.items()}
+            per_sample = torch.stack([torch.randperm(num_steps, device=accelerator.device) for _ in range(total)])
+            rows = torch.arange(total, device=accelerator.device)[:, None]
+            for key in ["timesteps", "latents", "next_latents", "log_probs"]:
+                shuffled[key] = shuffled[key][rows, per_sample]
+            batches = [{key: value[i : i + config.train_batch_size] for key, value in shuffled.items()}
+                       for i in range(0, total, config.train_batch_size)]
+            global_step = self._train_batched_samples(inner_epoch, epoch, global_step, batches, info)
+
+        # 5. Log the epoch; checkpoint every save_freq epochs.
+        seconds = time.time() - start
+        row = {"epoch": epoch, "step": global_step, "reward_mean": float(all_rewards.mean()),
+               "reward_std": float(all_rewards.std()),
+               **{key: float(torch.stack(values).mean()) for key, values in info.items() if values},
+               "images_per_second": len(all_rewards) / seconds, "time/sample": sample_seconds,
+               "time/reward": reward_seconds, "time/train": time.time() - train_start,
+               "peak_memory_mb": peak_memory_mb()}
+        self.log(row, all_rewards)
+        done = epoch + 1
+        if done % config.save_freq == 0 and done < config.num_epochs:
+            self.save_checkpoint(done, global_step)
+        return global_step
+
+    def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, embeds):
+        """The clipped PPO loss of one timestep of a batch: the UNet's noise prediction (guided when train_cfg, as
+        sampled) gives the step's Gaussian, whose log-density of the stored next latent, against the stored log-prob,
+        is the log-ratio. latents, next_latents (B, C, h, w); timesteps, log_probs, advantages (B,); embeds (2B or B,
+        L, D) (negative prompts first when train_cfg). Returns (loss, approx_kl, clipfrac), scalars."""
+        config = self.config
+        with self.autocast():
+            if config.train_cfg:
+                noise_pred = self.unet(torch.cat([latents] * 2), torch.cat([timesteps] * 2), embeds).sample
+                uncond, text = noise_pred.chunk(2)
+                noise_pred = uncond + config.sample_guidance_scale * (text - uncond)
+            else:
+                noise_pred = self.unet(latents, timesteps, embeds).sample
+            _, log_prob = self.sd_pipeline.scheduler_step(noise_pred, timesteps, latents, eta=config.sample_eta,
+                                                          prev_sample=next_latents)
+        advantages = torch.clamp(advantages, -config.train_adv_clip_max, config.train_adv_clip_max)
+        ratio = torch.exp(log_prob - log_probs)
+        loss = self.loss(advantages, config.train_clip_range, ratio)
+        approx_kl = 0.5 * torch.mean((log_prob - log_probs) ** 2)
+        clipfrac = torch.mean((torch.abs(ratio - 1.0) > config.train_clip_range).float())
+        return loss, approx_kl, clipfrac
+
+    def loss(self, advantages: torch.Tensor, clip_range: float, ratio: torch.Tensor) -> torch.Tensor:
+        return ddpo_loss(advantages, clip_range, ratio)
+
+    def _train_batched_samples(self, inner_epoch: int, epoch: int, global_step: int, batches: list[dict],
+                               info: dict) -> int:
+        """Every batch, every trained timestep: accumulate the gradient of the loss; one optimizer step per
+        train_gradient_accumulation_steps batches (all their timesteps), so each step's gradient is the mean of its
+        batches' per-timestep losses. A non-finite loss stops before the optimizer sees it."""
+        config, accelerator = self.config, self.accelerator
+        group_size = config.train_gradient_accumulation_steps
+        for first in range(0, len(batches), group_size):
+            group = batches[first : first + group_size]
+            micro_steps = len(group) * self.num_train_timesteps
+            for b, batch in enumerate(group):
+                embeds = (torch.cat([self.neg_prompt_embed.expand(len(batch["prompt_embeds"]), -1, -1),
+                                     batch["prompt_embeds"]]) if config.train_cfg else batch["prompt_embeds"])
+                for j in range(self.num_train_timesteps):
+                    last = b == len(group) - 1 and j == self.num_train_timesteps - 1
+                    with nullcontext() if last else accelerator.no_sync(self.unet):  # gradients meet once a step
+                        loss, approx_kl, clipfrac = self.calculate_loss(
+                            batch["latents"][:, j], batch["timesteps"][:, j], batch["next_latents"][:, j],
+                            batch["log_probs"][:, j], batch["advantages"], embeds)
+                        if not torch.isfinite(loss):
+                            self.optimizer.zero_grad(set_to_none=True)
+                            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, optimizer step "
+                                                     f"{global_step + 1}; the optimizer was not stepped")
+                        accelerator.backward(loss / micro_steps)
+                    info["loss"].append(loss.detach())
+                    info["approx_kl"].append(approx_kl.detach())
+                    info["clipfrac"].append(clipfrac.detach())
+            accelerator.clip_grad_norm_(self.trainable_layers, config.train_max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+        return global_step
+
+    def train(self, epochs: int | None = None) -> int:
+        """Run the epochs from where a resumed run stopped (or 0) to `epochs` (default num_epochs)."""
+        epochs = self.config.num_epochs if epochs is None else epochs
+        progress = tqdm(range(self.first_epoch, epochs), initial=self.first_epoch, total=epochs, desc="ddpo",
+                        disable=not self.accelerator.is_local_main_process)
+        for epoch in progress:
+            self.global_step = self.step(epoch, self.global_step)
+        return self.global_step
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Logging, checkpoints, saving
+    # ------------------------------------------------------------------------------------------------------------------
+    def log(self, row: dict, rewards: np.ndarray) -> None:
+        """A console line, a metrics.jsonl row and (with --track) a wandb point, from the main process."""
+        if not self.accelerator.is_main_process:
+            return
+        tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tracker is not None:
+            self.tracker.log({**row, "reward": self.tracker.Histogram(rewards)}, step=row["step"])
+
+    @staticmethod
+    def resolve_checkpoint(path: str) -> Path:
+        """A checkpoint_<epoch> directory, or the latest one inside the given directory."""
+        path = Path(os.path.expanduser(path))
+        if path.name.startswith("checkpoint_") and (path / "training_state.pt").exists():
+            return path
+        found = sorted(path.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1])) if path.is_dir() else []
+        found = [p for p in found if (p / "training_state.pt").exists()]
+        if not found:
+            raise ValueError(f"resume_from {path} is neither a checkpoint_<epoch> directory of this script nor a "
+                             "directory holding one")
+        return found[-1]
+
+    def save_checkpoint(self, epoch: int, global_step: int) -> None:
+        """logdir/checkpoint_<epoch>: the trained weights (adapter or UNet), optimizer, counters, prompt statistics and
+        every process's RNG; then the oldest checkpoints beyond num_checkpoint_limit are deleted."""
+        accelerator, path = self.accelerator, self.logdir / f"checkpoint_{epoch}"
+        if accelerator.is_main_process:
+            path.mkdir(parents=True, exist_ok=True)
+            if self.sd_pipeline.use_lora:
+                self.sd_pipeline.save_pretrained(path)
+            else:
+                accelerator.unwrap_model(self.unet).save_pretrained(path / "unet")
+            torch.save({"epoch": epoch, "global_step": global_step, "optimizer": self.optimizer.state_dict(),
+                        "stat_tracker": self.stat_tracker.state_dict() if self.stat_tracker else None},
+                       path / "training_state.pt")
+        accelerator.wait_for_everyone()
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save(rng, path / f"rng_state_{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            checkpoints = sorted(self.logdir.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
+            for old in checkpoints[: -self.config.num_checkpoint_limit]:
+                shutil.rmtree(old)
+
+    def load_checkpoint(self, path: Path) -> None:
+        self.sd_pipeline.load_checkpoint(path)
+        for parameter in self.trainable_layers:  # adapters stay float32
+            parameter.data = parameter.data.float()
+        state = torch.load(path / "training_state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.stat_tracker is not None and state["stat_tracker"] is not None:
+            self.stat_tracker.load_state_dict(state["stat_tracker"])
+        load_rng_state(path, self.accelerator.process_index)
+        self.first_epoch, self.global_step = state["epoch"], state["global_step"]
+        self.accelerator.print(f"resumed from {path} at epoch {self.first_epoch}")
+
+    def _save_pretrained(self, save_directory) -> None:
+        """The final weights: the LoRA adapter (load_lora_weights loads it) or the whole pipeline."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.sd_pipeline.save_pretrained(save_directory)
+        self.accelerator.wait_for_everyone()
+
+
+def gather_strings(accelerator, strings: list[str]) -> list[str]:
+    """Every process's strings, concatenated in process order."""
+    if accelerator.num_processes == 1:
+        return list(strings)
+    from accelerate.utils import gather_object
+
+    return gather_object(list(strings))
+
+
+def set_seeds(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def save_image_grid(output_dir: Path, columns: int = 8):
+    """The default image hook: each epoch, the first sampling batch as a PNG grid (output_dir/images/
+    step_<global_step>.png), every image captioned with its prompt and reward; wandb images under --track."""
+
+    def hook(prompt_image_data: list[list], global_step: int, tracker) -> None:
+        from PIL import Image, ImageDraw
+
+        images, prompts, _, rewards, _ = prompt_image_data[0]
+        pixels = (images.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        scale = max(1, 96 // pixels.shape[1])  # tiny images are enlarged so that the captions fit
+        tiles = [Image.fromarray(p).resize((p.shape[1] * scale, p.shape[0] * scale), Image.NEAREST) for p in pixels]
+        width, height = tiles[0].size
+        rows = math.ceil(len(tiles) / columns)
+        grid = Image.new("RGB", (min(columns, len(tiles)) * width, rows * (height + 14)), "white")
+        draw = ImageDraw.Draw(grid)
+        for i, (tile, prompt, reward) in enumerate(zip(tiles, prompts, rewards.tolist())):
+            x, y = (i % columns) * width, (i // columns) * (height + 14)
+            grid.paste(tile, (x, y))
+            draw.text((x + 2, y + height + 1), f"{prompt[:12]} {reward:.3g}", fill="black")
+        folder = output_dir / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        grid.save(folder / f"step_{global_step}.png")
+        if tracker is not None:
+            tracker.log({"images": [tracker.Image(tile, caption=f"{p} | {r:.2f}")
+                                    for tile, p, r in zip(tiles, prompts, rewards.tolist())]}, step=global_step)
+
+    return hook
+
+
+def load_rng_state(path: Path, process_index: int) -> None:
+    rng = torch.load(path / f"rng_state_{process_index}.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+REWARDS = {"brightness": brightness, "jpeg_compressibility": jpeg_compressibility,
+           "jpeg_incompressibility": jpeg_incompressibility, "aesthetic": aesthetic_score}
+
+
+if __name__ == "__main__":
+
+    def fail(message: str):
+        sys.exit(f"{Path(__file__).name}: error: {message}")
+
+    DDPOConfig.check_on_init = False
+    config = tyro.cli(DDPOConfig)
+
+    # 0. Validate what can be checked before anything is loaded (and before anything is written).
+    try:
+        config.check()
+        if config.resume_from:
+            DDPOTrainer.resolve_checkpoint(config.resume_from)
+    except ValueError as error:
+        fail(str(error))
+    pipeline_path = Path(config.pretrained_model)
+    if pipeline_path.exists() and not (pipeline_path / "model_index.json").exists():
+        fail(f"--pretrained_model {config.pretrained_model} is not a diffusers pipeline directory (no model_index.json "
+             "in it)")
+    if not pipeline_path.exists() and (config.pretrained_model.startswith((".", "/", "~"))
+                                       or config.pretrained_model.count("/") > 1):
+        fail(f"--pretrained_model {config.pretrained_model} does not exist: expected a pipeline directory or a Hub id")
+
+    # 1. The pipeline (DDIM scheduler; LoRA adapters are added by the trainer), the reward and the prompts.
+    try:
+        pipeline = DefaultDDPOStableDiffusionPipeline(config.pretrained_model,
+                                                      pretrained_model_revision=config.pretrained_revision,
+                                                      use_lora=config.use_lora, lora_r=config.lora_r,
+                                                      lora_alpha=config.lora_alpha)
+    except (OSError, ValueError) as error:
+        fail(f"could not load pipeline {config.pretrained_model}: {' '.join(str(error).split())[:500]}")
+    try:
+        reward_fn = REWARDS[config.reward]()
+    except OSError as error:
+        fail(str(error))
+    prompt_fn = animal_prompt if config.prompts == "animals" else fixed_prompt(config.prompt)
+
+    # 2. The trainer (it refuses to write over a previous run's checkpoints), then the epochs.
+    try:
+        trainer = DDPOTrainer(config, reward_fn, prompt_fn, pipeline,
+                              image_samples_hook=save_image_grid(Path(config.output_dir)))
+    except ValueError as error:
+        fail(str(error))
+    try:
+        trainer.train()
+    except (FloatingPointError, ValueError) as error:  # a non-finite loss, or a reward of the wrong shape
+        checkpoints = sorted(trainer.logdir.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
+        kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+        fail(f"{error}; stopping ({kept})")
+
+    # 3. Save: the LoRA adapter (pipe.load_lora_weights(output_dir) on the base pipeline) or the whole pipeline.
+    trainer._save_pretrained(config.output_dir)
+    if trainer.accelerator.is_main_process:
+        if config.push_to_hub:
+            from huggingface_hub import HfApi
+
+            repo = HfApi().create_repo(Path(config.output_dir).name, exist_ok=True).repo_id
+            HfApi().upload_folder(folder_path=config.output_dir, repo_id=repo, ignore_patterns=["checkpoints/*"])
+        if trainer.tracker is not None:
+            trainer.tracker.finish()
+    trainer.accelerator.print(f"saved to {config.output_dir}")
+    trainer.accelerator.end_training()
