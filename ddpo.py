@@ -6,20 +6,23 @@ DDIM step with eta > 0 samples the next latent from a Gaussian, so the probabili
 of those Gaussians and a policy gradient exists. Each epoch samples images from prompts while storing every latent, its
 timestep and the log-probability of each step; a reward scores the decoded images; rewards are normalised into
 advantages (per prompt, or over the batch); then a clipped PPO loss over the stored timesteps updates the UNet (LoRA
-adapters by default). This file reproduces TRL's v0.8 `DDPOConfig` / `DDPOTrainer` / `DefaultDDPOStableDiffusionPipeline`
-in one piece, with the reference's rewards (JPEG compressibility and incompressibility, brightness, the LAION aesthetic
-predictor) and prompts (its animal list). See docs/ddpo.md for the stages, the metrics and the deviations.
+adapters by default). This file reproduces TRL's v0.8 `DDPOConfig`, `DDPOTrainer` and
+`DefaultDDPOStableDiffusionPipeline` in one piece, with the reference's rewards (JPEG compressibility and
+incompressibility, brightness, the LAION aesthetic predictor) and prompts (its animal list). See docs/ddpo.md for the
+stages, the metrics and the deviations.
 
-    # offline quickstart: the tiny world's tiny Stable Diffusion (assets/tiny-sd), CPU, about a minute: images get brighter
+    # offline quickstart: the tiny world's Stable Diffusion (assets/tiny-sd), CPU, about a minute: brighter images
     python ddpo.py
     # the seed's example: Stable Diffusion 1.5, animal prompts, the LAION aesthetic predictor on CLIP ViT-L/14
     python ddpo.py --pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 --reward aesthetic \
         --num_epochs 200 --sample_num_steps 50 --sample_batch_size 6 --train_batch_size 3 \
         --sample_num_batches_per_epoch 4 --per_prompt_stat_tracking --per_prompt_stat_tracking_buffer_size 32 \
-        --mixed_precision fp16 --save_freq 10
+        --train_learning_rate 3e-4 --train_clip_range 1e-4 --mixed_precision fp16 --save_freq 10
     # several GPUs: each process samples and trains on its own batches; rewards are normalised over all of them
-    accelerate launch --multi_gpu --num_processes 8 ddpo.py --pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 \
-        --reward aesthetic --sample_num_steps 50 --sample_batch_size 8 --train_batch_size 4 --mixed_precision fp16
+    accelerate launch --multi_gpu --num_processes 8 ddpo.py \
+        --pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 --reward aesthetic --sample_num_steps 50 \
+        --sample_batch_size 8 --train_batch_size 4 --train_learning_rate 3e-4 --train_clip_range 1e-4 \
+        --mixed_precision fp16
 
 From Python, as in the seed: `from ddpo import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline`.
 """
@@ -38,7 +41,7 @@ from concurrent import futures
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -192,7 +195,8 @@ class DDPOConfig:
         if samples % per_step:
             raise ValueError(f"the samples of an epoch per process (sample_batch_size x sample_num_batches_per_epoch "
                              f"= {samples}) must be a multiple of train_batch_size x train_gradient_accumulation_steps "
-                             f"= {per_step} (the total train batch over {world_size} processes is {per_step * world_size})")
+                             f"= {per_step} (the total train batch over {world_size} processes is "
+                             f"{per_step * world_size})")
         if self.sample_eta <= 0:
             raise ValueError(f"sample_eta must be positive: with eta = 0 DDIM is deterministic and a step has no "
                              f"log-probability; got {self.sample_eta}")
@@ -377,7 +381,8 @@ class DefaultDDPOStableDiffusionPipeline:
         else:
             from diffusers import UNet2DConditionModel
 
-            self.unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(input_dir), subfolder="unet").state_dict())
+            trained = UNet2DConditionModel.from_pretrained(str(input_dir), subfolder="unet")
+            self.unet.load_state_dict(trained.state_dict())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -635,7 +640,8 @@ class DDPOTrainer:
                 raise ValueError(f"reward_function returned {reward.numel()} rewards (shape "
                                  f"{tuple(np.shape(result[0]))}) for {len(images)} images; expected one per image")
             if not torch.isfinite(reward).all():
-                raise ValueError(f"reward_function returned non-finite rewards {reward[~torch.isfinite(reward)].tolist()}"
+                bad = (~torch.isfinite(reward)).nonzero().flatten().tolist()
+                raise ValueError(f"reward_function returned non-finite rewards {reward[bad].tolist()}"
                                  f" for prompts {[p for p, r in zip(prompts, reward) if not torch.isfinite(r)][:5]}")
             rewards.append(reward.to(self.accelerator.device))
             reward_metadata.append(result[1])

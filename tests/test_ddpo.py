@@ -1,7 +1,6 @@
 """ddpo.py: the DDIM step's log-probability against diffusers and a hand-written Gaussian, the clipped loss and the
 per-prompt statistics by hand, ratio 1 on the first pass, bad input, and DDPO learning on the tiny pipeline."""
 
-import json
 import math
 import shutil
 
@@ -94,3 +93,128 @@ def test_rewards():
     sizes = jpeg_sizes_kb(images)
     assert sizes[2] > 3 * sizes[0]  # noise does not compress
     assert jpeg_compressibility()(images, [], [])[0].tolist() == pytest.approx((-sizes).tolist())
+
+
+def small_config(tmp_path, **overrides) -> DDPOConfig:
+    settings = {"output_dir": str(tmp_path / "run"), "sample_num_steps": 4, "sample_batch_size": 4,
+                "sample_num_batches_per_epoch": 1, "train_batch_size": 4, "num_epochs": 1, **overrides}
+    return DDPOConfig(**settings)
+
+
+@pytest.fixture
+def trainer(tmp_path):
+    return DDPOTrainer(small_config(tmp_path), brightness(), fixed_prompt("cat"),
+                       DefaultDDPOStableDiffusionPipeline(str(TINY_SD)))
+
+
+def test_the_stored_log_probs_are_recomputed_exactly_before_any_update(trainer):
+    """Ratio 1 at the first step of the first inner epoch: training recomputes every stored step's log-prob (guided,
+    train mode, LoRA on) and gets what sampling stored; the trajectories chain (next_latents[t] = latents[t + 1])."""
+    samples, data = trainer._generate_samples(1, 4)
+    sample = samples[0]
+    assert sample["latents"].shape == (4, 4, 4, 8, 8) and sample["log_probs"].shape == (4, 4)
+    assert torch.equal(sample["next_latents"][:, :-1], sample["latents"][:, 1:])
+    assert sample["timesteps"][0].tolist() == [751, 501, 251, 1]
+    assert data[0][0].shape == (4, 3, 32, 32)
+    embeds = torch.cat([trainer.neg_prompt_embed.expand(4, -1, -1), sample["prompt_embeds"]])
+    trainer.unet.train()
+    for j in range(4):
+        with torch.no_grad():
+            _, approx_kl, clipfrac = trainer.calculate_loss(sample["latents"][:, j], sample["timesteps"][:, j],
+                                                            sample["next_latents"][:, j], sample["log_probs"][:, j],
+                                                            torch.ones(4), embeds)
+        assert approx_kl < 1e-10 and clipfrac == 0, (j, approx_kl, clipfrac)
+
+
+def test_rewards_are_checked_and_can_be_computed_in_a_thread_pool(trainer, tmp_path):
+    images = torch.rand(4, 3, 32, 32)
+    data = [[images, ["cat"] * 4, [{}] * 4]]
+    rewards, _ = trainer.compute_rewards([list(d) for d in data])
+    assert rewards[0].tolist() == pytest.approx(images.mean(dim=(1, 2, 3)).tolist())
+    for bad, message in [(lambda i, p, m: (torch.zeros(3), {}), "returned 3 rewards .* for 4 images"),
+                         (lambda i, p, m: (torch.tensor([0.0, float("nan"), 0.0, 0.0]), {}), "non-finite rewards"),
+                         (lambda i, p, m: torch.zeros(4), r"must return \(rewards, metadata\)")]:
+        trainer.reward_fn = bad
+        with pytest.raises(ValueError, match=message):
+            trainer.compute_rewards([list(d) for d in data])
+    pooled = DDPOTrainer(small_config(tmp_path, async_reward_computation=True, output_dir=str(tmp_path / "pool")),
+                         brightness(), fixed_prompt("cat"), DefaultDDPOStableDiffusionPipeline(str(TINY_SD)))
+    torch.manual_seed(3)
+    _, data = pooled._generate_samples(2, 4)
+    assert all(isinstance(d[3], __import__("concurrent.futures").futures.Future) for d in data)
+    rewards, _ = pooled.compute_rewards(data)
+    assert [r.tolist() for r in rewards] == [d[0].mean(dim=(1, 2, 3)).tolist() for d in data]
+
+
+def test_ddpo_raises_the_brightness_and_the_saved_adapter_loads_in_plain_diffusers(tmp_path):
+    out = tmp_path / "ddpo"
+    run_ok("ddpo.py", "--output_dir", out)
+    rows = read_metrics(out)
+    rewards = [row["reward_mean"] for row in rows]
+    assert len(rewards) == 12 and [row["epoch"] for row in rows] == list(range(12))
+    assert np.mean(rewards[-3:]) > rewards[0] + 2 * rows[0]["reward_std"], rewards  # about 0.36 -> 0.43
+    assert all(key in rows[0] for key in ("loss", "approx_kl", "clipfrac", "images_per_second", "peak_memory_mb"))
+    assert len(list((out / "images").glob("step_*.png"))) == 12  # the image hook's grid, every epoch
+    assert (out / "checkpoints" / "checkpoint_8").exists() and (out / "pytorch_lora_weights.safetensors").exists()
+
+    def mean_brightness(pipe) -> float:
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(prompt=["cat", "dog", "horse", "bee"] * 4, num_inference_steps=10, guidance_scale=5.0, eta=1.0,
+                      output_type="pt", generator=torch.Generator().manual_seed(0)).images
+        return images.mean().item()
+
+    base = StableDiffusionPipeline.from_pretrained(TINY_SD, safety_checker=None, requires_safety_checker=False)
+    before = mean_brightness(base)
+    base.load_lora_weights(str(out))
+    after = mean_brightness(base)
+    assert after > before + 0.03, (before, after)
+
+
+def test_resumed_run_ends_where_the_uninterrupted_run_ends_and_a_full_unet_saves_a_pipeline(tmp_path):
+    args = ["--no-use_lora", "--train_learning_rate", "1e-4", "--num_epochs", 3, "--save_freq", 1,
+            "--num_checkpoint_limit", 1, "--sample_num_steps", 4, "--sample_batch_size", 4, "--train_batch_size", 2,
+            "--sample_num_batches_per_epoch", 1, "--per_prompt_stat_tracking", "--per_prompt_stat_tracking_min_count",
+            2]
+    run_ok("ddpo.py", *args, "--output_dir", tmp_path / "full")
+    assert [p.name for p in (tmp_path / "full" / "checkpoints").iterdir()] == ["checkpoint_2"]  # the limit
+    shutil.copytree(tmp_path / "full" / "checkpoints", tmp_path / "resumed" / "checkpoints")
+    run_ok("ddpo.py", *args, "--output_dir", tmp_path / "resumed",
+           "--resume_from", tmp_path / "resumed" / "checkpoints")
+    full = StableDiffusionPipeline.from_pretrained(tmp_path / "full").unet.state_dict()
+    resumed = StableDiffusionPipeline.from_pretrained(tmp_path / "resumed").unet.state_dict()
+    initial = StableDiffusionPipeline.from_pretrained(TINY_SD).unet.state_dict()
+    assert any(not torch.equal(full[k], initial[k]) for k in full)  # it trained
+    assert all(torch.allclose(full[k], resumed[k], atol=1e-6) for k in full)
+    logged = read_metrics(tmp_path / "resumed")
+    assert [row["epoch"] for row in logged] == [2]
+    for key in ("step", "reward_mean", "reward_std", "loss", "approx_kl", "clipfrac"):
+        assert logged[0][key] == pytest.approx(read_metrics(tmp_path / "full")[2][key], rel=1e-5, abs=1e-9), key
+
+
+def test_bad_command_lines_fail_with_one_clear_line(tmp_path, monkeypatch):
+    previous = tmp_path / "out" / "checkpoints" / "checkpoint_4"
+    previous.mkdir(parents=True)
+    (previous / "training_state.pt").write_bytes(b"a previous run")
+    cases = [
+        (["--sample_batch_size", 6, "--train_batch_size", 4], "sample_batch_size (6) must be a multiple of"),
+        (["--train_timestep_fraction", 0], "train_timestep_fraction must be in (0, 1], got 0"),
+        (["--train_timestep_fraction", 1.5], "train_timestep_fraction must be in (0, 1], got 1.5"),
+        (["--sample_num_batches_per_epoch", 1, "--train_batch_size", 4, "--train_gradient_accumulation_steps", 4],
+         "must be a multiple of train_batch_size x train_gradient_accumulation_steps = 16"),
+        (["--pretrained_model", tmp_path / "missing"], "does not exist"),
+        (["--pretrained_model", tmp_path], "is not a diffusers pipeline directory"),
+    ]
+    assert_each_fails_with_one_line(monkeypatch, "ddpo.py", cases, tmp_path / "elsewhere")
+    # a fresh run into a directory that holds a previous run's checkpoints refuses, and leaves them as they were
+    line = error_line(run_script("ddpo.py", "--output_dir", tmp_path / "out"))
+    assert line.startswith("ddpo.py: error:") and "already holds checkpoints of a previous run" in line, line
+    assert (previous / "training_state.pt").read_bytes() == b"a previous run"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["checkpoints"]
+
+
+def test_help(capsys):
+    assert_help_lists(DDPOConfig, capsys, ["--sample-num-steps", "--sample-eta", "--sample-guidance-scale",
+                                           "--train-clip-range", "--train-timestep-fraction",
+                                           "--per-prompt-stat-tracking", "--async-reward-computation",
+                                           "--pretrained-model", "--use-lora", "--reward"])
