@@ -705,8 +705,8 @@ class DDPOTrainer:
 
         # 5. Log the epoch; checkpoint every save_freq epochs.
         seconds = time.time() - start
-        row = {"epoch": epoch, "step": global_step, "reward_mean": float(all_rewards.mean()),
-               "reward_std": float(all_rewards.std()),
+        row = {"epoch": epoch, "step": global_step, "images": len(all_rewards),
+               "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
                **{key: float(torch.stack(values).mean()) for key, values in info.items() if values},
                "images_per_second": len(all_rewards) / seconds, "time/sample": sample_seconds,
                "time/reward": reward_seconds, "time/train": time.time() - train_start,

@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import (ASSETS, assert_each_fails_with_one_line, assert_help_lists, error_line, read_metrics, run_ok,
-                      run_script)
+from conftest import (ASSETS, TWO_PROCESSES, assert_each_fails_with_one_line, assert_help_lists, error_line,
+                      read_metrics, run_ok, run_script)
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from ddpo import (DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline, PerPromptStatTracker, brightness,
@@ -190,6 +190,16 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends_and_a_full_unet_saves
     assert [row["epoch"] for row in logged] == [2]
     for key in ("step", "reward_mean", "reward_std", "loss", "approx_kl", "clipfrac"):
         assert logged[0][key] == pytest.approx(read_metrics(tmp_path / "full")[2][key], rel=1e-5, abs=1e-9), key
+
+
+def test_two_processes_sample_their_own_images_and_normalise_over_all(tmp_path):
+    out = tmp_path / "ddpo"
+    run_ok("ddpo.py", "--output_dir", out, "--num_epochs", 2, "--sample_batch_size", 4, "--per_prompt_stat_tracking",
+           "--per_prompt_stat_tracking_min_count", 2, launcher=TWO_PROCESSES)
+    rows = read_metrics(out)
+    assert [row["images"] for row in rows] == [16, 16]  # 2 processes x 2 batches x 4 images, logged once
+    assert [row["step"] for row in rows] == [2, 4]  # 8 samples per process / train_batch_size 4 per epoch
+    assert (out / "pytorch_lora_weights.safetensors").exists()
 
 
 def test_bad_command_lines_fail_with_one_clear_line(tmp_path, monkeypatch):
