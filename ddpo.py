@@ -186,6 +186,9 @@ class DDPOConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not 0 < self.train_timestep_fraction <= 1:
             raise ValueError(f"train_timestep_fraction must be in (0, 1], got {self.train_timestep_fraction}")
+        if int(self.sample_num_steps * self.train_timestep_fraction) == 0:
+            raise ValueError(f"train_timestep_fraction {self.train_timestep_fraction} of {self.sample_num_steps} "
+                             "sampling steps trains on no timestep")
         if self.sample_batch_size % self.train_batch_size:
             raise ValueError(f"sample_batch_size ({self.sample_batch_size}) must be a multiple of train_batch_size "
                              f"({self.train_batch_size})")
@@ -525,9 +528,6 @@ class DDPOTrainer:
         self.config, self.reward_fn, self.prompt_fn = config, reward_function, prompt_function
         self.sd_pipeline, self.image_samples_callback = sd_pipeline, image_samples_hook
         self.num_train_timesteps = int(config.sample_num_steps * config.train_timestep_fraction)
-        if self.num_train_timesteps == 0:
-            raise ValueError(f"train_timestep_fraction {config.train_timestep_fraction} of {config.sample_num_steps} "
-                             "sampling steps trains on no timestep")
         self.output_dir = Path(config.output_dir)
         self.logdir = Path(config.logdir) if config.logdir else self.output_dir / "checkpoints"
         resume = self.resolve_checkpoint(config.resume_from) if config.resume_from else None
