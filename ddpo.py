@@ -11,7 +11,7 @@ adapters by default). This file reproduces TRL's v0.8 `DDPOConfig`, `DDPOTrainer
 incompressibility, brightness, the LAION aesthetic predictor) and prompts (its animal list). See docs/ddpo.md for the
 stages, the metrics and the deviations.
 
-    # offline quickstart: the tiny world's Stable Diffusion (assets/tiny-sd), CPU, about a minute: brighter images
+    # offline quickstart: the tiny world's Stable Diffusion (assets/tiny-sd), CPU, about 30 s: brighter images
     python ddpo.py
     # the seed's example: Stable Diffusion 1.5, animal prompts, the LAION aesthetic predictor on CLIP ViT-L/14
     python ddpo.py --pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 --reward aesthetic \
@@ -61,7 +61,7 @@ ANIMALS = ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird",
 class DDPOConfig:
     """The seed's `DDPOConfig` (field names and meanings) plus its example script's `pretrained_model`,
     `pretrained_revision` and `use_lora`; also this script's command line. Fields that set the scale of a run default
-    to the tiny pipeline (a minute on CPU); docs/ddpo.md gives the seed's values."""
+    to the tiny pipeline (about 30 s on CPU); docs/ddpo.md gives the seed's values."""
 
     # --- experiment ---
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -370,13 +370,12 @@ class DefaultDDPOStableDiffusionPipeline:
     def load_checkpoint(self, input_dir) -> None:
         """The trained weights of save_pretrained's output (adapter or UNet) back into this pipeline's UNet."""
         if self.use_lora:
+            from diffusers.utils import convert_unet_state_dict_to_peft
             from peft import set_peft_model_state_dict
 
             state_dict, _ = self.sd_pipeline.lora_state_dict(str(input_dir),
                                                               weight_name="pytorch_lora_weights.safetensors")
             state_dict = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
-            from diffusers.utils import convert_unet_state_dict_to_peft
-
             result = set_peft_model_state_dict(self.unet, convert_unet_state_dict_to_peft(state_dict))
             if getattr(result, "unexpected_keys", None):
                 raise ValueError(f"the LoRA weights in {input_dir} do not fit this UNet: unexpected keys "
