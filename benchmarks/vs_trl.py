@@ -1,0 +1,241 @@
+"""Our scripts against TRL on the same work, side by side: steady-state samples/s, whole-process seconds, peak memory.
+
+    python benchmarks/vs_trl.py --setup                      # once: TRL 1.16 (and the seed's TRL 0.8.6) in venvs
+    python benchmarks/vs_trl.py                              # sft reward dpo kto orpo cpo ppo; ~40 min on 2 CPU cores
+    python benchmarks/vs_trl.py --algos dpo --models tiny --repeats 1            # a quick look, ~1 min
+    python benchmarks/vs_trl.py --models qwen2-0.5b --bf16                       # on a GPU
+
+TRL is not a dependency of the project: --setup installs TRL 1.16 with the project's own pins of torch, transformers,
+datasets, accelerate and peft into benchmarks/.venvs/trl-1.16, and the seed's TRL 0.8.6 with a transformers of its era
+into benchmarks/.venvs/trl-0.8.6 (--trl_python / --seed_python point at existing ones instead).
+
+The work, identical on both sides: the same model (read from the same folder), the same rows (the tiny world's
+train.jsonl: sft_prompt_completion for sft, preference for reward/dpo/orpo/cpo, unpaired for kto), --batch_size samples
+per optimizer step on one process, no gradient accumulation, --max_length tokens (no tiny-world row is that long, so
+nothing is truncated on either side), --steps steps, learning rate 5e-4 with linear decay, no evaluation, no
+checkpoints, gradient checkpointing off, fp32 (or --bf16), and the final model saved. A sample is one sequence (sft),
+one preference pair (reward, dpo, orpo, cpo) or one example with its KL partner (kto). Each repeat runs the two sides
+back to back, in alternating order, as subprocesses started the way a user starts them.
+
+Measured, per run: steady-state samples/s = samples of steps --warmup+1..--steps ÷ their wall time (TRL: a
+TrainerCallback's step-end times; ours: the train_seconds of the logged windows, which exclude logging and evaluation
+as TRL's step times include its logging); whole-process seconds from the subprocess's start to its exit, saved model
+included; peak memory = the process's peak resident set size (os.wait4's ru_maxrss), or torch's CUDA peak on a GPU.
+Each number is the median over --repeats. Ratios: steady state ours ÷ TRL, whole process TRL ÷ ours (both > 1 when we
+are faster), peak memory ours ÷ TRL (< 1 when we use less).
+
+ppo is compared with the seed's PPOTrainer (TRL 0.8.6) rather than TRL 1.16, which has no PPO trainer of the seed's
+form: benchmarks/vs_trl_ppo_runner.py runs the same loop (generate, score with the tiny reward model, step) with either
+`from trl import ...` (seed venv) or `from ppo import ...` (ours), and reports episodes/s of rollout + update.
+
+Models: `tiny` (the tiny world's policy, 0.2M parameters, vocabulary 602), `llama-20m` (a random-init Llama-style model
+built from a config: hidden 256, 4 layers, vocabulary 32000, untied head, 19.7M parameters; the tiny tokenizer, so its
+ids stay < 602 and only speed and memory mean anything), and `qwen2-0.5b` (a random-init Qwen2-0.5B-shaped config, for
+a GPU, with --bf16). Models are built once under --work_dir.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = REPO / "assets"
+VENVS = REPO / "benchmarks" / ".venvs"
+ALGOS = ["sft", "reward", "dpo", "kto", "orpo", "cpo", "ppo"]
+DATA = {"sft": "sft_prompt_completion", "reward": "preference", "dpo": "preference", "kto": "unpaired",
+        "orpo": "preference", "cpo": "preference"}
+PINS = ["torch==2.13.0", "transformers==5.23.0", "datasets==5.2.0", "accelerate==1.15.0", "peft==0.21.2"]
+SEED_PINS = ["torch==2.13.0", "trl==0.8.6", "transformers==4.40.2", "accelerate==0.30.1", "datasets>=2.19,<2.20",
+             "peft==0.10.0", "numpy<2", "pyarrow<17", "pandas<2.3", "rich"]
+ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
+       "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+
+
+def setup(trl_python: Path, seed_python: Path) -> None:
+    """Create the two virtualenvs (TRL 1.16 with the project's pins; TRL 0.8.6 with its era's transformers)."""
+    for python, pins in ((trl_python, PINS + ["trl==1.16.0"]), (seed_python, SEED_PINS)):
+        venv = python.parent.parent
+        if not python.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pins], check=True)
+        print(f"ready: {venv}")
+
+
+def build_model(name: str, work_dir: Path) -> Path:
+    """The tiny policy, or a random-init model from a config saved with the tiny tokenizer (built once)."""
+    if name == "tiny":
+        return ASSETS / "tiny-gpt2"
+    path = work_dir / "models" / name
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tiny-gpt2")
+    ids = dict(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    if name == "llama-20m":
+        config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                             tie_word_embeddings=False, **ids)
+        model = LlamaForCausalLM(config)
+    elif name == "qwen2-0.5b":
+        config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                             num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
+                             tie_word_embeddings=True, **ids)
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    else:
+        raise SystemExit(f"vs_trl.py: error: unknown model '{name}': expected tiny, llama-20m or qwen2-0.5b")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run_timed(command: list[str], threads: int | None) -> tuple[float, float, str]:
+    """Run a command; return its wall seconds, its peak RSS in MB and its output (raising with the output on failure)."""
+    env = {**os.environ, **ENV, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    start = time.time()
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.time() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{output[-4000:]}")
+    return seconds, usage.ru_maxrss / 1024, output  # ru_maxrss is in KB on Linux
+
+
+def run_ours(algo: str, model: Path, run_dir: Path, args) -> dict:
+    command = [sys.executable, str(REPO / f"{algo}.py"), "--model_name_or_path", str(model),
+               "--dataset_name", str(ASSETS / "data" / DATA[algo]), "--dataset_test_split", "None",
+               "--output_dir", str(run_dir), "--max_steps", str(args.steps),
+               "--per_device_train_batch_size", str(args.batch_size), "--gradient_accumulation_steps", "1",
+               "--max_length", str(args.max_length), "--learning_rate", "5e-4", "--logging_steps", str(args.warmup),
+               "--save_steps", "0", "--seed", "0", *(["--bf16"] if args.bf16 else [])]
+    seconds, rss_mb, _ = run_timed(command, args.threads)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = [row for row in rows if "samples_per_second" in row and row["step"] > args.warmup]
+    samples = args.batch_size * args.warmup * len(windows)
+    train_seconds = sum(args.batch_size * args.warmup / row["samples_per_second"] for row in windows)
+    cuda = rows[-1]["peak_memory_mb"] if args.bf16 else None  # on a GPU the scripts log the CUDA peak
+    return {"samples_per_second": samples / train_seconds, "process_seconds": seconds,
+            "peak_memory_mb": cuda if cuda is not None and gpu_present() else rss_mb}
+
+
+def run_trl(algo: str, model: Path, run_dir: Path, args) -> dict:
+    result_file = run_dir.with_suffix(".json")
+    command = [str(args.trl_python), str(REPO / "benchmarks" / "vs_trl_runner.py"), "--algo", algo, "--model",
+               str(model), "--data", str(ASSETS / "data" / DATA[algo]), "--output_dir", str(run_dir), "--result",
+               str(result_file), "--steps", str(args.steps), "--batch_size", str(args.batch_size), "--max_length",
+               str(args.max_length), *(["--bf16"] if args.bf16 else [])]
+    seconds, rss_mb, _ = run_timed(command, args.threads)
+    result = json.loads(result_file.read_text())
+    ends = result["step_ends"]
+    steady = args.batch_size * (args.steps - args.warmup) / (ends[-1] - ends[args.warmup - 1])
+    return {"samples_per_second": steady, "process_seconds": seconds,
+            "peak_memory_mb": result["cuda_peak_mb"] if result["cuda_peak_mb"] is not None else rss_mb}
+
+
+def run_ppo(side: str, model: Path, run_dir: Path, args) -> dict:
+    python = str(args.seed_python) if side == "trl" else sys.executable
+    result_file = run_dir.with_suffix(".json")
+    command = [python, str(REPO / "benchmarks" / "vs_trl_ppo_runner.py"), "--side", "seed" if side == "trl" else
+               "ours", "--model", str(model), "--result", str(result_file), "--steps", str(args.ppo_steps),
+               "--warmup", str(args.ppo_warmup), "--batch_size", str(args.ppo_batch_size),
+               "--max_new_tokens", str(args.ppo_max_new_tokens), "--output_dir", str(run_dir)]
+    seconds, rss_mb, _ = run_timed(command, args.threads)
+    result = json.loads(result_file.read_text())
+    return {"samples_per_second": result["episodes_per_second"], "process_seconds": seconds,
+            "peak_memory_mb": result["cuda_peak_mb"] if result["cuda_peak_mb"] is not None else rss_mb}
+
+
+def gpu_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setup", action="store_true", help="create the TRL virtualenvs, then exit")
+    parser.add_argument("--algos", nargs="*", default=ALGOS, choices=ALGOS)
+    parser.add_argument("--models", nargs="*", default=["llama-20m", "tiny"],
+                        choices=["tiny", "llama-20m", "qwen2-0.5b"])
+    parser.add_argument("--repeats", type=int, default=2, help="alternated runs of each side; medians are reported")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=10, help="first steps left out of the steady state")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--bf16", action="store_true", help="bf16 weights and autocast on both sides (for a GPU)")
+    parser.add_argument("--ppo_steps", type=int, default=6, help="PPO steps (rollout + update) per ppo run")
+    parser.add_argument("--ppo_warmup", type=int, default=1)
+    parser.add_argument("--ppo_batch_size", type=int, default=64, help="episodes per PPO step")
+    parser.add_argument("--ppo_max_new_tokens", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both sides (default: unset)")
+    parser.add_argument("--trl_python", type=Path, default=VENVS / "trl-1.16" / "bin" / "python")
+    parser.add_argument("--seed_python", type=Path, default=VENVS / "trl-0.8.6" / "bin" / "python")
+    parser.add_argument("--work_dir", type=Path, default=REPO / "runs" / "vs_trl")
+    parser.add_argument("--output", type=Path, default=None, help="results JSON (default: WORK_DIR/results.json)")
+    args = parser.parse_args()
+    if args.setup:
+        setup(args.trl_python, args.seed_python)
+        return
+    for python, needed in ((args.trl_python, set(args.algos) - {"ppo"}), (args.seed_python, {"ppo"} & set(args.algos))):
+        if needed and not python.exists():
+            raise SystemExit(f"vs_trl.py: error: {python} does not exist: run `python benchmarks/vs_trl.py --setup` "
+                             "(or pass --trl_python / --seed_python)")
+    if not 0 < args.warmup < args.steps or args.steps % args.warmup:
+        raise SystemExit(f"vs_trl.py: error: --warmup {args.warmup} must divide --steps {args.steps} and be smaller")
+
+    results, load_before = [], os.getloadavg()[0]
+    for model_name in args.models:
+        model = build_model(model_name, args.work_dir)
+        for algo in args.algos:
+            runs = {"ours": [], "trl": []}
+            for repeat in range(args.repeats):
+                for side in (("ours", "trl") if repeat % 2 == 0 else ("trl", "ours")):
+                    run_dir = args.work_dir / "runs" / f"{model_name}-{algo}-{side}-{repeat}"
+                    runner = run_ppo if algo == "ppo" else run_ours if side == "ours" else run_trl
+                    runs[side].append(runner(side, model, run_dir, args) if algo == "ppo" else
+                                      runner(algo, model, run_dir, args))
+                    print(f"{model_name} {algo} {side} repeat {repeat}: {runs[side][-1]}", file=sys.stderr,
+                          flush=True)
+            row = {"model": model_name, "algo": algo, "runs": runs}
+            for side in runs:
+                for key in ("samples_per_second", "process_seconds", "peak_memory_mb"):
+                    row[f"{side}_{key}"] = statistics.median(run[key] for run in runs[side])
+            row["steady_ratio"] = row["ours_samples_per_second"] / row["trl_samples_per_second"]
+            row["process_ratio"] = row["trl_process_seconds"] / row["ours_process_seconds"]
+            row["memory_ratio"] = row["ours_peak_memory_mb"] / row["trl_peak_memory_mb"]
+            results.append(row)
+
+    memory = "CUDA peak" if gpu_present() else "peak RSS"
+    print(f"\n{args.batch_size} samples/step, max_length {args.max_length}, {args.steps} steps (steady state after "
+          f"{args.warmup}), {'bf16' if args.bf16 else 'fp32'}, medians of {args.repeats} alternated runs; ppo: "
+          f"{args.ppo_batch_size} episodes/step, up to {args.ppo_max_new_tokens} new tokens, {args.ppo_steps} steps; "
+          f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n")
+    print(f"| model | script | ours samples/s | TRL samples/s | steady ours ÷ TRL | ours process s | TRL process s "
+          f"| process TRL ÷ ours | ours {memory} MB | TRL {memory} MB | memory ours ÷ TRL |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        versus = "seed 0.8.6" if r["algo"] == "ppo" else "TRL 1.16"
+        print(f"| {r['model']} | {r['algo']} (vs {versus}) | {r['ours_samples_per_second']:.1f} "
+              f"| {r['trl_samples_per_second']:.1f} | **{r['steady_ratio']:.2f}** | {r['ours_process_seconds']:.1f} "
+              f"| {r['trl_process_seconds']:.1f} | **{r['process_ratio']:.2f}** | {r['ours_peak_memory_mb']:.0f} "
+              f"| {r['trl_peak_memory_mb']:.0f} | **{r['memory_ratio']:.2f}** |")
+    output = args.output or args.work_dir / "results.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "rows": results,
+                                  "load_average_before_after": [load_before, os.getloadavg()[0]]}, indent=1))
+    print(f"\nwritten: {output}")
+
+
+if __name__ == "__main__":
+    main()

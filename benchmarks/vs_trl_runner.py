@@ -1,0 +1,93 @@
+"""TRL's side of benchmarks/vs_trl.py: one TRL 1.16 trainer run, timed. Runs inside TRL's own virtualenv.
+
+    <trl venv>/bin/python benchmarks/vs_trl_runner.py --algo dpo --model M --data D --output_dir O --result R.json
+
+It trains --steps optimizer steps of --batch_size samples with the same settings the harness gives our script (no
+evaluation, no checkpoints, gradient checkpointing off, fp32 unless --bf16, learning rate 5e-4, linear decay), saves the
+final model, and writes the wall-clock time of every step's end (a TrainerCallback) and of the save to --result. Peak
+memory is measured by the harness (the process's peak RSS; the CUDA peak is written here when a GPU is present).
+Nothing of this project is imported: the project does not depend on TRL, and TRL does not see the project.
+"""
+
+import argparse
+import json
+import time
+
+START = time.time()
+
+import torch  # noqa: E402
+from datasets import load_dataset  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+
+class StepTimer(TrainerCallback):
+    """Wall-clock time at the start of training and at the end of every optimizer step."""
+
+    def __init__(self):
+        self.train_begin, self.step_ends = None, []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.train_begin = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.step_ends.append(time.time())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--algo", required=True, choices=["sft", "reward", "dpo", "kto", "orpo", "cpo"])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True, help="a folder with train.jsonl")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--result", required=True)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true")
+    args = parser.parse_args()
+
+    import trl
+
+    common = dict(output_dir=args.output_dir, per_device_train_batch_size=args.batch_size,
+                  gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=5e-4, lr_scheduler_type="linear",
+                  warmup_steps=0, weight_decay=0.0, logging_steps=10, save_strategy="no", eval_strategy="no",
+                  report_to="none", bf16=args.bf16, gradient_checkpointing=False, max_length=args.max_length,
+                  seed=args.seed, data_seed=args.seed, disable_tqdm=True, dataloader_num_workers=0,
+                  use_cpu=not torch.cuda.is_available())
+    if args.bf16:
+        common["model_init_kwargs"] = {"dtype": torch.bfloat16}
+    train = load_dataset("json", data_files=f"{args.data}/train.jsonl", split="train")
+    if args.algo == "sft":
+        config, trainer_class = trl.SFTConfig(**common), trl.SFTTrainer
+    elif args.algo == "reward":
+        config, trainer_class = trl.RewardConfig(**common), trl.RewardTrainer
+    elif args.algo == "dpo":
+        config, trainer_class = trl.DPOConfig(**common, beta=0.1), trl.DPOTrainer
+    elif args.algo == "kto":
+        config, trainer_class = trl.KTOConfig(**common, beta=0.1), trl.KTOTrainer
+    elif args.algo == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        config, trainer_class = ORPOConfig(**common, beta=0.1), ORPOTrainer
+    else:
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        config, trainer_class = CPOConfig(**common, beta=0.1), CPOTrainer
+    timer = StepTimer()
+    trainer = trainer_class(model=args.model, args=config, train_dataset=train, callbacks=[timer])
+    trainer.train()
+    trainer.save_model(args.output_dir)
+    end = time.time()
+    result = {"trl_version": trl.__version__, "process_start": START, "train_begin": timer.train_begin,
+              "step_ends": timer.step_ends, "end": end,
+              "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+              "params": sum(p.numel() for p in trainer.model.parameters())}
+    with open(args.result, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
