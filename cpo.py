@@ -96,12 +96,14 @@ class Args:
     """the dataset configuration (subset) name"""
     dataset_train_split: str = "train"
     """the split to train on"""
-    dataset_test_split: str | None = "test"
-    """the split to evaluate on (None: no evaluation)"""
+    dataset_test_split: str | None = "auto"
+    """the split to evaluate on; auto: 'test' if the data has one, else no evaluation (a single data file has only
+    'train'); None: no evaluation; a split named here must exist"""
     max_length: int = 512
     """tokens per prompt + answer; the prompt is truncated first (to max_prompt_length), then the answers"""
-    max_prompt_length: int = 128
-    """tokens the prompt keeps when prompt + answer is longer than max_length"""
+    max_prompt_length: int | None = None
+    """tokens the prompt keeps when prompt + answer is longer than max_length; None: half of max_length, at most 128
+    (so 128 for the default max_length 512, and 64 for --max_length 128)"""
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
     """which end of a long prompt is kept (keep_end keeps the BOS token too)"""
 
@@ -389,6 +391,8 @@ if __name__ == "__main__":
     if args.resume_from_checkpoint and not (Path(args.resume_from_checkpoint) / "training_state.pt").exists():
         fail(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint directory of this script "
              "(no training_state.pt in it)")
+    if args.max_prompt_length is None:  # the default follows --max_length (resolved here, once, for all below)
+        args.max_prompt_length = min(128, args.max_length // 2)
     if not 0 < args.max_prompt_length < args.max_length:
         fail(f"--max_prompt_length must be positive and below --max_length {args.max_length} so that answers keep "
              f"some tokens, got {args.max_prompt_length}")
@@ -417,6 +421,11 @@ if __name__ == "__main__":
         if "corresponds to no data" in message or "generating the dataset" in message:  # how datasets says "empty"
             message += " (is a data file empty? every split needs at least one row)"
         fail(f"could not load dataset {args.dataset_name}: {message}")
+    if args.dataset_test_split == "auto":  # resolved here, so everything below sees a split name or None
+        args.dataset_test_split = "test" if "test" in raw else None
+        if args.dataset_test_split is None:
+            accelerator.print(f"dataset {args.dataset_name} has no split 'test': training without evaluation "
+                              "(pass --dataset_test_split to name one)")
     try:
         for split in [args.dataset_train_split] + ([args.dataset_test_split] if args.dataset_test_split else []):
             if split not in raw:

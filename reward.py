@@ -92,8 +92,9 @@ class Args:
     """the dataset configuration (subset) name"""
     dataset_train_split: str = "train"
     """the split to train on"""
-    dataset_test_split: str | None = "test"
-    """the split to evaluate on (None: no evaluation)"""
+    dataset_test_split: str | None = "auto"
+    """the split to evaluate on; auto: 'test' if the data has one, else no evaluation (a single data file has only
+    'train'); None: no evaluation; a split named here must exist"""
     max_length: int = 512
     """tokens per text (prompt + answer); longer texts are truncated at the end and counted"""
 
@@ -316,6 +317,11 @@ if __name__ == "__main__":
                 message:  # how datasets says "empty"
             message += " (is a data file empty? every split needs at least one row)"
         fail(f"could not load dataset {args.dataset_name}: {message}")
+    if args.dataset_test_split == "auto":  # resolved here, so everything below sees a split name or None
+        args.dataset_test_split = "test" if "test" in raw else None
+        if args.dataset_test_split is None:
+            accelerator.print(f"dataset {args.dataset_name} has no split 'test': training without evaluation "
+                              "(pass --dataset_test_split to name one)")
     try:
         for split in [args.dataset_train_split] + ([args.dataset_test_split] if args.dataset_test_split else []):
             if split not in raw:

@@ -190,8 +190,8 @@ def test_bad_input_fails_with_one_clear_line_before_the_model_loads(tmp_path, ca
         args += ["--per_device_train_batch_size", 0]
         expected = "--per_device_train_batch_size must be a positive integer, got 0"
     elif case == "split":
-        args += ["--dataset_name", write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}])]
-        expected = "has no split 'test'; found splits ['train']"
+        args += ["--dataset_name", write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}]), "--dataset_test_split", "test"]
+        expected = "has no split 'test'; found splits ['train']"  # named, so it must exist (by default: no evaluation)
     else:
         tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tiny-gpt2")
         tokenizer.eos_token = None
