@@ -183,6 +183,7 @@ def test_bad_input_to_the_api_gives_a_clear_error(tiny):
         as_query_list(torch.zeros(1, 2, 3, dtype=torch.long))
 
 
+@pytest.mark.slow
 def test_command_line_best_of_8_beats_best_of_1_and_its_completions_train_with_sft(tmp_path):
     out = tmp_path / "bon"
     result = run_ok("best_of_n.py", "--output_dir", out, "--num_prompts", 48)
@@ -215,6 +216,7 @@ def test_command_line_best_of_8_beats_best_of_1_and_its_completions_train_with_s
     assert eval_losses[-1] < eval_losses[0], eval_losses
 
 
+@pytest.mark.slow
 def test_two_processes_share_the_prompts_and_gather_every_result(tmp_path):
     out = tmp_path / "bon"
     run_ok("best_of_n.py", "--output_dir", out, "--num_prompts", 10, "--sample_size", 4, launcher=TWO_PROCESSES)
@@ -228,6 +230,7 @@ def test_two_processes_share_the_prompts_and_gather_every_result(tmp_path):
     assert [json.loads(line)["prompt"] for line in train + test] == prompts
 
 
+@pytest.mark.slow
 def test_command_line_bad_input_gives_one_clear_line(tmp_path, monkeypatch):
     (tmp_path / "no_prompt.jsonl").write_text('{"text": "hello"}\n')
     (tmp_path / "empty_prompt.jsonl").write_text('{"prompt": "Review of X:"}\n{"prompt": "  "}\n')

@@ -65,6 +65,7 @@ def test_unknown_loss_type_raises():
 
 
 # ------------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
 def test_default_run_prefers_chosen_on_held_out_pairs_and_writes_more_positive_reviews(tmp_path):
     start = time.time()
     run_ok("cpo.py", cwd=tmp_path)  # the README's quickstart command
@@ -80,6 +81,7 @@ def test_default_run_prefers_chosen_on_held_out_pairs_and_writes_more_positive_r
     assert accuracies[-1] > accuracies[0] + 0.2, accuracies
 
 
+@pytest.mark.slow
 def test_simpo_two_processes_and_accumulation_match_one_process_at_the_same_global_batch(tmp_path):
     # SimPO (with the NLL term, i.e. CPO-SimPO): per-token averaged log-probs, the margin gamma
     assert_same_training_however_the_global_batch_is_split("cpo.py", SHORT + ["--loss_type", "simpo", "--beta", 2.0],
@@ -90,6 +92,7 @@ def test_simpo_two_processes_and_accumulation_match_one_process_at_the_same_glob
     assert margins[-1] > margins[0], margins
 
 
+@pytest.mark.slow
 def test_lora_resumed_run_ends_where_the_uninterrupted_run_ends_learns_and_saves_plain_weights(tmp_path):
     args = SHORT + ["--use_peft", "--learning_rate", 5e-3, "--generate_during_eval", "--per_device_eval_batch_size", 4]
     assert_resumed_run_ends_where_the_uninterrupted_run_ends("cpo.py", args, tmp_path)
@@ -105,6 +108,7 @@ def test_lora_resumed_run_ends_where_the_uninterrupted_run_ends_learns_and_saves
                for sample in samples)  # the policy's answers only: there is no reference model
 
 
+@pytest.mark.slow
 def test_bad_hyper_parameters_are_one_clear_line():
     result = run_script("cpo.py", "--loss_type", "hinge", "--label_smoothing", 0.1)
     assert error_line(result) == (

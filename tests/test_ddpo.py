@@ -146,6 +146,7 @@ def test_rewards_are_checked_and_can_be_computed_in_a_thread_pool(trainer, tmp_p
     assert [r.tolist() for r in rewards] == [d[0].mean(dim=(1, 2, 3)).tolist() for d in data]
 
 
+@pytest.mark.slow
 def test_ddpo_raises_the_brightness_and_the_saved_adapter_loads_in_plain_diffusers(tmp_path):
     out = tmp_path / "ddpo"
     run_ok("ddpo.py", "--output_dir", out)
@@ -171,6 +172,7 @@ def test_ddpo_raises_the_brightness_and_the_saved_adapter_loads_in_plain_diffuse
     assert after > before + 0.03, (before, after)
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_where_the_uninterrupted_run_ends_and_a_full_unet_saves_a_pipeline(tmp_path):
     args = ["--no-use_lora", "--train_learning_rate", "1e-4", "--num_epochs", 3, "--save_freq", 1,
             "--num_checkpoint_limit", 1, "--sample_num_steps", 4, "--sample_batch_size", 4, "--train_batch_size", 2,
@@ -192,6 +194,7 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends_and_a_full_unet_saves
         assert logged[0][key] == pytest.approx(read_metrics(tmp_path / "full")[2][key], rel=1e-5, abs=1e-9), key
 
 
+@pytest.mark.slow
 def test_two_processes_sample_their_own_images_and_normalise_over_all(tmp_path):
     out = tmp_path / "ddpo"
     run_ok("ddpo.py", "--output_dir", out, "--num_epochs", 2, "--sample_batch_size", 4, "--per_prompt_stat_tracking",
@@ -202,6 +205,7 @@ def test_two_processes_sample_their_own_images_and_normalise_over_all(tmp_path):
     assert (out / "pytorch_lora_weights.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_bad_command_lines_fail_with_one_clear_line(tmp_path, monkeypatch):
     previous = tmp_path / "out" / "checkpoints" / "checkpoint_4"
     previous.mkdir(parents=True)

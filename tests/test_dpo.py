@@ -150,6 +150,7 @@ def test_collate_stacks_chosen_then_rejected_and_carries_reference_logps():
 
 
 # ------------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
 def test_default_run_learns_preferences_and_writes_more_positive_reviews(tmp_path):
     start = time.time()
     run_ok("dpo.py", "--beta", 0.1, cwd=tmp_path)  # the README's quickstart command
@@ -167,6 +168,7 @@ def test_default_run_learns_preferences_and_writes_more_positive_reviews(tmp_pat
     assert after > before + 0.3, (before, after)
 
 
+@pytest.mark.slow
 def test_llama_style_model_without_pad_token_conversational(llama_dir, tmp_path):
     # SFT first (the usual pipeline: a random-init model has no answers to prefer), then DPO on conversations
     run_ok("sft.py", "--model_name_or_path", llama_dir, "--output_dir", tmp_path / "sft", "--learning_rate", 3e-3,
@@ -182,6 +184,7 @@ def test_llama_style_model_without_pad_token_conversational(llama_dir, tmp_path)
     assert after > before + 0.3, (before, after)
 
 
+@pytest.mark.slow
 def test_precomputed_reference_log_probs_give_the_same_trajectory(tmp_path):
     run_ok("dpo.py", *SHORT, "--output_dir", tmp_path / "live")
     run_ok("dpo.py", *SHORT, "--output_dir", tmp_path / "precomputed", "--precompute_ref_log_probs")
@@ -192,6 +195,7 @@ def test_precomputed_reference_log_probs_give_the_same_trajectory(tmp_path):
     assert read_metrics(tmp_path / "precomputed")[0]["params_in_memory"] * 2 == live_params  # reference freed
 
 
+@pytest.mark.slow
 def test_lora_reference_is_the_policy_with_adapters_off_and_learns(tmp_path):
     run_ok("dpo.py", "--use_peft", "--learning_rate", 5e-3, "--max_steps", 200, "--eval_steps", 200,
            "--output_dir", tmp_path)
@@ -204,6 +208,7 @@ def test_lora_reference_is_the_policy_with_adapters_off_and_learns(tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [["--loss_type", "hinge"], ["--loss_type", "ipo"], ["--loss_type", "kto_pair"],
                                      ["--reference_free"], ["--label_smoothing", 0.1]])
 def test_every_loss_variant_trains(tmp_path, variant):
@@ -215,15 +220,18 @@ def test_every_loss_variant_trains(tmp_path, variant):
     assert margins[-1] > margins[0], margins
 
 
+@pytest.mark.slow
 def test_two_processes_and_accumulation_match_one_process_at_the_same_global_batch(tmp_path):
     assert_same_training_however_the_global_batch_is_split("dpo.py", SHORT, tmp_path)
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
     # the reference must still be the initial model after resuming, not the checkpoint
     assert_resumed_run_ends_where_the_uninterrupted_run_ends("dpo.py", SHORT, tmp_path)
 
 
+@pytest.mark.slow
 def test_generate_during_eval_writes_policy_and_reference_samples(tmp_path):
     run_ok("dpo.py", "--max_steps", 2, "--eval_steps", 2, "--generate_during_eval", "--per_device_eval_batch_size", 4,
            "--output_dir", tmp_path)
@@ -233,6 +241,7 @@ def test_generate_during_eval_writes_policy_and_reference_samples(tmp_path):
                for sample in samples)
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_clear_line(tmp_path):
     (tmp_path / "no_chosen.jsonl").write_text(json.dumps({"prompt": "a", "rejected": "b"}) + "\n")
     result = run_script("dpo.py", "--dataset_name", tmp_path / "no_chosen.jsonl", "--dataset_test_split", "None")
@@ -248,6 +257,7 @@ def test_bad_input_is_one_clear_line(tmp_path):
     assert "1 of 1 train pairs have identical chosen and rejected answers" in result.stdout
 
 
+@pytest.mark.slow
 def test_long_prompts_are_cut_and_counted(tmp_path):
     rows = [json.loads(line) for line in (PREFERENCE / "train.jsonl").read_text().splitlines()][:8]
     rows[0]["prompt"] = "Review of X: " + "The plot was dull. " * 40  # longer than max_length on its own
@@ -257,6 +267,7 @@ def test_long_prompts_are_cut_and_counted(tmp_path):
     assert "1 of 8 train prompts were cut to --max_prompt_length 16 (keep_end)" in result.stdout
 
 
+@pytest.mark.slow
 def test_help_lists_the_arguments_with_their_docs():
     result = run_ok("dpo.py", "--help")
     for text in ["--beta", "--loss-type", "--precompute-ref-log-probs", "--reference-free", "cDPO"]:

@@ -215,6 +215,7 @@ trainer.accelerator.end_training()
 """
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     """`accelerate launch` with 2 processes (gloo on CPU), each stepping on 2 of the 4 examples, makes the same update
     as one process on all 4: the loss is normalised by the target tokens of both processes."""
@@ -308,6 +309,7 @@ def test_keep_best_takes_each_prompts_top_samples():
 # ----------------------------------------------------------------------------------------------------------------------
 # The script
 # ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_default_run_raises_the_reward_and_the_ground_truth(tmp_path):
     """`python iterative_sft.py` with no arguments (the tiny world): the fresh samples' reward rises from the initial
     policy to the final one, and the saved model (plain transformers) writes more positive reviews than the initial
@@ -332,6 +334,7 @@ def test_default_run_raises_the_reward_and_the_ground_truth(tmp_path):
     assert after > before + 0.3, (before, after)  # 0.09 -> 0.60 measured
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
     args = ["--num_iterations", 3, "--prompts_per_iteration", 8, "--samples_per_prompt", 4,
             "--per_device_train_batch_size", 4, "--save_steps", 1]
@@ -353,6 +356,7 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
                 assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), (expected["step"], key)
 
 
+@pytest.mark.slow
 def test_bad_command_lines_fail_with_one_clear_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
     (tmp_path / "no_prompt.jsonl").write_text('{"text": "hello"}\n')
     (tmp_path / "empty_prompts.jsonl").write_text('{"prompt": ""}\n' * 40)

@@ -125,6 +125,7 @@ def test_columns_and_labels_are_checked():
 
 
 # ------------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
 def test_default_run_learns_the_implicit_reward_of_held_out_preference_pairs(tmp_path):
     start = time.time()
     run_ok("kto.py", cwd=tmp_path)  # the README's quickstart command
@@ -143,6 +144,7 @@ def test_default_run_learns_the_implicit_reward_of_held_out_preference_pairs(tmp
     assert accuracy >= 0.85, accuracy
 
 
+@pytest.mark.slow
 def test_unbalanced_odd_sized_unpaired_data_with_an_odd_batch(tmp_path):
     # 60/40 desirable/undesirable, 1001 rows, 7 examples per step; evaluated on held-out preference PAIRS (a
     # DatasetDict whose splits have different columns)
@@ -163,11 +165,13 @@ def test_unbalanced_odd_sized_unpaired_data_with_an_odd_batch(tmp_path):
     assert all(math.isfinite(loss) for loss in metric_series(tmp_path / "out", "loss"))
 
 
+@pytest.mark.slow
 def test_two_processes_and_accumulation_match_one_process_at_the_same_global_batch(tmp_path):
     # the KL reference point is estimated over the whole step, so it does not depend on the split either
     assert_same_training_however_the_global_batch_is_split("kto.py", SHORT, tmp_path)
 
 
+@pytest.mark.slow
 def test_precomputed_reference_resumes_and_matches_the_live_reference(tmp_path):
     assert_resumed_run_ends_where_the_uninterrupted_run_ends("kto.py", SHORT + ["--precompute_ref_log_probs"],
                                                              tmp_path)
@@ -179,6 +183,7 @@ def test_precomputed_reference_resumes_and_matches_the_live_reference(tmp_path):
         "params_in_memory"]  # the reference was freed
 
 
+@pytest.mark.slow
 def test_lora_reference_is_the_policy_with_adapters_off_and_learns(tmp_path):
     run_ok("kto.py", "--use_peft", "--learning_rate", 5e-3, "--max_steps", 60, "--eval_steps", 60,
            "--output_dir", tmp_path)
@@ -191,6 +196,7 @@ def test_lora_reference_is_the_policy_with_adapters_off_and_learns(tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_clear_line(tmp_path):
     def write(name: str, rows: list[dict]):
         (tmp_path / name).write_text("".join(json.dumps(row) + "\n" for row in rows))

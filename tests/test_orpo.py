@@ -93,12 +93,14 @@ def default_run(tmp_path_factory):
     return cwd / "runs" / "orpo", time.time() - start
 
 
+@pytest.mark.slow
 def test_default_run_prefers_chosen_on_held_out_pairs_and_writes_more_positive_reviews(default_run):
     output_dir, elapsed = default_run
     assert elapsed < 120, f"took {elapsed:.0f}s"
     assert_prefers_chosen_and_writes_more_positive_reviews(output_dir)
 
 
+@pytest.mark.slow
 def test_default_run_logs_the_seed_metrics(default_run):
     output_dir, _ = default_run
     rows = read_metrics(output_dir)
@@ -115,10 +117,12 @@ def test_default_run_logs_the_seed_metrics(default_run):
     assert evaluations[-1]["eval_log_odds_chosen"] > evaluations[0]["eval_log_odds_chosen"] + 0.2
 
 
+@pytest.mark.slow
 def test_two_processes_and_accumulation_match_one_process_at_the_same_global_batch(tmp_path):
     assert_same_training_however_the_global_batch_is_split("orpo.py", SHORT, tmp_path)
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
     # with the seed's prompt-in-NLL option, so that its second pass over the chosen logits is exercised too
     assert_resumed_run_ends_where_the_uninterrupted_run_ends("orpo.py", SHORT + ["--nll_include_prompt"], tmp_path)
@@ -126,6 +130,7 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
     assert math.isfinite(prompt_nll) and prompt_nll > 0
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_clear_line(tmp_path):
     (tmp_path / "no_chosen.jsonl").write_text(json.dumps({"prompt": "a", "rejected": "b"}) + "\n")
     result = run_script("orpo.py", "--dataset_name", tmp_path / "no_chosen.jsonl", "--dataset_test_split", "None")

@@ -441,6 +441,7 @@ model = AutoModelForCausalLM.from_pretrained("my-fine-tuned-model-ppo")
 # ----------------------------------------------------------------------------------------------------------------------
 # The script: learning, resume, LoRA, two processes, bad input
 # ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ppo_learns_on_the_tiny_world(tmp_path):
     """`python ppo.py` (the defaults): the tiny reward model's mean score rises clearly, the KL to the reference
     stays bounded, and the saved policy (loaded with plain transformers) writes more positive reviews than the
@@ -459,6 +460,7 @@ def test_ppo_learns_on_the_tiny_world(tmp_path):
     assert after > before + 0.15, (before, after)  # 0.09 -> 0.32 / 0.44 / 0.36 with seeds 0 / 1 / 2
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
     from safetensors.torch import load_file
 
@@ -478,6 +480,7 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
             assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_lora_policy_with_adapters_off_reference(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -523,6 +526,7 @@ accelerator.end_training()
 '''
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     """8 rollouts: one process x 8, and `accelerate launch` with 2 processes x 4 (gloo on CPU). Whitening, the KL
     statistics and the KL controller use global values and gradients are averaged: the same update."""
@@ -545,6 +549,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
         assert stats[1][key] == pytest.approx(stats[0][key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_bad_input_gives_one_clear_line(tmp_path):
     (tmp_path / "no_prompt.jsonl").write_text('{"text": "hello"}\n')
     (tmp_path / "empty.jsonl").write_text("")
@@ -609,6 +614,7 @@ def test_reward_adapter_shares_the_base_weights(tmp_path):
     assert policy.pretrained_model.active_adapter == "default"  # the policy's adapter is active again
 
 
+@pytest.mark.slow
 def test_stop_token_penalty_temperature_and_a_pipeline_reward_from_the_command_line(tmp_path):
     result = run_ok("ppo.py", "--steps", 2, "--batch_size", 8, "--mini_batch_size", 8, "--stop_token", ".",
                     "--missing_eos_penalty", 100, "--temperature", 0.7,
@@ -620,6 +626,7 @@ def test_stop_token_penalty_temperature_and_a_pipeline_reward_from_the_command_l
         assert (sample["reward"] < -50) == ("." not in sample["response"]), sample
 
 
+@pytest.mark.slow
 def test_two_process_command_line_run(tmp_path):
     """`accelerate launch` with 2 processes (gloo on CPU): each process rolls out its own batch_size queries; the
     logs hold both processes' samples."""

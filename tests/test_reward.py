@@ -143,6 +143,7 @@ def test_tiny_reward_model_agrees_with_the_sentiment_scorer():
 
 
 # ------------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
 def test_default_run_reaches_90_percent_accuracy_offline_in_under_two_minutes(tmp_path):
     start = time.time()
     run_ok("reward.py", cwd=tmp_path)  # no arguments: the tiny policy plus a new score head, on the tiny pairs
@@ -163,6 +164,7 @@ def test_default_run_reaches_90_percent_accuracy_offline_in_under_two_minutes(tm
     assert good > bad
 
 
+@pytest.mark.slow
 def test_llama_style_model_without_pad_token_learns_conversational_pairs(llama_dir, tmp_path):
     run_ok("reward.py", "--model_name_or_path", llama_dir, "--dataset_name", ASSETS / "data" /
            "preference_conversational", "--num_train_epochs", 1, "--eval_steps", 1000, "--output_dir", tmp_path)
@@ -173,14 +175,17 @@ def test_llama_style_model_without_pad_token_learns_conversational_pairs(llama_d
     assert model.config.pad_token_id == tokenizer.eos_token_id  # set for the tokenizer that had none
 
 
+@pytest.mark.slow
 def test_two_processes_and_accumulation_match_one_process_at_the_same_global_batch(tmp_path):
     assert_same_training_however_the_global_batch_is_split("reward.py", SHORT, tmp_path)
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
     assert_resumed_run_ends_where_the_uninterrupted_run_ends("reward.py", SHORT, tmp_path)
 
 
+@pytest.mark.slow
 def test_lora_trains_adapters_and_the_full_score_head(tmp_path):
     run_ok("reward.py", "--use_peft", "--learning_rate", 1e-2, "--max_steps", 150, "--eval_steps", 150,
            "--output_dir", tmp_path)
@@ -191,6 +196,7 @@ def test_lora_trains_adapters_and_the_full_score_head(tmp_path):
     AutoModelForSequenceClassification.from_pretrained(tmp_path)  # merged: plain transformers loads it
 
 
+@pytest.mark.slow
 def test_margins_and_reward_centring(tmp_path):
     rows = read_jsonl(PREFERENCE / "train.jsonl")[:400]
     for row in rows:  # Llama 2 style margin: how much better chosen is, on the ground-truth scale
@@ -206,6 +212,7 @@ def test_margins_and_reward_centring(tmp_path):
     assert final["eval_rewards/margins"] > 1.0, final
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_clear_line_before_the_model_loads(tmp_path):
     (tmp_path / "no_rejected.jsonl").write_text(json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
     result = run_script("reward.py", "--dataset_name", tmp_path / "no_rejected.jsonl", "--dataset_test_split", "None")
@@ -223,6 +230,7 @@ def test_bad_input_is_one_clear_line_before_the_model_loads(tmp_path):
     assert "1 of 1 train pairs have identical chosen and rejected texts" in result.stdout
 
 
+@pytest.mark.slow
 def test_over_long_and_identical_pairs_are_counted_and_training_goes_on(tmp_path):
     rows = read_jsonl(PREFERENCE / "train.jsonl")[:16]
     rows[0]["rejected"] = rows[0]["chosen"]
@@ -233,6 +241,7 @@ def test_over_long_and_identical_pairs_are_counted_and_training_goes_on(tmp_path
     assert "16 of 16 train pairs have a text longer than 12 tokens" in result.stdout
 
 
+@pytest.mark.slow
 def test_help_lists_the_arguments_with_their_docs():
     result = run_ok("reward.py", "--help")
     for text in ["--center-rewards-coefficient", "--max-length", "head is always trained in full"]:

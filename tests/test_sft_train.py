@@ -28,6 +28,7 @@ def assert_same_weights(a: dict, b: dict, atol: float) -> None:
         assert torch.allclose(a[name], b[name], atol=atol), f"{name} differs by {(a[name] - b[name]).abs().max()}"
 
 
+@pytest.mark.slow
 def test_default_run_learns_offline_in_under_two_minutes(tmp_path):
     start = time.time()
     run_ok("sft.py", cwd=tmp_path)  # no arguments at all: the tiny world is the default
@@ -51,6 +52,7 @@ def test_default_run_learns_offline_in_under_two_minutes(tmp_path):
     assert json.loads((output_dir / "args.json").read_text())["learning_rate"] == 5e-4
 
 
+@pytest.mark.slow
 def test_llama_style_model_without_pad_token_learns_completions_and_eos(llama_dir, tmp_path):
     run_ok("sft.py", "--model_name_or_path", llama_dir, "--dataset_name", PROMPT_COMPLETION, "--output_dir", tmp_path,
            "--learning_rate", 3e-3, "--num_train_epochs", 2, "--eval_steps", 50)
@@ -101,6 +103,7 @@ def test_packed_and_unpacked_give_the_same_per_token_loss(model_kind, llama_dir)
     assert compared == len(examples)
 
 
+@pytest.mark.slow
 def test_packed_run_sees_the_same_eval_tokens_and_learns(tmp_path):
     chat = ["--dataset_name", ASSETS / "data" / "sft_messages", "--eval_steps", 30]
     run_ok("sft.py", *chat, "--output_dir", tmp_path / "plain", "--max_steps", 1)
@@ -111,6 +114,7 @@ def test_packed_run_sees_the_same_eval_tokens_and_learns(tmp_path):
     assert packed[-1] < packed[0] - 0.5, packed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_peft", [False, True])
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, use_peft):
     extra = ["--gradient_accumulation_steps", 2, "--per_device_train_batch_size", 4]
@@ -119,10 +123,12 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, use_peft):
     assert_resumed_run_ends_where_the_uninterrupted_run_ends("sft.py", [*SHORT, *extra], tmp_path)
 
 
+@pytest.mark.slow
 def test_two_processes_and_accumulation_match_one_process_at_the_same_global_batch(tmp_path):
     assert_same_training_however_the_global_batch_is_split("sft.py", [*SHORT, "--learning_rate", 1e-3], tmp_path)
 
 
+@pytest.mark.slow
 def test_lora_learns_and_saves_a_merged_model_and_the_adapter(tmp_path):
     run_ok("sft.py", "--dataset_name", ASSETS / "data" / "sft_messages", "--use_peft", "--learning_rate", 5e-3,
            "--max_steps", 40, "--eval_steps", 40, "--output_dir", tmp_path)
@@ -136,6 +142,7 @@ def test_lora_learns_and_saves_a_merged_model_and_the_adapter(tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
+@pytest.mark.slow
 def test_neftune_noises_training_only_and_gradient_checkpointing_changes_nothing(tmp_path):
     base = [*SHORT, "--max_steps", 4, "--eval_steps", 4, "--logging_steps", 1]
     run_ok("sft.py", *base, "--output_dir", tmp_path / "plain")
@@ -149,12 +156,14 @@ def test_neftune_noises_training_only_and_gradient_checkpointing_changes_nothing
     assert noisy_eval[0] == pytest.approx(plain_eval[0], abs=1e-6)  # ...evaluation does not
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_and_disabled_wandb_tracking_run(tmp_path):
     run_ok("sft.py", *SHORT, "--max_steps", 3, "--bf16", "--track", "--output_dir", tmp_path)  # WANDB_MODE=disabled
     losses = metric_series(tmp_path, "loss")
     assert losses and all(math.isfinite(loss) for loss in losses)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path):
     result = run_script("sft.py", *SHORT, "--learning_rate", 1e30, "--save_steps", 1, "--output_dir", tmp_path)
     assert result.returncode != 0
@@ -168,6 +177,7 @@ def write_jsonl(path, rows):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["columns", "empty", "file_type", "batch_size", "split", "no_eos"])
 def test_bad_input_fails_with_one_clear_line_before_the_model_loads(tmp_path, case):
     args = ["--output_dir", tmp_path / "out"]
@@ -205,6 +215,7 @@ def test_bad_input_fails_with_one_clear_line_before_the_model_loads(tmp_path, ca
     assert "parameters," not in result.stdout  # failed before the model was loaded
 
 
+@pytest.mark.slow
 def test_help_lists_the_arguments_with_their_docs():
     result = run_ok("sft.py", "--help")
     for text in ["--learning-rate", "--packing", "--neftune-noise-alpha", "pack whole examples into blocks"]:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ASSETS, OFFLINE_ENV
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -84,6 +85,7 @@ def assert_same_tree(left, right):
         pending.extend(current.subdirs.values())
 
 
+@pytest.mark.slow
 def test_builder_rebuilds_the_committed_tiny_sd_byte_for_byte(tmp_path):
     subprocess.run([sys.executable, str(ASSETS / "tiny_world.py"), "--stage", "diffusion", "--out", str(tmp_path)],
                    check=True, env={**OFFLINE_ENV, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
