@@ -25,7 +25,7 @@ import random
 import resource
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -76,6 +76,9 @@ class Args:
     """bf16 mixed precision (autocast) through accelerate"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, about a third more compute"""
+    lm_head_only_at_labels: bool = True
+    """apply the output layer only at positions whose next token is scored (not at prompt or padding): the same
+    log-probs for a fraction of the FLOPs and memory on large vocabularies; off: every position's logits, as the seed"""
     use_peft: bool = False
     """train LoRA adapters instead of all weights"""
     lora_r: int = 16
@@ -126,6 +129,9 @@ class Args:
     """clip the global gradient norm to this (0: no clipping)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
+    optim: Literal["adamw_torch_fused", "adamw_torch"] = "adamw_torch_fused"
+    """AdamW kernels (transformers' names): fused, one pass over all parameters (transformers' default); or torch's
+    per-tensor loop, as the seed"""
     eval_steps: int = 100
     """evaluate every this many optimizer steps (also before the first and after the last)"""
     save_steps: int = 500
@@ -291,18 +297,43 @@ def step_indices(step: int, num_rows: int, global_batch_size: int, seed: int) ->
 # ----------------------------------------------------------------------------------------------------------------------
 # Log-probs and loss
 # ----------------------------------------------------------------------------------------------------------------------
+def scored_positions(labels: torch.Tensor, label_pad_token_id: int = -100) -> torch.Tensor:
+    """(B, T) labels -> (B, T) bool: the positions t whose logits are scored, i.e. whose next label t+1 is a target."""
+    return F.pad(labels[:, 1:] != label_pad_token_id, (0, 1), value=False)
+
+
+@contextmanager
+def lm_head_only_at(model: torch.nn.Module, positions: torch.Tensor | None):
+    """Inside the block, the model's output layer runs only at `positions` ((B, T) bool) and its forward returns
+    logits (N, V), one row per True position in row-major order, instead of (B, T, V). The prompt and padding
+    positions are never scored, yet on a 32k vocabulary the output layer is most of a forward's FLOPs and its logits
+    most of the activation memory. positions=None: full (B, T, V) logits, as the seed (--no-lm_head_only_at_labels).
+    `model` is the unwrapped model (accelerator.unwrap_model); the hook changes the input of its output layer only."""
+    if positions is None:
+        yield
+        return
+    handle = model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, inputs: (inputs[0][positions], *inputs[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob: bool = False,
                     label_pad_token_id: int = -100) -> torch.Tensor:
-    """(B, T, V) logits, (B, T) labels -> (B,) float32 sum (or per-token mean) of the labels' log-probs.
+    """(B, T, V) logits, or the (N, V) logits of the N scored positions only (lm_head_only_at), and (B, T) labels ->
+    (B,) float32 sum (or per-token mean) of the labels' log-probs.
 
     Position t predicts label t+1; labels equal to label_pad_token_id (prompt, padding) are skipped. Each log-prob is
-    logit[label] - logsumexp(logits), which never materialises a (B, T, V) log-softmax.
+    logit[label] - logsumexp(logits), which never materialises a log-softmax over the vocabulary.
     """
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != label_pad_token_id
-    safe_labels = labels.masked_fill(~mask, 0)
-    label_logits = torch.gather(logits, 2, safe_labels.unsqueeze(-1)).squeeze(-1).float()
-    per_token_logps = (label_logits - torch.logsumexp(logits.float(), dim=-1)) * mask
+    mask = labels[:, 1:] != label_pad_token_id
+    if logits.dim() == 3:
+        logits = logits[:, :-1][mask]  # (N, V): the scored positions
+    label_logits = logits.gather(1, labels[:, 1:][mask].unsqueeze(1)).squeeze(1).float()
+    per_token_logps = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device).masked_scatter(
+        mask, label_logits - torch.logsumexp(logits.float(), dim=-1))  # (B, T-1), 0 where not scored
     if average_log_prob:
         return per_token_logps.sum(-1) / mask.sum(-1).clamp(min=1)
     return per_token_logps.sum(-1)
@@ -524,7 +555,10 @@ if __name__ == "__main__":
                                   disable=not accelerator.is_local_main_process):
                     chunk = mine[start : start + args.per_device_eval_batch_size]
                     batch = collate_pairs([rows[i] for i in chunk], tokenizer.pad_token_id)
-                    with accelerator.autocast():  # the same precision as the policy's forward under --bf16
+                    positions = (scored_positions(batch["labels"]).to(accelerator.device) if args.lm_head_only_at_labels
+                                 else None)
+                    # the same precision as the policy's forward under --bf16
+                    with accelerator.autocast(), lm_head_only_at(reference_model, positions):
                         logits = reference_model(input_ids=batch["input_ids"].to(accelerator.device),
                                                  attention_mask=batch["attention_mask"].to(accelerator.device),
                                                  use_cache=False).logits
@@ -570,7 +604,7 @@ if __name__ == "__main__":
     # 7. Optimizer and schedule. The scheduler is stepped once per optimizer step by us (not wrapped by accelerate,
     #    which would step it once per process).
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, fused=args.optim == "adamw_torch_fused")
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
                               num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -613,12 +647,16 @@ if __name__ == "__main__":
 
     def pair_forward(batch: dict) -> dict[str, torch.Tensor]:
         """Policy and reference log-probs of the B pairs of a batch: ONE policy forward over the 2B sequences
-        (chosen then rejected), and one reference forward unless the log-probs were precomputed or are not used."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        (chosen then rejected), and one reference forward unless the log-probs were precomputed or are not used.
+        The output layer runs only at the answers' positions (--lm_head_only_at_labels): logits are (N, V) then."""
+        positions = scored_positions(batch["labels"]) if args.lm_head_only_at_labels else None
+        with lm_head_only_at(accelerator.unwrap_model(model), positions):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         policy_chosen, policy_rejected = get_batch_logps(logits, batch["labels"], average_log_prob).chunk(2)
         # mean logit over the vocabulary at each answer position, averaged over the chosen and the rejected answers
         target = batch["labels"][:, 1:] != -100
-        mean_logits = logits[:, :-1].detach().float().mean(-1) * target
+        scored = logits.detach() if logits.dim() == 2 else logits[:, :-1][target].detach()  # (N, V)
+        mean_logits = torch.zeros(target.shape, device=target.device).masked_scatter(target, scored.float().mean(-1))
         (chosen_logits, rejected_logits), (chosen_target, rejected_target) = mean_logits.chunk(2), target.chunk(2)
         out = {"policy_chosen": policy_chosen, "policy_rejected": policy_rejected,
                "logits_chosen": chosen_logits.sum() / chosen_target.sum(),
@@ -631,10 +669,12 @@ if __name__ == "__main__":
         else:
             with torch.no_grad(), accelerator.autocast():  # the policy's precision (prepare() autocasts it)
                 if reference_model is not None:
-                    reference_logits = reference_model(input_ids=batch["input_ids"], use_cache=False,
-                                                       attention_mask=batch["attention_mask"]).logits
+                    with lm_head_only_at(reference_model, positions):
+                        reference_logits = reference_model(input_ids=batch["input_ids"], use_cache=False,
+                                                           attention_mask=batch["attention_mask"]).logits
                 else:  # LoRA: the reference is the base model, i.e. the policy with its adapters off
-                    with accelerator.unwrap_model(model).disable_adapter():
+                    policy_model = accelerator.unwrap_model(model)
+                    with policy_model.disable_adapter(), lm_head_only_at(policy_model, positions):
                         reference_logits = model(input_ids=batch["input_ids"], use_cache=False,
                                                  attention_mask=batch["attention_mask"]).logits
                 reference = get_batch_logps(reference_logits, batch["labels"], average_log_prob)

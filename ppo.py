@@ -144,6 +144,9 @@ class PPOConfig:
     """passes over each batch of rollouts"""
     max_grad_norm: float | None = None
     """clip the global gradient norm to this (None: no clipping)"""
+    optim: Literal["adam_torch_fused", "adam_torch"] = "adam_torch_fused"
+    """Adam kernels: fused, one pass over all parameters (transformers' default); or torch's per-tensor loop, as the
+    seed"""
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
     """the learning-rate schedule over the `steps` PPO steps of __main__ (the seed keeps it constant)"""
     save_steps: int = 0
@@ -864,7 +867,8 @@ class PPOTrainer:
 
         # 4. Optimizer (Adam over the trainable parameters, as the seed), KL controller, score statistics.
         self.optimizer = optimizer or torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
-                                                       lr=config.learning_rate)
+                                                       lr=config.learning_rate,
+                                                       fused=config.optim == "adam_torch_fused")
         self.lr_scheduler = lr_scheduler
         self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target, config.horizon) if config.adap_kl_ctrl
                        else FixedKLController(config.init_kl_coef))
@@ -1469,7 +1473,8 @@ if __name__ == "__main__":
         ref_model = wrapper.from_pretrained(args.model_name, revision=args.revision, dtype=dtype)
 
     # 4. Optimizer and schedule (the seed's Adam; the schedule is stepped once per PPO step), then the trainer.
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                 fused=args.optim == "adam_torch_fused")
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=args.steps, num_warmup_steps=0)
     trainer = PPOTrainer(args, model, ref_model, tokenizer, optimizer=optimizer, lr_scheduler=scheduler)
     accelerator = trainer.accelerator

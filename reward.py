@@ -119,6 +119,9 @@ class Args:
     """clip the global gradient norm to this (0: no clipping)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
+    optim: Literal["adamw_torch_fused", "adamw_torch"] = "adamw_torch_fused"
+    """AdamW kernels (transformers' names): fused, one pass over all parameters (transformers' default); or torch's
+    per-tensor loop, as the seed"""
     eval_steps: int = 100
     """evaluate every this many optimizer steps (also before the first and after the last)"""
     save_steps: int = 500
@@ -406,7 +409,7 @@ if __name__ == "__main__":
     # 6. Optimizer and schedule. The scheduler is stepped once per optimizer step by us (not wrapped by accelerate,
     #    which would step it once per process).
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, fused=args.optim == "adamw_torch_fused")
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
                               num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -24,13 +24,14 @@ import random
 import resource
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
 from datasets import DatasetDict, load_dataset, load_from_disk
@@ -73,6 +74,9 @@ class Args:
     """bf16 mixed precision (autocast) through accelerate"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, about a third more compute"""
+    lm_head_only_at_labels: bool = True
+    """apply the output layer only at positions whose next token is scored (not at prompt or padding): the same
+    log-probs for a fraction of the FLOPs and memory on large vocabularies; off: every position's logits, as the seed"""
     use_peft: bool = False
     """train LoRA adapters instead of all weights"""
     lora_r: int = 16
@@ -122,6 +126,9 @@ class Args:
     """clip the global gradient norm to this (0: no clipping)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
+    optim: Literal["adamw_torch_fused", "adamw_torch"] = "adamw_torch_fused"
+    """AdamW kernels (transformers' names): fused, one pass over all parameters (transformers' default); or torch's
+    per-tensor loop, as the seed"""
     eval_steps: int = 100
     """evaluate every this many optimizer steps (also before the first and after the last)"""
     save_steps: int = 500
@@ -295,24 +302,49 @@ def step_indices(step: int, num_rows: int, global_batch_size: int, seed: int) ->
 # ----------------------------------------------------------------------------------------------------------------------
 # Loss
 # ----------------------------------------------------------------------------------------------------------------------
+def scored_positions(labels: torch.Tensor, label_pad_token_id: int = -100) -> torch.Tensor:
+    """(B, T) labels -> (B, T) bool: the positions t whose logits are scored, i.e. whose next label t+1 is a target."""
+    return F.pad(labels[:, 1:] != label_pad_token_id, (0, 1), value=False)
+
+
+@contextmanager
+def lm_head_only_at(model: torch.nn.Module, positions: torch.Tensor | None):
+    """Inside the block, the model's output layer runs only at `positions` ((B, T) bool) and its forward returns
+    logits (N, V), one row per True position in row-major order, instead of (B, T, V). The prompt and padding
+    positions are never scored, yet on a 32k vocabulary the output layer is most of a forward's FLOPs and its logits
+    most of the activation memory. positions=None: full (B, T, V) logits, as the seed (--no-lm_head_only_at_labels).
+    `model` is the unwrapped model (accelerator.unwrap_model); the hook changes the input of its output layer only."""
+    if positions is None:
+        yield
+        return
+    handle = model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, inputs: (inputs[0][positions], *inputs[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def selective_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of each next-token label: (B, T, V) logits, (B, T) labels -> ((B, T-1) log-probs, (B, T-1) mask).
+    """Log-probability of each next-token label: (B, T, V) logits, or the (N, V) logits of the N scored positions only
+    (lm_head_only_at), and (B, T) labels -> ((B, T-1) log-probs, (B, T-1) mask).
 
     Position t predicts label t+1. Computed as logit[label] - logsumexp(logits) in float32, which never materialises
-    a (B, T, V) log-softmax. Masked positions (label -100) get log-prob 0 and mask False.
+    a log-softmax over the vocabulary. Masked positions (label -100) get log-prob 0 and mask False.
     """
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != -100
-    safe_labels = labels.masked_fill(~mask, 0)
-    label_logits = torch.gather(logits, 2, safe_labels.unsqueeze(-1)).squeeze(-1).float()
-    log_probs = label_logits - torch.logsumexp(logits.float(), dim=-1)
-    return log_probs * mask, mask
+    mask = labels[:, 1:] != -100
+    if logits.dim() == 3:
+        logits = logits[:, :-1][mask]  # (N, V): the scored positions
+    label_logits = logits.gather(1, labels[:, 1:][mask].unsqueeze(1)).squeeze(1).float()
+    log_probs = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device).masked_scatter(
+        mask, label_logits - torch.logsumexp(logits.float(), dim=-1))
+    return log_probs, mask
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor) -> torch.Tensor:
     """Summed next-token negative log-likelihood of a micro-batch, divided by num_items_in_batch: the number of target
     tokens in the whole optimizer step (all micro-batches, all processes). Summing these over micro-batches gives
-    the exact per-token mean of the step, however it is split. (B, T, V), (B, T) -> scalar."""
+    the exact per-token mean of the step, however it is split. (B, T, V) or (N, V) logits, (B, T) labels -> scalar."""
     log_probs, _ = selective_log_probs(logits, labels)
     return -log_probs.sum() / num_items_in_batch
 
@@ -516,7 +548,7 @@ if __name__ == "__main__":
     # 6. Optimizer and schedule. The scheduler is stepped once per optimizer step by us (not wrapped by accelerate,
     #    which would step it once per process).
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, fused=args.optim == "adamw_torch_fused")
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
                               num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -574,10 +606,14 @@ if __name__ == "__main__":
         return (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(count, "sum")).item()
 
     def forward(batch: dict) -> torch.Tensor:
-        # use_cache=False: a KV cache would also switch off transformers' packed-sequence detection.
-        if args.packing:  # no attention mask: attention follows the documents marked by position-id resets
-            return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        """Logits at the positions whose next token is a target, (N, V) (all positions, (B, T, V), with
+        --no-lm_head_only_at_labels). use_cache=False: a KV cache would also switch off transformers' packed-sequence
+        detection."""
+        positions = scored_positions(batch["labels"]) if args.lm_head_only_at_labels else None
+        with lm_head_only_at(accelerator.unwrap_model(model), positions):
+            if args.packing:  # no attention mask: attention follows the documents marked by position-id resets
+                return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
 
     # 8. Training loop. One optimizer step = gradient_accumulation_steps micro-batches on each process.
     model.train()

@@ -119,6 +119,8 @@ def run_ours(algo: str, model: Path, run_dir: Path, args) -> dict:
                "--per_device_train_batch_size", str(args.batch_size), "--gradient_accumulation_steps", "1",
                "--max_length", str(args.max_length), "--learning_rate", "5e-4", "--logging_steps", str(args.warmup),
                "--save_steps", "0", "--seed", "0", *(["--bf16"] if args.bf16 else [])]
+    if algo in ("dpo", "kto", "orpo", "cpo"):  # TRL 1.16 has no prompt limit; no tiny-world prompt comes near this one
+        command += ["--max_prompt_length", str(args.max_length // 2)]
     seconds, rss_mb, _ = run_timed(command, args.threads)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     windows = [row for row in rows if "samples_per_second" in row and row["step"] > args.warmup]
