@@ -1,0 +1,86 @@
+"""The fast paths compute what the plain ones compute: the output layer applied only at scored positions
+(--lm_head_only_at_labels) and fused Adam(W) (--optim), in every script that has them."""
+
+import importlib
+
+import pytest
+import torch
+from conftest import ASSETS, metric_series, run_ok
+from transformers import AutoModelForCausalLM
+
+PREFERENCE_SCRIPTS = ["dpo", "kto", "orpo", "cpo"]
+
+
+def batch_with_prompts_and_padding(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three right-padded rows of different lengths; labels -100 on each row's prompt and padding."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (3, 12), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    for row, (prompt, length) in enumerate([(3, 12), (5, 9), (2, 6)]):
+        attention_mask[row, length:] = 0
+        labels[row, :prompt] = -100
+        labels[row, length:] = -100
+    return input_ids, attention_mask, labels
+
+
+@pytest.fixture(params=["tiny-gpt2", "llama"])
+def model(request, llama_dir):
+    """The tiny policy (GPT-2, tied head) and a Llama-style model, dropout off."""
+    path = ASSETS / "tiny-gpt2" if request.param == "tiny-gpt2" else llama_dir
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def log_probs_and_grads(model, module, input_ids, attention_mask, labels, only_at_labels: bool):
+    """(B,) summed log-probs and the gradient of their sum w.r.t. every parameter."""
+    model.zero_grad()
+    positions = module.scored_positions(labels) if only_at_labels else None
+    with module.lm_head_only_at(model, positions):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    if only_at_labels:
+        assert logits.shape == (int((labels[:, 1:] != -100).sum()), model.config.vocab_size)
+    if module.__name__ == "sft":
+        log_probs = module.selective_log_probs(logits, labels)[0].sum(-1)
+    else:
+        log_probs = module.get_batch_logps(logits, labels)
+    log_probs.sum().backward()
+    return log_probs.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("script", ["sft", *PREFERENCE_SCRIPTS])
+def test_output_layer_at_scored_positions_gives_the_same_log_probs_and_gradients(script, model):
+    module = importlib.import_module(script)
+    batch = batch_with_prompts_and_padding(model.config.vocab_size)
+    full, full_grads = log_probs_and_grads(model, module, *batch, only_at_labels=False)
+    only, only_grads = log_probs_and_grads(model, module, *batch, only_at_labels=True)
+    torch.testing.assert_close(only, full, rtol=1e-5, atol=1e-5)
+    assert full_grads.keys() == only_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(only_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # the hook is gone after the block: full logits again
+    assert model(input_ids=batch[0], use_cache=False).logits.shape == (*batch[0].shape, model.config.vocab_size)
+
+
+def test_the_hook_is_removed_when_the_block_raises():
+    module = importlib.import_module("dpo")
+    model = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-gpt2")
+    input_ids, _, labels = batch_with_prompts_and_padding(model.config.vocab_size)
+    with pytest.raises(RuntimeError, match="inside"):
+        with module.lm_head_only_at(model, module.scored_positions(labels)):
+            raise RuntimeError("inside")
+    assert not model.get_output_embeddings()._forward_pre_hooks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["sft", "dpo"])
+def test_fast_and_plain_paths_train_the_same(script, tmp_path):
+    """The same short run with the fast paths (the defaults) and with the seed's (full logits, per-tensor AdamW)."""
+    common = ["--max_steps", 6, "--logging_steps", 2, "--eval_steps", 3, "--save_steps", 0]
+    run_ok(f"{script}.py", *common, "--output_dir", tmp_path / "fast")
+    run_ok(f"{script}.py", *common, "--output_dir", tmp_path / "plain", "--no-lm_head_only_at_labels",
+           "--optim", "adamw_torch")
+    keys = ["loss", "eval_loss"] + (["rewards/margins", "logits/chosen", "eval_rewards/accuracies"]
+                                    if script == "dpo" else [])
+    for key in keys:
+        fast, plain = metric_series(tmp_path / "fast", key), metric_series(tmp_path / "plain", key)
+        assert len(fast) >= 2 and fast == pytest.approx(plain, rel=1e-4, abs=1e-5), key
