@@ -36,11 +36,11 @@ import numpy as np
 import torch
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, set_seed
 from datasets import DatasetDict, load_dataset, load_from_disk
 from tqdm.auto import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
-                          AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, set_seed)
+                          AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 

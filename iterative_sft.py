@@ -49,10 +49,11 @@ import torch
 import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from datasets import DatasetDict, load_dataset, load_from_disk
 from tqdm.auto import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
-                          AutoTokenizer, PreTrainedTokenizerBase, set_seed)
+                          AutoTokenizer, PreTrainedTokenizerBase)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
