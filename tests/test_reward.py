@@ -4,7 +4,6 @@ bad input; and the tiny world's reward model against the ground-truth sentiment 
 import json
 import math
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -144,13 +143,10 @@ def test_tiny_reward_model_agrees_with_the_sentiment_scorer():
 
 # ------------------------------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
-def test_default_run_reaches_90_percent_accuracy_offline_in_under_two_minutes(tmp_path):
-    start = time.time()
+def test_default_run_reaches_90_percent_accuracy_offline(tmp_path):
     run_ok("reward.py", cwd=tmp_path)  # no arguments: the tiny policy plus a new score head, on the tiny pairs
-    elapsed = time.time() - start
     output_dir = tmp_path / "runs" / "reward"
     accuracies = metric_series(output_dir, "eval_accuracy")
-    assert elapsed < 120, f"took {elapsed:.0f}s"
     assert accuracies[0] < 0.7 and accuracies[-1] >= 0.9, accuracies
     train_rows = [row for row in read_metrics(output_dir) if "loss" in row]
     assert {"accuracy", "rewards/chosen", "rewards/rejected", "rewards/margins"} <= set(train_rows[-1])
