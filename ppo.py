@@ -36,7 +36,7 @@ import resource
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Literal
@@ -94,6 +94,10 @@ class PPOConfig:
     """bf16 mixed precision (autocast) through accelerate"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, about a third more compute"""
+    lm_head_only_at_responses: bool = True
+    """apply the output layer only at the response tokens' positions (not the queries' or padding): the same log-probs
+    for a fraction of the FLOPs on large vocabularies; off (and always with kl_penalty 'full'): every position's
+    logits, as the seed"""
     use_peft: bool = False
     """train LoRA adapters (and the value head in full); the reference is the policy with adapters off"""
     lora_r: int = 16
@@ -367,12 +371,30 @@ def load_reward_function(spec: str, device, max_length: int = 1024) -> Callable[
 # ----------------------------------------------------------------------------------------------------------------------
 # PPO math: log-probs, masked statistics, KL penalties, GAE, the clipped losses, KL controllers
 # ----------------------------------------------------------------------------------------------------------------------
+@contextmanager
+def lm_head_only_at(model: torch.nn.Module, positions: torch.Tensor | None):
+    """Inside the block, the model's output layer runs only at `positions` ((B, T) bool) and its forward returns
+    logits (N, V), one row per True position in row-major order, instead of (B, T, V). The prompt and padding
+    positions are never scored, yet on a 32k vocabulary the output layer is most of a forward's FLOPs and its logits
+    most of the activation memory. positions=None: full (B, T, V) logits, as the seed (--no-lm_head_only_at_labels).
+    `model` is the unwrapped model (accelerator.unwrap_model); the hook changes the input of its output layer only."""
+    if positions is None:
+        yield
+        return
+    handle = model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, inputs: (inputs[0][positions], *inputs[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits, (B, T) labels -> (B, T) float32 log-probs of the labels, as logit[label] - logsumexp(logits)
+    """(..., V) logits, (...) labels -> (...) float32 log-probs of the labels, as logit[label] - logsumexp(logits)
     (the seed takes a full log_softmax over the vocabulary and gathers from it: the same numbers, V times the
     memory)."""
     logits = logits.float()
-    return torch.gather(logits, 2, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -1106,7 +1128,8 @@ class PPOTrainer:
     def batched_forward_pass(self, model, queries, responses, model_inputs: dict, return_logits: bool = False,
                              response_masks=None):
         """Log-probs (B, T-1) of every next token, logits (B, T-1, V) if asked, values (B, T-1) and the mask (B, T-1)
-        of the response tokens, computed mini_batch_size rows at a time.
+        of the response tokens, computed mini_batch_size rows at a time. With lm_head_only_at_responses the output
+        layer runs at the mask's N positions only: the log-probs are 0 elsewhere and the logits are (N, V).
 
         Position t holds log p(token t+1) and the value of the state before it; the mask is 1 on the response's
         tokens: t in [len(query) - 1, len(query) - 1 + len(response)) (encoder-decoder: the decoder positions from 1
@@ -1123,12 +1146,8 @@ class PPOTrainer:
                 if ids_key in chunk:  # drop the columns that are padding in every row of the chunk
                     used = int(chunk[mask_key].sum(1).max())
                     chunk[ids_key], chunk[mask_key] = chunk[ids_key][:, :used], chunk[mask_key][:, :used]
-            with self.accelerator.autocast():
-                logits, _, values = model(**chunk, use_cache=False)
-            logits = logits / self.config.temperature if self.config.temperature != 1.0 else logits
             input_ids = chunk["decoder_input_ids" if self.is_encoder_decoder else "input_ids"]
-            logprobs = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])
-            masks = torch.zeros_like(logprobs)
+            masks = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, device=input_ids.device)
             for j in range(len(input_ids)):
                 if self.is_encoder_decoder:
                     begin, end = 1, int(chunk["decoder_attention_mask"][j].sum()) - 1
@@ -1138,12 +1157,26 @@ class PPOTrainer:
                 masks[j, begin:end] = 1
                 if response_masks is not None and not self.is_encoder_decoder:
                     masks[j, begin:end] *= response_masks[start + j].to(masks.dtype)
+            # the output layer only where a log-prob is used (the masked response positions): logits are (N, V) then
+            scored = masks.bool()
+            only_scored = (self.config.lm_head_only_at_responses and not self.is_encoder_decoder
+                           and self.config.kl_penalty != "full")
+            positions = F.pad(scored, (0, 1), value=False) if only_scored else None
+            with self.accelerator.autocast(), lm_head_only_at(
+                    self.accelerator.unwrap_model(model).pretrained_model, positions):
+                logits, _, values = model(**chunk, use_cache=False)
+            logits = logits / self.config.temperature if self.config.temperature != 1.0 else logits
+            if only_scored:  # 0 at the positions that are never used (queries, padding), as the masks say
+                logprobs = torch.zeros_like(masks).masked_scatter(
+                    scored, logprobs_from_logits(logits, input_ids[:, 1:][scored]))
+            else:
+                logprobs = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])
             pad = full_length - 1 - logprobs.shape[1]
             all_logprobs.append(F.pad(logprobs, (0, pad)))
             all_values.append(F.pad(values[:, :-1].float(), (0, pad)))
             all_masks.append(F.pad(masks, (0, pad)))
             if return_logits:
-                all_logits.append(F.pad(logits[:, :-1], (0, 0, 0, pad)))
+                all_logits.append(logits if only_scored else F.pad(logits[:, :-1], (0, 0, 0, pad)))
         return (torch.cat(all_logprobs), torch.cat(all_logits) if return_logits else None, torch.cat(all_values),
                 torch.cat(all_masks))
 
@@ -1194,7 +1227,7 @@ class PPOTrainer:
             pg_loss, vf_loss, loss = pg_loss * 0.0, vf_loss * 0.0, loss * 0.0
         with torch.no_grad():
             # the entropy needs the whole distribution; taken only at the response positions
-            entropy = entropy_from_logits(logits[mask.bool()]).mean()
+            entropy = entropy_from_logits(logits if logits.dim() == 2 else logits[mask.bool()]).mean()
             stats = {
                 "loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "loss/total": loss.detach(),
                 "policy/entropy": entropy, "policy/approxkl": 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask),

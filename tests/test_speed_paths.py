@@ -84,3 +84,36 @@ def test_fast_and_plain_paths_train_the_same(script, tmp_path):
     for key in keys:
         fast, plain = metric_series(tmp_path / "fast", key), metric_series(tmp_path / "plain", key)
         assert len(fast) >= 2 and fast == pytest.approx(plain, rel=1e-4, abs=1e-5), key
+
+
+def test_ppo_step_is_the_same_with_the_output_layer_at_the_responses_only(llama_dir):
+    """Two PPO steps on a Llama-style policy (untied output layer), with and without lm_head_only_at_responses, the
+    seed's per-tensor Adam in both: the same stats and the same weights."""
+    import warnings
+
+    from ppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+    from transformers import AutoTokenizer
+
+    generator = torch.Generator().manual_seed(0)
+    queries = [torch.randint(0, 500, (n,), generator=generator) for n in (3, 7, 5, 4)]
+    responses = [torch.randint(0, 500, (n,), generator=generator) for n in (6, 2, 9, 5)]
+    scores = [torch.tensor(s) for s in (1.0, -0.5, 2.0, 0.0)]
+    runs = []
+    for only_at_responses in (True, False):
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(llama_dir, summary_dropout_prob=0.0)
+        torch.manual_seed(0)
+        model.v_head.summary.reset_parameters()
+        config = PPOConfig(batch_size=4, mini_batch_size=2, seed=0, learning_rate=1e-3, optim="adam_torch",
+                           lm_head_only_at_responses=only_at_responses)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = PPOTrainer(config, model, None, AutoTokenizer.from_pretrained(llama_dir))
+            stats = [trainer.step(queries, responses, scores) for _ in range(2)]
+        runs.append((stats, {key: value.clone() for key, value in model.state_dict().items()}))
+    (fast_stats, fast_state), (plain_stats, plain_state) = runs
+    for fast, plain in zip(fast_stats, plain_stats):
+        for key, value in plain.items():
+            if isinstance(value, float) and not key.startswith("time/"):
+                assert fast[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    for key, value in plain_state.items():
+        torch.testing.assert_close(fast_state[key], value, rtol=1e-4, atol=1e-6, msg=key)
