@@ -468,8 +468,12 @@ if __name__ == "__main__":
     try:
         raw = load_any_dataset(args.dataset_name, args.dataset_config)
     except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
-        message = str(error)
-        if "corresponds to no data" in message or "generating the dataset" in message:  # how datasets says "empty"
+        message = str(error) or type(error).__name__  # an empty JSON file raises a bare StopIteration
+        cause = error.__cause__  # datasets wraps the real reason, e.g. split files whose columns differ
+        if cause is not None and str(cause):
+            message += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
+        elif isinstance(error, StopIteration) or "corresponds to no data" in message or "generating the dataset" in \
+                message:  # how datasets says "empty"
             message += " (is a data file empty? every split needs at least one row)"
         fail(f"could not load dataset {args.dataset_name}: {message}")
     if args.dataset_test_split == "auto":  # resolved here, so everything below sees a split name or None
