@@ -1,7 +1,7 @@
 """Our scripts against TRL on the same work, side by side: steady-state samples/s, whole-process seconds, peak memory.
 
     python benchmarks/vs_trl.py --setup                      # once: TRL 1.16 (and the seed's TRL 0.8.6) in venvs
-    python benchmarks/vs_trl.py                              # sft reward dpo kto orpo cpo ppo; ~40 min on 2 CPU cores
+    python benchmarks/vs_trl.py                              # sft reward dpo kto orpo cpo ppo; ~25 min on 2 CPU cores
     python benchmarks/vs_trl.py --algos dpo --models tiny --repeats 1            # a quick look, ~1 min
     python benchmarks/vs_trl.py --models qwen2-0.5b --bf16                       # on a GPU
 
