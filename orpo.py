@@ -19,6 +19,7 @@ its prompt choice) and is normalised per token over the whole optimizer step (se
     accelerate launch --multi_gpu --num_processes 8 orpo.py --model_name_or_path Qwen/Qwen2.5-0.5B --bf16
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from datasets import DatasetDict, load_dataset, load_from_disk
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -400,19 +401,88 @@ def get_scheduler(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
+def gathered_state_dict(accelerator, model) -> dict:
+    """The model's full weights for save_pretrained, complete on the main process. Every process must call it: under
+    FSDP each process holds a shard of every weight and under DeepSpeed ZeRO-3 a slice, so the full tensors are
+    gathered here (to CPU, so that a model that fills a GPU can still be written)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.get_state_dict(model)  # ZeRO-3 needs zero3_save_16bit_model: true (our configs set it)
+    return accelerator.unwrap_model(model).state_dict()
+
+
 def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, scheduler, progress: dict) -> None:
     """A resumable checkpoint: weights (or LoRA adapter) in save_pretrained form, optimizer, scheduler, progress
-    counters (step, tokens seen), and the RNG states of every process."""
+    counters (step, tokens seen), and the RNG states of every process. Every process calls it (see
+    gathered_state_dict). Under FSDP the optimizer state is gathered too, keyed by parameter name, and sharded again on
+    resume; DeepSpeed's engine writes its own optimizer partitions to path/deepspeed."""
+    weights = gathered_state_dict(accelerator, model)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer,
+                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model.save_checkpoint(str(path / "deepspeed"), exclude_frozen_parameters=True)
+        optimizer_state = None
+    else:
+        optimizer_state = optimizer.state_dict()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(path)
+        accelerator.unwrap_model(model).save_pretrained(path, state_dict=weights)
         tokenizer.save_pretrained(path)
-        torch.save({**progress, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        torch.save({**progress, "optimizer": optimizer_state, "scheduler": scheduler.state_dict()},
                    path / "training_state.pt")
     accelerator.wait_for_everyone()
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     torch.save(rng, path / f"rng_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
+
+
+def load_optimizer_state(path: Path, accelerator, model, optimizer, optimizer_state: dict | None) -> None:
+    """The optimizer state of a checkpoint written by save_checkpoint, under the same distributed setup."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer.optimizer, optimizer_state,
+                                 options=StateDictOptions(full_state_dict=True))
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model.load_checkpoint(str(path / "deepspeed"), load_module_strict=False, load_optimizer_states=True,
+                              load_lr_scheduler_states=False)
+    else:
+        optimizer.load_state_dict(optimizer_state)
+
+
+@contextmanager
+def gathered_for_generation(accelerator, model):
+    """The model with its full parameters for the duration of a generate call, released after; yields the model to
+    call generate on. FSDP: every sharded module is all-gathered once and kept whole across the decoding steps (not
+    gathered again per token and layer); ZeRO-3: deepspeed.zero.GatheredParameters. Every process must enter it, and
+    each must call generate inside it: transformers then keeps them in step (synced_gpus)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
+        for module in sharded:
+            module.unshard()
+            module.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield model
+        finally:
+            for module in sharded:
+                module.reshard()
+                module.set_reshard_after_forward(True, recurse=False)
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED and \
+            accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield accelerator.unwrap_model(model)
+    else:
+        yield accelerator.unwrap_model(model)
 
 
 def load_rng_state(path: Path, process_index: int) -> None:
@@ -455,6 +525,17 @@ if __name__ == "__main__":
         fail(f"need --beta > 0, got {args.beta}")
 
     # 1. Seed and accelerator. Derived sizes live here, in one place.
+    # FSDP and DeepSpeed ZeRO shard a model over GPUs. Asked for on a machine without one, say so, rather than let
+    # Accelerator(cpu=True) below quietly train with plain data parallelism.
+    requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
+                 if os.environ.get(variable, "false").lower() == "true"]
+    if requested and not torch.cuda.is_available():
+        fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
+             "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
+             "`accelerate launch --multi_gpu --num_processes N`")
+    if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
+        fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
+             "`pip install deepspeed` (an optional dependency of these scripts)")
     # Several processes but no GPU (e.g. `accelerate launch --multi_gpu` on a CPU machine): make them one gloo
     # process group on CPU; otherwise accelerate would start independent copies that never exchange gradients.
     multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -536,6 +617,13 @@ if __name__ == "__main__":
             fail(f"no {split} pair is left: every pair has identical chosen and rejected answers")
     train_rows = splits[args.dataset_train_split]
     eval_rows = splits.get(args.dataset_test_split, [])
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and \
+            len(eval_rows) % world_size:
+        # every forward of a sharded model is collective: each process must run as many eval batches as the others
+        kept = len(eval_rows) - len(eval_rows) % world_size
+        accelerator.print(f"evaluating on {kept} of {len(eval_rows)} eval rows: a multiple of the {world_size} "
+                          "processes, since every forward of a sharded model involves all of them")
+        eval_rows = eval_rows[:kept]
     steps_per_epoch = len(train_rows) // global_batch_size
     if steps_per_epoch == 0:
         fail(f"the training set has {len(train_rows)} pairs but one optimizer step needs {global_batch_size} "
@@ -579,12 +667,16 @@ if __name__ == "__main__":
                                   weight_decay=args.weight_decay, fused=args.optim == "adamw_torch_fused")
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
                               num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # what accelerate cannot infer without a dataloader
+        deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        deepspeed_config.update({"train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+                                 "gradient_clipping": args.max_grad_norm})
     model, optimizer = accelerator.prepare(model, optimizer)
     start_step, num_tokens_seen = 0, 0
     if args.resume_from_checkpoint:
         checkpoint = Path(args.resume_from_checkpoint)
         state = torch.load(checkpoint / "training_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(checkpoint, accelerator, model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         load_rng_state(checkpoint, accelerator.process_index)
         start_step, num_tokens_seen = state["step"], state["num_tokens"]
@@ -688,11 +780,13 @@ if __name__ == "__main__":
         kwargs = {"input_ids": input_ids.to(accelerator.device), "attention_mask": attention_mask.to(
             accelerator.device), "max_new_tokens": max_length - args.max_prompt_length, "do_sample": True,
                   "top_k": 0, "pad_token_id": tokenizer.pad_token_id}
-        with torch.no_grad():
-            policy_out = accelerator.unwrap_model(model).generate(**kwargs)
+        with torch.no_grad(), gathered_for_generation(accelerator, model) as policy:  # whole weights for this call
+            policy_out = policy.generate(**kwargs)
         answers = tokenizer.batch_decode(policy_out[:, longest:], skip_special_tokens=True)
         samples = [{"step": step, "prompt": tokenizer.decode(ids, skip_special_tokens=True), "policy": answer}
                    for ids, answer in zip(prompts, answers)]
+        if not accelerator.is_main_process:  # every process generates (sharded weights are gathered together)
+            return
         with open(output_dir / "samples.jsonl", "a") as f:
             f.writelines(json.dumps(sample) + "\n" for sample in samples)
         if args.track:
@@ -709,7 +803,7 @@ if __name__ == "__main__":
                 batch = collate_pairs(my_rows[start : start + args.per_device_eval_batch_size], tokenizer.pad_token_id)
                 out = pair_forward({key: value.to(accelerator.device) for key, value in batch.items()})
                 sums += pair_metrics(out, *compute_loss(out))
-        if args.generate_during_eval and accelerator.is_main_process:
+        if args.generate_during_eval:
             generate_samples(step)
         model.train()
         return summarize(accelerator.reduce(sums, "sum").tolist(), prefix="eval_")
@@ -746,6 +840,7 @@ if __name__ == "__main__":
         for j, batch in enumerate(micro_batches):
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
             is_last = j == len(micro_batches) - 1
+            accelerator.gradient_state._set_sync_gradients(is_last)  # DeepSpeed's engine steps in the last backward
             with accelerator.no_sync(model) if not is_last else nullcontext():  # sync gradients once per step
                 out = pair_forward(batch)  # under --bf16, accelerate.prepare wrapped forward in autocast
                 losses, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = compute_loss(out)
@@ -758,7 +853,7 @@ if __name__ == "__main__":
 
         # 8c. Clip (max_grad_norm 0: only measure the norm). Stop cleanly on a non-finite loss or gradient, before the
         #     update would poison the weights; every process sees the same reduced values and stops together.
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+        grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf")))
         if not (np.isfinite(step_loss) and torch.isfinite(grad_norm)):
             checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
             kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
@@ -795,13 +890,20 @@ if __name__ == "__main__":
 
     # 9. Save: plain save_pretrained weights that AutoModelForCausalLM loads; with LoRA, the merged model in
     #    output_dir and the adapter alone in output_dir/adapter.
+    #    Every process takes part in gathering the weights (see gathered_state_dict). A sharded
+    #    LoRA model cannot be merged in place: a CPU copy of the base model merges the adapter just saved.
     accelerator.wait_for_everyone()
+    weights = gathered_state_dict(accelerator, model)
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         if args.use_peft:
-            final.save_pretrained(output_dir / "adapter")
-            final = final.merge_and_unload()
-        final.save_pretrained(output_dir)
+            final.save_pretrained(output_dir / "adapter", state_dict=weights)
+            if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                base = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, revision=args.revision,
+                                                            dtype=dtype)
+                final = PeftModel.from_pretrained(base, output_dir / "adapter")
+            final, weights = final.merge_and_unload(), None
+        final.save_pretrained(output_dir, state_dict=weights)
         tokenizer.save_pretrained(output_dir)
         if args.push_to_hub:
             final.push_to_hub(output_dir.name)

@@ -574,6 +574,13 @@ if __name__ == "__main__":
         splits[split] = pack_examples(kept, max_length) if args.packing else kept
     train_rows = splits[args.dataset_train_split]
     eval_rows = splits.get(args.dataset_test_split, [])
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and \
+            len(eval_rows) % world_size:
+        # every forward of a sharded model is collective: each process must run as many eval batches as the others
+        kept = len(eval_rows) - len(eval_rows) % world_size
+        accelerator.print(f"evaluating on {kept} of {len(eval_rows)} eval rows: a multiple of the {world_size} "
+                          "processes, since every forward of a sharded model involves all of them")
+        eval_rows = eval_rows[:kept]
     steps_per_epoch = len(train_rows) // global_batch_size
     if steps_per_epoch == 0:
         fail(f"the training set has {len(train_rows)} {'packed blocks' if args.packing else 'rows'} but one optimizer "
@@ -764,9 +771,9 @@ if __name__ == "__main__":
                             {"step": done, "num_tokens": num_tokens_seen})
 
     # 9. Save: plain save_pretrained weights that AutoModelForCausalLM loads; with LoRA, the merged model in
-    #    output_dir and the adapter alone in output_dir/adapter. Every process takes part in gathering the weights
-    #    (see gathered_state_dict). A sharded LoRA model cannot be merged in place: a CPU copy of the base model
-    #    merges the adapter just saved.
+    #    output_dir and the adapter alone in output_dir/adapter.
+    #    Every process takes part in gathering the weights (see gathered_state_dict). A sharded
+    #    LoRA model cannot be merged in place: a CPU copy of the base model merges the adapter just saved.
     accelerator.wait_for_everyone()
     weights = gathered_state_dict(accelerator, model)
     if accelerator.is_main_process:
