@@ -28,6 +28,7 @@ From Python, as in the seed's quickstart: `from ppo import AutoModelForCausalLMW
 
 import copy
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -47,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from datasets import DatasetDict, load_dataset, load_from_disk
 from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
@@ -626,6 +627,7 @@ class PreTrainedModelWrapper(nn.Module):
         super().__init__()
         self.pretrained_model = pretrained_model
         self.config = pretrained_model.config
+        self._no_split_modules = getattr(pretrained_model, "_no_split_modules", None)  # FSDP shards these blocks
         self.is_peft_model = not isinstance(pretrained_model, PreTrainedModel) and hasattr(
             pretrained_model, "disable_adapter")
         self.supports_rm_adapter, self.rm_adapter_name, self.policy_adapter_name = (
@@ -750,6 +752,7 @@ class PreTrainedModelWrapper(nn.Module):
         """save_pretrained of the wrapped model with the value head inside its weight file. A LoRA policy: the
         adapter (peft's save_pretrained) and the value head in pytorch_model.bin, as the seed does."""
         if self.is_peft_model:
+            kwargs.pop("state_dict", None)  # the value head alone (see state_dict): peft takes the adapter itself
             self.pretrained_model.save_pretrained(save_directory, *args, **kwargs)
             torch.save(self.state_dict(), Path(save_directory) / "pytorch_model.bin")
             return
@@ -799,6 +802,64 @@ class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
 
 LAYER_PATTERNS = ["transformer.h.{layer}", "model.decoder.layers.{layer}", "gpt_neox.layers.{layer}",
                   "model.layers.{layer}"]
+
+
+def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """A model that is only evaluated (a reference or reward model): eval mode, no gradients, never given to the
+    optimizer. Under FSDP it is sharded as the policy is (each transformer block, then the root, with fully_shard);
+    under ZeRO-3 by a DeepSpeed engine without an optimizer (as TRL's prepare_deepspeed; ZeRO-1/2 only shard
+    optimizer state, so there it is replicated); otherwise it is replicated on each process's device."""
+    model.eval().requires_grad_(False)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import fully_shard
+
+        block_classes = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in block_classes:
+                fully_shard(module)
+        fully_shard(model)
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        import deepspeed
+
+        config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+        config.pop("optimizer", None), config.pop("scheduler", None)
+        config["zero_optimization"].pop("offload_optimizer", None)
+        if config["zero_optimization"]["stage"] != 3:
+            config["zero_optimization"]["stage"] = 0
+        model = deepspeed.initialize(model=model, config=config)[0]
+        model.eval()
+    else:
+        model.to(accelerator.device)
+    return model
+
+
+@contextmanager
+def gathered_for_generation(accelerator, model):
+    """The model with its full parameters for the duration of a generate call, released after; yields the model to
+    call generate on. FSDP: every sharded module is all-gathered once and kept whole across the decoding steps (not
+    gathered again per token and layer); ZeRO-3: deepspeed.zero.GatheredParameters. Every process must enter it, and
+    each must call generate inside it: transformers then keeps them in step (synced_gpus)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
+        for module in sharded:
+            module.unshard()
+            module.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield model
+        finally:
+            for module in sharded:
+                module.reshard()
+                module.set_reshard_after_forward(True, recurse=False)
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED and \
+            accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield accelerator.unwrap_model(model)
+    else:
+        yield accelerator.unwrap_model(model)
 
 
 def create_reference_model(model: nn.Module, num_shared_layers: int | None = None, pattern: str | None = None):
@@ -874,10 +935,14 @@ class PPOTrainer:
         if ref_model is not None:
             if num_shared_layers is not None:
                 warnings.warn("num_shared_layers is ignored when ref_model is given", UserWarning)
-            self.ref_model = ref_model.eval().requires_grad_(False)
+            self.ref_model = ref_model
         elif self.is_peft_model:
             self.ref_model = None
         else:
+            if num_shared_layers is not None and self.accelerator.distributed_type in (DistributedType.FSDP,
+                                                                                       DistributedType.DEEPSPEED):
+                raise ValueError("num_shared_layers shares tensors between the policy and the reference, which FSDP "
+                                 "and DeepSpeed shard separately; leave it unset under them")
             self.ref_model = create_reference_model(model, num_shared_layers=num_shared_layers)
         self.optional_peft_ctx = (lambda: self.accelerator.unwrap_model(self.model).pretrained_model.disable_adapter()
                                   ) if self.is_peft_model else nullcontext
@@ -896,11 +961,15 @@ class PPOTrainer:
         self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target, config.horizon) if config.adap_kl_ctrl
                        else FixedKLController(config.init_kl_coef))
         self.running = RunningMoments(self.accelerator)
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:  # what accelerate cannot infer
+            deepspeed_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            deepspeed_config.update({"train_micro_batch_size_per_gpu": config.mini_batch_size,
+                                     "gradient_clipping": config.max_grad_norm or 0.0})
         self.model, self.optimizer = self.accelerator.prepare(model.to(self.accelerator.device), self.optimizer)
         if self.dataloader is not None:
             self.dataloader = self.accelerator.prepare(self.dataloader)
-        if self.ref_model is not None:
-            self.ref_model.to(self.accelerator.device)
+        if self.ref_model is not None:  # eval mode, frozen; sharded like the policy under FSDP / ZeRO-3
+            self.ref_model = prepare_frozen(self.accelerator, self.ref_model)
         self.current_device = self.accelerator.device
         self.current_step = 0  # step() calls so far
         self._micro_steps, self._clipped = 0, False
@@ -918,24 +987,31 @@ class PPOTrainer:
         response is cut after its first EOS (padding removed), and return_prompt=False returns the response alone.
         length_sampler() draws max_new_tokens for each batch."""
         generation_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        policy = self.accelerator.unwrap_model(self.model)
-        policy.eval()  # for generate only: under gradient checkpointing, train mode would switch the KV cache off
-        try:
-            return self._generate(policy, query_tensor, length_sampler, batch_size, return_prompt,
-                                  generate_ref_response, **generation_kwargs)
-        finally:
-            policy.train()
+        with gathered_for_generation(self.accelerator, self.model) as policy:  # whole weights for this call only
+            policy.eval()  # for generate only: under gradient checkpointing, train mode would switch the KV cache off
+            try:
+                return self._generate(policy, query_tensor, length_sampler, batch_size, return_prompt,
+                                      generate_ref_response, **generation_kwargs)
+            finally:
+                policy.train()
+
+    @contextmanager
+    def _reference_for_generation(self, policy):
+        """The reference to generate with: a LoRA policy with its adapters off, else the frozen copy (gathered)."""
+        if self.is_peft_model:
+            with self.optional_peft_ctx():
+                yield policy
+        else:
+            with gathered_for_generation(self.accelerator, self.ref_model) as reference:
+                yield reference
 
     def _generate(self, policy, query_tensor, length_sampler, batch_size, return_prompt, generate_ref_response,
                   **generation_kwargs):
-        if generate_ref_response:
-            reference = policy if self.is_peft_model else self.ref_model
-            reference_ctx = self.optional_peft_ctx
         if isinstance(query_tensor, list):
             response = self._generate_batched(policy, query_tensor, length_sampler, batch_size, return_prompt,
                                               **generation_kwargs)
             if generate_ref_response:
-                with reference_ctx():
+                with self._reference_for_generation(policy) as reference:
                     ref_response = self._generate_batched(reference, query_tensor, length_sampler, batch_size,
                                                           return_prompt, **generation_kwargs)
         else:
@@ -948,7 +1024,7 @@ class PPOTrainer:
             with torch.no_grad():
                 response = policy.generate(input_ids=input_ids, **generation_kwargs)
                 if generate_ref_response:
-                    with reference_ctx():
+                    with self._reference_for_generation(policy) as reference:
                         ref_response = reference.generate(input_ids=input_ids, **generation_kwargs)
             if not return_prompt and not self.is_encoder_decoder:
                 response = response[:, query_tensor.shape[0]:]
@@ -1256,6 +1332,7 @@ class PPOTrainer:
                                      "the optimizer was not stepped")
         self._micro_steps += 1
         sync = self._micro_steps % self.config.gradient_accumulation_steps == 0
+        self.accelerator.gradient_state._set_sync_gradients(sync)  # DeepSpeed's engine steps in the last backward
         with self.accelerator.no_sync(self.model) if not sync else nullcontext():
             self.accelerator.backward(loss / self.config.gradient_accumulation_steps)
         if sync:
@@ -1351,9 +1428,12 @@ class PPOTrainer:
             wandb.log(logs, step=self.current_step)
 
     def _save_pretrained(self, save_directory) -> None:
-        """The policy with its value head (seed layout) and the tokenizer."""
-        self.accelerator.unwrap_model(self.model).save_pretrained(save_directory)
-        self.tokenizer.save_pretrained(save_directory)
+        """The policy with its value head (seed layout) and the tokenizer, written by the main process. Every process
+        calls it: under FSDP / ZeRO-3 the weights are gathered from their shards first."""
+        weights = gathered_state_dict(self.accelerator, self.model)
+        if self.accelerator.is_main_process:
+            self.accelerator.unwrap_model(self.model).save_pretrained(save_directory, state_dict=weights)
+            self.tokenizer.save_pretrained(save_directory)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1378,19 +1458,64 @@ def get_scheduler(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
+def gathered_state_dict(accelerator, model) -> dict:
+    """The model's full weights for save_pretrained, complete on the main process. Every process must call it: under
+    FSDP each process holds a shard of every weight and under DeepSpeed ZeRO-3 a slice, so the full tensors are
+    gathered here (to CPU, so that a model that fills a GPU can still be written)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.tensor import DTensor
+
+        weights = {}
+        for name, tensor in model.state_dict().items():  # the same order everywhere: one all-gather per sharded tensor
+            tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            if accelerator.is_main_process:
+                weights[name] = tensor.cpu()
+        return weights
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.get_state_dict(model)  # ZeRO-3 needs zero3_save_16bit_model: true (our configs set it)
+    return accelerator.unwrap_model(model).state_dict()
+
+
 def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, scheduler, progress: dict) -> None:
     """A resumable checkpoint: weights (or LoRA adapter) in save_pretrained form, optimizer, scheduler, progress
-    counters (step, tokens seen), and the RNG states of every process."""
+    counters (step, tokens seen), and the RNG states of every process. Every process calls it (see
+    gathered_state_dict). Under FSDP the optimizer state is gathered too, keyed by parameter name, and sharded again on
+    resume; DeepSpeed's engine writes its own optimizer partitions to path/deepspeed."""
+    weights = gathered_state_dict(accelerator, model)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer,
+                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model.save_checkpoint(str(path / "deepspeed"), exclude_frozen_parameters=True)
+        optimizer_state = None
+    else:
+        optimizer_state = optimizer.state_dict()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(path)
+        accelerator.unwrap_model(model).save_pretrained(path, state_dict=weights)
         tokenizer.save_pretrained(path)
-        torch.save({**progress, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        torch.save({**progress, "optimizer": optimizer_state, "scheduler": scheduler.state_dict()},
                    path / "training_state.pt")
     accelerator.wait_for_everyone()
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     torch.save(rng, path / f"rng_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
+
+
+def load_optimizer_state(path: Path, accelerator, model, optimizer, optimizer_state: dict | None) -> None:
+    """The optimizer state of a checkpoint written by save_checkpoint, under the same distributed setup."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer.optimizer, optimizer_state,
+                                 options=StateDictOptions(full_state_dict=True))
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model.load_checkpoint(str(path / "deepspeed"), load_module_strict=False, load_optimizer_states=True,
+                              load_lr_scheduler_states=False)
+    else:
+        optimizer.load_state_dict(optimizer_state)
 
 
 def load_rng_state(path: Path, process_index: int) -> None:
@@ -1436,6 +1561,23 @@ if __name__ == "__main__":
     if args.resume_from_checkpoint and not (Path(args.resume_from_checkpoint) / "training_state.pt").exists():
         fail(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint directory of this script "
              "(no training_state.pt in it)")
+    # FSDP and DeepSpeed ZeRO shard a model over GPUs. Asked for on a machine without one, say so, rather than let
+    # Accelerator(cpu=True) below quietly train with plain data parallelism.
+    requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
+                 if os.environ.get(variable, "false").lower() == "true"]
+    if requested and not torch.cuda.is_available():
+        fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
+             "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
+             "`accelerate launch --multi_gpu --num_processes N`")
+    if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
+        fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
+             "`pip install deepspeed` (an optional dependency of these scripts)")
+    if requested and args.use_peft:
+        fail("--use_peft is not supported under FSDP or DeepSpeed by ppo.py (its value-head model saves the adapter "
+             "from an unsharded policy); train LoRA with data parallelism: accelerate_configs/multi_gpu.yaml")
+    if requested == ["DeepSpeed"] and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        fail("ppo.py does not run under DeepSpeed ZeRO-3 (its reward model would be loaded partitioned and used "
+             "outside an engine); use accelerate_configs/fsdp.yaml, or deepspeed_zero2.yaml")
     try:
         parse_reward_spec(args.reward_model)
     except ValueError as error:
@@ -1548,7 +1690,7 @@ if __name__ == "__main__":
     if args.resume_from_checkpoint:
         checkpoint = Path(args.resume_from_checkpoint)
         state = torch.load(checkpoint / "training_state.pt", weights_only=False)
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(checkpoint, accelerator, trainer.model, trainer.optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         trainer.kl_ctl.value, trainer._clipped = state["kl_coef"], state["clipped"]
         trainer.running.load_state_dict(state["running"])
@@ -1636,15 +1778,17 @@ if __name__ == "__main__":
     # 8. Save: the policy with its value head in the seed's layout (plain AutoModelForCausalLM loads it, ignoring
     #    v_head.*), and the tokenizer; with LoRA, the merged model in output_dir and the adapter (+ value head) in
     #    output_dir/adapter.
+    #    Every process takes part in gathering the weights (see gathered_state_dict); LoRA runs unsharded (step 0).
     accelerator.wait_for_everyone()
+    weights = gathered_state_dict(accelerator, trainer.model)
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(trainer.model)
         if args.use_peft:
             final.save_pretrained(output_dir / "adapter")
             merged = wrapper(final.pretrained_model.merge_and_unload())
             merged.v_head = final.v_head
-            final = merged
-        final.save_pretrained(output_dir)
+            final, weights = merged, None
+        final.save_pretrained(output_dir, state_dict=weights)
         tokenizer.save_pretrained(output_dir)
         if args.push_to_hub:
             final.push_to_hub(output_dir.name)

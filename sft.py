@@ -406,9 +406,14 @@ def gathered_state_dict(accelerator, model) -> dict:
     FSDP each process holds a shard of every weight and under DeepSpeed ZeRO-3 a slice, so the full tensors are
     gathered here (to CPU, so that a model that fills a GPU can still be written)."""
     if accelerator.distributed_type == DistributedType.FSDP:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.tensor import DTensor
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        weights = {}
+        for name, tensor in model.state_dict().items():  # the same order everywhere: one all-gather per sharded tensor
+            tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            if accelerator.is_main_process:
+                weights[name] = tensor.cpu()
+        return weights
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return accelerator.get_state_dict(model)  # ZeRO-3 needs zero3_save_16bit_model: true (our configs set it)
     return accelerator.unwrap_model(model).state_dict()

@@ -1,0 +1,172 @@
+"""Run by tests/test_scaling.py under `torchrun --nproc_per_node 2` (gloo, CPU): the scripts' FSDP blocks on a tiny
+model sharded with torch's FSDP2 `fully_shard`, checked against an unsharded copy. accelerate routes to FSDP only on
+GPUs, so a stand-in accelerator says "FSDP" here; the sharding itself is torch's, as under accelerate.
+
+Usage: torchrun --nproc_per_node 2 tests/fsdp_blocks_worker.py OUT_DIR SCRIPT [SCRIPT ...]"""
+
+import copy
+import importlib
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from accelerate.utils import DistributedType
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+TINY = REPO / "assets" / "tiny-gpt2"
+
+
+def stand_in_accelerator(rank: int) -> SimpleNamespace:
+    return SimpleNamespace(distributed_type=DistributedType.FSDP, is_main_process=rank == 0, process_index=rank,
+                           num_processes=dist.get_world_size(), device=torch.device("cpu"),
+                           wait_for_everyone=dist.barrier, unwrap_model=lambda model: model)
+
+
+def shard(model):
+    """What accelerate's FSDP2 preparation does with fsdp.yaml: each transformer block, then the root."""
+    for module in model.modules():
+        if type(module).__name__ in model._no_split_modules:
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def outputs(model, batch) -> torch.Tensor:
+    """Logits, and for ppo.py's value-head model the values too, side by side."""
+    out = model(**batch)
+    if isinstance(out, tuple):  # (logits, loss, values)
+        return torch.cat([out[0], out[2].unsqueeze(-1)], dim=-1)
+    return out.logits
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return outputs(model, batch)
+
+
+def train_step(model, optimizer, batch) -> None:
+    out = outputs(model, batch)
+    out.float().pow(2).mean().backward()  # any loss that reaches every weight, logits and values alike
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def output_layer(model) -> torch.nn.Module:
+    return next(module for name, module in model.named_modules() if name.endswith("lm_head"))
+
+
+def fresh(module, name: str, path=TINY):
+    """The tiny model as the script trains it: ppo.py wraps it with its value head."""
+    torch.manual_seed(0)
+    if name == "ppo":
+        return module.AutoModelForCausalLMWithValueHead.from_pretrained(path).eval()  # eval: no value-head dropout
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def check(condition: bool, what: str) -> None:
+    if not condition:
+        raise AssertionError(what)
+
+
+def main(out: Path, scripts: list[str]) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    accelerator = stand_in_accelerator(rank)
+    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    batch = tokenizer(["the film was good and", "a dull story, badly told"], return_tensors="pt", padding=True)
+    prompt = tokenizer(["the film was"], return_tensors="pt")
+    for name in scripts:
+        module = importlib.import_module(name)
+        plain = fresh(module, name)
+        sharded = shard(copy.deepcopy(plain))
+        check(isinstance(output_layer(sharded).weight, DTensor), "the policy is sharded")
+        plain_optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+        optimizer = torch.optim.AdamW(sharded.parameters(), lr=1e-2)
+        train_step(plain, plain_optimizer, batch)
+        train_step(sharded, optimizer, batch)  # both processes see the same batch: the averaged gradient is the same
+
+        # 1. A checkpoint written from shards holds the full weights (plain save_pretrained) and the full optimizer state.
+        path = out / name / "checkpoint-1"
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        if rank == 0:
+            path.mkdir(parents=True)
+        dist.barrier()
+        module.save_checkpoint(path, accelerator, sharded, tokenizer, SimpleNamespace(optimizer=optimizer), scheduler,
+                               {"step": 1})
+        loaded = fresh(module, name, path)
+        check(torch.allclose(logits(loaded, batch), logits(plain, batch), atol=1e-5),
+              f"{name}: the checkpoint's weights are the trained ones")
+
+        # 2. Resume: a fresh sharded model from the checkpoint, its optimizer state restored, takes the same next step.
+        state = torch.load(path / "training_state.pt", weights_only=False)
+        resumed = shard(fresh(module, name, path))
+        resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+        torch.optim.lr_scheduler.LambdaLR(resumed_optimizer, lambda step: 1.0)  # as the scripts: schedule, then load
+        module.load_optimizer_state(path, accelerator, resumed, SimpleNamespace(optimizer=resumed_optimizer),
+                                    state["optimizer"])
+        train_step(plain, plain_optimizer, batch)
+        train_step(resumed, resumed_optimizer, batch)
+        check(torch.allclose(logits(resumed, batch), logits(plain, batch), atol=1e-5),
+              f"{name}: the resumed run takes the uninterrupted run's step")
+
+        # 3. Final weights gathered for save_pretrained.
+        weights = module.gathered_state_dict(accelerator, resumed)
+        if rank == 0:
+            resumed.save_pretrained(out / name / "final", state_dict=weights)
+        dist.barrier()
+        final = fresh(module, name, out / name / "final")
+        check(torch.allclose(logits(final, batch), logits(plain, batch), atol=1e-5), f"{name}: the final save")
+
+        # 4. Generation with gathered weights: each process decodes a different number of tokens, which would hang
+        #    or fail if any forward still needed the other process; afterwards the weights are sharded again.
+        if hasattr(module, "gathered_for_generation"):
+            new_tokens = 6 if rank == 0 else 3
+            with module.gathered_for_generation(accelerator, resumed) as generator:
+                sampled = generator.generate(**prompt, max_new_tokens=new_tokens, do_sample=False,
+                                             pad_token_id=tokenizer.eos_token_id)
+            expected = plain.generate(**prompt, max_new_tokens=new_tokens, do_sample=False,
+                                      pad_token_id=tokenizer.eos_token_id)
+            check(torch.equal(sampled, expected), f"{name}: gathered generation is the unsharded model's")
+            local = output_layer(resumed).weight.to_local()
+            check(local.shape[0] < output_layer(plain).weight.shape[0], f"{name}: the weights are sharded again after")
+
+        # 5. A frozen reference: sharded like the policy, eval mode, no gradients, the same outputs.
+        if hasattr(module, "prepare_frozen"):
+            reference = module.prepare_frozen(accelerator, fresh(module, name))
+            check(isinstance(output_layer(reference).weight, DTensor), f"{name}: the reference is sharded")
+            check(not reference.training and not any(p.requires_grad for p in reference.parameters()),
+                  f"{name}: the reference is frozen and in eval mode")
+            check(torch.allclose(logits(reference, batch), logits(fresh(module, name), batch), atol=1e-5),
+                  f"{name}: the sharded reference computes the unsharded one's outputs")
+
+        # 6. LoRA: the adapter saved from gathered weights reproduces the sharded model's outputs.
+        if name in ("sft", "dpo"):
+            from peft import LoraConfig, PeftModel, get_peft_model
+
+            torch.manual_seed(0)
+            peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(TINY),
+                                        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                   init_lora_weights=False))
+            expected = logits(peft_model, batch)
+            peft_sharded = shard(peft_model)
+            weights = module.gathered_state_dict(accelerator, peft_sharded)
+            if rank == 0:
+                peft_sharded.save_pretrained(out / name / "adapter", state_dict=weights)
+            dist.barrier()
+            reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY), out / name / "adapter")
+            check(torch.allclose(logits(reloaded, batch), expected, atol=1e-5), f"{name}: the LoRA adapter")
+        if rank == 0:
+            print(f"{name}: ok", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
