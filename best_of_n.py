@@ -23,6 +23,7 @@ saves the chosen completions as a dataset that sft.py trains on (rejection-sampl
 From Python, as in the seed: `from best_of_n import BestOfNSampler, LengthSampler`.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -440,6 +441,23 @@ if __name__ == "__main__":
 
     # 1. Accelerator: each process samples its share of the prompts. Several processes but no GPU: one gloo group on
     #    CPU (the processes only exchange results).
+    # FSDP and DeepSpeed ZeRO shard a model over GPUs. Asked for on a machine without one, say so, rather than let
+    # Accelerator(cpu=True) below quietly train with plain data parallelism.
+    requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
+                 if os.environ.get(variable, "false").lower() == "true"]
+    if requested and not torch.cuda.is_available():
+        fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
+             "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
+             "`accelerate launch --multi_gpu --num_processes N`")
+    if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
+        fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
+             "`pip install deepspeed` (an optional dependency of these scripts)")
+    if requested == ["DeepSpeed"] and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        fail(f"{Path(__file__).name} does not run under DeepSpeed ZeRO-3 (its models would be loaded partitioned "
+             "and used outside an engine); use accelerate_configs/multi_gpu.yaml")
+    if requested and os.environ.get("RANK", "0") == "0":  # nothing is trained, so nothing is sharded
+        print(f"{Path(__file__).name}: {requested[0]} shards training state, and there is none here: each process "
+              "samples its share of the prompts with a whole copy of the model", file=sys.stderr)
     multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(cpu=multi_process_cpu)
 

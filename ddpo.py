@@ -28,6 +28,7 @@ From Python, as in the seed: `from ddpo import DDPOConfig, DDPOTrainer, DefaultD
 """
 
 import io
+import importlib.util
 import json
 import math
 import os
@@ -937,6 +938,21 @@ if __name__ == "__main__":
     if not pipeline_path.exists() and (config.pretrained_model.startswith((".", "/", "~"))
                                        or config.pretrained_model.count("/") > 1):
         fail(f"--pretrained_model {config.pretrained_model} does not exist: expected a pipeline directory or a Hub id")
+
+    # FSDP and DeepSpeed ZeRO shard a model over GPUs. Asked for on a machine without one, say so, rather than let
+    # Accelerator(cpu=True) below quietly train with plain data parallelism.
+    requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
+                 if os.environ.get(variable, "false").lower() == "true"]
+    if requested and not torch.cuda.is_available():
+        fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
+             "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
+             "`accelerate launch --multi_gpu --num_processes N`")
+    if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
+        fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
+             "`pip install deepspeed` (an optional dependency of these scripts)")
+    if requested:
+        fail(f"{Path(__file__).name} does not shard its UNet with {requested[0]}: the UNet (and its LoRA adapters) "
+             "fits one GPU, so train with data parallelism: accelerate_configs/multi_gpu.yaml")
 
     # 1. The pipeline (DDIM scheduler; LoRA adapters are added by the trainer), the reward and the prompts.
     try:

@@ -32,6 +32,7 @@ From Python: `from iterative_sft import IterativeSFTTrainer`; `trainer.step(inpu
 """
 
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -39,7 +40,7 @@ import random
 import resource
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -49,7 +50,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from datasets import DatasetDict, load_dataset, load_from_disk
 from tqdm.auto import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
@@ -429,6 +430,10 @@ class IterativeSFTTrainer:
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
                                           weight_decay=weight_decay)
         self.lr_scheduler = scheduler or torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:  # what accelerate cannot infer
+            deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+            deepspeed_config.update({"train_micro_batch_size_per_gpu": per_device_train_batch_size,
+                                     "gradient_clipping": max_grad_norm or 0.0})
         self.model, self.optimizer = accelerator.prepare(model.to(accelerator.device), optimizer)
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -602,13 +607,15 @@ class IterativeSFTTrainer:
             step_loss = torch.zeros((), device=device)
             for j, batch in enumerate(group):
                 batch = {key: value.to(device) for key, value in batch.items()}
+                accelerator.gradient_state._set_sync_gradients(j == len(group) - 1)  # DeepSpeed steps in the last
                 with accelerator.no_sync(self.model) if j < len(group) - 1 else nullcontext():
                     loss = self._loss(batch, num_items.clamp(min=1))
                     # DDP averages gradients over processes; the loss is already a share of the global sum
                     accelerator.backward(loss * accelerator.num_processes)
                 step_loss += loss.detach()
             step_loss = accelerator.reduce(step_loss, "sum")
-            grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or float("inf"))
+            grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(self.model.parameters(),
+                                                                    self.max_grad_norm or float("inf")))
             if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):  # the same values on every process
                 self.optimizer.zero_grad(set_to_none=True)
                 raise FloatingPointError(f"loss is {step_loss.item()} (gradient norm {grad_norm.item()}) at optimizer "
@@ -628,19 +635,93 @@ class IterativeSFTTrainer:
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------------
+def gathered_state_dict(accelerator, model) -> dict:
+    """The model's full weights for save_pretrained, complete on the main process. Every process must call it: under
+    FSDP each process holds a shard of every weight and under DeepSpeed ZeRO-3 a slice, so the full tensors are
+    gathered here (to CPU, so that a model that fills a GPU can still be written)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.tensor import DTensor
+
+        weights = {}
+        for name, tensor in model.state_dict().items():  # the same order everywhere: one all-gather per sharded tensor
+            tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            if accelerator.is_main_process:
+                weights[name] = tensor.cpu()
+        return weights
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.get_state_dict(model)  # ZeRO-3 needs zero3_save_16bit_model: true (our configs set it)
+    return accelerator.unwrap_model(model).state_dict()
+
+
 def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, scheduler, progress: dict) -> None:
     """A resumable checkpoint: weights (or LoRA adapter) in save_pretrained form, optimizer, scheduler, progress
-    counters (step, tokens seen), and the RNG states of every process."""
+    counters (step, tokens seen), and the RNG states of every process. Every process calls it (see
+    gathered_state_dict). Under FSDP the optimizer state is gathered too, keyed by parameter name, and sharded again on
+    resume; DeepSpeed's engine writes its own optimizer partitions to path/deepspeed."""
+    weights = gathered_state_dict(accelerator, model)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer,
+                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model.save_checkpoint(str(path / "deepspeed"), exclude_frozen_parameters=True)
+        optimizer_state = None
+    else:
+        optimizer_state = optimizer.state_dict()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(path)
+        accelerator.unwrap_model(model).save_pretrained(path, state_dict=weights)
         tokenizer.save_pretrained(path)
-        torch.save({**progress, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        torch.save({**progress, "optimizer": optimizer_state, "scheduler": scheduler.state_dict()},
                    path / "training_state.pt")
     accelerator.wait_for_everyone()
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     torch.save(rng, path / f"rng_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
+
+
+def load_optimizer_state(path: Path, accelerator, model, optimizer, optimizer_state: dict | None) -> None:
+    """The optimizer state of a checkpoint written by save_checkpoint, under the same distributed setup."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer.optimizer, optimizer_state,
+                                 options=StateDictOptions(full_state_dict=True))
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model.load_checkpoint(str(path / "deepspeed"), load_module_strict=False, load_optimizer_states=True,
+                              load_lr_scheduler_states=False)
+    else:
+        optimizer.load_state_dict(optimizer_state)
+
+
+@contextmanager
+def gathered_for_generation(accelerator, model):
+    """The model with its full parameters for the duration of a generate call, released after; yields the model to
+    call generate on. FSDP: every sharded module is all-gathered once and kept whole across the decoding steps (not
+    gathered again per token and layer); ZeRO-3: deepspeed.zero.GatheredParameters. Every process must enter it, and
+    each must call generate inside it: transformers then keeps them in step (synced_gpus)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
+        for module in sharded:
+            module.unshard()
+            module.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield model
+        finally:
+            for module in sharded:
+                module.reshard()
+                module.set_reshard_after_forward(True, recurse=False)
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED and \
+            accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield accelerator.unwrap_model(model)
+    else:
+        yield accelerator.unwrap_model(model)
 
 
 def load_rng_state(path: Path, process_index: int) -> None:
@@ -744,6 +825,20 @@ if __name__ == "__main__":
 
     # 3. Seed, accelerator and model (a seq2seq model when the config says encoder-decoder); LoRA; gradient
     #    checkpointing. When resuming, the weights (or the adapter) come from the checkpoint.
+    # FSDP and DeepSpeed ZeRO shard a model over GPUs. Asked for on a machine without one, say so, rather than let
+    # Accelerator(cpu=True) below quietly train with plain data parallelism.
+    requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
+                 if os.environ.get(variable, "false").lower() == "true"]
+    if requested and not torch.cuda.is_available():
+        fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
+             "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
+             "`accelerate launch --multi_gpu --num_processes N`")
+    if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
+        fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
+             "`pip install deepspeed` (an optional dependency of these scripts)")
+    if requested == ["DeepSpeed"] and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        fail(f"{Path(__file__).name} does not run under DeepSpeed ZeRO-3 (its reward model would be loaded partitioned "
+             "and used outside an engine); use accelerate_configs/fsdp.yaml, or deepspeed_zero2.yaml")
     # Several processes but no GPU (e.g. `accelerate launch --multi_gpu` on a CPU machine): make them one gloo
     # process group on CPU; otherwise accelerate would start independent copies that never exchange gradients.
     multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -794,7 +889,7 @@ if __name__ == "__main__":
     if args.resume_from_checkpoint:
         checkpoint = Path(args.resume_from_checkpoint)
         state = torch.load(checkpoint / "training_state.pt", weights_only=False)
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(checkpoint, accelerator, trainer.model, trainer.optimizer, state["optimizer"])
         trainer.lr_scheduler.load_state_dict(state["scheduler"])
         load_rng_state(checkpoint, accelerator.process_index)
         start_step, trainer.calls, trainer.optimizer_steps = state["step"], state["calls"], state["optimizer_steps"]
@@ -844,7 +939,6 @@ if __name__ == "__main__":
     generation_kwargs = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": args.temperature,
                          "min_new_tokens": args.output_min_length}
     length_sampler = LengthSampler(args.output_min_length, args.output_max_length)
-    policy = accelerator.unwrap_model(trainer.model)
     progress = tqdm(range(start_step, args.num_iterations + 1), initial=start_step, total=args.num_iterations + 1,
                     desc="iterative_sft", disable=not accelerator.is_local_main_process)
     for iteration in progress:
@@ -857,11 +951,12 @@ if __name__ == "__main__":
 
         # 7b. Sample samples_per_prompt responses per prompt in one left-padded generate call with the KV cache; each
         #     prompt's max_new_tokens is drawn by the LengthSampler, as ppo.py draws it; cut after the first EOS.
-        policy.eval()  # for generate only: under gradient checkpointing, train mode would switch the KV cache off
-        responses = sample_responses(policy, query_tensors, args.samples_per_prompt,
-                                     [length_sampler() for _ in query_tensors], tokenizer.pad_token_id,
-                                     [tokenizer.eos_token_id], **generation_kwargs)
-        policy.train()
+        with gathered_for_generation(accelerator, trainer.model) as policy:  # whole weights for this call only
+            policy.eval()  # for generate only: under gradient checkpointing, train mode would switch the KV cache off
+            responses = sample_responses(policy, query_tensors, args.samples_per_prompt,
+                                         [length_sampler() for _ in query_tensors], tokenizer.pad_token_id,
+                                         [tokenizer.eos_token_id], **generation_kwargs)
+            policy.train()
         responses = [response for per_query in responses for response in per_query]  # samples_per_prompt per query
         sample_seconds = time.time() - iteration_start
 
@@ -935,14 +1030,20 @@ if __name__ == "__main__":
 
     # 8. Save: plain save_pretrained weights that AutoModelForCausalLM (AutoModelForSeq2SeqLM) loads; with LoRA, the
     #    merged model in output_dir and the adapter alone in output_dir/adapter.
+    #    Every process takes part in gathering the weights (see gathered_state_dict). A sharded
+    #    LoRA model cannot be merged in place: a CPU copy of the base model merges the adapter just saved.
     model = trainer.model
     accelerator.wait_for_everyone()
+    weights = gathered_state_dict(accelerator, model)
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         if args.use_peft:
-            final.save_pretrained(output_dir / "adapter")
-            final = final.merge_and_unload()
-        final.save_pretrained(output_dir)
+            final.save_pretrained(output_dir / "adapter", state_dict=weights)
+            if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                base = auto_class.from_pretrained(args.model_name_or_path, revision=args.revision, dtype=dtype)
+                final = PeftModel.from_pretrained(base, output_dir / "adapter")
+            final, weights = final.merge_and_unload(), None
+        final.save_pretrained(output_dir, state_dict=weights)
         tokenizer.save_pretrained(output_dir)
         if args.push_to_hub:
             final.push_to_hub(output_dir.name)
@@ -951,6 +1052,6 @@ if __name__ == "__main__":
             wandb.finish()
     accelerator.wait_for_everyone()  # every process leaves together, once the main one has saved
     accelerator.print(f"saved to {output_dir}")
-    del trainer, model, policy  # the DDP-wrapped policy goes before its process group does
+    del trainer, model  # the DDP-wrapped policy goes before its process group does
     gc.collect()
     accelerator.end_training()  # an orderly end of the process group: a peer torn down mid-exit can abort the other

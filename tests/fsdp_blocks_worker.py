@@ -92,7 +92,7 @@ def main(out: Path, scripts: list[str]) -> None:
         train_step(plain, plain_optimizer, batch)
         train_step(sharded, optimizer, batch)  # both processes see the same batch: the averaged gradient is the same
 
-        # 1. A checkpoint written from shards holds the full weights (plain save_pretrained) and the full optimizer state.
+        # 1. A checkpoint written from shards holds the full weights (plain save_pretrained) and optimizer state.
         path = out / name / "checkpoint-1"
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         if rank == 0:
