@@ -19,6 +19,9 @@ target margin gamma; --cpo_alpha 0 is pure SimPO). The NLL is normalised per tok
         --max_length 1024 --max_prompt_length 512 --gradient_checkpointing --bf16 --eval_steps 200
     # several GPUs (the global batch is per_device_train_batch_size x gradient_accumulation_steps x processes)
     accelerate launch --multi_gpu --num_processes 8 cpo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --bf16
+    # models larger than one GPU holds: FSDP2 or DeepSpeed ZeRO (docs/scaling.md: which config for which size)
+    accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 8 cpo.py \
+        --model_name_or_path Qwen/Qwen2.5-7B-Instruct --gradient_checkpointing
 """
 
 import importlib.util

@@ -26,6 +26,9 @@ four bugs of the seed's trainer (docs/iterative_sft.md):
     # several GPUs: each process samples, scores and trains on its share of each iteration's prompts
     accelerate launch --multi_gpu --num_processes 8 iterative_sft.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \
         --dataset_name trl-lib/ultrafeedback-prompt --reward_model <a reward.py output> --bf16
+    # models larger than one GPU holds: FSDP2 or DeepSpeed ZeRO (docs/scaling.md: which config for which size)
+    accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 8 iterative_sft.py \
+        --model_name_or_path Qwen/Qwen2.5-7B-Instruct --gradient_checkpointing
 
 From Python: `from iterative_sft import IterativeSFTTrainer`; `trainer.step(input_ids=..., labels=...)` or
 `trainer.step(texts=..., texts_labels=...)` (docs/iterative_sft.md has the expert-iteration loop).

@@ -17,6 +17,9 @@ fixes the seed's KL pairing, which matches an example with itself in odd batches
         --max_prompt_length 512 --gradient_checkpointing --bf16 --precompute_ref_log_probs --eval_steps 200
     # several GPUs (the global batch is per_device_train_batch_size x gradient_accumulation_steps x processes)
     accelerate launch --multi_gpu --num_processes 8 kto.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --bf16
+    # models larger than one GPU holds: FSDP2 or DeepSpeed ZeRO (docs/scaling.md: which config for which size)
+    accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 8 kto.py \
+        --model_name_or_path Qwen/Qwen2.5-7B-Instruct --gradient_checkpointing
 """
 
 import copy

@@ -22,6 +22,9 @@ docs/ppo.md for every stage, every stat and the deviations).
         --query_column text --input_min_text_length 2 --input_max_text_length 8 \
         --reward_model sentiment-analysis:lvwerra/distilbert-imdb --learning_rate 1.41e-5 --batch_size 16 \
         --mini_batch_size 16 --output_min_length 4 --output_max_length 16 --steps 194 --bf16
+    # models larger than one GPU holds: FSDP2 or DeepSpeed ZeRO (docs/scaling.md: which config for which size)
+    accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 8 ppo.py \
+        --model_name Qwen/Qwen2.5-7B-Instruct --gradient_checkpointing
 
 From Python, as in the seed's quickstart: `from ppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer`.
 """

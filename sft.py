@@ -14,6 +14,9 @@ processes, checkpoints that resume bit-exactly, and a NaN stop. See docs/sft.md 
         --gradient_checkpointing --bf16 --eval_steps 200 --save_steps 500
     # several GPUs (the global batch is per_device_train_batch_size x gradient_accumulation_steps x processes)
     accelerate launch --multi_gpu --num_processes 8 sft.py --model_name_or_path Qwen/Qwen2.5-0.5B --bf16
+    # models larger than one GPU holds: FSDP2 or DeepSpeed ZeRO (docs/scaling.md: which config for which size)
+    accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 8 sft.py \
+        --model_name_or_path Qwen/Qwen2.5-7B --gradient_checkpointing
 """
 
 import bisect

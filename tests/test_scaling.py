@@ -94,7 +94,8 @@ def top_level_sources(script: str) -> dict[str, str]:
     """Top-level function definitions and the FSDP/DeepSpeed guard block of a script, as source text."""
     text = (REPO / script).read_text()
     tree = ast.parse(text)
-    sources = {node.name: ast.get_source_segment(text, node) for node in tree.body if isinstance(node, ast.FunctionDef)}
+    sources = {node.name: ast.get_source_segment(text, node) for node in tree.body
+               if isinstance(node, ast.FunctionDef)}
     start = text.find("    # FSDP and DeepSpeed ZeRO shard a model over GPUs.")
     if start >= 0:
         sources["guard"] = text[start : text.index("             \"`pip install deepspeed`", start)]
