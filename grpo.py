@@ -1032,7 +1032,10 @@ if __name__ == "__main__":
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         prompts_of_rows = [prompts[rows[i]] for i in mine]
         columns = {name: [values[rows[i]] for i in mine] for name, values in other_columns.items()}
-        rewards_per_func = score_completions(reward_funcs, prompts_of_rows, texts, completions, columns)
+        try:
+            rewards_per_func = score_completions(reward_funcs, prompts_of_rows, texts, completions, columns)
+        except ValueError as error:
+            fail(str(error))
         all_rewards = accelerator.gather(rewards_per_func.to(accelerator.device)).cpu()  # (generation batch, F)
         advantages = grpo_advantages(all_rewards, reward_weights, args.num_generations, args.scale_rewards,
                                      args.multi_objective_aggregation)

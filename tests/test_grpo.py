@@ -1,0 +1,141 @@
+"""grpo.py end to end on the tiny world: learning with the reward model and with a Python reward function (the
+saved model's samples are more positive by the ground truth), two processes against one at the same global batch,
+exact resume, the KL term, reward functions that break their contract, and bad command lines."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import (ASSETS, TWO_PROCESSES, assert_each_fails_with_one_line, error_line, mean_sentiment_of_samples,
+                      metric_series, read_metrics, run_ok, run_script)
+from safetensors.torch import load_file
+
+from grpo import score_completions
+
+TINY = ASSETS / "tiny-gpt2"
+TEST_PROMPTS = [json.loads(line)["prompt"] for line in
+                (ASSETS / "data" / "prompts" / "test.jsonl").read_text().splitlines()][:64]
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reward, metric, rise", [
+    ([], "rewards/tiny-reward/mean", 4.0),  # the default: the tiny world's reward model (about -0.6 -> 10)
+    (["--reward_funcs", ASSETS / "tiny_rewards.py:sentiment"], "rewards/sentiment/mean", 0.15),  # about 0 -> 0.35
+])
+def test_default_run_learns_and_the_saved_model_writes_more_positive_reviews(tmp_path, reward, metric, rise):
+    run_ok("grpo.py", *reward, "--output_dir", tmp_path / "out")
+    rewards = metric_series(tmp_path / "out", metric)
+    assert len(rewards) == 40 and mean(rewards[-5:]) > mean(rewards[:5]) + rise, rewards
+    assert metric_series(tmp_path / "out", "reward") == rewards  # one reward, weight 1
+    row = read_metrics(tmp_path / "out")[-1]
+    for key in ("loss", "entropy", "clip_ratio/region_mean", "reward_std", "frac_reward_zero_std",
+                "completions/mean_length", "completions/clipped_ratio", "samples_per_second", "grad_norm"):
+        assert key in row, key
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 40 * 32 and {"step", "prompt", "completion", "advantage"} <= set(samples[0])
+    before = mean_sentiment_of_samples(TINY, TEST_PROMPTS, n_tokens=24)
+    after = mean_sentiment_of_samples(tmp_path / "out", TEST_PROMPTS, n_tokens=24)  # plain AutoModelForCausalLM
+    assert after > before + 0.15, (before, after)
+
+
+@pytest.mark.slow
+def test_two_processes_make_the_update_of_one_process_at_the_same_global_batch(tmp_path):
+    """1 process x 2 accumulated micro-batches of 16 and 2 processes x 16: the same 32 samples (each micro-batch is
+    seeded by its place in the generation batch), the same group advantages, the same dapo normalisation."""
+    args = ["--max_steps", 2, "--per_device_train_batch_size", 16, "--max_completion_length", 12]
+    run_ok("grpo.py", *args, "--gradient_accumulation_steps", 2, "--output_dir", tmp_path / "one")
+    run_ok("grpo.py", *args, "--output_dir", tmp_path / "two", launcher=TWO_PROCESSES)
+    for key in ("reward", "reward_std", "completions/mean_length", "loss", "grad_norm"):
+        assert metric_series(tmp_path / "two", key) == pytest.approx(metric_series(tmp_path / "one", key),
+                                                                     rel=1e-4, abs=1e-6), key
+    one, two = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-5), name
+
+
+@pytest.mark.slow
+def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
+    args = ["--max_steps", 4, "--per_device_train_batch_size", 16, "--max_completion_length", 12, "--save_steps", 2]
+    run_ok("grpo.py", *args, "--output_dir", tmp_path / "full")
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "checkpoint-2")
+    run_ok("grpo.py", *args, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint",
+           tmp_path / "checkpoint-2")
+    full, resumed = (load_file(tmp_path / run / "model.safetensors") for run in ("full", "resumed"))
+    for name in full:
+        assert torch.allclose(full[name], resumed[name], atol=1e-6), name
+    assert [row["step"] for row in read_metrics(tmp_path / "resumed")] == [3, 4]
+    assert metric_series(tmp_path / "resumed", "reward") == pytest.approx(metric_series(tmp_path / "full", "reward")[2:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--use_peft"]])
+def test_beta_adds_the_kl_to_the_reference_which_starts_at_zero(tmp_path, extra):
+    """With beta the reference is the initial policy (a frozen copy, or the adapters-off policy with LoRA): the KL is
+    0 before the first update and positive after it; several passes over a batch (num_iterations 2) compute the old
+    log-probs and clip."""
+    run_ok("grpo.py", "--max_steps", 4, "--beta", 0.1, "--num_iterations", 2, "--per_device_train_batch_size", 16,
+           "--max_completion_length", 12, *extra, "--output_dir", tmp_path / "out")
+    kl = metric_series(tmp_path / "out", "kl")
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 1e-4, kl
+
+
+def test_score_completions_turns_none_into_nan_and_rejects_broken_reward_functions():
+    def fine(prompts, completions, completion_ids, **columns):
+        return [len(c) if c else None for c in completions]
+
+    def short(prompts, completions, **columns):
+        return [1.0]
+
+    def words(prompts, completions, **columns):
+        return ["good" for _ in completions]
+
+    def columns_seen(prompts, completions, answer, **columns):
+        return [float(c == a) for c, a in zip(completions, answer)]
+
+    scores = score_completions([("fine", fine), ("answer", columns_seen)], ["p", "q"], ["abc", ""], [[1], [2]],
+                               {"answer": ["abc", "x"]})
+    assert scores[0].tolist() == [3.0, 1.0] and torch.isnan(scores[1, 0]) and scores[1, 1] == 0.0
+    with pytest.raises(ValueError, match="reward function short must return one value per completion \\(2\\), got 1"):
+        score_completions([("short", short)], ["p", "q"], ["a", "b"], [[1], [2]], {})
+    with pytest.raises(ValueError, match="reward function words returned 'good' \\(str\\) for completion 0"):
+        score_completions([("words", words)], ["p", "q"], ["a", "b"], [[1], [2]], {})
+
+
+@pytest.mark.slow
+def test_a_batch_no_reward_function_scores_is_skipped_with_a_warning_and_a_broken_one_stops(tmp_path):
+    (tmp_path / "rewards.py").write_text(
+        "def never(prompts, completions, **columns):\n    return [None] * len(completions)\n\n"
+        "def short(prompts, completions, **columns):\n    return [0.0]\n")
+    result = run_ok("grpo.py", "--reward_funcs", f"{tmp_path / 'rewards.py'}:never", "--max_steps", 2,
+                    "--per_device_train_batch_size", 16, "--max_completion_length", 8, "--output_dir", tmp_path / "a")
+    assert "no reward function scored any completion" in result.stdout + result.stderr
+    assert all(row["loss"] == 0.0 for row in read_metrics(tmp_path / "a"))  # advantages 0: no NaN, no update
+    before, after = load_file(TINY / "model.safetensors"), load_file(tmp_path / "a" / "model.safetensors")
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    line = error_line(run_script("grpo.py", "--reward_funcs", f"{tmp_path / 'rewards.py'}:short", "--max_steps", 1,
+                                 "--output_dir", tmp_path / "b"))
+    assert line == "grpo.py: error: reward function short must return one value per completion (32), got 1 values"
+
+
+def test_bad_command_lines_fail_with_one_clear_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    (tmp_path / "no_prompt.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "rewards.py").write_text("def exact(prompts, completions, **columns):\n    return [0.0]\n")
+    cases = [
+        (["--num_generations", 1], "--num_generations must be at least 2"),
+        (["--per_device_train_batch_size", 10], "must be a multiple of --num_generations 8"),
+        (["--reward_funcs", tmp_path / "missing.py:exact"], f"there is no file {tmp_path / 'missing.py'}"),
+        (["--reward_funcs", f"{tmp_path / 'rewards.py'}:nothing"], "defines no function nothing"),
+        (["--reward_funcs", "rewards"], "expected FILE.py:NAME"),
+        (["--reward_weights", 1.0, 2.0], "--reward_weights has 2 values but there are 1 rewards"),
+        (["--sync_ref_model"], "--sync_ref_model needs a reference model, and --beta 0 loads none"),
+        (["--dataset_name", tmp_path / "no_prompt.jsonl"], "expected a 'prompt' or 'query' column"),
+        (["--top_entropy_quantile", 0], "--top_entropy_quantile must be in (0, 1]"),
+        (["--num_iterations", 2, "--save_steps", 1], "--save_steps 1 must be a multiple of the optimizer steps"),
+    ]
+    assert_each_fails_with_one_line(monkeypatch, "grpo.py", cases, tmp_path / "out")
+    assert "parameters," not in capsys.readouterr().out  # no model was loaded
