@@ -7,8 +7,6 @@ so no value model is needed. The policy is trained with a clipped, importance-sa
 optionally with a KL penalty to a frozen reference. Rewards come from reward models and/or Python functions with
 TRL's signature. The behaviour matched is TRL 1.16's GRPOTrainer (see docs/grpo.md).
 
-WORK IN PROGRESS (issue 16, branch grpo16): not yet documented, benchmarked or tested end to end.
-
     # offline quickstart: the tiny world (assets/), CPU: the tiny policy learns to write positive reviews
     python grpo.py
     # a Python reward function (TRL's signature) instead of, or next to, reward models

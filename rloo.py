@@ -5,8 +5,6 @@ same prompt (the leave-one-out baseline), so no value model is needed. The polic
 ratio of whole-sequence probabilities. Rewards come from reward models and/or Python functions with TRL's signature.
 The behaviour matched is TRL 1.16's RLOOTrainer (see docs/rloo.md).
 
-WORK IN PROGRESS (issue 16, branch grpo16): not yet documented or benchmarked.
-
     # offline quickstart: the tiny world (assets/), CPU: the tiny policy learns to write positive reviews
     python rloo.py
     # a Python reward function (TRL's signature) instead of, or next to, reward models

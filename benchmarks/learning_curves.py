@@ -24,6 +24,8 @@ What is plotted (the mean over seeds as a line, the min-max range over seeds as 
     ppo            env/reward_mean | objective/kl | ground truth of the rollouts, against PPO step
     best_of_n      mean reward of the chosen sample against n (results.json) | ground truth of the chosen sample
     iterative_sft  reward/mean of fresh samples | their ground truth, against iteration
+    grpo           reward of the fresh completions | entropy | their ground truth | grammar, against step
+    rloo           reward of the fresh completions | KL to the reference | their ground truth | grammar
     ddpo           reward_mean (image brightness) against epoch
 
 "Ground truth" is the tiny world's `sentiment_score` (assets/tiny_world.py), which no training ever sees, averaged
@@ -205,6 +207,18 @@ ALGOS = {
                            sentiment_panel("response", title="ground truth of fresh samples", label="fresh samples"),
                            grammar_panel("response", title="fresh samples' sentences in the grammar",
                                          label="fresh samples")]),
+    "grpo": Algo("grpo.py", "optimizer step",
+                 [Panel("reward", [Series("tiny-reward score", metric("reward"))], "reward of fresh completions"),
+                  Panel("entropy", [Series("per-token entropy (nats)", metric("entropy"), "C3")], "entropy"),
+                  sentiment_panel("completion", title="ground truth of completions", label="completions"),
+                  grammar_panel("completion", title="completions' sentences in the tiny grammar",
+                                label="completions")]),
+    "rloo": Algo("rloo.py", "optimizer step",
+                 [Panel("reward", [Series("tiny-reward score", metric("reward"))], "reward of fresh completions"),
+                  Panel("kl", [Series("KL to reference per token (nats)", metric("kl"), "C3")], "KL"),
+                  sentiment_panel("completion", title="ground truth of completions", label="completions"),
+                  grammar_panel("completion", title="completions' sentences in the tiny grammar",
+                                label="completions")]),
     "ddpo": Algo("ddpo.py", "epoch",
                  [Panel("reward_mean", [Series("mean image brightness", metric("reward_mean", "epoch"))],
                         "reward (brightness)")]),

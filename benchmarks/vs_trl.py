@@ -46,9 +46,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "assets"
 VENVS = REPO / "benchmarks" / ".venvs"
-ALGOS = ["sft", "reward", "dpo", "kto", "orpo", "cpo", "ppo"]
+ALGOS = ["sft", "reward", "dpo", "kto", "orpo", "cpo", "ppo", "grpo", "rloo"]
 DATA = {"sft": "sft_prompt_completion", "reward": "preference", "dpo": "preference", "kto": "unpaired",
-        "orpo": "preference", "cpo": "preference"}
+        "orpo": "preference", "cpo": "preference", "grpo": "prompts", "rloo": "prompts"}
+RL_REWARD = f"{ASSETS / 'tiny_rewards.py'}:sentiment"  # grpo / rloo: the Python reward both sides call
 PINS = ["torch==2.13.0", "transformers==5.23.0", "datasets==5.2.0", "accelerate==1.15.0", "peft==0.21.2"]
 SEED_PINS = ["torch==2.13.0", "trl==0.8.6", "transformers==4.40.2", "accelerate==0.30.1", "datasets>=2.19,<2.20",
              "peft==0.10.0", "numpy<2", "pyarrow<17", "pandas<2.3", "rich"]
@@ -112,7 +113,28 @@ def run_timed(command: list[str], threads: int | None) -> tuple[float, float, st
     return seconds, usage.ru_maxrss / 1024, output  # ru_maxrss is in KB on Linux
 
 
+def rl_batch(algo: str, args) -> tuple[int, int]:
+    """grpo / rloo: (completions per step, completions per prompt): TRL's num_generations, 8 and 2."""
+    return args.rl_batch_size, (8 if algo == "grpo" else 2)
+
+
 def run_ours(algo: str, model: Path, run_dir: Path, args) -> dict:
+    if algo in ("grpo", "rloo"):
+        batch, generations = rl_batch(algo, args)
+        command = [sys.executable, str(REPO / f"{algo}.py"), "--model_name_or_path", str(model), "--dataset_name",
+                   str(ASSETS / "data" / DATA[algo]), "--reward_funcs", RL_REWARD, "--output_dir", str(run_dir),
+                   "--max_steps", str(args.steps), "--per_device_train_batch_size", str(batch),
+                   "--num_generations", str(generations), "--max_completion_length", str(args.rl_max_new_tokens),
+                   "--learning_rate", "5e-4", "--logging_steps", str(args.warmup), "--seed", "0",
+                   *(["--bf16"] if args.bf16 else [])]
+        seconds, rss_mb, _ = run_timed(command, args.threads)
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        windows = [row for row in rows if row["step"] > args.warmup]
+        steady = batch * args.warmup * len(windows) / sum(batch * args.warmup / row["samples_per_second"]
+                                                          for row in windows)
+        cuda = rows[-1]["peak_memory_mb"] if args.bf16 else None
+        return {"samples_per_second": steady, "process_seconds": seconds,
+                "peak_memory_mb": cuda if cuda is not None and gpu_present() else rss_mb}
     command = [sys.executable, str(REPO / f"{algo}.py"), "--model_name_or_path", str(model),
                "--dataset_name", str(ASSETS / "data" / DATA[algo]), "--dataset_test_split", "None",
                "--output_dir", str(run_dir), "--max_steps", str(args.steps),
@@ -137,10 +159,15 @@ def run_trl(algo: str, model: Path, run_dir: Path, args) -> dict:
                str(model), "--data", str(ASSETS / "data" / DATA[algo]), "--output_dir", str(run_dir), "--result",
                str(result_file), "--steps", str(args.steps), "--batch_size", str(args.batch_size), "--max_length",
                str(args.max_length), *(["--bf16"] if args.bf16 else [])]
+    batch = args.batch_size
+    if algo in ("grpo", "rloo"):
+        batch, generations = rl_batch(algo, args)
+        command += ["--batch_size", str(batch), "--num_generations", str(generations), "--max_completion_length",
+                    str(args.rl_max_new_tokens), "--reward_funcs", RL_REWARD]  # the later --batch_size wins
     seconds, rss_mb, _ = run_timed(command, args.threads)
     result = json.loads(result_file.read_text())
     ends = result["step_ends"]
-    steady = args.batch_size * (args.steps - args.warmup) / (ends[-1] - ends[args.warmup - 1])
+    steady = batch * (args.steps - args.warmup) / (ends[-1] - ends[args.warmup - 1])
     return {"samples_per_second": steady, "process_seconds": seconds,
             "peak_memory_mb": result["cuda_peak_mb"] if result["cuda_peak_mb"] is not None else rss_mb}
 
@@ -180,6 +207,8 @@ def main() -> None:
     parser.add_argument("--ppo_warmup", type=int, default=1)
     parser.add_argument("--ppo_batch_size", type=int, default=64, help="episodes per PPO step")
     parser.add_argument("--ppo_max_new_tokens", type=int, default=24)
+    parser.add_argument("--rl_batch_size", type=int, default=32, help="grpo/rloo: completions per step")
+    parser.add_argument("--rl_max_new_tokens", type=int, default=24, help="grpo/rloo: max_completion_length")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both sides (default: unset)")
     parser.add_argument("--trl_python", type=Path, default=VENVS / "trl-1.16" / "bin" / "python")
     parser.add_argument("--seed_python", type=Path, default=VENVS / "trl-0.8.6" / "bin" / "python")

@@ -37,7 +37,8 @@ class StepTimer(TrainerCallback):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--algo", required=True, choices=["sft", "reward", "dpo", "kto", "orpo", "cpo"])
+    parser.add_argument("--algo", required=True,
+                        choices=["sft", "reward", "dpo", "kto", "orpo", "cpo", "grpo", "rloo"])
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True, help="a folder with train.jsonl")
     parser.add_argument("--output_dir", required=True)
@@ -47,6 +48,9 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--reward_funcs", default=None, help="grpo/rloo: FILE.py:NAME, the reward both sides use")
+    parser.add_argument("--num_generations", type=int, default=8, help="grpo/rloo: completions per prompt")
+    parser.add_argument("--max_completion_length", type=int, default=24, help="grpo/rloo")
     args = parser.parse_args()
 
     import trl
@@ -72,12 +76,28 @@ def main() -> None:
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
         config, trainer_class = ORPOConfig(**common, beta=0.1), ORPOTrainer
-    else:
+    elif args.algo == "cpo":
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
         config, trainer_class = CPOConfig(**common, beta=0.1), CPOTrainer
-    timer = StepTimer()
-    trainer = trainer_class(model=args.model, args=config, train_dataset=train, callbacks=[timer])
+    else:  # grpo / rloo: batch_size completions per step, the reward function both sides share (loaded from its file)
+        import importlib.util
+
+        path, _, name = args.reward_funcs.rpartition(":")
+        spec = importlib.util.spec_from_file_location("rewards", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        rl = {key: value for key, value in common.items() if key != "max_length"}
+        rl.update(num_generations=args.num_generations, max_completion_length=args.max_completion_length,
+                  logging_steps=args.steps)
+        config = (trl.GRPOConfig(**rl) if args.algo == "grpo" else trl.RLOOConfig(**rl))
+        trainer_class = trl.GRPOTrainer if args.algo == "grpo" else trl.RLOOTrainer
+        timer = StepTimer()
+        trainer = trainer_class(model=args.model, reward_funcs=[getattr(module, name)], args=config,
+                                train_dataset=train, callbacks=[timer])
+    if args.algo not in ("grpo", "rloo"):
+        timer = StepTimer()
+        trainer = trainer_class(model=args.model, args=config, train_dataset=train, callbacks=[timer])
     trainer.train()
     trainer.save_model(args.output_dir)
     end = time.time()

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, OFFLINE_ENV, run_main_in_process
 
 ALL_SCRIPTS = ["sft.py", "reward.py", "dpo.py", "kto.py", "orpo.py", "cpo.py", "ppo.py", "iterative_sft.py",
-               "best_of_n.py", "ddpo.py"]
+               "best_of_n.py", "ddpo.py", "grpo.py", "rloo.py"]
 CONFIGS = REPO / "accelerate_configs"
 
 
@@ -47,6 +47,8 @@ def test_deepspeed_that_is_not_installed_is_one_line(monkeypatch, tmp_path):
     ("ppo.py", "ppo.py does not run under DeepSpeed ZeRO-3"),
     ("iterative_sft.py", "iterative_sft.py does not run under DeepSpeed ZeRO-3"),
     ("best_of_n.py", "best_of_n.py does not run under DeepSpeed ZeRO-3"),
+    ("grpo.py", "grpo.py does not run under DeepSpeed ZeRO-3"),
+    ("rloo.py", "rloo.py does not run under DeepSpeed ZeRO-3"),
 ])
 def test_what_a_script_does_not_run_under_is_one_line(monkeypatch, tmp_path, script, message):
     import importlib.util
@@ -103,15 +105,11 @@ def top_level_sources(script: str) -> dict[str, str]:
 
 
 def test_the_scaling_blocks_are_the_same_in_every_script():
-    blocks = {"guard": ALL_SCRIPTS,
-              "gathered_state_dict": ["sft.py", "reward.py", "dpo.py", "kto.py", "orpo.py", "cpo.py", "ppo.py",
-                                      "iterative_sft.py"],
-              "save_checkpoint": ["sft.py", "reward.py", "dpo.py", "kto.py", "orpo.py", "cpo.py", "ppo.py",
-                                  "iterative_sft.py"],
-              "load_optimizer_state": ["sft.py", "reward.py", "dpo.py", "kto.py", "orpo.py", "cpo.py", "ppo.py",
-                                       "iterative_sft.py"],
-              "prepare_frozen": ["dpo.py", "kto.py", "ppo.py"],
-              "gathered_for_generation": ["dpo.py", "kto.py", "orpo.py", "cpo.py", "ppo.py", "iterative_sft.py"]}
+    trainers = [script for script in ALL_SCRIPTS if script not in ("best_of_n.py", "ddpo.py")]
+    blocks = {"guard": ALL_SCRIPTS, "gathered_state_dict": trainers, "save_checkpoint": trainers,
+              "load_optimizer_state": trainers, "prepare_frozen": ["dpo.py", "kto.py", "ppo.py", "grpo.py", "rloo.py"],
+              "gathered_for_generation": ["dpo.py", "kto.py", "orpo.py", "cpo.py", "ppo.py", "iterative_sft.py",
+                                          "grpo.py", "rloo.py"]}
     sources = {script: top_level_sources(script) for script in ALL_SCRIPTS}
     for block, scripts in blocks.items():
         versions = {sources[script].get(block) for script in scripts}
