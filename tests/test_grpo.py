@@ -139,3 +139,13 @@ def test_bad_command_lines_fail_with_one_clear_line_before_the_model_loads(tmp_p
     ]
     assert_each_fails_with_one_line(monkeypatch, "grpo.py", cases, tmp_path / "out")
     assert "parameters," not in capsys.readouterr().out  # no model was loaded
+
+
+@pytest.mark.parametrize("flag, value", [("--loss_type", "ppo"), ("--importance_sampling_level", "batch"),
+                                         ("--scale_rewards", "global")])
+def test_an_unknown_choice_names_the_choices(monkeypatch, capsys, flag, value):
+    from conftest import run_main_in_process
+
+    assert run_main_in_process(monkeypatch, "grpo.py", flag, value) == "2"  # tyro's usage error
+    message = " ".join(capsys.readouterr().err.split())
+    assert f"invalid choice '{value}' for argument '{flag.replace('_', '-')}'" in message
