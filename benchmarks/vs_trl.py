@@ -1,7 +1,7 @@
 """Our scripts against TRL on the same work, side by side: steady-state samples/s, whole-process seconds, peak memory.
 
     python benchmarks/vs_trl.py --setup                      # once: TRL 1.16 (and the seed's TRL 0.8.6) in venvs
-    python benchmarks/vs_trl.py                              # sft reward dpo kto orpo cpo ppo; ~25 min on 2 CPU cores
+    python benchmarks/vs_trl.py                              # sft reward dpo kto orpo cpo ppo grpo rloo; ~40 min
     python benchmarks/vs_trl.py --algos dpo --models tiny --repeats 1            # a quick look, ~1 min
     python benchmarks/vs_trl.py --models qwen2-0.5b --bf16                       # on a GPU
 
@@ -251,6 +251,8 @@ def main() -> None:
     print(f"\n{args.batch_size} samples/step, max_length {args.max_length}, {args.steps} steps (steady state after "
           f"{args.warmup}), {'bf16' if args.bf16 else 'fp32'}, medians of {args.repeats} alternated runs; ppo: "
           f"{args.ppo_batch_size} episodes/step, up to {args.ppo_max_new_tokens} new tokens, {args.ppo_steps} steps; "
+          f"grpo/rloo: {args.rl_batch_size} completions/step (8 / 2 per prompt), up to {args.rl_max_new_tokens} new "
+          f"tokens, the Python sentiment reward; "
           f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n")
     print(f"| model | script | ours samples/s | TRL samples/s | steady ours ÷ TRL | ours process s | TRL process s "
           f"| process TRL ÷ ours | ours {memory} MB | TRL {memory} MB | memory ours ÷ TRL |")
