@@ -953,8 +953,8 @@ if __name__ == "__main__":
     try:
         for spec in reward_models:
             score = load_reward_function(spec, accelerator.device)
-            reward_funcs.append((Path(spec).name or spec, lambda prompts, completions, score=score, **_:
-                                 score(prompts, completions)))
+            reward_funcs.append((Path(spec).name or spec, lambda prompts, completions, score=score, **_: score(
+                prompts, [c if isinstance(c, str) else c[0]["content"] for c in completions])))
     except (OSError, ValueError) as error:
         fail(f"could not load reward model {spec}: {' '.join(str(error).split())[:500]}")
     reward_funcs += python_rewards
@@ -1030,8 +1030,11 @@ if __name__ == "__main__":
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         prompts_of_rows = [prompts[rows[i]] for i in mine]
         columns = {name: [values[rows[i]] for i in mine] for name, values in other_columns.items()}
+        # conversational prompts get conversational completions, as TRL passes them: [{"role": "assistant", ...}]
+        shown = [[{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+                 for prompt, text in zip(prompts_of_rows, texts)]
         try:
-            rewards_per_func = score_completions(reward_funcs, prompts_of_rows, texts, completions, columns)
+            rewards_per_func = score_completions(reward_funcs, prompts_of_rows, shown, completions, columns)
         except ValueError as error:
             fail(str(error))
         all_rewards = accelerator.gather(rewards_per_func.to(accelerator.device)).cpu()  # (generation batch, F)

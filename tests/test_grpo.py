@@ -149,3 +149,21 @@ def test_an_unknown_choice_names_the_choices(monkeypatch, capsys, flag, value):
     assert run_main_in_process(monkeypatch, "grpo.py", flag, value) == "2"  # tyro's usage error
     message = " ".join(capsys.readouterr().err.split())
     assert f"invalid choice '{value}' for argument '{flag.replace('_', '-')}'" in message
+
+
+@pytest.mark.slow
+def test_conversational_prompts_give_reward_functions_conversational_completions(tmp_path):
+    """As TRL: message-list prompts are rendered with the chat template, and a Python reward function receives each
+    completion as [{"role": "assistant", "content": ...}] and the dataset's other columns; reward models get the
+    text (scored as reward.py scores conversations)."""
+    (tmp_path / "rewards.py").write_text(
+        "def shape(prompts, completions, completion_ids, chosen, **columns):\n"
+        "    assert isinstance(prompts[0], list) and prompts[0][-1]['role'] == 'user', prompts[0]\n"
+        "    assert all(c[0]['role'] == 'assistant' and isinstance(c[0]['content'], str) for c in completions)\n"
+        "    assert len(chosen) == len(completions) and isinstance(chosen[0], list)\n"
+        "    return [float(len(ids)) for ids in completion_ids]\n")
+    run_ok("grpo.py", "--dataset_name", ASSETS / "data" / "preference_conversational", "--reward_funcs",
+           f"{tmp_path / 'rewards.py'}:shape", "--reward_model", ASSETS / "tiny-reward", "--max_steps", 2,
+           "--per_device_train_batch_size", 16, "--max_completion_length", 8, "--output_dir", tmp_path / "out")
+    row = read_metrics(tmp_path / "out")[-1]
+    assert 1 <= row["rewards/shape/mean"] <= 8 and "rewards/tiny-reward/mean" in row
