@@ -337,10 +337,11 @@ def load_python_reward(spec: str) -> tuple[str, Callable]:
     return name, function
 
 
-def score_completions(reward_funcs: list[tuple[str, Callable]], prompts: list, completions: list[str],
+def score_completions(reward_funcs: list[tuple[str, Callable]], prompts: list, completions: list,
                       completion_ids: list[list[int]], columns: dict[str, list]) -> torch.Tensor:
-    """(n, F) rewards of n completions under F reward functions, each called with TRL's signature
-    f(prompts=, completions=, completion_ids=, **columns); None becomes NaN ("does not apply"). A function that
+    """(n, F) rewards of n completions (strings, or [{"role": "assistant", ...}] for conversational prompts) under F
+    reward functions, each called with TRL's signature f(prompts=, completions=, completion_ids=, **columns); None
+    becomes NaN ("does not apply"). A function that
     returns the wrong number of values, or something that is not a number, raises ValueError naming it."""
     scores = torch.full((len(completions), len(reward_funcs)), float("nan"))
     for f, (name, function) in enumerate(reward_funcs):
