@@ -164,6 +164,16 @@ def grammar_panel(policy_key: str, reference_key: str | None = None, group_key: 
     return Panel("fraction of sentences", series, title, ylim=(0.0, 1.05))
 
 
+def online_rl(script: str, second: Panel) -> Algo:
+    """grpo.py / rloo.py: the reward of the fresh completions, a second panel, and the completions' ground truth and
+    grammar, against optimizer step."""
+    return Algo(script, "optimizer step",
+                [Panel("reward", [Series("tiny-reward score", metric("reward"))], "reward of fresh completions"),
+                 second,
+                 sentiment_panel("completion", title="ground truth of completions", label="completions"),
+                 grammar_panel("completion", title="completions' sentences in the tiny grammar", label="completions")])
+
+
 PREFERENCE_LOGGING = ["--eval_steps", "25", "--generate_during_eval"]
 ALGOS = {
     "sft": Algo("sft.py", "optimizer step", [Panel("eval_loss", [Series("held-out NLL per token", metric("eval_loss"))],
@@ -207,18 +217,10 @@ ALGOS = {
                            sentiment_panel("response", title="ground truth of fresh samples", label="fresh samples"),
                            grammar_panel("response", title="fresh samples' sentences in the grammar",
                                          label="fresh samples")]),
-    "grpo": Algo("grpo.py", "optimizer step",
-                 [Panel("reward", [Series("tiny-reward score", metric("reward"))], "reward of fresh completions"),
-                  Panel("entropy", [Series("per-token entropy (nats)", metric("entropy"), "C3")], "entropy"),
-                  sentiment_panel("completion", title="ground truth of completions", label="completions"),
-                  grammar_panel("completion", title="completions' sentences in the tiny grammar",
-                                label="completions")]),
-    "rloo": Algo("rloo.py", "optimizer step",
-                 [Panel("reward", [Series("tiny-reward score", metric("reward"))], "reward of fresh completions"),
-                  Panel("kl", [Series("KL to reference per token (nats)", metric("kl"), "C3")], "KL"),
-                  sentiment_panel("completion", title="ground truth of completions", label="completions"),
-                  grammar_panel("completion", title="completions' sentences in the tiny grammar",
-                                label="completions")]),
+    "grpo": online_rl("grpo.py", Panel("entropy", [Series("per-token entropy (nats)", metric("entropy"), "C3")],
+                                       "entropy")),
+    "rloo": online_rl("rloo.py", Panel("kl", [Series("KL to reference per token (nats)", metric("kl"), "C3")],
+                                       "KL")),
     "ddpo": Algo("ddpo.py", "epoch",
                  [Panel("reward_mean", [Series("mean image brightness", metric("reward_mean", "epoch"))],
                         "reward (brightness)")]),

@@ -3,23 +3,18 @@ saved model's samples are more positive by the ground truth), two processes agai
 exact resume, the KL term, reward functions that break their contract, and bad command lines."""
 
 import json
-import shutil
 
 import pytest
 import torch
-from conftest import (ASSETS, TWO_PROCESSES, assert_each_fails_with_one_line, error_line, mean_sentiment_of_samples,
-                      metric_series, read_metrics, run_ok, run_script)
+from conftest import (ASSETS, ONLINE_RL_SMALL, assert_each_fails_with_one_line, assert_online_rl_learns,
+                      assert_online_rl_two_processes_match_one,
+                      assert_resumed_run_ends_where_the_uninterrupted_run_ends, error_line, metric_series,
+                      read_metrics, run_main_in_process, run_ok, run_script)
 from safetensors.torch import load_file
 
 from grpo import score_completions
 
 TINY = ASSETS / "tiny-gpt2"
-TEST_PROMPTS = [json.loads(line)["prompt"] for line in
-                (ASSETS / "data" / "prompts" / "test.jsonl").read_text().splitlines()][:64]
-
-
-def mean(values):
-    return sum(values) / len(values)
 
 
 @pytest.mark.slow
@@ -28,48 +23,26 @@ def mean(values):
     (["--reward_funcs", ASSETS / "tiny_rewards.py:sentiment"], "rewards/sentiment/mean", 0.15),  # about 0 -> 0.35
 ])
 def test_default_run_learns_and_the_saved_model_writes_more_positive_reviews(tmp_path, reward, metric, rise):
-    run_ok("grpo.py", *reward, "--output_dir", tmp_path / "out")
-    rewards = metric_series(tmp_path / "out", metric)
-    assert len(rewards) == 40 and mean(rewards[-5:]) > mean(rewards[:5]) + rise, rewards
-    assert metric_series(tmp_path / "out", "reward") == rewards  # one reward, weight 1
-    row = read_metrics(tmp_path / "out")[-1]
+    output_dir = assert_online_rl_learns("grpo.py", reward, metric, rise, tmp_path, ground_truth_rise=0.15)
+    assert metric_series(output_dir, "reward") == metric_series(output_dir, metric)  # one reward, weight 1
+    row = read_metrics(output_dir)[-1]
     for key in ("loss", "entropy", "clip_ratio/region_mean", "reward_std", "frac_reward_zero_std",
                 "completions/mean_length", "completions/clipped_ratio", "samples_per_second", "grad_norm"):
         assert key in row, key
-    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (output_dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 40 * 32 and {"step", "prompt", "completion", "advantage"} <= set(samples[0])
-    before = mean_sentiment_of_samples(TINY, TEST_PROMPTS, n_tokens=24)
-    after = mean_sentiment_of_samples(tmp_path / "out", TEST_PROMPTS, n_tokens=24)  # plain AutoModelForCausalLM
-    assert after > before + 0.15, (before, after)
 
 
 @pytest.mark.slow
 def test_two_processes_make_the_update_of_one_process_at_the_same_global_batch(tmp_path):
-    """1 process x 2 accumulated micro-batches of 16 and 2 processes x 16: the same 32 samples (each micro-batch is
-    seeded by its place in the generation batch), the same group advantages, the same dapo normalisation."""
-    args = ["--max_steps", 2, "--per_device_train_batch_size", 16, "--max_completion_length", 12]
-    run_ok("grpo.py", *args, "--gradient_accumulation_steps", 2, "--output_dir", tmp_path / "one")
-    run_ok("grpo.py", *args, "--output_dir", tmp_path / "two", launcher=TWO_PROCESSES)
-    for key in ("reward", "reward_std", "completions/mean_length", "loss", "grad_norm"):
-        assert metric_series(tmp_path / "two", key) == pytest.approx(metric_series(tmp_path / "one", key),
-                                                                     rel=1e-4, abs=1e-6), key
-    one, two = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))
-    for name in one:
-        assert torch.allclose(one[name], two[name], atol=1e-5), name
+    assert_online_rl_two_processes_match_one(
+        "grpo.py", ["reward", "reward_std", "completions/mean_length", "loss", "grad_norm"], tmp_path)
 
 
 @pytest.mark.slow
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
-    args = ["--max_steps", 4, "--per_device_train_batch_size", 16, "--max_completion_length", 12, "--save_steps", 2]
-    run_ok("grpo.py", *args, "--output_dir", tmp_path / "full")
-    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "checkpoint-2")
-    run_ok("grpo.py", *args, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint",
-           tmp_path / "checkpoint-2")
-    full, resumed = (load_file(tmp_path / run / "model.safetensors") for run in ("full", "resumed"))
-    for name in full:
-        assert torch.allclose(full[name], resumed[name], atol=1e-6), name
-    assert [row["step"] for row in read_metrics(tmp_path / "resumed")] == [3, 4]
-    assert metric_series(tmp_path / "resumed", "reward") == pytest.approx(metric_series(tmp_path / "full", "reward")[2:])
+    assert_resumed_run_ends_where_the_uninterrupted_run_ends(script="grpo.py", tmp_path=tmp_path, save_steps=2,
+                                                            args=[*ONLINE_RL_SMALL, "--max_steps", 4])
 
 
 @pytest.mark.slow
@@ -144,8 +117,6 @@ def test_bad_command_lines_fail_with_one_clear_line_before_the_model_loads(tmp_p
 @pytest.mark.parametrize("flag, value", [("--loss_type", "ppo"), ("--importance_sampling_level", "batch"),
                                          ("--scale_rewards", "global")])
 def test_an_unknown_choice_names_the_choices(monkeypatch, capsys, flag, value):
-    from conftest import run_main_in_process
-
     assert run_main_in_process(monkeypatch, "grpo.py", flag, value) == "2"  # tyro's usage error
     message = " ".join(capsys.readouterr().err.split())
     assert f"invalid choice '{value}' for argument '{flag.replace('_', '-')}'" in message

@@ -17,7 +17,8 @@ def close(tensor, expected, tol=1e-5):
 
 
 def test_nanstd_is_bessel_corrected_skips_nan_and_is_nan_below_two_values():
-    close(nanstd(torch.tensor([1.0, 2.0, 4.0])), math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
+    mean = 7 / 3
+    close(nanstd(torch.tensor([1.0, 2.0, 4.0])), math.sqrt(((1 - mean) ** 2 + (2 - mean) ** 2 + (4 - mean) ** 2) / 2))
     close(nanstd(torch.tensor([[1.0, NAN, 3.0], [5.0, 5.0, NAN]]), dim=1), [math.sqrt(2.0), 0.0])
     assert torch.isnan(nanstd(torch.tensor([2.0, NAN])))
 

@@ -3,22 +3,11 @@ processes against one at the same global batch, exact resume, the KL penalty wit
 bad command lines; and the blocks grpo.py and rloo.py share are the same text."""
 
 import ast
-import json
-import shutil
 
 import pytest
-import torch
-from conftest import (ASSETS, REPO, TWO_PROCESSES, assert_each_fails_with_one_line, mean_sentiment_of_samples,
-                      metric_series, read_metrics, run_ok)
-from safetensors.torch import load_file
-
-TINY = ASSETS / "tiny-gpt2"
-TEST_PROMPTS = [json.loads(line)["prompt"] for line in
-                (ASSETS / "data" / "prompts" / "test.jsonl").read_text().splitlines()][:64]
-
-
-def mean(values):
-    return sum(values) / len(values)
+from conftest import (ASSETS, ONLINE_RL_SMALL, REPO, assert_each_fails_with_one_line, assert_online_rl_learns,
+                      assert_online_rl_two_processes_match_one,
+                      assert_resumed_run_ends_where_the_uninterrupted_run_ends, metric_series, run_ok)
 
 
 @pytest.mark.slow
@@ -27,40 +16,21 @@ def mean(values):
     (["--reward_funcs", ASSETS / "tiny_rewards.py:sentiment"], "rewards/sentiment/mean", 0.1),
 ])
 def test_default_run_learns_and_the_saved_model_writes_more_positive_reviews(tmp_path, reward, metric, rise):
-    run_ok("rloo.py", *reward, "--output_dir", tmp_path / "out")
-    rewards = metric_series(tmp_path / "out", metric)
-    assert len(rewards) == 40 and mean(rewards[-5:]) > mean(rewards[:5]) + rise, rewards
-    kl = metric_series(tmp_path / "out", "kl")  # beta 0.05 by default: the policy moves away from the reference
+    output_dir = assert_online_rl_learns("rloo.py", reward, metric, rise, tmp_path, ground_truth_rise=0.1)
+    kl = metric_series(output_dir, "kl")  # beta 0.05 by default: the policy moves away from the reference
     assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 0.01, kl
-    before = mean_sentiment_of_samples(TINY, TEST_PROMPTS, n_tokens=24)
-    after = mean_sentiment_of_samples(tmp_path / "out", TEST_PROMPTS, n_tokens=24)  # plain AutoModelForCausalLM
-    assert after > before + 0.1, (before, after)
 
 
 @pytest.mark.slow
 def test_two_processes_make_the_update_of_one_process_at_the_same_global_batch(tmp_path):
-    args = ["--max_steps", 2, "--per_device_train_batch_size", 16, "--max_completion_length", 12]
-    run_ok("rloo.py", *args, "--gradient_accumulation_steps", 2, "--output_dir", tmp_path / "one")
-    run_ok("rloo.py", *args, "--output_dir", tmp_path / "two", launcher=TWO_PROCESSES)
-    for key in ("reward", "kl", "completions/mean_length", "loss", "grad_norm"):
-        assert metric_series(tmp_path / "two", key) == pytest.approx(metric_series(tmp_path / "one", key),
-                                                                     rel=1e-4, abs=1e-6), key
-    one, two = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))
-    for name in one:
-        assert torch.allclose(one[name], two[name], atol=1e-5), name
+    assert_online_rl_two_processes_match_one(
+        "rloo.py", ["reward", "kl", "completions/mean_length", "loss", "grad_norm"], tmp_path)
 
 
 @pytest.mark.slow
 def test_resumed_run_ends_where_the_uninterrupted_run_ends_and_lora_trains(tmp_path):
-    args = ["--max_steps", 4, "--per_device_train_batch_size", 16, "--max_completion_length", 12, "--save_steps", 2]
-    run_ok("rloo.py", *args, "--output_dir", tmp_path / "full")
-    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "checkpoint-2")
-    run_ok("rloo.py", *args, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint",
-           tmp_path / "checkpoint-2")
-    full, resumed = (load_file(tmp_path / run / "model.safetensors") for run in ("full", "resumed"))
-    for name in full:
-        assert torch.allclose(full[name], resumed[name], atol=1e-6), name
-    assert [row["step"] for row in read_metrics(tmp_path / "resumed")] == [3, 4]
+    assert_resumed_run_ends_where_the_uninterrupted_run_ends(script="rloo.py", tmp_path=tmp_path, save_steps=2,
+                                                            args=[*ONLINE_RL_SMALL, "--max_steps", 4])
     # LoRA: the reference is the adapters-off policy; the merged model and the adapter are saved
     run_ok("rloo.py", "--use_peft", "--max_steps", 2, "--per_device_train_batch_size", 16,
            "--max_completion_length", 12, "--output_dir", tmp_path / "lora")
