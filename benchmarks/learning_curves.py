@@ -1,6 +1,6 @@
 """Learning curves of every script on the tiny world: 3 seeds each, one PNG per algorithm under docs/curves/.
 
-    python benchmarks/learning_curves.py                        # all ten scripts x 3 seeds: about 30 min (2 CPU cores)
+    python benchmarks/learning_curves.py                        # all twelve scripts x 3 seeds: about 33 min (2 cores)
     python benchmarks/learning_curves.py --algos dpo kto        # a subset
     python benchmarks/learning_curves.py --seeds 0 1 2 3 4      # more seeds
     python benchmarks/learning_curves.py --replot               # re-read the runs and redraw the PNGs, no training
@@ -37,7 +37,7 @@ optional adverb or "not", an adjective; or one of its closing remarks), pooled o
 
 Measured on 2 CPU cores shared with other jobs: the 30 runs of the first command took 1835 s (31 min). Median
 seconds per run: sft 23, reward 106, dpo 126, kto 99, orpo 69, cpo 69, ppo 29, best_of_n 18, iterative_sft 25,
-ddpo 50. `--replot` takes about 5 s.
+ddpo 50; measured later, alone: grpo 22, rloo 26. `--replot` takes about 5 s.
 """
 
 import argparse
