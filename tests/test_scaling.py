@@ -1,7 +1,6 @@
 """Scaling out (docs/scaling.md): the accelerate configs, the one line when FSDP or DeepSpeed is asked for without a
 GPU, and the blocks every script shares for sharded training, run under torch's FSDP2 on two CPU processes."""
 
-import ast
 import os
 import subprocess
 import sys
@@ -90,30 +89,6 @@ def test_the_configs_parse_with_accelerate_and_say_what_they_are():
         config = configs[f"deepspeed_zero{stage}"]
         assert config.distributed_type == "DEEPSPEED" and config.deepspeed_config["zero_stage"] == stage
     assert configs["deepspeed_zero3"].deepspeed_config["zero3_save_16bit_model"] is True  # full weights on save
-
-
-def top_level_sources(script: str) -> dict[str, str]:
-    """Top-level function definitions and the FSDP/DeepSpeed guard block of a script, as source text."""
-    text = (REPO / script).read_text()
-    tree = ast.parse(text)
-    sources = {node.name: ast.get_source_segment(text, node) for node in tree.body
-               if isinstance(node, ast.FunctionDef)}
-    start = text.find("    # FSDP and DeepSpeed ZeRO shard a model over GPUs.")
-    if start >= 0:
-        sources["guard"] = text[start : text.index("             \"`pip install deepspeed`", start)]
-    return sources
-
-
-def test_the_scaling_blocks_are_the_same_in_every_script():
-    trainers = [script for script in ALL_SCRIPTS if script not in ("best_of_n.py", "ddpo.py")]
-    blocks = {"guard": ALL_SCRIPTS, "gathered_state_dict": trainers, "save_checkpoint": trainers,
-              "load_optimizer_state": trainers, "prepare_frozen": ["dpo.py", "kto.py", "ppo.py", "grpo.py", "rloo.py"],
-              "gathered_for_generation": ["dpo.py", "kto.py", "orpo.py", "cpo.py", "ppo.py", "iterative_sft.py",
-                                          "grpo.py", "rloo.py"]}
-    sources = {script: top_level_sources(script) for script in ALL_SCRIPTS}
-    for block, scripts in blocks.items():
-        versions = {sources[script].get(block) for script in scripts}
-        assert len(versions) == 1 and None not in versions, f"{block} differs (or is missing) among {scripts}"
 
 
 @pytest.mark.slow

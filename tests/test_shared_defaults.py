@@ -95,14 +95,11 @@ def test_max_prompt_length_follows_max_length_unless_set(monkeypatch, tmp_path, 
     ], tmp_path / "out")
 
 
-def test_the_resolving_blocks_are_the_same_in_every_script():
+def test_the_max_prompt_length_block_is_the_same_in_every_preference_script():
     def block(script: str, start: str, end: str) -> str:
         text = (REPO / script).read_text()
         return text[text.index(start) : text.index(end, text.index(start))]
 
-    split_blocks = {block(script, '    if args.dataset_test_split == "auto":', "            if len(raw[split]) == 0:")
-                    for script in SCRIPTS}
-    assert len(split_blocks) == 1
     length_blocks = {block(script, "    if args.max_prompt_length is None:", "    if args.beta")
                      for script in PREFERENCE_SCRIPTS}
     assert len(length_blocks) == 1
