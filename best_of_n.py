@@ -20,7 +20,7 @@ saves the chosen completions as a dataset that sft.py trains on (rejection-sampl
         --reward_model Skywork/Skywork-Reward-V2-Qwen3-0.6B \
         --sample_size 16 --output_max_length 256 --dtype bfloat16
 
-From Python, as in the seed: `from best_of_n import BestOfNSampler, LengthSampler`.
+From Python, as in the seed: `from best_of_n import BestOfNSampler, LengthSampler`; `main(Args())` runs the comparison.
 """
 
 import importlib.util
@@ -31,13 +31,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, ClassVar, Literal, NoReturn
 
 import numpy as np
 import torch
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from datasets import DatasetDict, load_dataset, load_from_disk
 from tqdm.auto import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
@@ -90,15 +90,13 @@ class Args:
 
     # --- best-of-n ---
     reward_model: str = str(ASSETS / "tiny-reward")
-    """the scorer: a sequence-classification model (path or Hub id, scored as reward.py scores), or 'task:model' for
-    a transformers pipeline whose last label's raw score is the reward (sentiment-analysis:lvwerra/distilbert-imdb)"""
+    """a sequence-classification model (path or Hub id) or 'task:model', a transformers pipeline (docs/best_of_n.md)"""
     sample_size: int = 8
     """the largest n: responses sampled per prompt; n = 1, 2, 4, ... up to sample_size are compared"""
     n_candidates: int = 1
     """how many of the best responses per prompt are kept (saved as completions; n_candidates <= sample_size)"""
     output_min_length: int = 8
-    """responses get a random token budget in [output_min_length, output_max_length), drawn per prompt (the seed's
-    LengthSampler)"""
+    """lower end of each prompt's random response budget in tokens, drawn in [min, max) (the seed's LengthSampler)"""
     output_max_length: int = 24
     """upper end (exclusive) of the token budget of responses"""
     temperature: float = 1.0
@@ -106,10 +104,399 @@ class Args:
     batch_size: int = 16
     """prompts per generate call (each contributes sample_size rows)"""
 
+    # read by the shared plumbing below the banner: sampling runs in --dtype (no autocast) and writes no checkpoints
+    bf16: ClassVar[bool] = False
+    resume_from_checkpoint: ClassVar[str | None] = None
+
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Data: loading, validation, prompts
+# The algorithm: prompts -> queries -> n samples each, in one generate call per batch -> scored -> the best kept
 # ----------------------------------------------------------------------------------------------------------------------
+def format_query(prompt, tokenizer) -> tuple[str, bool]:
+    """THE place to change how a prompt becomes text: a message list is rendered with the chat template and the
+    generation prompt (then the text holds its own special tokens: templated=True); a string is used as it is."""
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), True
+    return prompt, False
+
+
+@torch.no_grad()
+def sample_responses(model, queries: list[torch.Tensor], num_samples: int, max_new_tokens: list[int],
+                     pad_token_id: int, eos_token_ids: list[int], **generation_kwargs) -> list[list[torch.Tensor]]:
+    """num_samples responses to each of the (1-D token-id) queries, all in ONE `generate` call with the KV cache.
+
+    Queries are left-padded (decoder-only) and each row repeated num_samples times, contiguously, as the seed's
+    `query.repeat` (so the same samples are drawn; `num_return_sequences` refuses greedy decoding). Query i's
+    responses are cut to max_new_tokens[i] tokens and after their first EOS (kept). Returns per query a list of
+    num_samples 1-D response tensors (on the CPU, padding stripped, at least one token each)."""
+    device = next(model.parameters()).device
+    is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    side = "right" if is_encoder_decoder else "left"  # the encoder reads the attention mask either way
+    queries = [query.cpu() for query in queries]
+    input_ids = torch.nn.utils.rnn.pad_sequence(queries, batch_first=True, padding_value=pad_token_id,
+                                                padding_side=side).repeat_interleave(num_samples, dim=0)
+    attention_mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(query) for query in queries], batch_first=True,
+                                                     padding_side=side).repeat_interleave(num_samples, dim=0)
+    generations = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 max_new_tokens=max(max_new_tokens), pad_token_id=pad_token_id,
+                                 **generation_kwargs).cpu()
+    # (queries * num_samples, tokens): decoder-only outputs repeat the padded queries; an encoder-decoder's output is
+    # the decoder's sequence, which starts with its start token
+    responses = generations[:, 1:] if is_encoder_decoder else generations[:, input_ids.shape[1]:]
+    eos = torch.tensor(eos_token_ids)
+    samples = []
+    for i in range(len(queries)):
+        mine = []
+        for response in responses[i * num_samples : (i + 1) * num_samples]:
+            response = response[: max_new_tokens[i]]
+            ended = torch.isin(response, eos).nonzero()
+            mine.append(response[: int(ended[0, 0]) + 1] if len(ended) else response)
+        samples.append(mine)
+    return samples
+
+
+def as_query_list(tokenized_query) -> list[torch.Tensor]:
+    """The seed's accepted query forms -> a list of 1-D LongTensors: one query as a 1-D tensor or a list of ints; a
+    batch as a 2-D tensor (one unpadded query per row), a list of tensors, or a list of lists of ints."""
+    if isinstance(tokenized_query, torch.Tensor) and tokenized_query.dim() in (1, 2):
+        queries = [tokenized_query] if tokenized_query.dim() == 1 else list(tokenized_query)
+    elif isinstance(tokenized_query, torch.Tensor):
+        raise ValueError(f"tokenized_query as a tensor must be 1-D (one query) or 2-D (one query per row), got "
+                         f"shape {tuple(tokenized_query.shape)}")
+    elif not isinstance(tokenized_query, (list, tuple)) or len(tokenized_query) == 0:
+        raise ValueError(f"tokenized_query must be a tensor or a non-empty list of token ids, tensors or lists, got "
+                         f"{type(tokenized_query).__name__}{' (empty)' if isinstance(tokenized_query, list) else ''}")
+    elif all(isinstance(token, (int, np.integer)) for token in tokenized_query):
+        queries = [torch.tensor(tokenized_query)]
+    elif all(isinstance(query, torch.Tensor) for query in tokenized_query):
+        queries = [query.reshape(-1) for query in tokenized_query]  # (L,) or (1, L)
+    elif all(isinstance(query, (list, tuple)) for query in tokenized_query):
+        queries = [torch.tensor(query, dtype=torch.long) for query in tokenized_query]
+    else:
+        raise ValueError(f"tokenized_query must be a list of ints, a list of tensors or a list of lists of ints; got "
+                         f"a list of {sorted({type(query).__name__ for query in tokenized_query})}")
+    if empty := [i for i, query in enumerate(queries) if query.numel() == 0]:
+        raise ValueError(f"queries must not be empty; queries {empty[:10]} have no tokens")
+    return [query.long() for query in queries]
+
+
+class BestOfNSampler:
+    """The seed's best-of-n sampler: `generate` samples `sample_size` responses per query and returns, per query, the
+    `n_candidates` texts (query + response, decoded) that `queries_to_scores` (texts -> as many finite scores) scores
+    highest, best first. model: anything with a transformers-style `generate`. length_sampler: each query's token
+    budget (None: max_new_tokens of generate's keywords or of the config). seed: seeds python, numpy and torch once,
+    at construction. generation_config: used by every call; generate's keywords override it (with neither it nor
+    do_sample, it samples). batch_size: queries per generate call (new; 1 is the seed's loop). See docs/best_of_n.md.
+    """
+
+    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, queries_to_scores: Callable[[list[str]], list[float]],
+                 length_sampler: Callable[[], int] | None = None, sample_size: int = 4, seed: int | None = None,
+                 n_candidates: int = 1, generation_config: GenerationConfig | None = None, batch_size: int = 16):
+        for name, value in (("sample_size", sample_size), ("n_candidates", n_candidates), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for ok, message in [
+            (isinstance(tokenizer, PreTrainedTokenizerBase),
+             f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}"),
+            (callable(getattr(model, "generate", None)),
+             f"model must have a transformers-style generate method; {type(model).__name__} has none"),
+            (callable(queries_to_scores), f"queries_to_scores must be a callable from a list of texts to a list of "
+                                          f"scores, got {type(queries_to_scores).__name__}"),
+            (length_sampler is None or callable(length_sampler), f"length_sampler must be a callable returning a "
+             f"token budget (e.g. LengthSampler(4, 16)), got {type(length_sampler).__name__}"),
+            (n_candidates <= sample_size, f"n_candidates ({n_candidates}) cannot exceed sample_size ({sample_size}): "
+                                          f"the best {n_candidates} of {sample_size} samples do not exist")]:
+            if not ok:
+                raise ValueError(message)
+        if seed is not None:
+            set_seed(seed)
+        self.model, self.tokenizer, self.queries_to_scores = model, tokenizer, queries_to_scores
+        self.length_sampler, self.gen_config = length_sampler, generation_config
+        self.sample_size, self.n_candidates, self.batch_size = sample_size, n_candidates, batch_size
+
+    def _score(self, texts: list[str]) -> torch.Tensor:
+        """queries_to_scores(texts), checked: one finite number per text -> (len(texts),) float tensor."""
+        scores = self.queries_to_scores(texts)
+        try:
+            scores = torch.as_tensor(scores if isinstance(scores, torch.Tensor) else list(scores), dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"queries_to_scores must return one number per text; got {type(scores).__name__} "
+                             f"({error})") from None
+        if scores.dim() != 1 or len(scores) != len(texts):
+            raise ValueError(f"queries_to_scores returned {scores.numel()} scores (shape {tuple(scores.shape)}) for "
+                             f"{len(texts)} texts; expected one score per text")
+        if not torch.isfinite(scores).all():
+            bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+            raise ValueError(f"queries_to_scores returned non-finite scores {scores[bad[:10]].tolist()} for texts "
+                             f"{bad[:10]}: {texts[bad[0]]!r}")
+        return scores
+
+    @torch.no_grad()
+    def generate(self, tokenized_query, skip_special_tokens: bool = True, device=None,
+                 **generation_kwargs) -> list[list[str]]:
+        """Per query (any form as_query_list accepts) its n_candidates best decoded texts, best first. device: only
+        for the seed's signature (the queries go where the model is); generation_kwargs override the config."""
+        queries = as_query_list(tokenized_query)
+        if "num_return_sequences" in generation_kwargs:
+            raise ValueError("num_return_sequences is set by sample_size; do not pass it to generate")
+        config = self.gen_config or getattr(self.model, "generation_config", None) or GenerationConfig()
+        if self.gen_config is not None:  # its fields as keywords (transformers deprecates a config plus keywords)
+            fields = {k: v for k, v in self.gen_config.to_diff_dict().items() if k != "transformers_version"}
+            generation_kwargs = {**fields, **generation_kwargs}
+        elif "do_sample" not in generation_kwargs:
+            generation_kwargs["do_sample"] = True
+        fixed_length = generation_kwargs.pop("max_new_tokens", None) or config.max_new_tokens
+        if self.length_sampler is None and fixed_length is None:
+            raise ValueError("no response length: give the sampler a length_sampler, or max_new_tokens to generate "
+                             "or in the generation config")
+        pad = generation_kwargs.pop("pad_token_id", None)
+        pad = next(p for p in (pad, config.pad_token_id, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+                   if p is not None)
+        eos = next((e for e in (generation_kwargs.get("eos_token_id"), config.eos_token_id,
+                                self.tokenizer.eos_token_id) if e is not None), [])
+        eos = [eos] if isinstance(eos, int) else list(eos)  # where responses are cut
+        is_encoder_decoder = getattr(getattr(self.model, "config", None), "is_encoder_decoder", False)
+
+        best = []
+        for start in range(0, len(queries), self.batch_size):
+            chunk = queries[start : start + self.batch_size]
+            # each query draws its own budget, in query order, as the seed's loop does
+            lengths = [self.length_sampler() if self.length_sampler is not None else fixed_length for _ in chunk]
+            samples = sample_responses(self.model, chunk, self.sample_size, lengths, pad, eos, **generation_kwargs)
+            # the texts the scorer sees are query + response (an encoder-decoder's: the response), as in the seed
+            texts = self.tokenizer.batch_decode(
+                [response if is_encoder_decoder else torch.cat([query, response])
+                 for query, responses in zip(chunk, samples) for response in responses],
+                skip_special_tokens=skip_special_tokens)
+            scores = self._score(texts).view(len(chunk), self.sample_size)
+            order = scores.sort(dim=1, descending=True, stable=True).indices  # ties: the earlier sample first
+            best += [[texts[i * self.sample_size + j] for j in order[i, : self.n_candidates].tolist()]
+                     for i in range(len(chunk))]
+        return best
+
+
+def main(args: Args) -> None:
+    # 0. Check what can be checked before anything is loaded.
+    for bad, message in [
+        *[(getattr(args, name) <= 0, f"--{name} must be a positive integer, got {getattr(args, name)}")
+          for name in ["sample_size", "n_candidates", "output_min_length", "batch_size"]],
+        (args.n_candidates > args.sample_size, f"--n_candidates {args.n_candidates} cannot exceed --sample_size "
+         f"{args.sample_size} (the best {args.n_candidates} of {args.sample_size} samples do not exist)"),
+        (args.output_max_length <= args.output_min_length, f"--output_max_length must be above --output_min_length "
+         f"{args.output_min_length} (the range is [min, max)), got {args.output_max_length}"),
+        (args.num_prompts == 0 or args.num_prompts < -1,
+         f"--num_prompts must be a positive integer or -1 (all), got {args.num_prompts}"),
+        (args.max_prompt_length is not None and args.max_prompt_length <= 0,
+         f"--max_prompt_length must be a positive integer, got {args.max_prompt_length}"),
+        (args.temperature <= 0, f"--temperature must be positive, got {args.temperature}")]:
+        if bad:
+            fail(message)
+    try:
+        parse_reward_spec(args.reward_model)
+    except ValueError as error:
+        fail(str(error))
+    n_values = sorted({2**k for k in range(int(math.log2(args.sample_size)) + 1)} | {args.sample_size})  # 1, 2, 4, ..
+    output_dir = Path(args.output_dir)
+
+    # 1. Accelerator: each process samples every N-th prompt with a whole copy of the model. Nothing is trained, so
+    #    FSDP and ZeRO-1/2 have nothing to shard (the model stays whole, and a line says so); ZeRO-3 is refused.
+    accelerator = make_accelerator(args, "its models would be loaded partitioned and used outside an engine")
+    world_size = accelerator.num_processes
+    accelerator.print(f"run: {world_size} process(es) x {args.batch_size} prompts per generate call x "
+                      f"{args.sample_size} samples (the largest n) = {world_size * args.batch_size * args.sample_size} "
+                      "completions per round of calls")
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        sharding = "FSDP" if accelerator.distributed_type == DistributedType.FSDP else "DeepSpeed"
+        accelerator.print(f"{Path(__file__).name}: {sharding} shards training state, and there is none here: each "
+                          "process samples its share of the prompts with a whole copy of the model")
+
+    # 2. Prompts, loaded and checked before any model loads: strings or message lists, none empty.
+    try:
+        raw = load_any_dataset(args.dataset_name, args.dataset_config)
+    except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
+        message = str(error) or type(error).__name__  # an empty JSON file raises a bare StopIteration
+        cause = error.__cause__  # datasets wraps the real reason, e.g. split files whose columns differ
+        if cause is not None and str(cause):
+            message += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
+        elif isinstance(error, StopIteration) or "corresponds to no data" in message or "generating the dataset" in \
+                message:  # how datasets says "empty"
+            message += " (is a data file empty? every split needs at least one row)"
+        fail(f"could not load dataset {args.dataset_name}: {message}")
+    if args.dataset_split not in raw:
+        fail(f"dataset {args.dataset_name} has no split '{args.dataset_split}'; found splits {list(raw)}")
+    if len(raw[args.dataset_split]) == 0:
+        fail(f"split '{args.dataset_split}' of dataset {args.dataset_name} is empty; expected at least one prompt")
+    try:
+        query_column = find_query_column(raw[args.dataset_split].column_names, args.query_column)
+    except ValueError as error:
+        fail(str(error))
+    prompts = raw[args.dataset_split][query_column][: args.num_prompts if args.num_prompts > 0 else None]
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, (str, list)):
+            fail(f"prompts must be strings or message lists; column '{query_column}' holds {type(prompt).__name__}")
+        if not (prompt.strip() if isinstance(prompt, str) else prompt):
+            fail(f"prompt {i} of split '{args.dataset_split}' is empty; expected text (or messages) to respond to")
+
+    # 3. Tokenizer and queries: each prompt as the policy reads it (chat template for conversations), cut to
+    #    --max_prompt_length tokens; a cut prompt is shown to the reward as its decoded tokens.
+    tokenizer = load_tokenizer(args, "to end responses")
+    if isinstance(prompts[0], list) and tokenizer.chat_template is None:
+        fail(f"the prompts are conversations but the tokenizer of {args.model_name_or_path} has no chat template")
+    queries, reward_prompts = [], []  # token ids, and what the reward function sees as the prompt
+    for prompt in prompts:
+        text, templated = format_query(prompt, tokenizer)
+        ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+        cut = args.max_prompt_length is not None and len(ids) > args.max_prompt_length
+        ids = ids[: args.max_prompt_length]
+        queries.append(torch.tensor(ids))
+        reward_prompts.append(tokenizer.decode(ids, skip_special_tokens=True) if cut else prompt)
+    decoded_prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)  # how each sample's text begins
+
+    # 4. The policy (causal or seq2seq), in eval mode (dropout off), whole on this process's device.
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    is_encoder_decoder = AutoConfig.from_pretrained(args.model_name_or_path, revision=args.revision).is_encoder_decoder
+    model = (AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM).from_pretrained(
+        args.model_name_or_path, revision=args.revision, dtype=dtype, attn_implementation=args.attn_implementation)
+    model = model.eval().requires_grad_(False).to(accelerator.device)
+
+    # 5. The reward, and the sampler's scorer. The sampler hands over whole texts (query + response, as the seed's
+    #    API does); the reward rule scores a prompt and a response, so each text is split at the decoded prompt it
+    #    starts with (the longest one; a text that starts with none is scored whole).
+    try:
+        reward_fn = load_reward_function(args.reward_model, accelerator.device)
+    except (OSError, ValueError) as error:
+        fail(f"could not load reward model {args.reward_model}: {' '.join(str(error).split())[:500]}")
+    prompt_of_text = {text: i for i, text in enumerate(decoded_prompts)}
+    prompt_lengths = sorted({len(text) for text in decoded_prompts}, reverse=True)
+
+    def queries_to_scores(texts: list[str]) -> list[float]:
+        owners = [next((prompt_of_text[text[:k]] for k in prompt_lengths if text[:k] in prompt_of_text), None)
+                  for text in texts]
+        return reward_fn([reward_prompts[i] if i is not None else "" for i in owners],
+                         [text[len(decoded_prompts[i]):] if i is not None else text for i, text in zip(owners, texts)])
+
+    def response_of(i: int, text: str) -> str:  # a chosen text of prompt i, without the prompt
+        return text[len(decoded_prompts[i]):] if text.startswith(decoded_prompts[i]) else text
+
+    # 6. Best-of-n for each n: sample n responses per prompt (one generate call per batch_size prompts), keep the
+    #    best, score what was kept. Every n starts from the same seed and draws the same response budgets.
+    log = open_logs(args, accelerator, 0, files=("metrics.jsonl", "samples.jsonl"))
+    generation_config = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature,
+                                         pad_token_id=tokenizer.pad_token_id)
+    mine = list(range(accelerator.process_index, len(queries), world_size))
+    rows, chosen = [], {}
+    for n in tqdm(n_values, desc="best-of-n", disable=not accelerator.is_local_main_process):
+        kept = min(args.n_candidates, n)
+        sampler = BestOfNSampler(model, tokenizer, queries_to_scores,
+                                 length_sampler=LengthSampler(args.output_min_length, args.output_max_length),
+                                 sample_size=n, seed=args.seed + accelerator.process_index, n_candidates=kept,
+                                 generation_config=generation_config, batch_size=args.batch_size)
+        accelerator.wait_for_everyone()
+        start = time.time()
+        try:
+            best = sampler.generate([queries[i] for i in mine]) if mine else []
+        except ValueError as error:  # e.g. a reward that is not finite
+            fail(f"best-of-{n}: {error}")
+        seconds = max(gather_object([time.time() - start]))  # the slowest process
+        scores = queries_to_scores([text for texts in best for text in texts]) if best else []
+        chosen[n] = sorted(gather_object([(i, texts, scores[j * kept : (j + 1) * kept])
+                                          for j, (i, texts) in enumerate(zip(mine, best))]))  # in prompt order
+        top = torch.tensor([text_scores[0] for _, _, text_scores in chosen[n]])
+        rows.append({"n": n, "mean_reward": top.mean().item(), "std_reward": top.std().item() if len(top) > 1 else 0.0,
+                     "seconds_per_query": seconds / len(queries), "samples_per_second": n * len(queries) / seconds})
+        log({"step": len(rows), "n": n, "reward/mean": rows[-1]["mean_reward"], "reward/std": rows[-1]["std_reward"],
+             **rows[-1]})
+        if accelerator.is_main_process:
+            with open(output_dir / "samples.jsonl", "a") as f:
+                f.writelines(json.dumps({"n": n, "prompt": decoded_prompts[i], "response": response_of(i, texts[0]),
+                                         "reward": text_scores[0]}) + "\n" for i, texts, text_scores in chosen[n])
+
+    # 7. Results: the table, results.json, a plot of mean reward against n, and the chosen completions of the largest
+    #    n as a prompt/completion dataset (train.jsonl, and test.jsonl with a tenth of the prompts) for sft.py.
+    if accelerator.is_main_process:
+        print("\n".join([f"{'n':>4}  {'mean reward':>11}  {'std':>7}  {'s / query':>9}"] + [
+            f"{row['n']:>4}  {row['mean_reward']:>11.4f}  {row['std_reward']:>7.4f}  {row['seconds_per_query']:>9.4f}"
+            for row in rows]))
+        (output_dir / "results.json").write_text(json.dumps(
+            {"model": args.model_name_or_path, "reward_model": args.reward_model, "dataset": args.dataset_name,
+             "num_prompts": len(queries), "output_length": [args.output_min_length, args.output_max_length],
+             "temperature": args.temperature, "rows": rows}, indent=2))
+
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        axis.errorbar([row["n"] for row in rows], [row["mean_reward"] for row in rows], marker="o", capsize=3,
+                      yerr=[row["std_reward"] / math.sqrt(len(queries)) for row in rows])
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(n_values, [str(n) for n in n_values])
+        axis.set(xlabel="n (samples per prompt)", ylabel="mean reward of the best sample")
+        axis.set_title(f"best-of-n on {len(queries)} prompts (± standard error)", fontsize=10)
+        figure.tight_layout()
+        figure.savefig(output_dir / "best_of_n.png", dpi=120)
+
+        completions, num_test = output_dir / "completions", len(queries) // 10
+        completions.mkdir(exist_ok=True)
+        for split, results in [("train", chosen[args.sample_size][: len(queries) - num_test]),
+                               ("test", chosen[args.sample_size][len(queries) - num_test :])]:
+            lines = []
+            for i, texts, text_scores in results:
+                for text, score in zip(texts, text_scores):
+                    prompt, response = reward_prompts[i], response_of(i, text)
+                    completion = [{"role": "assistant", "content": response}] if isinstance(prompt, list) else response
+                    lines.append(json.dumps({"prompt": prompt, "completion": completion, "score": score}) + "\n")
+            (completions / f"{split}.jsonl").unlink(missing_ok=True)
+            if lines:
+                (completions / f"{split}.jsonl").write_text("".join(lines))
+        if args.push_to_hub:
+            load_any_dataset(str(completions)).push_to_hub(output_dir.name)
+        if args.track:
+            import wandb
+
+            wandb.log({"samples": wandb.Table(columns=["prompt", "best-of-1", f"best-of-{args.sample_size}"], data=[
+                [decoded_prompts[a[0]], a[1][0], b[1][0]] for a, b in zip(chosen[1][:16], chosen[args.sample_size])]),
+                "best_of_n": wandb.Image(str(output_dir / "best_of_n.png"))})
+            wandb.finish()
+        print(f"wrote {output_dir}/results.json, best_of_n.png and completions/ (train with: python sft.py "
+              f"--dataset_name {completions})")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+# ======================================================================================================================
+# The plumbing: launch checks, data and model loading, checkpoints, sharded saving, logging. Nothing below is specific
+# to one algorithm, and each function is byte-identical in every script that has it (tests/test_scaling.py checks).
+# ======================================================================================================================
+def fail(message: str) -> NoReturn:
+    """Stop with one line, `<script>: error: <message>`, and exit status 1."""
+    sys.exit(f"{Path(__file__).name}: error: {message}")
+
+
+def make_accelerator(args, zero3_refusal: str | None = None) -> Accelerator:
+    """The Accelerator, after the launch checks, with every RNG seeded from args.seed. FSDP / DeepSpeed without a GPU
+    (or DeepSpeed not installed) is one line, not a silent fall-back to plain data parallelism; zero3_refusal says why
+    a script refuses ZeRO-3. Several processes without a GPU become one gloo group on CPU (else accelerate would start
+    independent copies that never exchange gradients)."""
+    requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
+                 if os.environ.get(variable, "false").lower() == "true"]
+    if requested and not torch.cuda.is_available():
+        fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
+             "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
+             "`accelerate launch --multi_gpu --num_processes N`")
+    if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
+        fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
+             "`pip install deepspeed` (an optional dependency of these scripts)")
+    if zero3_refusal and requested == ["DeepSpeed"] and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        fail(f"{Path(__file__).name} does not run under DeepSpeed ZeRO-3 ({zero3_refusal}); use "
+             "accelerate_configs/fsdp.yaml, or deepspeed_zero2.yaml")
+    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision="bf16" if args.bf16 else None)
+    set_seed(args.seed)
+    return accelerator
+
+
 def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
     """Load a Hub dataset, a local data file, a `save_to_disk` directory or a directory of split files."""
     path = Path(name)
@@ -124,6 +511,49 @@ def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
     return load_dataset(name, config)  # a Hub id, or a directory of train/test files (splits inferred from names)
 
 
+def load_tokenizer(args, eos_purpose: str):
+    """The tokenizer of --model_name_or_path, which must have an EOS token. Without a pad token, EOS pads: padding is
+    masked by position (attention mask, labels -100), never by token id, so a real EOS is still learned."""
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.revision)
+    if tokenizer.eos_token_id is None:
+        fail(f"the tokenizer of {args.model_name_or_path} has no EOS token; expected one {eos_purpose}")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("metrics.jsonl",)):
+    """output_dir with args.json, fresh log files (resuming: their rows up to start_step kept) and wandb under --track.
+    Returns log(metrics): a console line, a metrics.jsonl row and a wandb point, from the main process."""
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        for file in (output_dir / name for name in files):
+            if not args.resume_from_checkpoint:  # a fresh run starts a fresh log
+                file.unlink(missing_ok=True)
+            elif file.exists():  # a resumed one keeps what was logged up to its checkpoint, and appends
+                logged = [line for line in file.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+                file.write_text("".join(line + "\n" for line in logged))
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                       name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
+
+    def log(metrics: dict) -> None:
+        if accelerator.is_main_process:
+            tqdm.write(" ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                                for key, value in metrics.items()))
+            with open(output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if args.track:
+                import wandb
+
+                wandb.log(metrics, step=metrics["step"])
+    return log
+
+
 def find_query_column(column_names: list[str], query_column: str | None = None) -> str:
     """The column holding the prompts: --query_column, else 'prompt', else 'query'."""
     candidates = [query_column] if query_column else ["prompt", "query"]
@@ -134,27 +564,6 @@ def find_query_column(column_names: list[str], query_column: str | None = None) 
     raise ValueError(f"expected {expected} (strings or message lists); found columns {column_names}")
 
 
-def format_query(prompt, tokenizer) -> tuple[str, bool]:
-    """THE place to change how a prompt becomes text: a message list is rendered with the chat template and the
-    generation prompt (then the text holds its own special tokens: templated=True); a string is used as it is."""
-    if isinstance(prompt, list):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), True
-    return prompt, False
-
-
-class LengthSampler:
-    """The seed's LengthSampler: a uniformly random integer in [min_value, max_value), from numpy's global RNG."""
-
-    def __init__(self, min_value: int, max_value: int):
-        self.values = list(range(min_value, max_value))
-
-    def __call__(self) -> int:
-        return int(np.random.choice(self.values))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The reward rule: a sequence-classification model scored as reward.py scores, or a transformers pipeline
-# ----------------------------------------------------------------------------------------------------------------------
 def parse_reward_spec(spec: str) -> tuple[str | None, str]:
     """'task:model' for a transformers pipeline (task one of the pipeline tasks, e.g. sentiment-analysis), else
     (None, spec): a sequence-classification model path or Hub id. Raises ValueError for a spec that cannot work."""
@@ -181,8 +590,8 @@ def load_reward_function(spec: str, device, max_length: int = 1024) -> Callable[
     A sequence-classification model scores prompt + response the way reward.py trained it: message-list prompts
     rendered with the chat template and the response as the assistant turn, string prompts concatenated; EOS
     appended, the start kept when too long, right padding; the score read where plain transformers reads it. A
-    pipeline (the seed's sentiment example) scores prompt + response, and the reward is the raw score (logit) of the
-    pipeline's last label, e.g. POSITIVE for a binary sentiment classifier.
+    pipeline (such as sentiment-analysis:lvwerra/distilbert-imdb, the seed's PPO example) scores prompt + response,
+    and the reward is the raw score (logit) of the pipeline's last label, e.g. POSITIVE for a sentiment classifier.
     """
     task, name = parse_reward_spec(spec)
     if task is not None:
@@ -233,411 +642,15 @@ def load_reward_function(spec: str, device, max_length: int = 1024) -> Callable[
     return score_with_model
 
 
+class LengthSampler:
+    """The seed's LengthSampler: a uniformly random integer in [min_value, max_value), from numpy's global RNG."""
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Sampling: all responses of many queries in one generate call
-# ----------------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def sample_responses(model, queries: list[torch.Tensor], num_samples: int, max_new_tokens: list[int],
-                     pad_token_id: int, eos_token_ids: list[int], **generation_kwargs) -> list[list[torch.Tensor]]:
-    """num_samples responses to each query, all queries in ONE `generate` call with the KV cache.
+    def __init__(self, min_value: int, max_value: int):
+        self.values = list(range(min_value, max_value))
 
-    queries: 1-D token-id tensors. Decoder-only models get them left-padded, so that every response starts in the same
-    column. Each row is repeated num_samples times, contiguously: what `num_return_sequences` does (which greedy
-    decoding refuses), and what the seed's `query.repeat` does, so the samples drawn are the same. The call generates
-    up to max(max_new_tokens) tokens; query i's responses are then cut to max_new_tokens[i] tokens and after their
-    first EOS (kept), so each query gets the length it asked for. Returns per query a list of num_samples 1-D response
-    tensors (on the CPU; padding stripped; at least one token each).
-    """
-    device = next(model.parameters()).device
-    is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
-    longest = max(len(query) for query in queries)
-    input_ids = torch.full((len(queries), longest), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, query in enumerate(queries):  # encoder-decoder: right padding (the encoder reads the mask either way)
-        start = 0 if is_encoder_decoder else longest - len(query)
-        input_ids[i, start : start + len(query)], attention_mask[i, start : start + len(query)] = query.cpu(), 1
-    input_ids, attention_mask = (x.repeat_interleave(num_samples, dim=0) for x in (input_ids, attention_mask))
-    generations = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 max_new_tokens=max(max_new_tokens), pad_token_id=pad_token_id, **generation_kwargs)
-    generations = generations.cpu()
-    # (queries * num_samples, tokens): decoder-only outputs repeat the padded queries; an encoder-decoder's output is
-    # the decoder's sequence, which starts with its start token
-    responses = generations[:, 1:] if is_encoder_decoder else generations[:, longest:]
-    eos = torch.tensor(eos_token_ids)
-    samples = []
-    for i in range(len(queries)):
-        mine = []
-        for response in responses[i * num_samples : (i + 1) * num_samples]:
-            response = response[: max_new_tokens[i]]
-            ended = torch.isin(response, eos).nonzero()
-            mine.append(response[: int(ended[0, 0]) + 1] if len(ended) else response)
-        samples.append(mine)
-    return samples
-
-
-def as_query_list(tokenized_query) -> list[torch.Tensor]:
-    """The seed's accepted query forms -> a list of 1-D LongTensors: one query as a 1-D tensor or a list of ints; a
-    batch as a 2-D tensor (one unpadded query per row), a list of tensors, or a list of lists of ints."""
-    if isinstance(tokenized_query, torch.Tensor):
-        if tokenized_query.dim() not in (1, 2):
-            raise ValueError(f"tokenized_query as a tensor must be 1-D (one query) or 2-D (one query per row), got "
-                             f"shape {tuple(tokenized_query.shape)}")
-        queries = [tokenized_query] if tokenized_query.dim() == 1 else list(tokenized_query)
-    elif isinstance(tokenized_query, (list, tuple)) and len(tokenized_query) > 0:
-        if all(isinstance(token, (int, np.integer)) for token in tokenized_query):
-            queries = [torch.tensor(tokenized_query)]
-        elif all(isinstance(query, torch.Tensor) for query in tokenized_query):
-            queries = [query.reshape(-1) for query in tokenized_query]  # (L,) or (1, L)
-        elif all(isinstance(query, (list, tuple)) for query in tokenized_query):
-            queries = [torch.tensor(query, dtype=torch.long) for query in tokenized_query]
-        else:
-            raise ValueError(f"tokenized_query must be a list of ints, a list of tensors or a list of lists of ints; "
-                             f"got a list of {sorted({type(query).__name__ for query in tokenized_query})}")
-    else:
-        raise ValueError(f"tokenized_query must be a tensor or a non-empty list of token ids, tensors or lists, got "
-                         f"{type(tokenized_query).__name__}{' (empty)' if isinstance(tokenized_query, list) else ''}")
-    if empty := [i for i, query in enumerate(queries) if query.numel() == 0]:
-        raise ValueError(f"queries must not be empty; queries {empty[:10]} have no tokens")
-    return [query.long() for query in queries]
-
-
-class BestOfNSampler:
-    """The seed's best-of-n sampler: `generate` samples `sample_size` responses per query and returns, per query, the
-    `n_candidates` texts (query + response, decoded) that `queries_to_scores` scores highest, best first.
-
-    model: anything with a transformers-style `generate` (a causal LM, a seq2seq LM, ppo.py's value-head model).
-    queries_to_scores: a callable from a list of texts to a list of as many finite scores.
-    length_sampler: a callable giving each query's token budget (max_new_tokens), e.g. LengthSampler(4, 16); None
-        takes max_new_tokens from generate's kwargs, else the generation config.
-    seed: seeds python, numpy and torch once, at construction, as the seed does: two samplers built with the same seed
-        and called alike return the same texts.
-    generation_config: used by every `generate` call; keyword arguments of `generate` override its fields. With
-        neither a config nor a `do_sample` keyword, the sampler samples (do_sample=True): best-of-n of a greedy
-        decoder would return n copies of one text.
-    batch_size: queries per `generate` call (not in the seed, which generated query by query: batch_size=1 is its
-        loop, and draws the same samples as it for the same seed).
-    """
-
-    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, queries_to_scores: Callable[[list[str]], list[float]],
-                 length_sampler: Callable[[], int] | None = None, sample_size: int = 4, seed: int | None = None,
-                 n_candidates: int = 1, generation_config: GenerationConfig | None = None, batch_size: int = 16):
-        if not isinstance(tokenizer, PreTrainedTokenizerBase):
-            raise ValueError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
-        if not callable(getattr(model, "generate", None)):
-            raise ValueError(f"model must have a transformers-style generate method; {type(model).__name__} has none")
-        if not callable(queries_to_scores):
-            raise ValueError(f"queries_to_scores must be a callable from a list of texts to a list of scores, got "
-                             f"{type(queries_to_scores).__name__}")
-        if length_sampler is not None and not callable(length_sampler):
-            raise ValueError(f"length_sampler must be a callable returning a token budget (e.g. LengthSampler(4, 16))"
-                             f", got {type(length_sampler).__name__}")
-        for name, value in (("sample_size", sample_size), ("n_candidates", n_candidates), ("batch_size", batch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if n_candidates > sample_size:
-            raise ValueError(f"n_candidates ({n_candidates}) cannot exceed sample_size ({sample_size}): the best "
-                             f"{n_candidates} of {sample_size} samples do not exist")
-        if seed is not None:
-            set_seed(seed)
-        self.model, self.tokenizer, self.queries_to_scores = model, tokenizer, queries_to_scores
-        self.length_sampler, self.gen_config = length_sampler, generation_config
-        self.sample_size, self.n_candidates, self.batch_size = sample_size, n_candidates, batch_size
-
-    def _score(self, texts: list[str]) -> torch.Tensor:
-        """queries_to_scores(texts), checked: one finite number per text -> (len(texts),) float tensor."""
-        scores = self.queries_to_scores(texts)
-        try:
-            scores = torch.as_tensor(scores if isinstance(scores, torch.Tensor) else list(scores), dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise ValueError(f"queries_to_scores must return one number per text; got {type(scores).__name__} "
-                             f"({error})") from None
-        if scores.dim() != 1 or len(scores) != len(texts):
-            raise ValueError(f"queries_to_scores returned {scores.numel()} scores (shape {tuple(scores.shape)}) for "
-                             f"{len(texts)} texts; expected one score per text")
-        if not torch.isfinite(scores).all():
-            bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
-            raise ValueError(f"queries_to_scores returned non-finite scores {scores[bad[:10]].tolist()} for texts "
-                             f"{bad[:10]}: {texts[bad[0]]!r}")
-        return scores
-
-    @torch.no_grad()
-    def generate(self, tokenized_query, skip_special_tokens: bool = True, device=None,
-                 **generation_kwargs) -> list[list[str]]:
-        """Best-of-n texts for each query: a list (one per query) of n_candidates decoded texts, best first.
-
-        tokenized_query: one query (a 1-D tensor or a list of ints) or several (a 2-D tensor of unpadded rows, a list
-        of 1-D tensors, or a list of lists of ints). device: accepted for the seed's signature; the queries go where
-        the model is. generation_kwargs override the generation config (num_return_sequences is sample_size's).
-        """
-        queries = as_query_list(tokenized_query)
-        if "num_return_sequences" in generation_kwargs:
-            raise ValueError("num_return_sequences is set by sample_size; do not pass it to generate")
-        config = self.gen_config or getattr(self.model, "generation_config", None) or GenerationConfig()
-        if self.gen_config is not None:  # its fields as keywords (transformers deprecates a config plus keywords)
-            fields = {k: v for k, v in self.gen_config.to_diff_dict().items() if k != "transformers_version"}
-            generation_kwargs = {**fields, **generation_kwargs}
-        elif "do_sample" not in generation_kwargs:
-            generation_kwargs["do_sample"] = True
-        fixed_length = generation_kwargs.pop("max_new_tokens", None) or config.max_new_tokens
-        if self.length_sampler is None and fixed_length is None:
-            raise ValueError("no response length: give the sampler a length_sampler, or max_new_tokens to generate "
-                             "or in the generation config")
-        pad = generation_kwargs.pop("pad_token_id", None)
-        pad = next(p for p in (pad, config.pad_token_id, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
-                   if p is not None)
-        eos = next((e for e in (generation_kwargs.get("eos_token_id"), config.eos_token_id,
-                                self.tokenizer.eos_token_id) if e is not None), [])
-        eos = [eos] if isinstance(eos, int) else list(eos)  # where responses are cut
-        is_encoder_decoder = getattr(getattr(self.model, "config", None), "is_encoder_decoder", False)
-
-        best = []
-        for start in range(0, len(queries), self.batch_size):
-            chunk = queries[start : start + self.batch_size]
-            # each query draws its own budget, in query order, as the seed's loop does
-            lengths = [self.length_sampler() if self.length_sampler is not None else fixed_length for _ in chunk]
-            samples = sample_responses(self.model, chunk, self.sample_size, lengths, pad, eos, **generation_kwargs)
-            # the texts the scorer sees are query + response (an encoder-decoder's: the response), as in the seed
-            texts = self.tokenizer.batch_decode(
-                [response if is_encoder_decoder else torch.cat([query, response])
-                 for query, responses in zip(chunk, samples) for response in responses],
-                skip_special_tokens=skip_special_tokens)
-            scores = self._score(texts).view(len(chunk), self.sample_size)
-            order = scores.sort(dim=1, descending=True, stable=True).indices  # ties: the earlier sample first
-            best += [[texts[i * self.sample_size + j] for j in order[i, : self.n_candidates].tolist()]
-                     for i in range(len(chunk))]
-        return best
+    def __call__(self) -> int:
+        return int(np.random.choice(self.values))
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-
-    def fail(message: str):
-        sys.exit(f"{Path(__file__).name}: error: {message}")
-
-    # 0. Validate what can be checked before anything is loaded.
-    for name in ["sample_size", "n_candidates", "output_min_length", "batch_size"]:
-        if getattr(args, name) <= 0:
-            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if args.n_candidates > args.sample_size:
-        fail(f"--n_candidates {args.n_candidates} cannot exceed --sample_size {args.sample_size} (the best "
-             f"{args.n_candidates} of {args.sample_size} samples do not exist)")
-    if args.output_max_length <= args.output_min_length:
-        fail(f"--output_max_length must be above --output_min_length {args.output_min_length} (the range is "
-             f"[min, max)), got {args.output_max_length}")
-    if args.num_prompts == 0 or args.num_prompts < -1:
-        fail(f"--num_prompts must be a positive integer or -1 (all), got {args.num_prompts}")
-    if args.max_prompt_length is not None and args.max_prompt_length <= 0:
-        fail(f"--max_prompt_length must be a positive integer, got {args.max_prompt_length}")
-    if args.temperature <= 0:
-        fail(f"--temperature must be positive, got {args.temperature}")
-    try:
-        parse_reward_spec(args.reward_model)
-    except ValueError as error:
-        fail(str(error))
-    # the values of n compared: 1, 2, 4, ... and sample_size itself
-    n_values = sorted({2**k for k in range(int(math.log2(args.sample_size)) + 1)} | {args.sample_size})
-    output_dir = Path(args.output_dir)
-
-    # 1. Accelerator: each process samples its share of the prompts. Several processes but no GPU: one gloo group on
-    #    CPU (the processes only exchange results).
-    # FSDP and DeepSpeed ZeRO shard a model over GPUs. Asked for on a machine without one, say so, rather than let
-    # Accelerator(cpu=True) below quietly train with plain data parallelism.
-    requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
-                 if os.environ.get(variable, "false").lower() == "true"]
-    if requested and not torch.cuda.is_available():
-        fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
-             "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
-             "`accelerate launch --multi_gpu --num_processes N`")
-    if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
-        fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
-             "`pip install deepspeed` (an optional dependency of these scripts)")
-    if requested == ["DeepSpeed"] and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        fail(f"{Path(__file__).name} does not run under DeepSpeed ZeRO-3 (its models would be loaded partitioned "
-             "and used outside an engine); use accelerate_configs/multi_gpu.yaml")
-    if requested and os.environ.get("RANK", "0") == "0":  # nothing is trained, so nothing is sharded
-        print(f"{Path(__file__).name}: {requested[0]} shards training state, and there is none here: each process "
-              "samples its share of the prompts with a whole copy of the model", file=sys.stderr)
-    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=multi_process_cpu)
-
-    # 2. Data: load and validate the prompts before any model is loaded.
-    try:
-        raw = load_any_dataset(args.dataset_name, args.dataset_config)
-    except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
-        message = str(error) or type(error).__name__  # an empty JSON file raises a bare StopIteration
-        cause = error.__cause__  # datasets wraps the real reason, e.g. split files whose columns differ
-        if cause is not None and str(cause):
-            message += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
-        elif isinstance(error, StopIteration) or "corresponds to no data" in message or "generating the dataset" in \
-                message:  # how datasets says "empty"
-            message += " (is a data file empty? every split needs at least one row)"
-        fail(f"could not load dataset {args.dataset_name}: {message}")
-    try:
-        if args.dataset_split not in raw:
-            raise ValueError(f"dataset {args.dataset_name} has no split '{args.dataset_split}'; found splits "
-                             f"{list(raw)}")
-        if len(raw[args.dataset_split]) == 0:
-            raise ValueError(f"split '{args.dataset_split}' of dataset {args.dataset_name} is empty; expected at least "
-                             "one prompt")
-        query_column = find_query_column(raw[args.dataset_split].column_names, args.query_column)
-    except ValueError as error:
-        fail(str(error))
-    prompts = raw[args.dataset_split][query_column]
-    prompts = prompts[: args.num_prompts] if args.num_prompts > 0 else prompts
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, (str, list)):
-            fail(f"prompts must be strings or message lists; column '{query_column}' holds {type(prompt).__name__}")
-        if not (prompt.strip() if isinstance(prompt, str) else prompt):
-            fail(f"prompt {i} of split '{args.dataset_split}' is empty; expected text (or messages) to respond to")
-
-    # 3. Tokenizer and tokenised queries. A tokenizer without a pad token gets EOS as pad (padding is masked).
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.revision)
-    if tokenizer.eos_token_id is None:
-        fail(f"the tokenizer of {args.model_name_or_path} has no EOS token; expected one to end responses")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if isinstance(prompts[0], list) and tokenizer.chat_template is None:
-        fail(f"the prompts are conversations but the tokenizer of {args.model_name_or_path} has no chat template")
-    queries, reward_prompts = [], []  # token ids, and what the reward function sees as the prompt
-    for prompt in prompts:
-        text, templated = format_query(prompt, tokenizer)
-        ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
-        cut = args.max_prompt_length is not None and len(ids) > args.max_prompt_length
-        ids = ids[: args.max_prompt_length]
-        queries.append(torch.tensor(ids))
-        reward_prompts.append(tokenizer.decode(ids, skip_special_tokens=True) if cut else prompt)
-    decoded_prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)  # how each sample's text begins
-
-    # 4. The policy, in eval mode (dropout off), on this process's device.
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    is_encoder_decoder = AutoConfig.from_pretrained(args.model_name_or_path, revision=args.revision).is_encoder_decoder
-    model_class = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
-    model = model_class.from_pretrained(args.model_name_or_path, revision=args.revision, dtype=dtype,
-                                        attn_implementation=args.attn_implementation)
-    model = model.eval().requires_grad_(False).to(accelerator.device)
-
-    # 5. The reward, and the sampler's scorer. The sampler hands over whole texts (query + response, as the seed's
-    #    API does); the reward rule scores a prompt and a response, so each text is split at the decoded prompt it
-    #    starts with (the longest one; a text that starts with none is scored whole).
-    try:
-        reward_fn = load_reward_function(args.reward_model, accelerator.device)
-    except (OSError, ValueError) as error:
-        fail(f"could not load reward model {args.reward_model}: {' '.join(str(error).split())[:500]}")
-    prompt_of_text = {text: i for i, text in enumerate(decoded_prompts)}
-    prompt_lengths = sorted({len(text) for text in decoded_prompts}, reverse=True)
-
-    def queries_to_scores(texts: list[str]) -> list[float]:
-        owners = [next((prompt_of_text[text[:k]] for k in prompt_lengths if text[:k] in prompt_of_text), None)
-                  for text in texts]
-        return reward_fn([reward_prompts[i] if i is not None else "" for i in owners],
-                         [text[len(decoded_prompts[i]):] if i is not None else text for i, text in zip(owners, texts)])
-
-    # 6. Logging: metrics.jsonl (one line per n), samples.jsonl, wandb with --track.
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
-        for file in ("metrics.jsonl", "samples.jsonl"):
-            (output_dir / file).unlink(missing_ok=True)
-        if args.track:
-            import wandb
-
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
-                       name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
-
-    # 7. Best-of-n for each n: sample n responses per prompt (one generate call per batch_size prompts), keep the
-    #    best, score what was kept. Every n starts from the same seed and draws the same response budgets.
-    generation_config = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature,
-                                         pad_token_id=tokenizer.pad_token_id)
-    mine = list(range(accelerator.process_index, len(queries), accelerator.num_processes))
-    rows, chosen = [], {}
-    for n in tqdm(n_values, desc="best-of-n", disable=not accelerator.is_local_main_process):
-        sampler = BestOfNSampler(model, tokenizer, queries_to_scores,
-                                 length_sampler=LengthSampler(args.output_min_length, args.output_max_length),
-                                 sample_size=n, seed=args.seed + accelerator.process_index,
-                                 n_candidates=min(args.n_candidates, n), generation_config=generation_config,
-                                 batch_size=args.batch_size)
-        accelerator.wait_for_everyone()
-        start = time.time()
-        try:
-            best = sampler.generate([queries[i] for i in mine]) if mine else []
-        except ValueError as error:  # e.g. a reward that is not finite
-            fail(f"best-of-{n}: {error}")
-        seconds = time.time() - start
-        scores = queries_to_scores([text for texts in best for text in texts]) if best else []
-        kept = min(args.n_candidates, n)
-        results = gather_object([(i, texts, scores[j * kept : (j + 1) * kept]) for j, (i, texts) in
-                                 enumerate(zip(mine, best))])
-        seconds = max(gather_object([seconds]))  # the slowest process
-        results.sort(key=lambda result: result[0])
-        chosen[n] = results
-        top = torch.tensor([result[2][0] for result in results])
-        rows.append({"n": n, "mean_reward": top.mean().item(), "std_reward": top.std().item() if len(top) > 1 else 0.0,
-                     "seconds_per_query": seconds / len(queries), "samples_per_second": n * len(queries) / seconds})
-        if accelerator.is_main_process:
-            with open(output_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": len(rows), "n": n, "reward/mean": rows[-1]["mean_reward"],
-                                    "reward/std": rows[-1]["std_reward"], **rows[-1]}) + "\n")
-            with open(output_dir / "samples.jsonl", "a") as f:
-                for i, texts, text_scores in results:
-                    f.write(json.dumps({"n": n, "prompt": decoded_prompts[i], "response": texts[0][len(
-                        decoded_prompts[i]):] if texts[0].startswith(decoded_prompts[i]) else texts[0],
-                                        "reward": text_scores[0]}) + "\n")
-            if args.track:
-                wandb.log({"reward/mean": rows[-1]["mean_reward"], "reward/std": rows[-1]["std_reward"],
-                           "seconds_per_query": rows[-1]["seconds_per_query"], "n": n}, step=n)
-
-    # 8. Results: the table, results.json, a plot of mean reward against n, and the chosen completions of the largest
-    #    n as a prompt/completion dataset (train.jsonl, and test.jsonl with a tenth of the prompts) for sft.py.
-    if accelerator.is_main_process:
-        table = [f"{'n':>4}  {'mean reward':>11}  {'std':>7}  {'s / query':>9}"]
-        table += [f"{row['n']:>4}  {row['mean_reward']:>11.4f}  {row['std_reward']:>7.4f}  "
-                  f"{row['seconds_per_query']:>9.4f}" for row in rows]
-        print("\n".join(table))
-        (output_dir / "results.json").write_text(json.dumps(
-            {"model": args.model_name_or_path, "reward_model": args.reward_model, "dataset": args.dataset_name,
-             "num_prompts": len(queries), "output_length": [args.output_min_length, args.output_max_length],
-             "temperature": args.temperature, "rows": rows}, indent=2))
-
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
-
-        figure, axis = plt.subplots(figsize=(5, 3.5))
-        axis.errorbar([row["n"] for row in rows], [row["mean_reward"] for row in rows], marker="o", capsize=3,
-                      yerr=[row["std_reward"] / math.sqrt(len(queries)) for row in rows])
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(n_values, [str(n) for n in n_values])
-        axis.set_xlabel("n (samples per prompt)")
-        axis.set_ylabel("mean reward of the best sample")
-        axis.set_title(f"best-of-n on {len(queries)} prompts (± standard error)", fontsize=10)
-        figure.tight_layout()
-        figure.savefig(output_dir / "best_of_n.png", dpi=120)
-
-        completions, num_test = output_dir / "completions", len(queries) // 10
-        completions.mkdir(exist_ok=True)
-        splits = {"train": chosen[args.sample_size][: len(queries) - num_test],
-                  "test": chosen[args.sample_size][len(queries) - num_test :]}
-        for split, results in splits.items():
-            lines = []
-            for i, texts, text_scores in results:
-                for text, score in zip(texts, text_scores):
-                    response = text[len(decoded_prompts[i]):] if text.startswith(decoded_prompts[i]) else text
-                    prompt = reward_prompts[i]
-                    completion = [{"role": "assistant", "content": response}] if isinstance(prompt, list) else response
-                    lines.append(json.dumps({"prompt": prompt, "completion": completion, "score": score}) + "\n")
-            (completions / f"{split}.jsonl").unlink(missing_ok=True)
-            if lines:
-                (completions / f"{split}.jsonl").write_text("".join(lines))
-        if args.push_to_hub:
-            load_any_dataset(str(completions)).push_to_hub(output_dir.name)
-        if args.track:
-            wandb.log({"samples": wandb.Table(columns=["prompt", "best-of-1", f"best-of-{args.sample_size}"], data=[
-                [decoded_prompts[a[0]], a[1][0], b[1][0]] for a, b in zip(chosen[1][:16], chosen[args.sample_size])]),
-                "best_of_n": wandb.Image(str(output_dir / "best_of_n.png"))})
-            wandb.finish()
-        print(f"wrote {output_dir}/results.json, best_of_n.png and completions/ (train with: python sft.py "
-              f"--dataset_name {completions})")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    main(tyro.cli(Args, use_underscores=True))

@@ -11,7 +11,7 @@ adapters by default). This file reproduces TRL's v0.8 `DDPOConfig`, `DDPOTrainer
 incompressibility, brightness, the LAION aesthetic predictor) and prompts (its animal list). See docs/ddpo.md for the
 stages, the metrics and the deviations.
 
-    # offline quickstart: the tiny world's Stable Diffusion (assets/tiny-sd), CPU, about 40 s: brighter images
+    # offline quickstart: the tiny world's Stable Diffusion (assets/tiny-sd), CPU, about a minute: brighter images
     python ddpo.py
     # the seed's example: Stable Diffusion 1.5, animal prompts, the LAION aesthetic predictor on CLIP ViT-L/14
     python ddpo.py --pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 --reward aesthetic \
@@ -24,11 +24,12 @@ stages, the metrics and the deviations.
         --sample_batch_size 8 --train_batch_size 4 --train_learning_rate 3e-4 --train_clip_range 1e-4 \
         --mixed_precision fp16
 
-From Python, as in the seed: `from ddpo import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline`.
+From Python, as in the seed: `from ddpo import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline`;
+`main(DDPOConfig())` runs the command line's training.
 """
 
-import io
 import importlib.util
+import io
 import json
 import math
 import os
@@ -42,12 +43,13 @@ from concurrent import futures
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Literal
+from typing import Callable, ClassVar, Literal, NoReturn
 
 import numpy as np
 import torch
 import tyro
 from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -62,7 +64,7 @@ ANIMALS = ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird",
 class DDPOConfig:
     """The seed's `DDPOConfig` (field names and meanings) plus its example script's `pretrained_model`,
     `pretrained_revision` and `use_lora`; also this script's command line. Fields that set the scale of a run default
-    to the tiny pipeline (about 40 s on CPU); docs/ddpo.md gives the seed's values."""
+    to the tiny pipeline (about a minute on CPU); docs/ddpo.md gives the seed's values."""
 
     # --- experiment ---
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -86,8 +88,7 @@ class DDPOConfig:
 
     # --- model ---
     pretrained_model: str = str(ASSETS / "tiny-sd")
-    """a Stable Diffusion pipeline: Hub id or local directory (default: the tiny world's tiny pipeline; seed example:
-    runwayml/stable-diffusion-v1-5)"""
+    """a Stable Diffusion pipeline: Hub id or local directory (default: the tiny world's; seed: SD v1.5)"""
     pretrained_revision: str = "main"
     """the Hub revision of the pipeline"""
     use_lora: bool = True
@@ -165,14 +166,13 @@ class DDPOConfig:
     negative_prompts: str = ""
     """the negative prompt of classifier-free guidance (one string, as the seed uses it)"""
     reward: Literal["brightness", "jpeg_compressibility", "jpeg_incompressibility", "aesthetic"] = "brightness"
-    """the reward: mean pixel value, (in)compressibility as minus (plus) the JPEG size in kB, or the LAION aesthetic
-    predictor on CLIP ViT-L/14 (Hub weights)"""
+    """the reward: mean pixel value, minus (plus) the JPEG size in kB, or the LAION aesthetic predictor (Hub weights)"""
     prompts: Literal["animals", "fixed"] = "animals"
     """the prompt function: a random animal of the reference's list, or always --prompt"""
     prompt: str = "cat"
     """the prompt of --prompts fixed"""
 
-    check_on_init: ClassVar[bool] = True  # the CLI checks itself, to print one line instead of a traceback
+    check_on_init: ClassVar[bool] = True  # the command line checks in main, to print one line instead of a traceback
 
     def __post_init__(self):
         if self.check_on_init:
@@ -185,28 +185,26 @@ class DDPOConfig:
                      "train_num_inner_epochs", "per_prompt_stat_tracking_buffer_size", "max_workers"]:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if not 0 < self.train_timestep_fraction <= 1:
-            raise ValueError(f"train_timestep_fraction must be in (0, 1], got {self.train_timestep_fraction}")
-        if int(self.sample_num_steps * self.train_timestep_fraction) == 0:
-            raise ValueError(f"train_timestep_fraction {self.train_timestep_fraction} of {self.sample_num_steps} "
-                             "sampling steps trains on no timestep")
-        if self.sample_batch_size % self.train_batch_size:
-            raise ValueError(f"sample_batch_size ({self.sample_batch_size}) must be a multiple of train_batch_size "
-                             f"({self.train_batch_size})")
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         samples = self.sample_batch_size * self.sample_num_batches_per_epoch
         per_step = self.train_batch_size * self.train_gradient_accumulation_steps
-        if samples % per_step:
-            raise ValueError(f"the samples of an epoch per process (sample_batch_size x sample_num_batches_per_epoch "
-                             f"= {samples}) must be a multiple of train_batch_size x train_gradient_accumulation_steps "
-                             f"= {per_step} (the total train batch over {world_size} processes is "
-                             f"{per_step * world_size})")
-        if self.sample_eta <= 0:
-            raise ValueError(f"sample_eta must be positive: with eta = 0 DDIM is deterministic and a step has no "
-                             f"log-probability; got {self.sample_eta}")
-        if self.train_clip_range <= 0 or self.train_adv_clip_max <= 0:
-            raise ValueError(f"train_clip_range and train_adv_clip_max must be positive, got {self.train_clip_range} "
-                             f"and {self.train_adv_clip_max}")
+        for bad, message in [
+            (not 0 < self.train_timestep_fraction <= 1,
+             f"train_timestep_fraction must be in (0, 1], got {self.train_timestep_fraction}"),
+            (int(self.sample_num_steps * self.train_timestep_fraction) == 0, f"train_timestep_fraction "
+             f"{self.train_timestep_fraction} of {self.sample_num_steps} sampling steps trains on no timestep"),
+            (self.sample_batch_size % self.train_batch_size, f"sample_batch_size ({self.sample_batch_size}) must be a "
+             f"multiple of train_batch_size ({self.train_batch_size})"),
+            (samples % per_step, f"the samples of an epoch per process (sample_batch_size x "
+             f"sample_num_batches_per_epoch = {samples}) must be a multiple of train_batch_size x "
+             f"train_gradient_accumulation_steps = {per_step} (the total train batch over {world_size} processes is "
+             f"{per_step * world_size})"),
+            (self.sample_eta <= 0, f"sample_eta must be positive: with eta = 0 DDIM is deterministic and a step has "
+             f"no log-probability; got {self.sample_eta}"),
+            (self.train_clip_range <= 0 or self.train_adv_clip_max <= 0, f"train_clip_range and train_adv_clip_max "
+             f"must be positive, got {self.train_clip_range} and {self.train_adv_clip_max}")]:
+            if bad:
+                raise ValueError(message)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -321,25 +319,11 @@ class DefaultDDPOStableDiffusionPipeline:
     def scheduler_step(self, *args, **kwargs):
         return ddim_step_with_logprob(self.sd_pipeline.scheduler, *args, **kwargs)
 
-    @property
-    def unet(self):
-        return self.sd_pipeline.unet
-
-    @property
-    def vae(self):
-        return self.sd_pipeline.vae
-
-    @property
-    def tokenizer(self):
-        return self.sd_pipeline.tokenizer
-
-    @property
-    def scheduler(self):
-        return self.sd_pipeline.scheduler
-
-    @property
-    def text_encoder(self):
-        return self.sd_pipeline.text_encoder
+    unet = property(lambda self: self.sd_pipeline.unet)
+    vae = property(lambda self: self.sd_pipeline.vae)
+    tokenizer = property(lambda self: self.sd_pipeline.tokenizer)
+    scheduler = property(lambda self: self.sd_pipeline.scheduler)
+    text_encoder = property(lambda self: self.sd_pipeline.text_encoder)
 
     def get_trainable_layers(self) -> list[torch.nn.Parameter]:
         """Add the LoRA adapters (trainable, float32 whatever the UNet's dtype) or unfreeze the UNet; returns the
@@ -396,11 +380,7 @@ class DefaultDDPOStableDiffusionPipeline:
 # ----------------------------------------------------------------------------------------------------------------------
 def brightness():
     """The mean pixel value of each image, in [0, 1]."""
-
-    def reward_fn(images: torch.Tensor, prompts, metadata):
-        return images.float().mean(dim=(1, 2, 3)), {}
-
-    return reward_fn
+    return lambda images, prompts, metadata: (images.float().mean(dim=(1, 2, 3)), {})
 
 
 def jpeg_sizes_kb(images: torch.Tensor) -> np.ndarray:
@@ -418,20 +398,12 @@ def jpeg_sizes_kb(images: torch.Tensor) -> np.ndarray:
 
 def jpeg_compressibility():
     """Minus the JPEG size in kB: smaller files (smoother, simpler images) score higher."""
-
-    def reward_fn(images: torch.Tensor, prompts, metadata):
-        return torch.as_tensor(-jpeg_sizes_kb(images), dtype=torch.float32), {}
-
-    return reward_fn
+    return lambda images, prompts, metadata: (torch.as_tensor(-jpeg_sizes_kb(images), dtype=torch.float32), {})
 
 
 def jpeg_incompressibility():
     """The JPEG size in kB: larger files (more detail and texture) score higher."""
-
-    def reward_fn(images: torch.Tensor, prompts, metadata):
-        return torch.as_tensor(jpeg_sizes_kb(images), dtype=torch.float32), {}
-
-    return reward_fn
+    return lambda images, prompts, metadata: (torch.as_tensor(jpeg_sizes_kb(images), dtype=torch.float32), {})
 
 
 def aesthetic_score(hub_model_id: str = "trl-lib/ddpo-aesthetic-predictor", model_filename: str = "aesthetic-model.pth",
@@ -467,6 +439,10 @@ def aesthetic_score(hub_model_id: str = "trl-lib/ddpo-aesthetic-predictor", mode
         return mlp(embed).squeeze(1).cpu(), {}
 
     return reward_fn
+
+
+REWARDS = {"brightness": brightness, "jpeg_compressibility": jpeg_compressibility,
+           "jpeg_incompressibility": jpeg_incompressibility, "aesthetic": aesthetic_score}
 
 
 # Prompt functions: prompt_function() -> (prompt, metadata)
@@ -513,9 +489,8 @@ def ddpo_loss(advantages: torch.Tensor, clip_range: float, ratio: torch.Tensor) 
     return torch.maximum(unclipped, clipped).mean()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The trainer: sample trajectories, score, normalise into advantages, clipped PPO over the stored timesteps
-# ----------------------------------------------------------------------------------------------------------------------
+
+
 class DDPOTrainer:
     """The seed's DDPOTrainer. reward_function(images, prompts, metadata) -> (rewards, metadata) with images
     (B, 3, H, W) in [0, 1] and one reward per image; prompt_function() -> (prompt, metadata); sd_pipeline a
@@ -531,18 +506,21 @@ class DDPOTrainer:
         self.config, self.reward_fn, self.prompt_fn = config, reward_function, prompt_function
         self.sd_pipeline, self.image_samples_callback = sd_pipeline, image_samples_hook
         self.num_train_timesteps = int(config.sample_num_steps * config.train_timestep_fraction)
-        self.output_dir = Path(config.output_dir)
-        self.logdir = Path(config.logdir) if config.logdir else self.output_dir / "checkpoints"
-        resume = self.resolve_checkpoint(config.resume_from) if config.resume_from else None
+        self.logdir = Path(config.logdir) if config.logdir else Path(config.output_dir) / "checkpoints"
+        resume = resolve_checkpoint(config.resume_from) if config.resume_from else None
         if resume is None and list(self.logdir.glob("checkpoint_*")):
             raise ValueError(f"{self.logdir} already holds checkpoints of a previous run; pass --resume_from "
                              f"{self.logdir} to continue it, or another --output_dir (or --logdir)")
 
         # 1. Accelerator (several processes but no GPU: one gloo group on CPU, as every script here), seeds, dtypes.
         multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        self.accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision=config.mixed_precision)
-        accelerator = self.accelerator
-        set_seeds(config.seed + accelerator.process_index)  # each process samples its own prompts and noise
+        self.accelerator = accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision=config.mixed_precision)
+        world_size, images = accelerator.num_processes, config.sample_batch_size * config.sample_num_batches_per_epoch
+        per_step = world_size * config.train_batch_size * config.train_gradient_accumulation_steps
+        accelerator.print(f"run: {world_size} process(es) x {config.train_batch_size} per device x "
+                          f"{config.train_gradient_accumulation_steps} accumulation = {per_step} samples (all their "
+                          f"trained timesteps) per optimizer step; {world_size * images} images sampled per epoch")
+        set_seed(config.seed, device_specific=True)  # seed + process index: each process its own prompts and noise
         if config.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
@@ -551,10 +529,10 @@ class DDPOTrainer:
         sd_pipeline.sd_pipeline.set_progress_bar_config(disable=True)
 
         # 2. Trainable weights (LoRA adapters in float32, or the UNet), AdamW, the negative prompt's embedding.
-        trainable = sd_pipeline.get_trainable_layers()
-        optimizer = torch.optim.AdamW(trainable, lr=config.train_learning_rate, eps=config.train_adam_epsilon,
+        self.trainable_layers = sd_pipeline.get_trainable_layers()
+        optimizer = torch.optim.AdamW(self.trainable_layers, lr=config.train_learning_rate,
                                       betas=(config.train_adam_beta1, config.train_adam_beta2),
-                                      weight_decay=config.train_adam_weight_decay)
+                                      weight_decay=config.train_adam_weight_decay, eps=config.train_adam_epsilon)
         self.neg_prompt_embed = self.encode_prompts([config.negative_prompts])  # (1, L, D)
         self.stat_tracker = (PerPromptStatTracker(config.per_prompt_stat_tracking_buffer_size,
                                                   config.per_prompt_stat_tracking_min_count)
@@ -562,45 +540,83 @@ class DDPOTrainer:
         # frozen weights in half precision are run as they are under LoRA; a full UNet trains under autocast
         self.autocast = nullcontext if sd_pipeline.use_lora else accelerator.autocast
         self.unet, self.optimizer = accelerator.prepare(sd_pipeline.unet, optimizer)  # DDP-wrapped for training
-        self.trainable_layers = trainable
         self.executor = futures.ThreadPoolExecutor(config.max_workers) if config.async_reward_computation else None
 
-        # 3. Resume: weights, optimizer, epoch and step counters, prompt statistics, every process's RNG.
-        self.first_epoch, self.global_step = 0, 0
-        if resume is not None:
-            self.load_checkpoint(resume)
+        # 3. Resume (weights, optimizer, counters, prompt statistics, RNG); the logs.
+        self.first_epoch, self.global_step = load_ddpo_checkpoint(self, resume) if resume is not None else (0, 0)
+        self.log, self.tracker = open_ddpo_logs(config, accelerator, self.first_epoch, resumed=resume is not None)
 
-        # 4. Logs: metrics.jsonl always, wandb with --track.
-        self.tracker = None
-        if accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
-            metrics = self.output_dir / "metrics.jsonl"
-            if resume is None:
-                metrics.unlink(missing_ok=True)
-            elif metrics.exists():  # keep what was logged before the checkpoint, and append
-                kept = [line for line in metrics.read_text().splitlines()
-                        if json.loads(line)["epoch"] < self.first_epoch]
-                metrics.write_text("".join(line + "\n" for line in kept))
-            if config.track:
-                import wandb
+    def train(self, epochs: int | None = None) -> int:
+        """Run the epochs from where a resumed run stopped (or 0) to `epochs` (default num_epochs)."""
+        epochs = self.config.num_epochs if epochs is None else epochs
+        progress = tqdm(range(self.first_epoch, epochs), initial=self.first_epoch, total=epochs, desc="ddpo",
+                        disable=not self.accelerator.is_local_main_process)
+        for epoch in progress:
+            self.global_step = self.step(epoch, self.global_step)
+        return self.global_step
 
-                wandb.init(project=config.wandb_project_name, entity=config.wandb_entity, config=asdict(config),
-                           name=config.run_name or f"{config.exp_name}__{config.seed}__{int(time.time())}")
-                self.tracker = wandb
+    def step(self, epoch: int, global_step: int) -> int:
+        """One epoch: sample, score, advantages, train_num_inner_epochs passes of clipped PPO; returns the global step
+        (optimizer steps so far)."""
+        config, accelerator = self.config, self.accelerator
+        start = time.time()
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> (B, L, D) text-encoder states, tokenised as Stable Diffusion does (padded to the tokenizer's
-        model_max_length)."""
-        tokenizer = self.sd_pipeline.tokenizer
-        ids = tokenizer(prompts, return_tensors="pt", padding="max_length", truncation=True,
-                        max_length=tokenizer.model_max_length).input_ids.to(self.accelerator.device)
-        return self.sd_pipeline.text_encoder(ids)[0]
+        # 1. Sample sample_num_batches_per_epoch batches of trajectories (the rewards may start in the pool).
+        samples, prompt_image_data = self._generate_samples(config.sample_num_batches_per_epoch,
+                                                            config.sample_batch_size)
+        samples = {key: torch.cat([s[key] for s in samples]) for key in samples[0]}
+        sample_seconds = time.time() - start
 
-    # ------------------------------------------------------------------------------------------------------------------
-    # Sampling and rewards
-    # ------------------------------------------------------------------------------------------------------------------
+        # 2. Rewards, checked, gathered over all processes; the image hook sees every batch with its rewards.
+        reward_start = time.time()
+        rewards, reward_metadata = self.compute_rewards(prompt_image_data)
+        for data, reward, metadata in zip(prompt_image_data, rewards, reward_metadata):
+            data.extend([reward, metadata])
+        if self.image_samples_callback is not None and accelerator.is_main_process:
+            self.image_samples_callback(prompt_image_data, global_step, self.tracker)
+        all_rewards = accelerator.gather(torch.cat(rewards)).cpu().numpy().astype(np.float64)
+        all_prompts = gather_object([prompt for data in prompt_image_data for prompt in data[1]])
+        reward_seconds = time.time() - reward_start
+
+        # 3. Advantages over all processes: per prompt (the stat tracker), or (r - mean) / (std + 1e-8) over the
+        #    epoch; this process keeps its own share.
+        if self.stat_tracker is not None:
+            advantages = self.stat_tracker.update(all_prompts, all_rewards)
+        else:
+            advantages = (all_rewards - all_rewards.mean()) / (all_rewards.std() + 1e-8)
+        advantages = torch.as_tensor(advantages, dtype=torch.float32)
+        samples["advantages"] = advantages.reshape(accelerator.num_processes, -1)[accelerator.process_index].to(
+            accelerator.device)
+
+        # 4. train_num_inner_epochs passes: samples shuffled, and each sample's timesteps shuffled independently (the
+        #    first num_train_timesteps of them are trained on); then batches of train_batch_size.
+        train_start = time.time()
+        total, num_steps = samples["timesteps"].shape
+        info = {"loss": [], "approx_kl": [], "clipfrac": []}
+        self.unet.train()
+        for inner_epoch in range(config.train_num_inner_epochs):
+            order = torch.randperm(total, device=accelerator.device)
+            shuffled = {key: value[order] for key, value in samples.items()}
+            per_sample = torch.stack([torch.randperm(num_steps, device=accelerator.device) for _ in range(total)])
+            rows = torch.arange(total, device=accelerator.device)[:, None]
+            for key in ["timesteps", "latents", "next_latents", "log_probs"]:
+                shuffled[key] = shuffled[key][rows, per_sample]
+            batches = [{key: value[i : i + config.train_batch_size] for key, value in shuffled.items()}
+                       for i in range(0, total, config.train_batch_size)]
+            global_step = self._train_batched_samples(inner_epoch, epoch, global_step, batches, info)
+
+        # 5. Log the epoch; checkpoint every save_freq epochs.
+        seconds = time.time() - start
+        self.log({"epoch": epoch, "step": global_step, "images": len(all_rewards),
+                  "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
+                  **{key: float(torch.stack(values).mean()) for key, values in info.items() if values},
+                  "images_per_second": len(all_rewards) / seconds, "time/sample": sample_seconds,
+                  "time/reward": reward_seconds, "time/train": time.time() - train_start,
+                  "peak_memory_mb": peak_memory_mb()}, all_rewards)
+        if (epoch + 1) % config.save_freq == 0 and epoch + 1 < config.num_epochs:
+            save_ddpo_checkpoint(self, epoch + 1, global_step)
+        return global_step
+
     def _generate_samples(self, iterations: int, batch_size: int) -> tuple[list[dict], list[list]]:
         """`iterations` batches of `batch_size` prompts -> per batch the trajectory tensors (prompt_embeds (B, L, D),
         timesteps (B, T), latents (B, T, C, h, w) before each step, next_latents after it, log_probs (B, T)) and
@@ -628,6 +644,15 @@ class DDPOTrainer:
             prompt_image_data.append(data)
         return samples, prompt_image_data
 
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> (B, L, D) text-encoder states, tokenised as Stable Diffusion does (padded to the tokenizer's
+        model_max_length)."""
+        tokenizer = self.sd_pipeline.tokenizer
+        ids = tokenizer(prompts, return_tensors="pt", padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length).input_ids.to(self.accelerator.device)
+        return self.sd_pipeline.text_encoder(ids)[0]
+
     def compute_rewards(self, prompt_image_data: list[list]) -> tuple[list[torch.Tensor], list]:
         """Each batch's (rewards (B,), reward metadata), from the pool's futures or computed here; checked: one finite
         number per image."""
@@ -650,100 +675,6 @@ class DDPOTrainer:
             reward_metadata.append(result[1])
             del data[3:]  # the future, if any
         return rewards, reward_metadata
-
-    def compute_advantages(self, rewards: np.ndarray, prompts: list[str]) -> np.ndarray:
-        """Rewards of all processes -> advantages: per prompt (the stat tracker) or (r - mean) / (std + 1e-8)."""
-        if self.stat_tracker is not None:
-            return self.stat_tracker.update(prompts, rewards)
-        return (rewards - rewards.mean()) / (rewards.std() + 1e-8)
-
-    # ------------------------------------------------------------------------------------------------------------------
-    # One epoch
-    # ------------------------------------------------------------------------------------------------------------------
-    def step(self, epoch: int, global_step: int) -> int:
-        """One epoch: sample, score, advantages, train_num_inner_epochs passes of clipped PPO; returns the global step
-        (optimizer steps so far)."""
-        config, accelerator = self.config, self.accelerator
-        start = time.time()
-
-        # 1. Sample sample_num_batches_per_epoch batches of trajectories (the rewards may start in the pool).
-        samples, prompt_image_data = self._generate_samples(config.sample_num_batches_per_epoch,
-                                                            config.sample_batch_size)
-        samples = {key: torch.cat([s[key] for s in samples]) for key in samples[0]}
-        sample_seconds = time.time() - start
-
-        # 2. Rewards, checked, gathered over all processes; the image hook sees every batch with its rewards.
-        reward_start = time.time()
-        rewards, reward_metadata = self.compute_rewards(prompt_image_data)
-        for data, reward, metadata in zip(prompt_image_data, rewards, reward_metadata):
-            data.extend([reward, metadata])
-        if self.image_samples_callback is not None and accelerator.is_main_process:
-            self.image_samples_callback(prompt_image_data, global_step, self.tracker)
-        prompts = [prompt for data in prompt_image_data for prompt in data[1]]
-        all_rewards = accelerator.gather(torch.cat(rewards)).cpu().numpy().astype(np.float64)
-        all_prompts = gather_strings(accelerator, prompts)
-        reward_seconds = time.time() - reward_start
-
-        # 3. Advantages over all processes (per prompt, or over the batch); this process keeps its own share.
-        advantages = torch.as_tensor(self.compute_advantages(all_rewards, all_prompts), dtype=torch.float32)
-        samples["advantages"] = advantages.reshape(accelerator.num_processes, -1)[accelerator.process_index].to(
-            accelerator.device)
-
-        # 4. train_num_inner_epochs passes: samples shuffled, and each sample's timesteps shuffled independently (the
-        #    first num_train_timesteps of them are trained on); then batches of train_batch_size.
-        train_start = time.time()
-        total, num_steps = samples["timesteps"].shape
-        info = {"loss": [], "approx_kl": [], "clipfrac": []}
-        self.unet.train()
-        for inner_epoch in range(config.train_num_inner_epochs):
-            order = torch.randperm(total, device=accelerator.device)
-            shuffled = {key: value[order] for key, value in samples.items()}
-            per_sample = torch.stack([torch.randperm(num_steps, device=accelerator.device) for _ in range(total)])
-            rows = torch.arange(total, device=accelerator.device)[:, None]
-            for key in ["timesteps", "latents", "next_latents", "log_probs"]:
-                shuffled[key] = shuffled[key][rows, per_sample]
-            batches = [{key: value[i : i + config.train_batch_size] for key, value in shuffled.items()}
-                       for i in range(0, total, config.train_batch_size)]
-            global_step = self._train_batched_samples(inner_epoch, epoch, global_step, batches, info)
-
-        # 5. Log the epoch; checkpoint every save_freq epochs.
-        seconds = time.time() - start
-        row = {"epoch": epoch, "step": global_step, "images": len(all_rewards),
-               "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
-               **{key: float(torch.stack(values).mean()) for key, values in info.items() if values},
-               "images_per_second": len(all_rewards) / seconds, "time/sample": sample_seconds,
-               "time/reward": reward_seconds, "time/train": time.time() - train_start,
-               "peak_memory_mb": peak_memory_mb()}
-        self.log(row, all_rewards)
-        done = epoch + 1
-        if done % config.save_freq == 0 and done < config.num_epochs:
-            self.save_checkpoint(done, global_step)
-        return global_step
-
-    def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, embeds):
-        """The clipped PPO loss of one timestep of a batch: the UNet's noise prediction (guided when train_cfg, as
-        sampled) gives the step's Gaussian, whose log-density of the stored next latent, against the stored log-prob,
-        is the log-ratio. latents, next_latents (B, C, h, w); timesteps, log_probs, advantages (B,); embeds (2B or B,
-        L, D) (negative prompts first when train_cfg). Returns (loss, approx_kl, clipfrac), scalars."""
-        config = self.config
-        with self.autocast():
-            if config.train_cfg:
-                noise_pred = self.unet(torch.cat([latents] * 2), torch.cat([timesteps] * 2), embeds).sample
-                uncond, text = noise_pred.chunk(2)
-                noise_pred = uncond + config.sample_guidance_scale * (text - uncond)
-            else:
-                noise_pred = self.unet(latents, timesteps, embeds).sample
-            _, log_prob = self.sd_pipeline.scheduler_step(noise_pred, timesteps, latents, eta=config.sample_eta,
-                                                          prev_sample=next_latents)
-        advantages = torch.clamp(advantages, -config.train_adv_clip_max, config.train_adv_clip_max)
-        ratio = torch.exp(log_prob - log_probs)
-        loss = self.loss(advantages, config.train_clip_range, ratio)
-        approx_kl = 0.5 * torch.mean((log_prob - log_probs) ** 2)
-        clipfrac = torch.mean((torch.abs(ratio - 1.0) > config.train_clip_range).float())
-        return loss, approx_kl, clipfrac
-
-    def loss(self, advantages: torch.Tensor, clip_range: float, ratio: torch.Tensor) -> torch.Tensor:
-        return ddpo_loss(advantages, clip_range, ratio)
 
     def _train_batched_samples(self, inner_epoch: int, epoch: int, global_step: int, batches: list[dict],
                                info: dict) -> int:
@@ -778,75 +709,31 @@ class DDPOTrainer:
             global_step += 1
         return global_step
 
-    def train(self, epochs: int | None = None) -> int:
-        """Run the epochs from where a resumed run stopped (or 0) to `epochs` (default num_epochs)."""
-        epochs = self.config.num_epochs if epochs is None else epochs
-        progress = tqdm(range(self.first_epoch, epochs), initial=self.first_epoch, total=epochs, desc="ddpo",
-                        disable=not self.accelerator.is_local_main_process)
-        for epoch in progress:
-            self.global_step = self.step(epoch, self.global_step)
-        return self.global_step
-
-    # ------------------------------------------------------------------------------------------------------------------
-    # Logging, checkpoints, saving
-    # ------------------------------------------------------------------------------------------------------------------
-    def log(self, row: dict, rewards: np.ndarray) -> None:
-        """A console line, a metrics.jsonl row and (with --track) a wandb point, from the main process."""
-        if not self.accelerator.is_main_process:
-            return
-        tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        with open(self.output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tracker is not None:
-            self.tracker.log({**row, "reward": self.tracker.Histogram(rewards)}, step=row["step"])
-
-    @staticmethod
-    def resolve_checkpoint(path: str) -> Path:
-        """A checkpoint_<epoch> directory, or the latest one inside the given directory."""
-        path = Path(os.path.expanduser(path))
-        if path.name.startswith("checkpoint_") and (path / "training_state.pt").exists():
-            return path
-        found = sorted(path.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1])) if path.is_dir() else []
-        found = [p for p in found if (p / "training_state.pt").exists()]
-        if not found:
-            raise ValueError(f"resume_from {path} is neither a checkpoint_<epoch> directory of this script nor a "
-                             "directory holding one")
-        return found[-1]
-
-    def save_checkpoint(self, epoch: int, global_step: int) -> None:
-        """logdir/checkpoint_<epoch>: the trained weights (adapter or UNet), optimizer, counters, prompt statistics and
-        every process's RNG; then the oldest checkpoints beyond num_checkpoint_limit are deleted."""
-        accelerator, path = self.accelerator, self.logdir / f"checkpoint_{epoch}"
-        if accelerator.is_main_process:
-            path.mkdir(parents=True, exist_ok=True)
-            if self.sd_pipeline.use_lora:
-                self.sd_pipeline.save_pretrained(path)
+    def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, embeds):
+        """The clipped PPO loss of one timestep of a batch: the UNet's noise prediction (guided when train_cfg, as
+        sampled) gives the step's Gaussian, whose log-density of the stored next latent, against the stored log-prob,
+        is the log-ratio. latents, next_latents (B, C, h, w); timesteps, log_probs, advantages (B,); embeds (2B or B,
+        L, D) (negative prompts first when train_cfg). Returns (loss, approx_kl, clipfrac), scalars."""
+        config = self.config
+        with self.autocast():
+            if config.train_cfg:
+                noise_pred = self.unet(torch.cat([latents] * 2), torch.cat([timesteps] * 2), embeds).sample
+                uncond, text = noise_pred.chunk(2)
+                noise_pred = uncond + config.sample_guidance_scale * (text - uncond)
             else:
-                accelerator.unwrap_model(self.unet).save_pretrained(path / "unet")
-            torch.save({"epoch": epoch, "global_step": global_step, "optimizer": self.optimizer.state_dict(),
-                        "stat_tracker": self.stat_tracker.state_dict() if self.stat_tracker else None},
-                       path / "training_state.pt")
-        accelerator.wait_for_everyone()
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save(rng, path / f"rng_state_{accelerator.process_index}.pt")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            checkpoints = sorted(self.logdir.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
-            for old in checkpoints[: -self.config.num_checkpoint_limit]:
-                shutil.rmtree(old)
+                noise_pred = self.unet(latents, timesteps, embeds).sample
+            _, log_prob = self.sd_pipeline.scheduler_step(noise_pred, timesteps, latents, eta=config.sample_eta,
+                                                          prev_sample=next_latents)
+        advantages = torch.clamp(advantages, -config.train_adv_clip_max, config.train_adv_clip_max)
+        ratio = torch.exp(log_prob - log_probs)
+        loss = self.loss(advantages, config.train_clip_range, ratio)
+        approx_kl = 0.5 * torch.mean((log_prob - log_probs) ** 2)
+        clipfrac = torch.mean((torch.abs(ratio - 1.0) > config.train_clip_range).float())
+        return loss, approx_kl, clipfrac
 
-    def load_checkpoint(self, path: Path) -> None:
-        self.sd_pipeline.load_checkpoint(path)
-        for parameter in self.trainable_layers:  # adapters stay float32
-            parameter.data = parameter.data.float()
-        state = torch.load(path / "training_state.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.stat_tracker is not None and state["stat_tracker"] is not None:
-            self.stat_tracker.load_state_dict(state["stat_tracker"])
-        load_rng_state(path, self.accelerator.process_index)
-        self.first_epoch, self.global_step = state["epoch"], state["global_step"]
-        self.accelerator.print(f"resumed from {path} at epoch {self.first_epoch}")
+    def loss(self, advantages: torch.Tensor, clip_range: float, ratio: torch.Tensor) -> torch.Tensor:
+        """The seed's method: ddpo_loss."""
+        return ddpo_loss(advantages, clip_range, ratio)
 
     def _save_pretrained(self, save_directory) -> None:
         """The final weights: the LoRA adapter (load_lora_weights loads it) or the whole pipeline."""
@@ -856,19 +743,182 @@ class DDPOTrainer:
         self.accelerator.wait_for_everyone()
 
 
-def gather_strings(accelerator, strings: list[str]) -> list[str]:
-    """Every process's strings, concatenated in process order."""
-    if accelerator.num_processes == 1:
-        return list(strings)
-    from accelerate.utils import gather_object
+def main(config: DDPOConfig) -> None:
+    # 0. Check what can be checked before anything is loaded (and before anything is written).
+    try:
+        config.check()
+        if config.resume_from:
+            resolve_checkpoint(config.resume_from)
+    except ValueError as error:
+        fail(str(error))
+    pipeline_path = Path(config.pretrained_model)
+    if pipeline_path.exists() and not (pipeline_path / "model_index.json").exists():
+        fail(f"--pretrained_model {config.pretrained_model} is not a diffusers pipeline directory (no model_index.json "
+             "in it)")
+    if not pipeline_path.exists() and (config.pretrained_model.startswith((".", "/", "~"))
+                                       or config.pretrained_model.count("/") > 1):
+        fail(f"--pretrained_model {config.pretrained_model} does not exist: expected a pipeline directory or a Hub id")
+    refuse_sharding()
 
-    return gather_object(list(strings))
+    # 1. The pipeline (DDIM scheduler; LoRA adapters are added by the trainer), the reward and the prompts.
+    try:
+        pipeline = DefaultDDPOStableDiffusionPipeline(config.pretrained_model,
+                                                      pretrained_model_revision=config.pretrained_revision,
+                                                      use_lora=config.use_lora, lora_r=config.lora_r,
+                                                      lora_alpha=config.lora_alpha)
+    except (OSError, ValueError) as error:
+        fail(f"could not load pipeline {config.pretrained_model}: {' '.join(str(error).split())[:500]}")
+    try:
+        reward_fn = REWARDS[config.reward]()
+    except OSError as error:
+        fail(str(error))
+    prompt_fn = animal_prompt if config.prompts == "animals" else fixed_prompt(config.prompt)
+
+    # 2. The trainer (it refuses to write over a previous run's checkpoints), then the epochs. A non-finite loss or a
+    #    reward of the wrong shape stops the run with one line that names the last checkpoint.
+    try:
+        trainer = DDPOTrainer(config, reward_fn, prompt_fn, pipeline,
+                              image_samples_hook=save_image_grid(Path(config.output_dir)))
+    except ValueError as error:
+        fail(str(error))
+    try:
+        trainer.train()
+    except (FloatingPointError, ValueError) as error:
+        checkpoints = sorted(trainer.logdir.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
+        kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+        fail(f"{error}; stopping ({kept})")
+
+    # 3. Save: the LoRA adapter (pipe.load_lora_weights(output_dir) on the base pipeline) or the whole pipeline.
+    trainer._save_pretrained(config.output_dir)
+    if trainer.accelerator.is_main_process:
+        if config.push_to_hub:
+            from huggingface_hub import HfApi
+
+            repo = HfApi().create_repo(Path(config.output_dir).name, exist_ok=True).repo_id
+            HfApi().upload_folder(folder_path=config.output_dir, repo_id=repo, ignore_patterns=["checkpoints/*"])
+        if trainer.tracker is not None:
+            trainer.tracker.finish()
+    trainer.accelerator.print(f"saved to {config.output_dir}")
+    trainer.accelerator.end_training()
 
 
-def set_seeds(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+# ======================================================================================================================
+# The plumbing: launch checks, data and model loading, checkpoints, sharded saving, logging. Nothing below is specific
+# to one algorithm, and each function is byte-identical in every script that has it (tests/test_scaling.py checks).
+# ======================================================================================================================
+def fail(message: str) -> NoReturn:
+    """Stop with one line, `<script>: error: <message>`, and exit status 1."""
+    sys.exit(f"{Path(__file__).name}: error: {message}")
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def refuse_sharding() -> None:
+    """FSDP / DeepSpeed without a GPU (or DeepSpeed not installed) is one line, as in every script; with them, one
+    line says that ddpo.py does not shard (its UNet fits one GPU): data parallelism instead."""
+    requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
+                 if os.environ.get(variable, "false").lower() == "true"]
+    if requested and not torch.cuda.is_available():
+        fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
+             "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
+             "`accelerate launch --multi_gpu --num_processes N`")
+    if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
+        fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
+             "`pip install deepspeed` (an optional dependency of these scripts)")
+    if requested:
+        fail(f"{Path(__file__).name} does not shard its UNet with {requested[0]}: the UNet (and its LoRA adapters) "
+             "fits one GPU, so train with data parallelism: accelerate_configs/multi_gpu.yaml")
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint_<epoch> directory, or the latest one inside the given directory."""
+    path = Path(os.path.expanduser(path))
+    if path.name.startswith("checkpoint_") and (path / "training_state.pt").exists():
+        return path
+    found = sorted(path.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1])) if path.is_dir() else []
+    found = [p for p in found if (p / "training_state.pt").exists()]
+    if not found:
+        raise ValueError(f"resume_from {path} is neither a checkpoint_<epoch> directory of this script nor a "
+                         "directory holding one")
+    return found[-1]
+
+
+def save_ddpo_checkpoint(trainer: DDPOTrainer, epoch: int, global_step: int) -> None:
+    """logdir/checkpoint_<epoch>: the trained weights (adapter or UNet), optimizer, counters, prompt statistics and
+    every process's RNG; then the oldest checkpoints beyond num_checkpoint_limit are deleted."""
+    accelerator, path = trainer.accelerator, trainer.logdir / f"checkpoint_{epoch}"
+    if accelerator.is_main_process:
+        path.mkdir(parents=True, exist_ok=True)
+        if trainer.sd_pipeline.use_lora:
+            trainer.sd_pipeline.save_pretrained(path)
+        else:
+            accelerator.unwrap_model(trainer.unet).save_pretrained(path / "unet")
+        torch.save({"epoch": epoch, "global_step": global_step, "optimizer": trainer.optimizer.state_dict(),
+                    "stat_tracker": trainer.stat_tracker.state_dict() if trainer.stat_tracker else None},
+                   path / "training_state.pt")
+    accelerator.wait_for_everyone()
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(rng, path / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        checkpoints = sorted(trainer.logdir.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
+        for old in checkpoints[: -trainer.config.num_checkpoint_limit]:
+            shutil.rmtree(old)
+
+
+def load_ddpo_checkpoint(trainer: DDPOTrainer, path: Path) -> tuple[int, int]:
+    """A checkpoint of save_ddpo_checkpoint back into the trainer; returns (epochs done, optimizer steps done)."""
+    trainer.sd_pipeline.load_checkpoint(path)
+    for parameter in trainer.trainable_layers:  # adapters stay float32
+        parameter.data = parameter.data.float()
+    state = torch.load(path / "training_state.pt", weights_only=False)
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    if trainer.stat_tracker is not None and state["stat_tracker"] is not None:
+        trainer.stat_tracker.load_state_dict(state["stat_tracker"])
+    rng = torch.load(path / f"rng_state_{trainer.accelerator.process_index}.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    trainer.accelerator.print(f"resumed from {path} at epoch {state['epoch']}")
+    return state["epoch"], state["global_step"]
+
+
+def open_ddpo_logs(config: DDPOConfig, accelerator, first_epoch: int, resumed: bool):
+    """output_dir with config.json, metrics.jsonl (resumed: its rows before first_epoch kept) and wandb under --track.
+    Returns (log(row, rewards), tracker): log writes a console line, a metrics.jsonl row and a wandb point with the
+    rewards' histogram, from the main process; tracker is the wandb module under --track, else None."""
+    output_dir, tracker = Path(config.output_dir), None
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+        metrics = output_dir / "metrics.jsonl"
+        if not resumed:
+            metrics.unlink(missing_ok=True)
+        elif metrics.exists():  # keep what was logged before the checkpoint, and append
+            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["epoch"] < first_epoch]
+            metrics.write_text("".join(line + "\n" for line in kept))
+        if config.track:
+            import wandb
+
+            wandb.init(project=config.wandb_project_name, entity=config.wandb_entity, config=asdict(config),
+                       name=config.run_name or f"{config.exp_name}__{config.seed}__{int(time.time())}")
+            tracker = wandb
+
+    def log(row: dict, rewards: np.ndarray) -> None:
+        if accelerator.is_main_process:
+            tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            with open(output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if tracker is not None:
+                tracker.log({**row, "reward": tracker.Histogram(rewards)}, step=row["step"])
+    return log, tracker
 
 
 def save_image_grid(output_dir: Path, columns: int = 8):
@@ -900,99 +950,6 @@ def save_image_grid(output_dir: Path, columns: int = 8):
     return hook
 
 
-def load_rng_state(path: Path, process_index: int) -> None:
-    rng = torch.load(path / f"rng_state_{process_index}.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-REWARDS = {"brightness": brightness, "jpeg_compressibility": jpeg_compressibility,
-           "jpeg_incompressibility": jpeg_incompressibility, "aesthetic": aesthetic_score}
-
-
 if __name__ == "__main__":
-
-    def fail(message: str):
-        sys.exit(f"{Path(__file__).name}: error: {message}")
-
-    DDPOConfig.check_on_init = False
-    config = tyro.cli(DDPOConfig)
-
-    # 0. Validate what can be checked before anything is loaded (and before anything is written).
-    try:
-        config.check()
-        if config.resume_from:
-            DDPOTrainer.resolve_checkpoint(config.resume_from)
-    except ValueError as error:
-        fail(str(error))
-    pipeline_path = Path(config.pretrained_model)
-    if pipeline_path.exists() and not (pipeline_path / "model_index.json").exists():
-        fail(f"--pretrained_model {config.pretrained_model} is not a diffusers pipeline directory (no model_index.json "
-             "in it)")
-    if not pipeline_path.exists() and (config.pretrained_model.startswith((".", "/", "~"))
-                                       or config.pretrained_model.count("/") > 1):
-        fail(f"--pretrained_model {config.pretrained_model} does not exist: expected a pipeline directory or a Hub id")
-
-    # FSDP and DeepSpeed ZeRO shard a model over GPUs. Asked for on a machine without one, say so, rather than let
-    # Accelerator(cpu=True) below quietly train with plain data parallelism.
-    requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
-                 if os.environ.get(variable, "false").lower() == "true"]
-    if requested and not torch.cuda.is_available():
-        fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
-             "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
-             "`accelerate launch --multi_gpu --num_processes N`")
-    if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
-        fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
-             "`pip install deepspeed` (an optional dependency of these scripts)")
-    if requested:
-        fail(f"{Path(__file__).name} does not shard its UNet with {requested[0]}: the UNet (and its LoRA adapters) "
-             "fits one GPU, so train with data parallelism: accelerate_configs/multi_gpu.yaml")
-
-    # 1. The pipeline (DDIM scheduler; LoRA adapters are added by the trainer), the reward and the prompts.
-    try:
-        pipeline = DefaultDDPOStableDiffusionPipeline(config.pretrained_model,
-                                                      pretrained_model_revision=config.pretrained_revision,
-                                                      use_lora=config.use_lora, lora_r=config.lora_r,
-                                                      lora_alpha=config.lora_alpha)
-    except (OSError, ValueError) as error:
-        fail(f"could not load pipeline {config.pretrained_model}: {' '.join(str(error).split())[:500]}")
-    try:
-        reward_fn = REWARDS[config.reward]()
-    except OSError as error:
-        fail(str(error))
-    prompt_fn = animal_prompt if config.prompts == "animals" else fixed_prompt(config.prompt)
-
-    # 2. The trainer (it refuses to write over a previous run's checkpoints), then the epochs.
-    try:
-        trainer = DDPOTrainer(config, reward_fn, prompt_fn, pipeline,
-                              image_samples_hook=save_image_grid(Path(config.output_dir)))
-    except ValueError as error:
-        fail(str(error))
-    try:
-        trainer.train()
-    except (FloatingPointError, ValueError) as error:  # a non-finite loss, or a reward of the wrong shape
-        checkpoints = sorted(trainer.logdir.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
-        kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
-        fail(f"{error}; stopping ({kept})")
-
-    # 3. Save: the LoRA adapter (pipe.load_lora_weights(output_dir) on the base pipeline) or the whole pipeline.
-    trainer._save_pretrained(config.output_dir)
-    if trainer.accelerator.is_main_process:
-        if config.push_to_hub:
-            from huggingface_hub import HfApi
-
-            repo = HfApi().create_repo(Path(config.output_dir).name, exist_ok=True).repo_id
-            HfApi().upload_folder(folder_path=config.output_dir, repo_id=repo, ignore_patterns=["checkpoints/*"])
-        if trainer.tracker is not None:
-            trainer.tracker.finish()
-    trainer.accelerator.print(f"saved to {config.output_dir}")
-    trainer.accelerator.end_training()
+    DDPOConfig.check_on_init = False  # main checks the config, to print one line instead of a traceback
+    main(tyro.cli(DDPOConfig, use_underscores=True))

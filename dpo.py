@@ -33,7 +33,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import numpy as np
 import torch
@@ -74,18 +74,17 @@ class Args:
     revision: str | None = None
     """the Hub revision (branch, tag or commit) of the model"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    """dtype the weights are loaded in; keep float32 and use --bf16 for mixed precision unless memory forbids it"""
+    """dtype the weights are loaded in (keep float32 and use --bf16 for mixed precision)"""
     attn_implementation: str | None = None
-    """attention kernel, e.g. "sdpa", "eager" or "flash_attention_2" (default: transformers' choice)"""
+    """attention kernel, e.g. sdpa, eager, flash_attention_2 (default: transformers' choice)"""
     bf16: bool = False
     """bf16 mixed precision (autocast) through accelerate"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, about a third more compute"""
     lm_head_only_at_labels: bool = True
-    """apply the output layer only at positions whose next token is scored (not at prompt or padding): the same
-    log-probs for a fraction of the FLOPs and memory on large vocabularies; off: every position's logits, as the seed"""
+    """apply the output layer only where a token is scored (off: at every position, as the seed)"""
     use_peft: bool = False
-    """train LoRA adapters instead of all weights"""
+    """train LoRA adapters instead of all weights (the reference is then the model with its adapters off)"""
     lora_r: int = 16
     """LoRA rank"""
     lora_alpha: int = 32
@@ -97,19 +96,17 @@ class Args:
 
     # --- data ---
     dataset_name: str = str(ASSETS / "data" / "preference")
-    """a Hub id, a local .json/.jsonl/.csv/.parquet file, a save_to_disk directory, or a directory of split files"""
+    """a Hub id, a .json/.jsonl/.csv/.parquet file, a save_to_disk directory, or a directory of split files"""
     dataset_config: str | None = None
     """the dataset configuration (subset) name"""
     dataset_train_split: str = "train"
     """the split to train on"""
     dataset_test_split: str | None = "auto"
-    """the split to evaluate on; auto: 'test' if the data has one, else no evaluation (a single data file has only
-    'train'); None: no evaluation; a split named here must exist"""
+    """the split to evaluate on (auto: 'test' if the data has one; None: no evaluation)"""
     max_length: int = 512
     """tokens per prompt + answer; the prompt is truncated first (to max_prompt_length), then the answers"""
     max_prompt_length: int | None = None
-    """tokens the prompt keeps when prompt + answer is longer than max_length; None: half of max_length, at most 128
-    (so 128 for the default max_length 512, and 64 for --max_length 128)"""
+    """tokens a too-long prompt is cut to (None: half of max_length, at most 128)"""
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
     """which end of a long prompt is kept (keep_end keeps the BOS token too)"""
 
@@ -135,8 +132,7 @@ class Args:
     weight_decay: float = 0.0
     """AdamW weight decay"""
     optim: Literal["adamw_torch_fused", "adamw_torch"] = "adamw_torch_fused"
-    """AdamW kernels (transformers' names): fused, one pass over all parameters (transformers' default); or torch's
-    per-tensor loop, as the seed"""
+    """AdamW kernels: fused, one pass over all parameters (transformers' default), or torch's loop (the seed)"""
     eval_steps: int = 100
     """evaluate every this many optimizer steps (also before the first and after the last)"""
     save_steps: int = 500
@@ -162,22 +158,9 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Data: loading, validation, formatting, tokenisation, collation
+# The algorithm: preference rows -> prompt + answer tokens (prompt masked) -> one forward over the chosen and rejected
+# sequences -> log-probs of the answers -> the DPO loss against the reference's log-probs
 # ----------------------------------------------------------------------------------------------------------------------
-def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
-    """Load a Hub dataset, a local data file, a `save_to_disk` directory or a directory of split files."""
-    path = Path(name)
-    if path.is_file():
-        builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-        if path.suffix not in builders:
-            raise ValueError(f"unknown dataset file type '{path.suffix}' of {name}: expected one of {sorted(builders)}")
-        return load_dataset(builders[path.suffix], data_files=str(path))
-    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
-        loaded = load_from_disk(str(path))
-        return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
-    return load_dataset(name, config)  # a Hub id, or a directory of train/test files (splits inferred from names)
-
-
 def check_preference_columns(column_names: list[str]) -> None:
     """Preference rows need 'chosen' and 'rejected'; 'prompt' is optional (else it is the answers' common prefix)."""
     missing = [column for column in ("chosen", "rejected") if column not in column_names]
@@ -286,45 +269,6 @@ def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor
     return batch
 
 
-def step_indices(step: int, num_rows: int, global_batch_size: int, seed: int) -> list[int]:
-    """Row indices of optimizer step `step` over all processes and micro-batches.
-
-    Each epoch is a permutation seeded by (seed + epoch), consumed global_batch_size rows at a time; the incomplete
-    tail of an epoch is dropped. The data order depends on the step alone, which makes resuming exact and makes
-    N processes see the same global batches as one.
-    """
-    steps_per_epoch = num_rows // global_batch_size
-    epoch, position = divmod(step, steps_per_epoch)
-    permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return permutation[position * global_batch_size : (position + 1) * global_batch_size]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Log-probs and loss
-# ----------------------------------------------------------------------------------------------------------------------
-def scored_positions(labels: torch.Tensor, label_pad_token_id: int = -100) -> torch.Tensor:
-    """(B, T) labels -> (B, T) bool: the positions t whose logits are scored, i.e. whose next label t+1 is a target."""
-    return F.pad(labels[:, 1:] != label_pad_token_id, (0, 1), value=False)
-
-
-@contextmanager
-def lm_head_only_at(model: torch.nn.Module, positions: torch.Tensor | None):
-    """Inside the block, the model's output layer runs only at `positions` ((B, T) bool) and its forward returns
-    logits (N, V), one row per True position in row-major order, instead of (B, T, V). The prompt and padding
-    positions are never scored, yet on a 32k vocabulary the output layer is most of a forward's FLOPs and its logits
-    most of the activation memory. positions=None: full (B, T, V) logits, as the seed (--no-lm_head_only_at_labels).
-    `model` is the unwrapped model (accelerator.unwrap_model); the hook changes the input of its output layer only."""
-    if positions is None:
-        yield
-        return
-    handle = model.get_output_embeddings().register_forward_pre_hook(
-        lambda module, inputs: (inputs[0][positions], *inputs[1:]))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob: bool = False,
                     label_pad_token_id: int = -100) -> torch.Tensor:
     """(B, T, V) logits, or the (N, V) logits of the N scored positions only (lm_head_only_at), and (B, T) labels ->
@@ -383,38 +327,560 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return losses, chosen_rewards, rejected_rewards
 
 
-def disable_dropout_in_model(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+def main(args: Args) -> None:
+    # 0. Check what can be checked before anything is loaded.
+    for name in ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "max_length", "logging_steps", "eval_steps"]:
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        fail(f"need --max_steps > 0 or --num_train_epochs > 0, got {args.max_steps} and {args.num_train_epochs}")
+    if args.resume_from_checkpoint and not (Path(args.resume_from_checkpoint) / "training_state.pt").exists():
+        fail(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint directory of this script "
+             "(no training_state.pt in it)")
+    if args.max_prompt_length is None:  # the default follows --max_length (resolved here, once, for all below)
+        args.max_prompt_length = min(128, args.max_length // 2)
+    if not 0 < args.max_prompt_length < args.max_length:
+        fail(f"--max_prompt_length must be positive and below --max_length {args.max_length} so that answers keep "
+             f"some tokens, got {args.max_prompt_length}")
+    if args.beta <= 0 or not 0 <= args.label_smoothing < 0.5:
+        fail(f"need --beta > 0 and 0 <= --label_smoothing < 0.5, got {args.beta} and {args.label_smoothing}")
+
+    # 1. Accelerator (checks how the run was launched; seeds every RNG). The global batch is computed here, once.
+    accelerator = make_accelerator(args)
+    world_size = accelerator.num_processes
+    global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    accelerator.print(f"run: {world_size} process(es) x {args.per_device_train_batch_size} per device x "
+                      f"{args.gradient_accumulation_steps} accumulation = {global_batch_size} pairs per optimizer step")
+    output_dir = Path(args.output_dir)
+
+    # 2. Data, loaded and checked before any model is.
+    raw = load_splits(args, accelerator, check_preference_columns)
+
+    # 3. Tokenizer: EOS ends every plain answer (and pads, if there is no pad token).
+    tokenizer = load_tokenizer(args, "to end every answer")
+    max_length = min(args.max_length, tokenizer.model_max_length)
+    if args.max_prompt_length >= max_length:
+        fail(f"--max_prompt_length {args.max_prompt_length} leaves no room for answers within the model's "
+             f"{max_length} tokens (tokenizer.model_max_length)")
+    if isinstance(raw[args.dataset_train_split][0]["chosen"], list) and tokenizer.chat_template is None:
+        fail(f"the rows are conversations but the tokenizer of {args.model_name_or_path} has no chat template")
+
+    # 4. Tokenise every pair (prompt masked); count truncations; drop pairs whose answers are identical.
+    try:
+        with accelerator.main_process_first():  # the main process fills the datasets cache first
+            tokenized = {
+                split: raw[split].map(tokenize_pair, remove_columns=raw[split].column_names,
+                                      fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
+                                                 "max_prompt_length": args.max_prompt_length,
+                                                 "truncation_mode": args.truncation_mode},
+                                      desc=f"tokenizing {split}")
+                for split in [args.dataset_train_split, args.dataset_test_split] if split
+            }
+    except (ValueError, KeyError, TypeError) as error:
+        fail(f"could not format the preference rows of {args.dataset_name}: {error!r}")
+    splits = {}
+    for split, dataset in tokenized.items():
+        rows = dataset.to_list()
+        if num_truncated := sum(row["prompt_truncated"] for row in rows):
+            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} prompts were cut to "
+                              f"--max_prompt_length {args.max_prompt_length} ({args.truncation_mode})")
+        if num_truncated := sum(row["answer_truncated"] for row in rows):
+            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} pairs had answers cut to fit "
+                              f"{max_length} tokens")
+        if num_identical := sum(row["identical"] for row in rows):
+            accelerator.print(f"warning: {num_identical} of {len(rows)} {split} pairs have identical chosen and "
+                              "rejected answers; they carry no preference and are dropped")
+        splits[split] = [row for row in rows if not row["identical"]]
+        if not splits[split]:
+            fail(f"no {split} pair is left: every pair has identical chosen and rejected answers")
+    train_rows = splits[args.dataset_train_split]
+    eval_rows = equal_eval_share(accelerator, splits.get(args.dataset_test_split, []))
+    steps_per_epoch = len(train_rows) // global_batch_size
+    if steps_per_epoch == 0:
+        fail(f"the training set has {len(train_rows)} pairs but one optimizer step needs {global_batch_size} "
+             f"(per_device_train_batch_size {args.per_device_train_batch_size} x gradient_accumulation_steps "
+             f"{args.gradient_accumulation_steps} x {world_size} processes)")
+    total_steps = args.max_steps if args.max_steps > 0 else max(1, int(args.num_train_epochs * steps_per_epoch))
+    accelerator.print(f"preference data: {len(train_rows)} train / {len(eval_rows)} eval pairs; "
+                      f"{total_steps} steps of {global_batch_size}")
+
+    # 5. The reference pi_ref: a frozen copy of the initial policy (always --model_name_or_path, also when resuming),
+    #    or with LoRA the policy itself with its adapters off (no second copy); none with --reference_free.
+    average_log_prob = args.loss_type == "ipo"  # IPO works on per-token averaged log-probs, as the seed does
+
+    def load_reference_model():
+        reference = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, revision=args.revision, dtype=(
+            args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)),
+            attn_implementation=args.attn_implementation)
+        if args.disable_dropout:
+            disable_dropout_in_model(reference)
+        return prepare_frozen(accelerator, reference)  # eval mode, frozen; sharded under FSDP / ZeRO-3
+
+    def reference_logps(batch: dict) -> torch.Tensor:
+        """(2B,) reference log-probs of a collated batch (on the device), at the policy's precision under --bf16."""
+        positions = scored_positions(batch["labels"]) if args.lm_head_only_at_labels else None
+        with torch.no_grad(), accelerator.autocast():
+            if reference_model is not None:
+                with lm_head_only_at(reference_model, positions):
+                    logits = reference_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                             use_cache=False).logits
+            else:  # LoRA: the reference is the base model, i.e. the policy with its adapters off
+                policy_model = accelerator.unwrap_model(model)
+                with policy_model.disable_adapter(), lm_head_only_at(policy_model, positions):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   use_cache=False).logits
+            return get_batch_logps(logits, batch["labels"], average_log_prob)
+
+    # 5a. --precompute_ref_log_probs: before the policy is loaded, so the two never share memory. Each process scores
+    #     its share of the pairs, then every process receives all of them, and the reference is freed.
+    if args.precompute_ref_log_probs and not args.reference_free:
+        reference_model = load_reference_model()
+        for split, rows in splits.items():
+            # as many rows on every process (a sharded reference's forwards are collective): the last row
+            # is scored again where the rows do not divide evenly
+            mine = [min(i, len(rows) - 1) for i in range(accelerator.process_index,
+                                                          math.ceil(len(rows) / world_size) * world_size,
+                                                          world_size)]
+            scored = []
+            for start in tqdm(range(0, len(mine), args.per_device_eval_batch_size), desc=f"reference {split}",
+                              disable=not accelerator.is_local_main_process):
+                chunk = mine[start : start + args.per_device_eval_batch_size]
+                batch = collate_pairs([rows[i] for i in chunk], tokenizer.pad_token_id)
+                chosen, rejected = reference_logps({key: value.to(accelerator.device)
+                                                    for key, value in batch.items()}).chunk(2)
+                scored += list(zip(chunk, chosen.tolist(), rejected.tolist()))
+            for i, chosen, rejected in gather_object(scored):
+                rows[i]["reference_chosen_logps"], rows[i]["reference_rejected_logps"] = chosen, rejected
+        reference_model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # 6. Policy (LoRA, gradient checkpointing), dropout off after wrapping so that LoRA's is off too, as in the seed.
+    model = load_trainable_model(args, AutoModelForCausalLM, "CAUSAL_LM")
+    if args.disable_dropout:
+        disable_dropout_in_model(model)
+    model.to(accelerator.device)
+    needs_live_reference = not (args.precompute_ref_log_probs or args.reference_free or args.use_peft)
+    reference_model = load_reference_model() if needs_live_reference else None
+    params_in_memory = sum(p.numel() for m in (model, reference_model) if m is not None for p in m.parameters())
+    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    accelerator.print(f"model: {params_in_memory / 1e6:.2f}M parameters in memory (policy"
+                      f"{' + reference' if reference_model is not None else ''}), {num_trainable / 1e6:.2f}M trainable")
+
+    # 7. Optimizer, schedule, resumed state; the logs.
+    model, optimizer, scheduler, state = prepare_training(args, accelerator, model, total_steps)
+    start_step, num_tokens_seen = state["step"], state.get("num_tokens", 0)
+    log = open_logs(args, accelerator, start_step, files=("metrics.jsonl", "samples.jsonl"))
+
+    def pair_forward(batch: dict) -> dict[str, torch.Tensor]:
+        """Policy and reference log-probs of the B pairs of a batch: ONE policy forward over the 2B sequences
+        (chosen then rejected), and one reference forward unless the log-probs were precomputed or are not used.
+        The output layer runs only at the answers' positions (--lm_head_only_at_labels): logits are (N, V) then."""
+        positions = scored_positions(batch["labels"]) if args.lm_head_only_at_labels else None
+        with lm_head_only_at(accelerator.unwrap_model(model), positions):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        policy_chosen, policy_rejected = get_batch_logps(logits, batch["labels"], average_log_prob).chunk(2)
+        # mean logit over the vocabulary at each answer position, averaged over the chosen and the rejected answers
+        target = batch["labels"][:, 1:] != -100
+        scored = logits.detach() if logits.dim() == 2 else logits[:, :-1][target].detach()  # (N, V)
+        mean_logits = torch.zeros(target.shape, device=target.device).masked_scatter(target, scored.float().mean(-1))
+        (chosen_logits, rejected_logits), (chosen_target, rejected_target) = mean_logits.chunk(2), target.chunk(2)
+        out = {"policy_chosen": policy_chosen, "policy_rejected": policy_rejected,
+               "logits_chosen": chosen_logits.sum() / chosen_target.sum(),
+               "logits_rejected": rejected_logits.sum() / rejected_target.sum()}
+        if args.reference_free:
+            out["reference_chosen"] = out["reference_rejected"] = torch.zeros_like(policy_chosen)
+        elif "reference_chosen_logps" in batch:
+            out["reference_chosen"], out["reference_rejected"] = (batch["reference_chosen_logps"],
+                                                                  batch["reference_rejected_logps"])
+        else:
+            out["reference_chosen"], out["reference_rejected"] = reference_logps(batch).chunk(2)
+        return out
+
+    def pair_metrics(out: dict, losses: torch.Tensor, chosen_rewards, rejected_rewards) -> torch.Tensor:
+        """Sums over the batch's pairs: loss, chosen/rejected rewards, accuracy (ties half), margin, log-probs,
+        logits (means times pairs), and the pair count; reduced over processes and divided by the count later."""
+        pairs = len(chosen_rewards)
+        accuracy = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+        return torch.stack([losses.sum() * pairs / len(losses), chosen_rewards.sum(), rejected_rewards.sum(),
+                            accuracy.sum(), (chosen_rewards - rejected_rewards).sum(),
+                            out["policy_chosen"].detach().sum(), out["policy_rejected"].detach().sum(),
+                            out["logits_chosen"] * pairs, out["logits_rejected"] * pairs,
+                            torch.tensor(float(pairs), device=losses.device)])
+
+    METRIC_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                    "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"]
+
+    def compute_loss(out: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return dpo_loss(out["policy_chosen"], out["policy_rejected"], out["reference_chosen"],
+                        out["reference_rejected"], beta=args.beta, loss_type=args.loss_type,
+                        label_smoothing=args.label_smoothing, reference_free=args.reference_free)
+
+    def generate_samples(step: int) -> None:
+        """Answers of the policy and of the reference to the first eval prompts, to samples.jsonl (and wandb)."""
+        rows = eval_rows[: args.per_device_eval_batch_size]
+        prompts = [row["chosen_input_ids"][: row["prompt_length"]] for row in rows]
+        longest = max(len(ids) for ids in prompts)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(ids)) + ids for ids in prompts])
+        attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompts])
+        kwargs = {"input_ids": input_ids.to(accelerator.device), "attention_mask": attention_mask.to(
+            accelerator.device), "max_new_tokens": max_length - args.max_prompt_length, "do_sample": True,
+                  "top_k": 0, "pad_token_id": tokenizer.pad_token_id}
+        reference_out = None  # the frozen copy was freed (precomputed) or never loaded (reference-free)
+        with torch.no_grad():
+            with gathered_for_generation(accelerator, model) as policy:  # whole weights for these calls only
+                policy_out = policy.generate(**kwargs)
+                if args.use_peft:  # the reference is the policy with its adapters off
+                    with policy.disable_adapter():
+                        reference_out = policy.generate(**kwargs)
+            if reference_model is not None:
+                with gathered_for_generation(accelerator, reference_model) as reference:
+                    reference_out = reference.generate(**kwargs)
+        decode = lambda out: tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)  # noqa: E731
+        samples = [{"step": step, "prompt": tokenizer.decode(ids, skip_special_tokens=True), "policy": p,
+                    "reference": r} for ids, p, r in zip(prompts, decode(policy_out), decode(reference_out)
+                                                          if reference_out is not None else [None] * len(prompts))]
+        if not accelerator.is_main_process:  # every process generates (sharded weights are gathered together)
+            return
+        with open(output_dir / "samples.jsonl", "a") as f:
+            f.writelines(json.dumps(sample) + "\n" for sample in samples)
+        if args.track:
+            import wandb
+
+            wandb.log({"game_log": wandb.Table(columns=list(samples[0]), rows=[list(s.values()) for s in samples])},
+                      step=step)
+
+    def evaluate(step: int) -> dict:
+        """DPO metrics over every pair of the eval split (each process takes every N-th pair), prefixed eval_."""
+        model.eval()
+        sums = torch.zeros(len(METRIC_NAMES) + 1, device=accelerator.device)
+        my_rows = eval_rows[accelerator.process_index :: world_size]
+        with torch.no_grad():
+            for start in range(0, len(my_rows), args.per_device_eval_batch_size):
+                batch = collate_pairs(my_rows[start : start + args.per_device_eval_batch_size], tokenizer.pad_token_id)
+                out = pair_forward({key: value.to(accelerator.device) for key, value in batch.items()})
+                sums += pair_metrics(out, *compute_loss(out))
+        if args.generate_during_eval:
+            generate_samples(step)
+        model.train()
+        totals = accelerator.reduce(sums, "sum").tolist()
+        return {f"eval_{name}": value / totals[-1] for name, value in zip(METRIC_NAMES, totals)}
+
+    # 8. Training loop. One optimizer step = gradient_accumulation_steps micro-batches of pairs on each process.
+    model.train()
+    if start_step == 0:
+        log({"step": 0, "epoch": 0.0, "params_in_memory": params_in_memory})
+    if eval_rows and start_step == 0:
+        log({"step": 0, "epoch": 0.0, **evaluate(0)})
+    # running sums over the current logging window; train_seconds excludes evaluation and checkpointing
+    running, running_tokens, train_seconds = torch.zeros(len(METRIC_NAMES) + 1), 0, 0.0
+    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="dpo",
+                    disable=not accelerator.is_local_main_process)
+    for step in progress:
+        step_start = time.time()
+        # 8a. This process's micro-batches of this step.
+        indices = step_indices(step, len(train_rows), global_batch_size, args.seed)
+        mine = indices[accelerator.process_index :: world_size]
+        micro_batches = [collate_pairs([train_rows[i] for i in mine[j : j + args.per_device_train_batch_size]],
+                                       tokenizer.pad_token_id)
+                         for j in range(0, len(mine), args.per_device_train_batch_size)]
+
+        # 8b. Forward and backward each micro-batch. The losses are averaged over the pairs of the whole step (the
+        #     micro-batch sum divided by the step's pair count), and scaled by world_size because DDP averages
+        #     gradients over processes: the update is the gradient of the step's mean pair loss.
+        step_sums = torch.zeros(len(METRIC_NAMES) + 1, device=accelerator.device)
+        for j, batch in enumerate(micro_batches):
+            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+            with accumulating(accelerator, model, last=j == len(micro_batches) - 1):
+                out = pair_forward(batch)  # autocast under --bf16
+                losses, chosen_rewards, rejected_rewards = compute_loss(out)
+                # kto_pair returns 2 losses per pair: average them per pair, so every loss type is per pair
+                loss = losses.sum() * len(chosen_rewards) / len(losses) / global_batch_size
+                accelerator.backward(loss * world_size)
+            step_sums += pair_metrics(out, losses.detach(), chosen_rewards, rejected_rewards)
+        step_totals = accelerator.reduce(step_sums, "sum")
+
+        # 8c. Clip (max_grad_norm 0: only measure the norm); stop before a non-finite update; step.
+        grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf")))
+        stop_if_not_finite(step_totals[0] / step_totals[-1], grad_norm, step, output_dir)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # 8d. Log, evaluate, checkpoint.
+        tokens = int(accelerator.reduce(torch.tensor(sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
+                                                     device=accelerator.device), "sum"))
+        num_tokens_seen += tokens
+        running += step_totals.cpu()
+        running_tokens += tokens
+        train_seconds += time.time() - step_start
+        done = step + 1
+        if done % args.logging_steps == 0 or done == total_steps:
+            pairs = running[-1].item()
+            metrics = {"step": done, "epoch": done / steps_per_epoch,
+                       **{name: value / pairs for name, value in zip(METRIC_NAMES, running.tolist())},
+                       "grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0],
+                       "num_tokens": num_tokens_seen, "samples_per_second": pairs / train_seconds,
+                       "tokens_per_second": running_tokens / train_seconds, "peak_memory_mb": peak_memory_mb()}
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", accuracy=f"{metrics['rewards/accuracies']:.3f}")
+            log(metrics)
+            running, running_tokens, train_seconds = torch.zeros(len(METRIC_NAMES) + 1), 0, 0.0
+        if eval_rows and (done % args.eval_steps == 0 or done == total_steps):
+            log({"step": done, "epoch": done / steps_per_epoch, **evaluate(done)})
+        if args.save_steps > 0 and done % args.save_steps == 0 and done < total_steps:
+            save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, model, tokenizer, optimizer, scheduler,
+                            {"step": done, "num_tokens": num_tokens_seen})
+
+    # 9. Save: plain save_pretrained weights that AutoModelForCausalLM loads (LoRA: merged, and the adapter alone).
+    save_final_model(args, accelerator, model, tokenizer, AutoModelForCausalLM)
+    accelerator.end_training()  # an orderly end of the process group: a peer torn down mid-exit can abort the other
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------------------
-def get_scheduler(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps: int,
-                  num_training_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """transformers' get_scheduler for these schedules, with its multipliers, without importing its trainer module
-    (which imports peft: about 2 s of every start-up). linear / cosine (half a cycle): a linear warm-up, then decay to
-    0 at num_training_steps; constant; constant_with_warmup: the warm-up, then 1."""
-    def multiplier(step: int) -> float:
-        if name == "constant":
+# ======================================================================================================================
+# The plumbing: launch checks, data and model loading, checkpoints, sharded saving, logging. Nothing below is specific
+# to one algorithm, and each function is byte-identical in every script that has it (tests/test_scaling.py checks).
+# ======================================================================================================================
+def fail(message: str) -> NoReturn:
+    """Stop with one line, `<script>: error: <message>`, and exit status 1."""
+    sys.exit(f"{Path(__file__).name}: error: {message}")
+
+
+def make_accelerator(args, zero3_refusal: str | None = None) -> Accelerator:
+    """The Accelerator, after the launch checks, with every RNG seeded from args.seed. FSDP / DeepSpeed without a GPU
+    (or DeepSpeed not installed) is one line, not a silent fall-back to plain data parallelism; zero3_refusal says why
+    a script refuses ZeRO-3. Several processes without a GPU become one gloo group on CPU (else accelerate would start
+    independent copies that never exchange gradients)."""
+    requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
+                 if os.environ.get(variable, "false").lower() == "true"]
+    if requested and not torch.cuda.is_available():
+        fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
+             "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
+             "`accelerate launch --multi_gpu --num_processes N`")
+    if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
+        fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
+             "`pip install deepspeed` (an optional dependency of these scripts)")
+    if zero3_refusal and requested == ["DeepSpeed"] and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        fail(f"{Path(__file__).name} does not run under DeepSpeed ZeRO-3 ({zero3_refusal}); use "
+             "accelerate_configs/fsdp.yaml, or deepspeed_zero2.yaml")
+    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision="bf16" if args.bf16 else None)
+    set_seed(args.seed)
+    return accelerator
+
+
+def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
+    """Load a Hub dataset, a local data file, a `save_to_disk` directory or a directory of split files."""
+    path = Path(name)
+    if path.is_file():
+        builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+        if path.suffix not in builders:
+            raise ValueError(f"unknown dataset file type '{path.suffix}' of {name}: expected one of {sorted(builders)}")
+        return load_dataset(builders[path.suffix], data_files=str(path))
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+        loaded = load_from_disk(str(path))
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
+    return load_dataset(name, config)  # a Hub id, or a directory of train/test files (splits inferred from names)
+
+
+def load_splits(args, accelerator, check_columns) -> DatasetDict:
+    """--dataset_name loaded and checked before any model loads, each failure one line. --dataset_test_split auto
+    becomes 'test' if the data has one, else None (no evaluation); a named split must exist. Every split used must be
+    non-empty and pass check_columns(column_names), which raises a ValueError naming what it expected."""
+    try:
+        raw = load_any_dataset(args.dataset_name, args.dataset_config)
+    except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
+        message = str(error) or type(error).__name__  # an empty JSON file raises a bare StopIteration
+        cause = error.__cause__  # datasets wraps the real reason, e.g. split files whose columns differ
+        if cause is not None and str(cause):
+            message += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
+        elif isinstance(error, StopIteration) or "corresponds to no data" in message or "generating the dataset" in \
+                message:  # how datasets says "empty"
+            message += " (is a data file empty? every split needs at least one row)"
+        fail(f"could not load dataset {args.dataset_name}: {message}")
+    if args.dataset_test_split == "auto":  # resolved here, so everything after sees a split name or None
+        args.dataset_test_split = "test" if "test" in raw else None
+        if args.dataset_test_split is None:
+            accelerator.print(f"dataset {args.dataset_name} has no split 'test': training without evaluation "
+                              "(pass --dataset_test_split to name one)")
+    try:
+        for split in [args.dataset_train_split] + ([args.dataset_test_split] if args.dataset_test_split else []):
+            if split not in raw:
+                raise ValueError(f"dataset {args.dataset_name} has no split '{split}'; found splits {list(raw)} "
+                                 "(--dataset_test_split None trains without evaluation)")
+            if len(raw[split]) == 0:
+                raise ValueError(f"split '{split}' of dataset {args.dataset_name} is empty; expected at least one row")
+            check_columns(raw[split].column_names)
+    except ValueError as error:
+        fail(str(error))
+    return raw
+
+
+def equal_eval_share(accelerator, eval_rows: list) -> list:
+    """Under FSDP / DeepSpeed every forward involves all processes, so each must run as many eval batches: the eval
+    rows are cut to a multiple of the process count, with a line saying so."""
+    world_size = accelerator.num_processes
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and len(eval_rows) % world_size:
+        kept = len(eval_rows) - len(eval_rows) % world_size
+        accelerator.print(f"evaluating on {kept} of {len(eval_rows)} eval rows: a multiple of the {world_size} "
+                          "processes, since every forward of a sharded model involves all of them")
+        eval_rows = eval_rows[:kept]
+    return eval_rows
+
+
+def step_indices(step: int, num_rows: int, global_batch_size: int, seed: int) -> list[int]:
+    """The rows (or prompts) of training step `step`, over all processes: each epoch is a permutation seeded by
+    seed + epoch, consumed global_batch_size rows at a time (the incomplete tail dropped). The order depends on the
+    step alone, which makes resuming exact and makes N processes see the same global batches as one."""
+    epoch, position = divmod(step, num_rows // global_batch_size)
+    permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return permutation[position * global_batch_size : (position + 1) * global_batch_size]
+
+
+def load_tokenizer(args, eos_purpose: str):
+    """The tokenizer of --model_name_or_path, which must have an EOS token. Without a pad token, EOS pads: padding is
+    masked by position (attention mask, labels -100), never by token id, so a real EOS is still learned."""
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.revision)
+    if tokenizer.eos_token_id is None:
+        fail(f"the tokenizer of {args.model_name_or_path} has no EOS token; expected one {eos_purpose}")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_trainable_model(args, model_class, task_type: str, **kwargs):
+    """The model to train at --dtype: --model_name_or_path (resuming without LoRA: the checkpoint's weights), gradient
+    checkpointing if asked, LoRA adapters with --use_peft (new, or the checkpoint's when resuming)."""
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    path = args.resume_from_checkpoint if args.resume_from_checkpoint and not args.use_peft else args.model_name_or_path
+    model = model_class.from_pretrained(path, revision=args.revision if path == args.model_name_or_path else None,
+                                        dtype=dtype, attn_implementation=args.attn_implementation, **kwargs)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.use_peft:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if args.resume_from_checkpoint:
+            return PeftModel.from_pretrained(model, args.resume_from_checkpoint, is_trainable=True)
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, task_type=task_type,
+                                                 lora_dropout=args.lora_dropout,
+                                                 target_modules=args.lora_target_modules or "all-linear"))
+    return model
+
+
+def prepare_training(args, accelerator, model, total_steps: int):
+    """AdamW and the learning-rate schedule, prepared by accelerate (DDP / FSDP / DeepSpeed), and the counters of
+    --resume_from_checkpoint: returns (model, optimizer, scheduler, state), state {"step": 0} for a fresh run. The
+    scheduler is stepped by the loop once per optimizer step (accelerate would step it once per process)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay, fused=args.optim == "adamw_torch_fused")
+    warmup = math.ceil(args.warmup_ratio * total_steps)
+
+    def multiplier(step: int) -> float:  # transformers' schedules, without importing its optimization module (slow)
+        if args.lr_scheduler_type == "constant" or (step >= warmup and args.lr_scheduler_type == "constant_with_warmup"):
             return 1.0
-        if step < num_warmup_steps:
-            return step / max(1.0, num_warmup_steps)
-        if name == "linear":
-            return max(0.0, (num_training_steps - step) / max(1.0, num_training_steps - num_warmup_steps))
-        if name == "cosine":
-            progress = (step - num_warmup_steps) / max(1.0, num_training_steps - num_warmup_steps)
-            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-        return 1.0  # constant_with_warmup after its warm-up
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return max(0.0, 1.0 - progress if args.lr_scheduler_type == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # what accelerate cannot infer without a dataloader
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            {"train_micro_batch_size_per_gpu": args.per_device_train_batch_size, "gradient_clipping": args.max_grad_norm})
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = {"step": 0}
+    if args.resume_from_checkpoint:
+        checkpoint = Path(args.resume_from_checkpoint)
+        state = torch.load(checkpoint / "training_state.pt", weights_only=False)
+        load_optimizer_state(checkpoint, accelerator, model, optimizer, state.pop("optimizer"))
+        scheduler.load_state_dict(state.pop("scheduler"))
+        rng = torch.load(checkpoint / f"rng_state_{accelerator.process_index}.pt", weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+    return model, optimizer, scheduler, state
+
+
+@contextmanager
+def accumulating(accelerator, model, last: bool):
+    """A micro-batch's forward and backward. Gradients meet over processes only in the last micro-batch of an optimizer
+    step, where DeepSpeed's engine steps (it reads accelerate's sync flag, set through a private API). accelerate's
+    `accumulate` is not used: it divides each loss by the accumulation steps; these scripts normalise by the step."""
+    accelerator.gradient_state._set_sync_gradients(last)
+    with nullcontext() if last else accelerator.no_sync(model):
+        yield
+
+
+def stop_if_not_finite(loss, grad_norm, step: int, output_dir: Path) -> None:
+    """Stop on a non-finite loss or gradient norm before the update poisons the weights (every process sees the same
+    reduced values and stops together), naming the last checkpoint."""
+    if not (math.isfinite(float(loss)) and math.isfinite(float(grad_norm))):
+        checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+        fail(f"loss is {float(loss)} (gradient norm {float(grad_norm)}) at step {step + 1}; stopping without "
+             f"updating the weights ({kept})")
+
+
+def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("metrics.jsonl",)):
+    """output_dir with args.json, fresh log files (resuming: their rows up to start_step kept) and wandb under --track.
+    Returns log(metrics): a console line, a metrics.jsonl row and a wandb point, from the main process."""
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        for file in (output_dir / name for name in files):
+            if not args.resume_from_checkpoint:  # a fresh run starts a fresh log
+                file.unlink(missing_ok=True)
+            elif file.exists():  # a resumed one keeps what was logged up to its checkpoint, and appends
+                logged = [line for line in file.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+                file.write_text("".join(line + "\n" for line in logged))
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                       name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
+
+    def log(metrics: dict) -> None:
+        if accelerator.is_main_process:
+            tqdm.write(" ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                                for key, value in metrics.items()))
+            with open(output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if args.track:
+                import wandb
+
+                wandb.log(metrics, step=metrics["step"])
+    return log
+
+
+def scored_positions(labels: torch.Tensor, label_pad_token_id: int = -100) -> torch.Tensor:
+    """(B, T) labels -> (B, T) bool: the positions t whose logits are scored, i.e. whose next label t+1 is a target."""
+    return F.pad(labels[:, 1:] != label_pad_token_id, (0, 1), value=False)
+
+
+@contextmanager
+def lm_head_only_at(model: torch.nn.Module, positions: torch.Tensor | None):
+    """Inside the block the output layer of `model` (unwrapped) runs only at `positions` ((B, T) bool) and the forward
+    returns logits (N, V), one row per True position in row-major order: on a large vocabulary the output layer is
+    most of a forward's FLOPs and its logits most of the memory, yet few positions are scored. None: (B, T, V)."""
+    if positions is None:
+        yield
+        return
+    handle = model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, inputs: (inputs[0][positions], *inputs[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def gathered_state_dict(accelerator, model) -> dict:
     """The model's full weights for save_pretrained, complete on the main process. Every process must call it: under
-    FSDP each process holds a shard of every weight and under DeepSpeed ZeRO-3 a slice, so the full tensors are
-    gathered here (to CPU, so that a model that fills a GPU can still be written)."""
+    FSDP each holds a shard of every weight, under ZeRO-3 a slice, so the tensors are gathered (to CPU)."""
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.tensor import DTensor
 
@@ -430,10 +896,10 @@ def gathered_state_dict(accelerator, model) -> dict:
 
 
 def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, scheduler, progress: dict) -> None:
-    """A resumable checkpoint: weights (or LoRA adapter) in save_pretrained form, optimizer, scheduler, progress
-    counters (step, tokens seen), and the RNG states of every process. Every process calls it (see
-    gathered_state_dict). Under FSDP the optimizer state is gathered too, keyed by parameter name, and sharded again on
-    resume; DeepSpeed's engine writes its own optimizer partitions to path/deepspeed."""
+    """A resumable checkpoint, written by every process together: weights (or LoRA adapter) in save_pretrained form,
+    optimizer, scheduler, the counters in `progress`, every process's RNG states. Under FSDP the optimizer state is
+    gathered, keyed by parameter name, and sharded again on resume; DeepSpeed writes its own to path/deepspeed.
+    (accelerate's save_state is not used: its weights are not a model that transformers loads.)"""
     weights = gathered_state_dict(accelerator, model)
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -469,6 +935,44 @@ def load_optimizer_state(path: Path, accelerator, model, optimizer, optimizer_st
                               load_lr_scheduler_states=False)
     else:
         optimizer.load_state_dict(optimizer_state)
+
+
+def save_final_model(args, accelerator, model, tokenizer, model_class, **kwargs) -> None:
+    """output_dir: plain save_pretrained weights and the tokenizer (LoRA: merged, and the adapter alone in
+    output_dir/adapter), pushed with --push_to_hub. Every process gathers (see gathered_state_dict); a sharded LoRA
+    model cannot merge in place, so a CPU copy of the base (model_class, **kwargs) merges the saved adapter."""
+    output_dir = Path(args.output_dir)
+    accelerator.wait_for_everyone()
+    weights = gathered_state_dict(accelerator, model)
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        if args.use_peft:
+            from peft import PeftModel
+
+            final.save_pretrained(output_dir / "adapter", state_dict=weights)
+            if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                base = model_class.from_pretrained(args.model_name_or_path, revision=args.revision, dtype=(
+                    args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)), **kwargs)
+                final = PeftModel.from_pretrained(base, output_dir / "adapter")
+            final, weights = final.merge_and_unload(), None
+        final.save_pretrained(output_dir, state_dict=weights)
+        tokenizer.save_pretrained(output_dir)
+        if args.push_to_hub:
+            final.push_to_hub(output_dir.name)
+            tokenizer.push_to_hub(output_dir.name)
+        if args.track:
+            import wandb
+
+            wandb.finish()
+    accelerator.wait_for_everyone()  # every process leaves together, once the main one has saved
+    accelerator.print(f"saved to {output_dir}")
+
+
+def disable_dropout_in_model(model: torch.nn.Module) -> None:
+    """Dropout off (p = 0) in every module, as the seed does for the policy and the reference."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
@@ -529,15 +1033,6 @@ def gathered_for_generation(accelerator, model):
         yield accelerator.unwrap_model(model)
 
 
-def load_rng_state(path: Path, process_index: int) -> None:
-    rng = torch.load(path / f"rng_state_{process_index}.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -545,461 +1040,4 @@ def peak_memory_mb() -> float:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-
-    def fail(message: str):
-        sys.exit(f"{Path(__file__).name}: error: {message}")
-
-    # 0. Validate what can be checked before anything is loaded.
-    for name in ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "max_length", "logging_steps", "eval_steps"]:
-        if getattr(args, name) <= 0:
-            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if args.max_steps <= 0 and args.num_train_epochs <= 0:
-        fail(f"need --max_steps > 0 or --num_train_epochs > 0, got {args.max_steps} and {args.num_train_epochs}")
-    if args.resume_from_checkpoint and not (Path(args.resume_from_checkpoint) / "training_state.pt").exists():
-        fail(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint directory of this script "
-             "(no training_state.pt in it)")
-    if args.max_prompt_length is None:  # the default follows --max_length (resolved here, once, for all below)
-        args.max_prompt_length = min(128, args.max_length // 2)
-    if not 0 < args.max_prompt_length < args.max_length:
-        fail(f"--max_prompt_length must be positive and below --max_length {args.max_length} so that answers keep "
-             f"some tokens, got {args.max_prompt_length}")
-    if args.beta <= 0 or not 0 <= args.label_smoothing < 0.5:
-        fail(f"need --beta > 0 and 0 <= --label_smoothing < 0.5, got {args.beta} and {args.label_smoothing}")
-
-    # 1. Seed and accelerator. Derived sizes live here, in one place.
-    # FSDP and DeepSpeed ZeRO shard a model over GPUs. Asked for on a machine without one, say so, rather than let
-    # Accelerator(cpu=True) below quietly train with plain data parallelism.
-    requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
-                 if os.environ.get(variable, "false").lower() == "true"]
-    if requested and not torch.cuda.is_available():
-        fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
-             "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
-             "`accelerate launch --multi_gpu --num_processes N`")
-    if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
-        fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
-             "`pip install deepspeed` (an optional dependency of these scripts)")
-    # Several processes but no GPU (e.g. `accelerate launch --multi_gpu` on a CPU machine): make them one gloo
-    # process group on CPU; otherwise accelerate would start independent copies that never exchange gradients.
-    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision="bf16" if args.bf16 else None)
-    set_seed(args.seed)
-    world_size = accelerator.num_processes
-    global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
-    output_dir = Path(args.output_dir)
-
-    # 2. Data: load and validate before the model is loaded.
-    try:
-        raw = load_any_dataset(args.dataset_name, args.dataset_config)
-    except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
-        message = str(error) or type(error).__name__  # an empty JSON file raises a bare StopIteration
-        cause = error.__cause__  # datasets wraps the real reason, e.g. split files whose columns differ
-        if cause is not None and str(cause):
-            message += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
-        elif isinstance(error, StopIteration) or "corresponds to no data" in message or "generating the dataset" in \
-                message:  # how datasets says "empty"
-            message += " (is a data file empty? every split needs at least one row)"
-        fail(f"could not load dataset {args.dataset_name}: {message}")
-    if args.dataset_test_split == "auto":  # resolved here, so everything below sees a split name or None
-        args.dataset_test_split = "test" if "test" in raw else None
-        if args.dataset_test_split is None:
-            accelerator.print(f"dataset {args.dataset_name} has no split 'test': training without evaluation "
-                              "(pass --dataset_test_split to name one)")
-    try:
-        for split in [args.dataset_train_split] + ([args.dataset_test_split] if args.dataset_test_split else []):
-            if split not in raw:
-                raise ValueError(f"dataset {args.dataset_name} has no split '{split}'; found splits {list(raw)} "
-                                 "(--dataset_test_split None trains without evaluation)")
-            if len(raw[split]) == 0:
-                raise ValueError(f"split '{split}' of dataset {args.dataset_name} is empty; expected at least one row")
-            check_preference_columns(raw[split].column_names)
-    except ValueError as error:
-        fail(str(error))
-
-    # 3. Tokenizer. A tokenizer without a pad token gets EOS as pad: padding is masked by position (attention mask,
-    #    labels -100), never by token id, so the EOS that ends each answer is still learned.
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.revision)
-    if tokenizer.eos_token_id is None:
-        fail(f"the tokenizer of {args.model_name_or_path} has no EOS token; expected one to end every answer")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    max_length = min(args.max_length, tokenizer.model_max_length)
-    if args.max_prompt_length >= max_length:
-        fail(f"--max_prompt_length {args.max_prompt_length} leaves no room for answers within the model's "
-             f"{max_length} tokens (tokenizer.model_max_length)")
-    if isinstance(raw[args.dataset_train_split][0]["chosen"], list) and tokenizer.chat_template is None:
-        fail(f"the rows are conversations but the tokenizer of {args.model_name_or_path} has no chat template")
-
-    # 4. Tokenise every pair (prompt masked); count truncations; drop pairs whose answers are identical.
-    try:
-        with accelerator.main_process_first():  # the main process fills the datasets cache first
-            tokenized = {
-                split: raw[split].map(tokenize_pair, remove_columns=raw[split].column_names,
-                                      fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
-                                                 "max_prompt_length": args.max_prompt_length,
-                                                 "truncation_mode": args.truncation_mode},
-                                      desc=f"tokenizing {split}")
-                for split in [args.dataset_train_split, args.dataset_test_split] if split
-            }
-    except (ValueError, KeyError, TypeError) as error:
-        fail(f"could not format the preference rows of {args.dataset_name}: {error!r}")
-    splits = {}
-    for split, dataset in tokenized.items():
-        rows = dataset.to_list()
-        if num_truncated := sum(row["prompt_truncated"] for row in rows):
-            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} prompts were cut to "
-                              f"--max_prompt_length {args.max_prompt_length} ({args.truncation_mode})")
-        if num_truncated := sum(row["answer_truncated"] for row in rows):
-            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} pairs had answers cut to fit "
-                              f"{max_length} tokens")
-        if num_identical := sum(row["identical"] for row in rows):
-            accelerator.print(f"warning: {num_identical} of {len(rows)} {split} pairs have identical chosen and "
-                              "rejected answers; they carry no preference and are dropped")
-        splits[split] = [row for row in rows if not row["identical"]]
-        if not splits[split]:
-            fail(f"no {split} pair is left: every pair has identical chosen and rejected answers")
-    train_rows = splits[args.dataset_train_split]
-    eval_rows = splits.get(args.dataset_test_split, [])
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and \
-            len(eval_rows) % world_size:
-        # every forward of a sharded model is collective: each process must run as many eval batches as the others
-        kept = len(eval_rows) - len(eval_rows) % world_size
-        accelerator.print(f"evaluating on {kept} of {len(eval_rows)} eval rows: a multiple of the {world_size} "
-                          "processes, since every forward of a sharded model involves all of them")
-        eval_rows = eval_rows[:kept]
-    steps_per_epoch = len(train_rows) // global_batch_size
-    if steps_per_epoch == 0:
-        fail(f"the training set has {len(train_rows)} pairs but one optimizer step needs {global_batch_size} "
-             f"(per_device_train_batch_size {args.per_device_train_batch_size} x gradient_accumulation_steps "
-             f"{args.gradient_accumulation_steps} x {world_size} processes)")
-    total_steps = args.max_steps if args.max_steps > 0 else max(1, int(args.num_train_epochs * steps_per_epoch))
-    accelerator.print(f"preference data: {len(train_rows)} train / {len(eval_rows)} eval pairs; "
-                      f"{total_steps} steps of {global_batch_size}")
-
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    average_log_prob = args.loss_type == "ipo"  # IPO works on per-token averaged log-probs, as the seed does
-
-    def load_reference_model():
-        """A frozen copy of the initial policy, in eval mode (always --model_name_or_path, also when resuming)."""
-        reference = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, revision=args.revision, dtype=dtype,
-                                                         attn_implementation=args.attn_implementation)
-        if args.disable_dropout:
-            disable_dropout_in_model(reference)
-        return prepare_frozen(accelerator, reference)  # eval mode, frozen; sharded under FSDP / ZeRO-3
-
-    # 5. Reference log-probs precomputed (before the policy is loaded, so the two never share memory): each process
-    #    scores its share of the pairs, then every process receives all of them.
-    if args.precompute_ref_log_probs and not args.reference_free:
-        reference_model = load_reference_model()
-        for split, rows in splits.items():
-            # as many rows on every process (a sharded reference's forwards are collective): the last row
-            # is scored again where the rows do not divide evenly
-            mine = [min(i, len(rows) - 1) for i in range(accelerator.process_index,
-                                                          math.ceil(len(rows) / world_size) * world_size,
-                                                          world_size)]
-            scored = []
-            with torch.no_grad():
-                for start in tqdm(range(0, len(mine), args.per_device_eval_batch_size), desc=f"reference {split}",
-                                  disable=not accelerator.is_local_main_process):
-                    chunk = mine[start : start + args.per_device_eval_batch_size]
-                    batch = collate_pairs([rows[i] for i in chunk], tokenizer.pad_token_id)
-                    positions = (scored_positions(batch["labels"]).to(accelerator.device) if args.lm_head_only_at_labels
-                                 else None)
-                    # the same precision as the policy's forward under --bf16
-                    with accelerator.autocast(), lm_head_only_at(reference_model, positions):
-                        logits = reference_model(input_ids=batch["input_ids"].to(accelerator.device),
-                                                 attention_mask=batch["attention_mask"].to(accelerator.device),
-                                                 use_cache=False).logits
-                    logps = get_batch_logps(logits, batch["labels"].to(accelerator.device), average_log_prob)
-                    chosen, rejected = logps.chunk(2)
-                    scored += list(zip(chunk, chosen.tolist(), rejected.tolist()))
-            for i, chosen, rejected in gather_object(scored):
-                rows[i]["reference_chosen_logps"], rows[i]["reference_rejected_logps"] = chosen, rejected
-        del reference_model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    # 6. Policy: optional LoRA, gradient checkpointing, dropout off. The live reference is a frozen copy, or, with
-    #    LoRA, the policy itself with its adapters switched off (no second copy of the weights).
-    load_path = args.model_name_or_path
-    if args.resume_from_checkpoint and not args.use_peft:
-        load_path = args.resume_from_checkpoint  # full weights live in the checkpoint
-    model = AutoModelForCausalLM.from_pretrained(load_path, revision=None if load_path != args.model_name_or_path
-                                                 else args.revision, dtype=dtype,
-                                                 attn_implementation=args.attn_implementation)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.use_peft:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        if args.resume_from_checkpoint:
-            model = PeftModel.from_pretrained(model, args.resume_from_checkpoint, is_trainable=True)
-        else:
-            lora_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                     target_modules=args.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
-            model = get_peft_model(model, lora_config)
-    if args.disable_dropout:  # after wrapping, so that LoRA's dropout is off too, as in the seed
-        disable_dropout_in_model(model)
-    model.to(accelerator.device)
-    needs_live_reference = not (args.precompute_ref_log_probs or args.reference_free)
-    reference_model = load_reference_model() if needs_live_reference and not args.use_peft else None
-    params_in_memory = sum(p.numel() for m in (model, reference_model) if m is not None for p in m.parameters())
-    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    accelerator.print(f"model: {params_in_memory / 1e6:.2f}M parameters in memory (policy"
-                      f"{' + reference' if reference_model is not None else ''}), {num_trainable / 1e6:.2f}M trainable")
-
-    # 7. Optimizer and schedule. The scheduler is stepped once per optimizer step by us (not wrapped by accelerate,
-    #    which would step it once per process).
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay, fused=args.optim == "adamw_torch_fused")
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
-                              num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # what accelerate cannot infer without a dataloader
-        deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        deepspeed_config.update({"train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
-                                 "gradient_clipping": args.max_grad_norm})
-    model, optimizer = accelerator.prepare(model, optimizer)
-    start_step, num_tokens_seen = 0, 0
-    if args.resume_from_checkpoint:
-        checkpoint = Path(args.resume_from_checkpoint)
-        state = torch.load(checkpoint / "training_state.pt", weights_only=False)
-        load_optimizer_state(checkpoint, accelerator, model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        load_rng_state(checkpoint, accelerator.process_index)
-        start_step, num_tokens_seen = state["step"], state["num_tokens"]
-        accelerator.print(f"resumed from {checkpoint} at step {start_step}")
-
-    # 8. Logging: metrics.jsonl always, wandb with --track.
-    metrics_file = output_dir / "metrics.jsonl"
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
-        for file in (metrics_file, output_dir / "samples.jsonl"):
-            if not args.resume_from_checkpoint:  # a fresh run starts a fresh log
-                file.unlink(missing_ok=True)
-            elif file.exists():  # a resumed one keeps what was logged up to its checkpoint, and appends
-                logged = [line for line in file.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-                file.write_text("".join(line + "\n" for line in logged))
-        if args.track:
-            import wandb
-
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
-                       name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
-
-    def log(metrics: dict) -> None:
-        """A compact console line, a metrics.jsonl row and (with --track) a wandb point, from the main process."""
-        if accelerator.is_main_process:
-            tqdm.write(" ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
-                                for key, value in metrics.items()))
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if args.track:
-                wandb.log(metrics, step=metrics["step"])
-
-    def pair_forward(batch: dict) -> dict[str, torch.Tensor]:
-        """Policy and reference log-probs of the B pairs of a batch: ONE policy forward over the 2B sequences
-        (chosen then rejected), and one reference forward unless the log-probs were precomputed or are not used.
-        The output layer runs only at the answers' positions (--lm_head_only_at_labels): logits are (N, V) then."""
-        positions = scored_positions(batch["labels"]) if args.lm_head_only_at_labels else None
-        with lm_head_only_at(accelerator.unwrap_model(model), positions):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        policy_chosen, policy_rejected = get_batch_logps(logits, batch["labels"], average_log_prob).chunk(2)
-        # mean logit over the vocabulary at each answer position, averaged over the chosen and the rejected answers
-        target = batch["labels"][:, 1:] != -100
-        scored = logits.detach() if logits.dim() == 2 else logits[:, :-1][target].detach()  # (N, V)
-        mean_logits = torch.zeros(target.shape, device=target.device).masked_scatter(target, scored.float().mean(-1))
-        (chosen_logits, rejected_logits), (chosen_target, rejected_target) = mean_logits.chunk(2), target.chunk(2)
-        out = {"policy_chosen": policy_chosen, "policy_rejected": policy_rejected,
-               "logits_chosen": chosen_logits.sum() / chosen_target.sum(),
-               "logits_rejected": rejected_logits.sum() / rejected_target.sum()}
-        if args.reference_free:
-            out["reference_chosen"] = out["reference_rejected"] = torch.zeros_like(policy_chosen)
-        elif "reference_chosen_logps" in batch:
-            out["reference_chosen"], out["reference_rejected"] = (batch["reference_chosen_logps"],
-                                                                  batch["reference_rejected_logps"])
-        else:
-            with torch.no_grad(), accelerator.autocast():  # the policy's precision (prepare() autocasts it)
-                if reference_model is not None:
-                    with lm_head_only_at(reference_model, positions):
-                        reference_logits = reference_model(input_ids=batch["input_ids"], use_cache=False,
-                                                           attention_mask=batch["attention_mask"]).logits
-                else:  # LoRA: the reference is the base model, i.e. the policy with its adapters off
-                    policy_model = accelerator.unwrap_model(model)
-                    with policy_model.disable_adapter(), lm_head_only_at(policy_model, positions):
-                        reference_logits = model(input_ids=batch["input_ids"], use_cache=False,
-                                                 attention_mask=batch["attention_mask"]).logits
-                reference = get_batch_logps(reference_logits, batch["labels"], average_log_prob)
-            out["reference_chosen"], out["reference_rejected"] = reference.chunk(2)
-        return out
-
-    def pair_metrics(out: dict, losses: torch.Tensor, chosen_rewards, rejected_rewards) -> torch.Tensor:
-        """Sums over the batch's pairs: loss, chosen/rejected rewards, accuracy (ties half), margin, log-probs,
-        logits (means times pairs), and the pair count; reduced over processes and divided by the count later."""
-        pairs = len(chosen_rewards)
-        accuracy = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
-        return torch.stack([losses.sum() * pairs / len(losses), chosen_rewards.sum(), rejected_rewards.sum(),
-                            accuracy.sum(), (chosen_rewards - rejected_rewards).sum(),
-                            out["policy_chosen"].detach().sum(), out["policy_rejected"].detach().sum(),
-                            out["logits_chosen"] * pairs, out["logits_rejected"] * pairs,
-                            torch.tensor(float(pairs), device=losses.device)])
-
-    METRIC_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                    "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"]
-
-    def compute_loss(out: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return dpo_loss(out["policy_chosen"], out["policy_rejected"], out["reference_chosen"],
-                        out["reference_rejected"], beta=args.beta, loss_type=args.loss_type,
-                        label_smoothing=args.label_smoothing, reference_free=args.reference_free)
-
-    def generate_samples(step: int) -> None:
-        """Answers of the policy and of the reference to the first eval prompts, to samples.jsonl (and wandb)."""
-        rows = eval_rows[: args.per_device_eval_batch_size]
-        prompts = [row["chosen_input_ids"][: row["prompt_length"]] for row in rows]
-        longest = max(len(ids) for ids in prompts)
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(ids)) + ids for ids in prompts])
-        attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompts])
-        kwargs = {"input_ids": input_ids.to(accelerator.device), "attention_mask": attention_mask.to(
-            accelerator.device), "max_new_tokens": max_length - args.max_prompt_length, "do_sample": True,
-                  "top_k": 0, "pad_token_id": tokenizer.pad_token_id}
-        reference_out = None  # the frozen copy was freed (precomputed) or never loaded (reference-free)
-        with torch.no_grad():
-            with gathered_for_generation(accelerator, model) as policy:  # whole weights for these calls only
-                policy_out = policy.generate(**kwargs)
-                if args.use_peft:  # the reference is the policy with its adapters off
-                    with policy.disable_adapter():
-                        reference_out = policy.generate(**kwargs)
-            if reference_model is not None:
-                with gathered_for_generation(accelerator, reference_model) as reference:
-                    reference_out = reference.generate(**kwargs)
-        decode = lambda out: tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)  # noqa: E731
-        samples = [{"step": step, "prompt": tokenizer.decode(ids, skip_special_tokens=True), "policy": p,
-                    "reference": r} for ids, p, r in zip(prompts, decode(policy_out), decode(reference_out)
-                                                          if reference_out is not None else [None] * len(prompts))]
-        if not accelerator.is_main_process:  # every process generates (sharded weights are gathered together)
-            return
-        with open(output_dir / "samples.jsonl", "a") as f:
-            f.writelines(json.dumps(sample) + "\n" for sample in samples)
-        if args.track:
-            wandb.log({"game_log": wandb.Table(columns=list(samples[0]), rows=[list(s.values()) for s in samples])},
-                      step=step)
-
-    def evaluate(step: int) -> dict:
-        """DPO metrics over every pair of the eval split (each process takes every N-th pair), prefixed eval_."""
-        model.eval()
-        sums = torch.zeros(len(METRIC_NAMES) + 1, device=accelerator.device)
-        my_rows = eval_rows[accelerator.process_index :: world_size]
-        with torch.no_grad():
-            for start in range(0, len(my_rows), args.per_device_eval_batch_size):
-                batch = collate_pairs(my_rows[start : start + args.per_device_eval_batch_size], tokenizer.pad_token_id)
-                out = pair_forward({key: value.to(accelerator.device) for key, value in batch.items()})
-                sums += pair_metrics(out, *compute_loss(out))
-        if args.generate_during_eval:
-            generate_samples(step)
-        model.train()
-        totals = accelerator.reduce(sums, "sum").tolist()
-        return {f"eval_{name}": value / totals[-1] for name, value in zip(METRIC_NAMES, totals)}
-
-    # 9. Training loop. One optimizer step = gradient_accumulation_steps micro-batches of pairs on each process.
-    model.train()
-    if start_step == 0:
-        log({"step": 0, "epoch": 0.0, "params_in_memory": params_in_memory})
-    if eval_rows and start_step == 0:
-        log({"step": 0, "epoch": 0.0, **evaluate(0)})
-    # running sums over the current logging window; train_seconds excludes evaluation and checkpointing
-    running, running_tokens, train_seconds = torch.zeros(len(METRIC_NAMES) + 1), 0, 0.0
-    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="dpo",
-                    disable=not accelerator.is_local_main_process)
-    for step in progress:
-        step_start = time.time()
-        # 9a. This process's micro-batches of this step.
-        indices = step_indices(step, len(train_rows), global_batch_size, args.seed)
-        mine = indices[accelerator.process_index :: world_size]
-        micro_batches = [
-            collate_pairs([train_rows[i] for i in mine[j : j + args.per_device_train_batch_size]],
-                          tokenizer.pad_token_id)
-            for j in range(0, len(mine), args.per_device_train_batch_size)
-        ]
-
-        # 9b. Forward and backward each micro-batch. The losses are averaged over the pairs of the whole step (the
-        #     micro-batch sum divided by the step's pair count), and scaled by world_size because DDP averages
-        #     gradients over processes: the update is the gradient of the step's mean pair loss.
-        step_sums = torch.zeros(len(METRIC_NAMES) + 1, device=accelerator.device)
-        for j, batch in enumerate(micro_batches):
-            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-            is_last = j == len(micro_batches) - 1
-            accelerator.gradient_state._set_sync_gradients(is_last)  # DeepSpeed's engine steps in the last backward
-            with accelerator.no_sync(model) if not is_last else nullcontext():  # sync gradients once per step
-                out = pair_forward(batch)  # under --bf16, accelerate.prepare wrapped forward in autocast
-                losses, chosen_rewards, rejected_rewards = compute_loss(out)
-                # kto_pair returns 2 losses per pair: average them per pair, so every loss type is per pair
-                loss = losses.sum() * len(chosen_rewards) / len(losses) / global_batch_size
-                accelerator.backward(loss * world_size)
-            step_sums += pair_metrics(out, losses.detach(), chosen_rewards, rejected_rewards)
-        step_totals = accelerator.reduce(step_sums, "sum")
-        step_loss = (step_totals[0] / step_totals[-1]).item()
-
-        # 9c. Clip (max_grad_norm 0: only measure the norm). Stop cleanly on a non-finite loss or gradient, before the
-        #     update would poison the weights; every process sees the same reduced values and stops together.
-        grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf")))
-        if not (np.isfinite(step_loss) and torch.isfinite(grad_norm)):
-            checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-            kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
-            fail(f"loss is {step_loss} (gradient norm {grad_norm.item()}) at step {step + 1}; stopping "
-                 f"without updating the weights ({kept})")
-
-        # 9d. Update and schedule.
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        # 9e. Log, evaluate, checkpoint.
-        tokens = int(accelerator.reduce(torch.tensor(sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
-                                                     device=accelerator.device), "sum"))
-        num_tokens_seen += tokens
-        running += step_totals.cpu()
-        running_tokens += tokens
-        train_seconds += time.time() - step_start
-        done = step + 1
-        if done % args.logging_steps == 0 or done == total_steps:
-            pairs = running[-1].item()
-            metrics = {"step": done, "epoch": done / steps_per_epoch,
-                       **{name: value / pairs for name, value in zip(METRIC_NAMES, running.tolist())},
-                       "grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0],
-                       "num_tokens": num_tokens_seen, "samples_per_second": pairs / train_seconds,
-                       "tokens_per_second": running_tokens / train_seconds, "peak_memory_mb": peak_memory_mb()}
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", accuracy=f"{metrics['rewards/accuracies']:.3f}")
-            log(metrics)
-            running, running_tokens, train_seconds = torch.zeros(len(METRIC_NAMES) + 1), 0, 0.0
-        if eval_rows and (done % args.eval_steps == 0 or done == total_steps):
-            log({"step": done, "epoch": done / steps_per_epoch, **evaluate(done)})
-        if args.save_steps > 0 and done % args.save_steps == 0 and done < total_steps:
-            save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, model, tokenizer, optimizer, scheduler,
-                            {"step": done, "num_tokens": num_tokens_seen})
-
-    # 10. Save: plain save_pretrained weights that AutoModelForCausalLM loads; with LoRA, the merged model in
-    #     output_dir and the adapter alone in output_dir/adapter.
-    #     Every process takes part in gathering the weights (see gathered_state_dict). A sharded
-    #     LoRA model cannot be merged in place: a CPU copy of the base model merges the adapter just saved.
-    accelerator.wait_for_everyone()
-    weights = gathered_state_dict(accelerator, model)
-    if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
-        if args.use_peft:
-            final.save_pretrained(output_dir / "adapter", state_dict=weights)
-            if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-                base = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, revision=args.revision,
-                                                            dtype=dtype)
-                final = PeftModel.from_pretrained(base, output_dir / "adapter")
-            final, weights = final.merge_and_unload(), None
-        final.save_pretrained(output_dir, state_dict=weights)
-        tokenizer.save_pretrained(output_dir)
-        if args.push_to_hub:
-            final.push_to_hub(output_dir.name)
-            tokenizer.push_to_hub(output_dir.name)
-        if args.track:
-            wandb.finish()
-    accelerator.wait_for_everyone()  # every process leaves together, once the main one has saved
-    accelerator.print(f"saved to {output_dir}")
-    accelerator.end_training()  # an orderly end of the process group: a peer torn down mid-exit can abort the other
+    main(tyro.cli(Args, use_underscores=True))

@@ -6,16 +6,10 @@ improves a policy without a policy gradient: each iteration draws several respon
 reward model, keeps the top fraction of each prompt's samples, and takes supervised (next-token cross-entropy) steps
 on the kept responses only. This file reproduces TRL v0.8's `IterativeSFTTrainer` (its `step(input_ids, attention_mask,
 labels, texts, texts_labels)` API, outside transformers.Trainer) and runs the expert-iteration loop with it. It fixes
-four bugs of the seed's trainer (docs/iterative_sft.md):
-
-  1. labels given by the caller were ignored for decoder-only models (the collator rebuilt them from input_ids); here
-     they are honoured, -100 masks included;
-  2. `texts_labels` were tokenised from `texts`; here they are the decoder targets of an encoder-decoder model, and
-     for a decoder-only model the suffix of each text that carries the loss (completion-only loss);
-  3. `max_length` sliced the batch dimension (`v[:max_length]` of (B, T) tensors dropped whole examples); here each
-     sequence is truncated to max_length tokens (keep_end: its last tokens, keep_start: its first);
-  4. with pad == EOS (GPT-2) the collator masked every EOS out of the labels, so the model never learned to stop; here
-     padding is masked by position, never by token id.
+four bugs of the seed's trainer (docs/iterative_sft.md): (1) a decoder-only model's labels given by the caller are
+honoured, -100 masks included; (2) `texts_labels` are the decoder targets (encoder-decoder) or the suffix of each text
+that carries the loss (decoder-only), not a re-tokenisation of `texts`; (3) `max_length` cuts each sequence, not the
+batch dimension; (4) padding is masked by position, so with pad == EOS (GPT-2) the model still learns to stop.
 
     # offline quickstart: the tiny world (assets/), CPU, about 16 s: the tiny policy learns to write positive reviews
     python iterative_sft.py
@@ -46,14 +40,14 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, NoReturn
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from datasets import DatasetDict, load_dataset, load_from_disk
 from tqdm.auto import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
@@ -88,9 +82,9 @@ class Args:
     revision: str | None = None
     """the Hub revision (branch, tag or commit) of the model"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    """dtype the weights are loaded in; keep float32 and use --bf16 for mixed precision unless memory forbids it"""
+    """dtype the weights are loaded in (keep float32 and use --bf16 for mixed precision)"""
     attn_implementation: str | None = None
-    """attention kernel, e.g. "sdpa", "eager" or "flash_attention_2" (default: transformers' choice)"""
+    """attention kernel, e.g. sdpa, eager, flash_attention_2 (default: transformers' choice)"""
     bf16: bool = False
     """bf16 mixed precision (autocast) through accelerate"""
     gradient_checkpointing: bool = False
@@ -108,7 +102,7 @@ class Args:
 
     # --- data ---
     dataset_name: str = str(ASSETS / "data" / "prompts")
-    """prompts: a Hub id, a local .json/.jsonl/.csv/.parquet file, a save_to_disk directory or a directory of splits"""
+    """prompts: a Hub id, a .json/.jsonl/.csv/.parquet file, a save_to_disk directory or a directory of split files"""
     dataset_config: str | None = None
     """the dataset configuration (subset) name"""
     dataset_train_split: str = "train"
@@ -116,14 +110,11 @@ class Args:
     query_column: str | None = None
     """the column holding the prompts (default: 'prompt', else 'query'); strings or message lists"""
     reward_model: str = str(ASSETS / "tiny-reward")
-    """a sequence-classification model (path or Hub id; any reward.py output), or a 'task:model' transformers pipeline
-    such as 'sentiment-analysis:lvwerra/distilbert-imdb' (the score of the last label is the reward)"""
+    """a sequence-classification model (path, Hub id, reward.py output) or a 'task:model' transformers pipeline"""
     output_min_length: int = 8
-    """each prompt's responses get max_new_tokens drawn from [output_min_length, output_max_length); responses are
-    also at least output_min_length tokens long (EOS is blocked before), which keeps the policy from collapsing to
-    the very short answers a small reward model may overrate"""
+    """the fewest tokens a response has (EOS is blocked before), and the least max_new_tokens drawn per prompt"""
     output_max_length: int = 24
-    """see output_min_length"""
+    """each prompt's max_new_tokens is drawn from [output_min_length, output_max_length)"""
     temperature: float = 1.0
     """sampling temperature"""
     max_length: int = 1024
@@ -161,32 +152,8 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Data: loading, prompts
+# The algorithm: prompts -> samples (one generate call) -> the best of each prompt's -> SFT steps on them
 # ----------------------------------------------------------------------------------------------------------------------
-def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
-    """Load a Hub dataset, a local data file, a `save_to_disk` directory or a directory of split files."""
-    path = Path(name)
-    if path.is_file():
-        builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-        if path.suffix not in builders:
-            raise ValueError(f"unknown dataset file type '{path.suffix}' of {name}: expected one of {sorted(builders)}")
-        return load_dataset(builders[path.suffix], data_files=str(path))
-    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
-        loaded = load_from_disk(str(path))
-        return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
-    return load_dataset(name, config)  # a Hub id, or a directory of train/test files (splits inferred from names)
-
-
-def find_query_column(column_names: list[str], query_column: str | None = None) -> str:
-    """The column holding the prompts: --query_column, else 'prompt', else 'query'."""
-    candidates = [query_column] if query_column else ["prompt", "query"]
-    for column in candidates:
-        if column in column_names:
-            return column
-    expected = f"a '{query_column}' column" if query_column else "a 'prompt' or 'query' column"
-    raise ValueError(f"expected {expected} (strings or message lists); found columns {column_names}")
-
-
 def format_query(prompt, tokenizer) -> tuple[str, bool]:
     """THE place to change how a prompt becomes text: a message list is rendered with the chat template and the
     generation prompt (then the text holds its own special tokens: templated=True); a string is used as it is."""
@@ -195,137 +162,29 @@ def format_query(prompt, tokenizer) -> tuple[str, bool]:
     return prompt, False
 
 
-class LengthSampler:
-    """The seed's LengthSampler: a uniformly random integer in [min_value, max_value), from numpy's global RNG."""
-
-    def __init__(self, min_value: int, max_value: int):
-        self.values = list(range(min_value, max_value))
-
-    def __call__(self) -> int:
-        return int(np.random.choice(self.values))
-
-
-def step_indices(step: int, num_rows: int, global_batch_size: int, seed: int) -> list[int]:
-    """Prompt indices of PPO step `step` over all processes: each epoch over the prompts is a permutation seeded by
-    (seed + epoch), consumed global_batch_size prompts at a time (the tail is dropped). The order depends on the step
-    alone, which makes resuming exact."""
-    steps_per_epoch = num_rows // global_batch_size
-    epoch, position = divmod(step, steps_per_epoch)
-    permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return permutation[position * global_batch_size : (position + 1) * global_batch_size]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The reward rule: a sequence-classification model scored as reward.py scores, or a transformers pipeline
-# ----------------------------------------------------------------------------------------------------------------------
-def parse_reward_spec(spec: str) -> tuple[str | None, str]:
-    """'task:model' for a transformers pipeline (task one of the pipeline tasks, e.g. sentiment-analysis), else
-    (None, spec): a sequence-classification model path or Hub id. Raises ValueError for a spec that cannot work."""
-    from transformers.pipelines import SUPPORTED_TASKS, TASK_ALIASES
-
-    task, sep, model = spec.partition(":")
-    if sep and not Path(spec).exists() and (task in SUPPORTED_TASKS or task in TASK_ALIASES):
-        if not model:
-            raise ValueError(f"reward pipeline spec '{spec}' names no model; expected 'task:model'")
-        return task, model
-    if sep and not Path(spec).exists():
-        raise ValueError(f"unknown reward spec '{spec}': '{task}' is not a transformers pipeline task (expected "
-                         f"'task:model' with a task such as sentiment-analysis, or a sequence-classification model)")
-    if Path(spec).exists() and not (Path(spec) / "config.json").exists():
-        raise ValueError(f"reward model '{spec}' is not a model directory (no config.json in it)")
-    if not Path(spec).exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
-        raise ValueError(f"reward model '{spec}' does not exist: expected a model directory, a Hub id or 'task:model'")
-    return None, spec
-
-
-def load_reward_function(spec: str, device, max_length: int = 1024) -> Callable[[list, list], list[float]]:
-    """A callable (prompts, responses) -> list of float scores, from a reward spec (see parse_reward_spec).
-
-    A sequence-classification model scores prompt + response the way reward.py trained it: message-list prompts
-    rendered with the chat template and the response as the assistant turn, string prompts concatenated; EOS
-    appended, the start kept when too long, right padding; the score read where plain transformers reads it. A
-    pipeline (the seed's sentiment example) scores prompt + response, and the reward is the raw score (logit) of the
-    pipeline's last label, e.g. POSITIVE for a binary sentiment classifier.
-    """
-    task, name = parse_reward_spec(spec)
-    if task is not None:
-        from transformers import pipeline
-
-        pipe = pipeline(task, model=name, device=device)
-
-        def score_with_pipeline(prompts: list, responses: list[str]) -> list[float]:
-            texts = [(format_query(p, pipe.tokenizer)[0] if isinstance(p, list) else p) + r
-                     for p, r in zip(prompts, responses)]
-            outputs = pipe(texts, top_k=None, function_to_apply="none", batch_size=16, truncation=True)
-            last = pipe.model.config.num_labels - 1
-            label = pipe.model.config.id2label[last]
-            return [next(o["score"] for o in output if o["label"] == label) for output in outputs]
-
-        return score_with_pipeline
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForSequenceClassification.from_pretrained(name).eval().requires_grad_(False).to(device)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.config.pad_token_id is None:  # transformers finds the last real token through config.pad_token_id
-        model.config.pad_token_id = tokenizer.pad_token_id
-    max_length = min(max_length, tokenizer.model_max_length)
-
-    @torch.no_grad()
-    def score_with_model(prompts: list, responses: list[str]) -> list[float]:
-        sequences = []
-        for prompt, response in zip(prompts, responses):
-            if isinstance(prompt, list):
-                text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}],
-                                                     tokenize=False)
-                ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-            else:
-                ids = list(tokenizer(prompt + response)["input_ids"])
-            if not ids or ids[-1] != tokenizer.eos_token_id:
-                ids.append(tokenizer.eos_token_id)
-            sequences.append(ids[:max_length])
-        scores = []
-        for start in range(0, len(sequences), 64):
-            chunk = sequences[start : start + 64]
-            longest = max(len(ids) for ids in chunk)
-            input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (longest - len(ids)) for ids in chunk])
-            attention_mask = torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in chunk])
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-            scores += logits[:, 0].float().tolist()
-        return scores
-
-    return score_with_model
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Sampling
-# ----------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_responses(model, queries: list[torch.Tensor], num_samples: int, max_new_tokens: list[int],
                      pad_token_id: int, eos_token_ids: list[int], **generation_kwargs) -> list[list[torch.Tensor]]:
-    """num_samples responses to each query, all queries in ONE `generate` call with the KV cache.
+    """num_samples responses to each of the (1-D token-id) queries, all in ONE `generate` call with the KV cache.
 
-    queries: 1-D token-id tensors. Decoder-only models get them left-padded, so that every response starts in the same
-    column. Each row is repeated num_samples times, contiguously: what `num_return_sequences` does (which greedy
-    decoding refuses), and what the seed's `query.repeat` does, so the samples drawn are the same. The call generates
-    up to max(max_new_tokens) tokens; query i's responses are then cut to max_new_tokens[i] tokens and after their
-    first EOS (kept), so each query gets the length it asked for. Returns per query a list of num_samples 1-D response
-    tensors (on the CPU; padding stripped; at least one token each).
-    """
+    Queries are left-padded (decoder-only) and each row repeated num_samples times, contiguously, as the seed's
+    `query.repeat` (so the same samples are drawn; `num_return_sequences` refuses greedy decoding). Query i's
+    responses are cut to max_new_tokens[i] tokens and after their first EOS (kept). Returns per query a list of
+    num_samples 1-D response tensors (on the CPU, padding stripped, at least one token each)."""
     device = next(model.parameters()).device
     is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
-    longest = max(len(query) for query in queries)
-    input_ids = torch.full((len(queries), longest), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, query in enumerate(queries):  # encoder-decoder: right padding (the encoder reads the mask either way)
-        start = 0 if is_encoder_decoder else longest - len(query)
-        input_ids[i, start : start + len(query)], attention_mask[i, start : start + len(query)] = query.cpu(), 1
-    input_ids, attention_mask = (x.repeat_interleave(num_samples, dim=0) for x in (input_ids, attention_mask))
+    side = "right" if is_encoder_decoder else "left"  # the encoder reads the attention mask either way
+    queries = [query.cpu() for query in queries]
+    input_ids = torch.nn.utils.rnn.pad_sequence(queries, batch_first=True, padding_value=pad_token_id,
+                                                padding_side=side).repeat_interleave(num_samples, dim=0)
+    attention_mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(query) for query in queries], batch_first=True,
+                                                     padding_side=side).repeat_interleave(num_samples, dim=0)
     generations = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 max_new_tokens=max(max_new_tokens), pad_token_id=pad_token_id, **generation_kwargs)
-    generations = generations.cpu()
+                                 max_new_tokens=max(max_new_tokens), pad_token_id=pad_token_id,
+                                 **generation_kwargs).cpu()
     # (queries * num_samples, tokens): decoder-only outputs repeat the padded queries; an encoder-decoder's output is
     # the decoder's sequence, which starts with its start token
-    responses = generations[:, 1:] if is_encoder_decoder else generations[:, longest:]
+    responses = generations[:, 1:] if is_encoder_decoder else generations[:, input_ids.shape[1]:]
     eos = torch.tensor(eos_token_ids)
     samples = []
     for i in range(len(queries)):
@@ -348,9 +207,6 @@ def keep_best(rewards: list[float], num_samples: int, keep: int) -> list[int]:
     return kept
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The loss
-# ----------------------------------------------------------------------------------------------------------------------
 def selective_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each next-token label: (B, T, V) logits, (B, T) labels -> ((B, T-1) log-probs, (B, T-1) mask).
 
@@ -373,18 +229,14 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int
     return -log_probs.sum() / num_items_in_batch
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The trainer
-# ----------------------------------------------------------------------------------------------------------------------
 class IterativeSFTTrainer:
     """The seed's IterativeSFTTrainer: `step(...)` takes supervised steps on whatever examples the caller brings (the
     samples an outer loop chose), as lists of 1-D token-id tensors or of strings, and returns training stats.
 
-    An AdamW optimizer over the trainable parameters is made when `optimizers` holds none, and a constant schedule
-    when it holds no scheduler (the seed demanded max_steps then). Model and optimizer are prepared with the given
-    accelerator or a new one; the scheduler is stepped by step() once per optimizer step (accelerate's wrapper would
-    step it once per process). Causal LMs and encoder-decoder models (AutoModelForSeq2SeqLM: labels are the decoder's
-    targets, not shifted) are supported.
+    AdamW over the trainable parameters unless `optimizers` holds an optimizer, and a constant schedule unless it holds
+    a scheduler (the seed demanded max_steps then); model and optimizer are prepared with the given accelerator or a
+    new one. Causal LMs and encoder-decoder models (AutoModelForSeq2SeqLM: labels are the decoder's targets, not
+    shifted) are supported.
     """
 
     def __init__(self, model=None, tokenizer=None, optimizers=(None, None), learning_rate: float = 1e-5,
@@ -422,8 +274,8 @@ class IterativeSFTTrainer:
         self.calls = 0  # step() calls so far: the shuffle of call k is seeded with seed + k
         self.optimizer_steps = 0
 
-        # 1. Accelerator (several processes but no GPU: one gloo process group on CPU, as every script here does),
-        #    optimizer and schedule.
+        # 1. Accelerator, optimizer and schedule. Not make_accelerator: a library class neither exits on a launch
+        #    problem nor reseeds the caller's RNGs. Several processes without a GPU: one gloo group on CPU, as there.
         if accelerator is None:
             multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
             accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision="bf16" if bf16 else None)
@@ -439,9 +291,6 @@ class IterativeSFTTrainer:
                                      "gradient_clipping": max_grad_norm or 0.0})
         self.model, self.optimizer = accelerator.prepare(model.to(accelerator.device), optimizer)
 
-    # ------------------------------------------------------------------------------------------------------------------
-    # Inputs: checks, tokenisation, truncation, collation
-    # ------------------------------------------------------------------------------------------------------------------
     def _check_inputs(self, input_ids, attention_mask, labels, texts, texts_labels) -> int:
         """Clear ValueErrors for inputs step() cannot train on; returns the number of examples."""
         if input_ids is None and texts is None:
@@ -455,20 +304,17 @@ class IterativeSFTTrainer:
         given = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels} if texts is None else \
             {"texts": texts, "texts_labels": texts_labels}
         first = next(iter(given))
-        for name, items in given.items():
-            if items is None:
-                continue
-            kind = str if name.startswith("texts") else torch.Tensor
+        for name, items in ((name, items) for name, items in given.items() if items is not None):
+            kind, what = (str, "strings") if name.startswith("texts") else (torch.Tensor, "1-D tensors")
             if not isinstance(items, (list, tuple)):
-                raise ValueError(f"{name} must be a list of {'strings' if kind is str else '1-D tensors'}, got "
-                                 f"{type(items).__name__}")
+                raise ValueError(f"{name} must be a list of {what}, got {type(items).__name__}")
             if len(items) == 0:
                 raise ValueError(f"{name} is empty; step needs at least one example")
             if len(items) != len(given[first]):
                 raise ValueError(f"{name} has {len(items)} elements but {first} has {len(given[first])}")
             if bad := [i for i, item in enumerate(items) if not isinstance(item, kind)]:
-                raise ValueError(f"the elements of {name} must be {'strings' if kind is str else '1-D tensors'}; "
-                                 f"element {bad[0]} is a {type(items[bad[0]]).__name__}")
+                raise ValueError(f"the elements of {name} must be {what}; element {bad[0]} is a "
+                                 f"{type(items[bad[0]]).__name__}")
             if kind is torch.Tensor and (bad := [i for i, item in enumerate(items) if item.dim() != 1]):
                 raise ValueError(f"the elements of {name} must be 1-D tensors; element {bad[0]} has shape "
                                  f"{tuple(items[bad[0]].shape)}")
@@ -476,87 +322,55 @@ class IterativeSFTTrainer:
                 raise ValueError(f"the elements of {name} must not be empty; elements {bad[:10]} are")
         if self.is_encoder_decoder and labels is None and texts_labels is None:
             raise ValueError("an encoder-decoder model needs its decoder targets: pass labels or texts_labels")
-        if not self.is_encoder_decoder and texts is None:
-            for name, items in (("attention_mask", attention_mask), ("labels", labels)):
-                if items is not None and (bad := [i for i, (a, b) in enumerate(zip(items, input_ids))
-                                                  if len(a) != len(b)]):
-                    raise ValueError(f"{name}[i] must have the length of input_ids[i] (a decoder-only model's labels "
-                                     f"are aligned with its inputs); example {bad[0]} has {len(items[bad[0]])} and "
-                                     f"{len(input_ids[bad[0]])}")
+        for name, items in (("attention_mask", attention_mask), ("labels", labels)):
+            if not self.is_encoder_decoder and texts is None and items is not None and \
+                    (bad := [i for i, (a, b) in enumerate(zip(items, input_ids)) if len(a) != len(b)]):
+                raise ValueError(f"{name}[i] must have the length of input_ids[i] (a decoder-only model's labels are "
+                                 f"aligned with its inputs); example {bad[0]} has {len(items[bad[0]])} and "
+                                 f"{len(input_ids[bad[0]])}")
         return len(given[first])
 
-    def _tokenize(self, texts: list[str], texts_labels: list[str] | None) -> tuple[list, list]:
-        """texts (and texts_labels) -> (input_ids, labels) lists of 1-D tensors.
-
-        Encoder-decoder: texts are the encoder's inputs, texts_labels the decoder's targets. Decoder-only: without
-        texts_labels every token of a text is a target (the seed's default); with them, texts_labels[i] must end
-        texts[i] and only its tokens are targets: the prefix is tokenised with the tokenizer's special tokens, the
-        suffix without, and the two are concatenated (completion-only loss).
-        """
-        tokenize = self.tokenizer
-        if self.is_encoder_decoder:
-            return ([torch.tensor(tokenize(text)["input_ids"]) for text in texts],
-                    [torch.tensor(tokenize(target)["input_ids"]) for target in texts_labels])
-        input_ids, labels = [], []
-        for i, text in enumerate(texts):
-            if texts_labels is None:
-                ids = torch.tensor(tokenize(text)["input_ids"])
-                input_ids.append(ids)
-                labels.append(ids.clone())
-                continue
-            if not text.endswith(texts_labels[i]):
-                raise ValueError(f"for a decoder-only model texts_labels[i] must be the end of texts[i] (the part "
-                                 f"that carries the loss); example {i}: {texts_labels[i]!r} does not end {text!r}")
-            prefix = tokenize(text[: len(text) - len(texts_labels[i])])["input_ids"]
-            suffix = tokenize(texts_labels[i], add_special_tokens=False)["input_ids"]
-            input_ids.append(torch.tensor(prefix + suffix))
-            labels.append(torch.tensor([-100] * len(prefix) + suffix))
-        return input_ids, labels
-
-    def _truncate(self, sequence: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        """One 1-D sequence cut to max_length tokens: keep_end keeps its last tokens, keep_start its first (the seed
-        sliced the batch dimension instead)."""
-        if self.max_length is None or len(sequence) <= self.max_length:
-            return sequence
-        if (mode or self.truncation_mode) == "keep_end":
-            return sequence[-self.max_length :]
-        return sequence[: self.max_length]
-
     def _examples(self, input_ids, attention_mask, labels, texts, texts_labels) -> list[dict]:
-        """Per example: input_ids, attention_mask, labels (1-D, on the CPU, truncated), with -100 wherever no loss
-        is taken. Decoder-only labels default to the input ids, and positions outside the attention mask never carry
-        loss. Encoder-decoder labels are decoder targets: truncation keeps their start (a target can only end
-        early), and the encoder's inputs follow truncation_mode."""
-        if texts is not None:
-            input_ids, labels = self._tokenize(texts, texts_labels)
-        examples = []
+        """Per example: input_ids, attention_mask, labels (1-D, on the CPU), -100 wherever no loss is taken, each cut
+        to max_length tokens (keep_end: the last ones, keep_start: the first; the seed sliced the batch dimension).
+
+        texts are tokenised first. Encoder-decoder: texts are the encoder's inputs, texts_labels the decoder's targets.
+        Decoder-only: without texts_labels every token of a text is a target (the seed's default); with them,
+        texts_labels[i] must end texts[i] and only its tokens are targets (the prefix is tokenised with the
+        tokenizer's special tokens, the suffix without). Decoder-only labels default to the input ids, and positions
+        outside the attention mask never carry loss (by position, never by token id: pad may be EOS). Decoder targets
+        keep their start when cut (a target can only end early).
+        """
+        if texts is not None and self.is_encoder_decoder:
+            input_ids = [torch.tensor(self.tokenizer(text)["input_ids"]) for text in texts]
+            labels = [torch.tensor(self.tokenizer(target)["input_ids"]) for target in texts_labels]
+        elif texts is not None:
+            input_ids, labels = [], []
+            for i, text in enumerate(texts):
+                suffix = "" if texts_labels is None else texts_labels[i]
+                if not text.endswith(suffix):
+                    raise ValueError(f"for a decoder-only model texts_labels[i] must be the end of texts[i] (the part "
+                                     f"that carries the loss); example {i}: {suffix!r} does not end {text!r}")
+                prefix = self.tokenizer(text[: len(text) - len(suffix)] if suffix else text)["input_ids"]
+                target = self.tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+                input_ids.append(torch.tensor(prefix + target))
+                labels.append(torch.tensor(prefix + target if texts_labels is None else [-100] * len(prefix) + target))
+
+        def cut(sequence: torch.Tensor, mode: str) -> torch.Tensor:
+            if self.max_length is None:
+                return sequence
+            return sequence[-self.max_length :] if mode == "keep_end" else sequence[: self.max_length]
+
+        examples, mode = [], self.truncation_mode
         for i, ids in enumerate(input_ids):
             ids = ids.detach().long().cpu()
             mask = torch.ones_like(ids) if attention_mask is None else attention_mask[i].detach().long().cpu()
             target = ids.clone() if labels is None else labels[i].detach().long().cpu()
             if not self.is_encoder_decoder:
-                target = target.masked_fill(mask == 0, -100)  # by position, never by token id (pad may be EOS)
-                examples.append({"input_ids": self._truncate(ids), "attention_mask": self._truncate(mask),
-                                 "labels": self._truncate(target)})
-            else:
-                examples.append({"input_ids": self._truncate(ids), "attention_mask": self._truncate(mask),
-                                 "labels": self._truncate(target, "keep_start")})
+                target = target.masked_fill(mask == 0, -100)
+            examples.append({"input_ids": cut(ids, mode), "attention_mask": cut(mask, mode),
+                             "labels": cut(target, "keep_start" if self.is_encoder_decoder else mode)})
         return examples
-
-    def _num_targets(self, labels: torch.Tensor) -> int:
-        """Target tokens of (B, T) labels: a decoder-only label at position 0 is never predicted."""
-        return int((labels != -100).sum()) if self.is_encoder_decoder else int((labels[:, 1:] != -100).sum())
-
-    def _collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        """Right-pad a micro-batch: input_ids with the pad token, attention_mask with 0, labels with -100 (labels
-        separately to their own longest length for an encoder-decoder)."""
-        def pad(key: str, value: int) -> torch.Tensor:
-            longest = max(len(example[key]) for example in examples)
-            return torch.stack([F.pad(example[key], (0, longest - len(example[key])), value=value)
-                                for example in examples])
-
-        return {"input_ids": pad("input_ids", self.tokenizer.pad_token_id), "attention_mask": pad("attention_mask", 0),
-                "labels": pad("labels", -100)}
 
     def _loss(self, batch: dict, num_items_in_batch: torch.Tensor) -> torch.Tensor:
         """sft_loss of one micro-batch. A decoder-only model's logits at t predict label t+1 (sft_loss shifts); an
@@ -572,9 +386,6 @@ class IterativeSFTTrainer:
                                 labels=batch["labels"], use_cache=False).logits
         return sft_loss(F.pad(logits, (0, 0, 0, 1)), F.pad(batch["labels"], (1, 0), value=-100), num_items_in_batch)
 
-    # ------------------------------------------------------------------------------------------------------------------
-    # One call: shuffled micro-batches, an optimizer step every gradient_accumulation_steps of them
-    # ------------------------------------------------------------------------------------------------------------------
     def step(self, input_ids: list[torch.Tensor] | None = None, attention_mask: list[torch.Tensor] | None = None,
              labels: list[torch.Tensor] | None = None, texts: list[str] | None = None,
              texts_labels: list[str] | None = None) -> dict:
@@ -598,20 +409,23 @@ class IterativeSFTTrainer:
         order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed + self.calls)).tolist()
         self.calls += 1
         size = self.per_device_train_batch_size
-        micro_batches = [self._collate([examples[i] for i in order[start : start + size]])
-                         for start in range(0, count, size)]
+        pad = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "labels": -100}
+        micro_batches = [{key: torch.nn.utils.rnn.pad_sequence([examples[i][key] for i in order[start : start + size]],
+                                                               batch_first=True, padding_value=value)
+                          for key, value in pad.items()} for start in range(0, count, size)]  # right padding
         self.model.train()
         total_nll, total_targets, grad_norms = 0.0, 0, []
         for first in range(0, len(micro_batches), self.gradient_accumulation_steps):
             group = micro_batches[first : first + self.gradient_accumulation_steps]
-            # the step's target tokens over all micro-batches and processes: the loss's denominator
-            num_items = accelerator.reduce(torch.tensor(sum(self._num_targets(mb["labels"]) for mb in group),
-                                                        device=device), "sum")
+            # the step's target tokens over all micro-batches and processes: the loss's denominator (a decoder-only
+            # label at position 0 is never predicted)
+            targets = sum(int((mb["labels"] if self.is_encoder_decoder else mb["labels"][:, 1:]).ne(-100).sum())
+                          for mb in group)
+            num_items = accelerator.reduce(torch.tensor(targets, device=device), "sum")
             step_loss = torch.zeros((), device=device)
             for j, batch in enumerate(group):
                 batch = {key: value.to(device) for key, value in batch.items()}
-                accelerator.gradient_state._set_sync_gradients(j == len(group) - 1)  # DeepSpeed steps in the last
-                with accelerator.no_sync(self.model) if j < len(group) - 1 else nullcontext():
+                with accumulating(accelerator, self.model, last=j == len(group) - 1):
                     loss = self._loss(batch, num_items.clamp(min=1))
                     # DDP averages gradients over processes; the loss is already a share of the global sum
                     accelerator.backward(loss * accelerator.num_processes)
@@ -635,120 +449,8 @@ class IterativeSFTTrainer:
                 "optimizer_steps": len(grad_norms), "samples": int(counts.sum())}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------------------
-def gathered_state_dict(accelerator, model) -> dict:
-    """The model's full weights for save_pretrained, complete on the main process. Every process must call it: under
-    FSDP each process holds a shard of every weight and under DeepSpeed ZeRO-3 a slice, so the full tensors are
-    gathered here (to CPU, so that a model that fills a GPU can still be written)."""
-    if accelerator.distributed_type == DistributedType.FSDP:
-        from torch.distributed.tensor import DTensor
-
-        weights = {}
-        for name, tensor in model.state_dict().items():  # the same order everywhere: one all-gather per sharded tensor
-            tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-            if accelerator.is_main_process:
-                weights[name] = tensor.cpu()
-        return weights
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return accelerator.get_state_dict(model)  # ZeRO-3 needs zero3_save_16bit_model: true (our configs set it)
-    return accelerator.unwrap_model(model).state_dict()
-
-
-def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, scheduler, progress: dict) -> None:
-    """A resumable checkpoint: weights (or LoRA adapter) in save_pretrained form, optimizer, scheduler, progress
-    counters (step, tokens seen), and the RNG states of every process. Every process calls it (see
-    gathered_state_dict). Under FSDP the optimizer state is gathered too, keyed by parameter name, and sharded again on
-    resume; DeepSpeed's engine writes its own optimizer partitions to path/deepspeed."""
-    weights = gathered_state_dict(accelerator, model)
-    if accelerator.distributed_type == DistributedType.FSDP:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer,
-                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
-        model.save_checkpoint(str(path / "deepspeed"), exclude_frozen_parameters=True)
-        optimizer_state = None
-    else:
-        optimizer_state = optimizer.state_dict()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(path, state_dict=weights)
-        tokenizer.save_pretrained(path)
-        torch.save({**progress, "optimizer": optimizer_state, "scheduler": scheduler.state_dict()},
-                   path / "training_state.pt")
-    accelerator.wait_for_everyone()
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save(rng, path / f"rng_state_{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-
-
-def load_optimizer_state(path: Path, accelerator, model, optimizer, optimizer_state: dict | None) -> None:
-    """The optimizer state of a checkpoint written by save_checkpoint, under the same distributed setup."""
-    if accelerator.distributed_type == DistributedType.FSDP:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer.optimizer, optimizer_state,
-                                 options=StateDictOptions(full_state_dict=True))
-    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
-        model.load_checkpoint(str(path / "deepspeed"), load_module_strict=False, load_optimizer_states=True,
-                              load_lr_scheduler_states=False)
-    else:
-        optimizer.load_state_dict(optimizer_state)
-
-
-@contextmanager
-def gathered_for_generation(accelerator, model):
-    """The model with its full parameters for the duration of a generate call, released after; yields the model to
-    call generate on. FSDP: every sharded module is all-gathered once and kept whole across the decoding steps (not
-    gathered again per token and layer); ZeRO-3: deepspeed.zero.GatheredParameters. Every process must enter it, and
-    each must call generate inside it: transformers then keeps them in step (synced_gpus)."""
-    if accelerator.distributed_type == DistributedType.FSDP:
-        from torch.distributed.fsdp import FSDPModule
-
-        sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
-        for module in sharded:
-            module.unshard()
-            module.set_reshard_after_forward(False, recurse=False)
-        try:
-            yield model
-        finally:
-            for module in sharded:
-                module.reshard()
-                module.set_reshard_after_forward(True, recurse=False)
-    elif accelerator.distributed_type == DistributedType.DEEPSPEED and \
-            accelerator.state.deepspeed_plugin.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            yield accelerator.unwrap_model(model)
-    else:
-        yield accelerator.unwrap_model(model)
-
-
-def load_rng_state(path: Path, process_index: int) -> None:
-    rng = torch.load(path / f"rng_state_{process_index}.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-if __name__ == "__main__":
-    args = tyro.cli(Args)
-
-    def fail(message: str):
-        sys.exit(f"{Path(__file__).name}: error: {message}")
-
-    # 0. Validate what can be checked before anything is loaded.
+def main(args: Args) -> None:
+    # 0. Check what can be checked before anything is loaded.
     for name in ["num_iterations", "prompts_per_iteration", "samples_per_prompt", "sft_epochs",
                  "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps",
                  "output_min_length"]:
@@ -776,11 +478,10 @@ if __name__ == "__main__":
     if args.prompts_per_iteration % world_size:
         fail(f"--prompts_per_iteration {args.prompts_per_iteration} must be a multiple of the {world_size} processes "
              "(each process samples and trains on an equal share)")
-    prompts_per_process = args.prompts_per_iteration // world_size
     keep = math.ceil(round(args.keep_fraction * args.samples_per_prompt, 9))  # kept samples per prompt
     output_dir = Path(args.output_dir)
 
-    # 1. Data: load and validate the prompts before any model is loaded.
+    # 1. Prompts, loaded and checked before any model is (one split, no evaluation: load_splits is not used).
     try:
         raw = load_any_dataset(args.dataset_name, args.dataset_config)
     except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
@@ -804,13 +505,8 @@ if __name__ == "__main__":
         fail(str(error))
     prompts = raw[args.dataset_train_split][query_column]
 
-    # 2. Tokenizer and tokenised queries. A tokenizer without a pad token gets EOS as pad (padding is masked by
-    #    position).
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.revision)
-    if tokenizer.eos_token_id is None:
-        fail(f"the tokenizer of {args.model_name_or_path} has no EOS token; expected one to end responses")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    # 2. Tokenizer (without a pad token, EOS pads) and the tokenised queries.
+    tokenizer = load_tokenizer(args, "to end responses")
     if isinstance(prompts[0], list) and tokenizer.chat_template is None:
         fail(f"the prompts are conversations but the tokenizer of {args.model_name_or_path} has no chat template")
     queries, reward_prompts = [], []  # token ids, and what the reward function sees as the prompt
@@ -826,47 +522,18 @@ if __name__ == "__main__":
         fail(f"the dataset has {len(queries)} non-empty prompts but one iteration needs {args.prompts_per_iteration} "
              "(--prompts_per_iteration)")
 
-    # 3. Seed, accelerator and model (a seq2seq model when the config says encoder-decoder); LoRA; gradient
-    #    checkpointing. When resuming, the weights (or the adapter) come from the checkpoint.
-    # FSDP and DeepSpeed ZeRO shard a model over GPUs. Asked for on a machine without one, say so, rather than let
-    # Accelerator(cpu=True) below quietly train with plain data parallelism.
-    requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
-                 if os.environ.get(variable, "false").lower() == "true"]
-    if requested and not torch.cuda.is_available():
-        fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
-             "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
-             "`accelerate launch --multi_gpu --num_processes N`")
-    if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
-        fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
-             "`pip install deepspeed` (an optional dependency of these scripts)")
-    if requested == ["DeepSpeed"] and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        fail(f"{Path(__file__).name} does not run under DeepSpeed ZeRO-3 (its reward model would be loaded partitioned "
-             "and used outside an engine); use accelerate_configs/fsdp.yaml, or deepspeed_zero2.yaml")
-    # Several processes but no GPU (e.g. `accelerate launch --multi_gpu` on a CPU machine): make them one gloo
-    # process group on CPU; otherwise accelerate would start independent copies that never exchange gradients.
-    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision="bf16" if args.bf16 else None)
-    set_seed(args.seed)
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    # 3. Accelerator (launch checks; every RNG seeded) and the policy: a seq2seq model when the config says
+    #    encoder-decoder; LoRA; gradient checkpointing; when resuming, the checkpoint's weights (or adapter).
+    accelerator = make_accelerator(args, "its reward model would be loaded partitioned and used outside an engine")
+    world_size, batch = accelerator.num_processes, args.per_device_train_batch_size
+    accelerator.print(f"run: {world_size} process(es) x {args.prompts_per_iteration // world_size} prompts x "
+                      f"{args.samples_per_prompt} samples = {args.prompts_per_iteration * args.samples_per_prompt} "
+                      f"completions per iteration, the best {keep} of each prompt's kept; {world_size} process(es) x "
+                      f"{batch} per device x {args.gradient_accumulation_steps} accumulation = "
+                      f"{world_size * batch * args.gradient_accumulation_steps} kept samples per optimizer step")
     is_encoder_decoder = AutoConfig.from_pretrained(args.model_name_or_path, revision=args.revision).is_encoder_decoder
     auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
-    load_path = args.model_name_or_path
-    if args.resume_from_checkpoint and not args.use_peft:
-        load_path = args.resume_from_checkpoint  # full weights live in the checkpoint
-    model = auto_class.from_pretrained(load_path, revision=None if load_path != args.model_name_or_path
-                                       else args.revision, dtype=dtype, attn_implementation=args.attn_implementation)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.use_peft:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        if args.resume_from_checkpoint:
-            model = PeftModel.from_pretrained(model, args.resume_from_checkpoint, is_trainable=True)
-        else:
-            lora_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                     target_modules=args.lora_target_modules or "all-linear",
-                                     task_type="SEQ_2_SEQ_LM" if is_encoder_decoder else "CAUSAL_LM")
-            model = get_peft_model(model, lora_config)
+    model = load_trainable_model(args, auto_class, "SEQ_2_SEQ_LM" if is_encoder_decoder else "CAUSAL_LM")
 
     # 4. The trainer (AdamW, constant learning rate), then each process's own sampling noise.
     trainer = IterativeSFTTrainer(model, tokenizer, learning_rate=args.learning_rate,
@@ -879,8 +546,7 @@ if __name__ == "__main__":
     num_params = sum(p.numel() for p in model.parameters())
     num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accelerator.print(f"model: {num_params / 1e6:.2f}M parameters, {num_trainable / 1e6:.2f}M trainable; "
-                      f"{len(queries)} prompts, {args.num_iterations} iterations of {args.prompts_per_iteration} "
-                      f"prompts x {args.samples_per_prompt} samples, the best {keep} of each prompt's kept")
+                      f"{len(queries)} prompts, {args.num_iterations} iterations")
 
     # 5. The reward: a sequence-classification model or a pipeline, on the same device.
     try:
@@ -888,59 +554,30 @@ if __name__ == "__main__":
     except (OSError, ValueError) as error:
         fail(f"could not load reward model {args.reward_model}: {' '.join(str(error).split())[:500]}")
 
+    # 6. Resumed state (by hand, not prepare_training: the trainer owns its optimizer and constant schedule), and the
+    #    logs. Row `step` k describes the samples of the policy after k iterations (and the training of iteration
+    #    k + 1 on them), so a checkpoint after k iterations keeps the rows up to k - 1.
     start_step = 0
     if args.resume_from_checkpoint:
         checkpoint = Path(args.resume_from_checkpoint)
         state = torch.load(checkpoint / "training_state.pt", weights_only=False)
         load_optimizer_state(checkpoint, accelerator, trainer.model, trainer.optimizer, state["optimizer"])
         trainer.lr_scheduler.load_state_dict(state["scheduler"])
-        load_rng_state(checkpoint, accelerator.process_index)
+        rng = torch.load(checkpoint / f"rng_state_{accelerator.process_index}.pt", weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         start_step, trainer.calls, trainer.optimizer_steps = state["step"], state["calls"], state["optimizer_steps"]
         accelerator.print(f"resumed from {checkpoint} at iteration {start_step}")
-
-    # 6. Logging: metrics.jsonl and samples.jsonl always, wandb with --track. Row `step` k describes the samples of
-    #    the policy after k iterations (and the training of iteration k + 1 on them), so a checkpoint after k
-    #    iterations keeps the rows before k.
-    metrics_file = output_dir / "metrics.jsonl"
-    samples_file = output_dir / "samples.jsonl"
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
-        for file in (metrics_file, samples_file):
-            if not args.resume_from_checkpoint:  # a fresh run starts a fresh log
-                file.unlink(missing_ok=True)
-            elif file.exists():  # a resumed one keeps what was logged before its checkpoint, and appends
-                logged = [line for line in file.read_text().splitlines() if json.loads(line)["step"] < start_step]
-                file.write_text("".join(line + "\n" for line in logged))
-        if args.track:
-            import wandb
-
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
-                       name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
-
-    def log(metrics: dict) -> None:
-        """A compact console line, a metrics.jsonl row and (with --track) a wandb point, from the main process."""
-        if accelerator.is_main_process:
-            tqdm.write(" ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
-                                for key, value in metrics.items()))
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if args.track:
-                wandb.log(metrics, step=metrics["step"])
-
-    def gather(values: list) -> list:
-        """Every process's list, concatenated in process order (on every process)."""
-        if accelerator.num_processes == 1:
-            return list(values)
-        from accelerate.utils import gather_object
-
-        return gather_object(list(values))
+    log = open_logs(args, accelerator, start_step - 1, ("metrics.jsonl", "samples.jsonl"))
 
     # 7. Expert iteration. Iteration k samples from the policy after k iterations; the last round (k =
     #    num_iterations) only samples and scores, so the reward curve has a point before training and after each
     #    iteration.
     generation_kwargs = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": args.temperature,
-                         "min_new_tokens": args.output_min_length}
+                         "min_new_tokens": args.output_min_length}  # the tiny reward model overrates short answers
     length_sampler = LengthSampler(args.output_min_length, args.output_max_length)
     progress = tqdm(range(start_step, args.num_iterations + 1), initial=start_step, total=args.num_iterations + 1,
                     desc="iterative_sft", disable=not accelerator.is_local_main_process)
@@ -1004,9 +641,9 @@ if __name__ == "__main__":
         # 7f. Log: the fresh samples' reward over all processes, the kept ones', response lengths, throughput;
         #     samples.jsonl holds every sample of the round.
         if iteration % args.logging_steps == 0 or iteration == args.num_iterations:
-            all_rewards = torch.tensor(gather(rewards))
-            kept_rewards = torch.tensor(gather([rewards[i] for i in kept]))
-            lengths = torch.tensor(gather([float(len(r)) for r in responses]))
+            all_rewards = torch.tensor(gather_object(rewards))
+            kept_rewards = torch.tensor(gather_object([rewards[i] for i in kept]))
+            lengths = torch.tensor(gather_object([float(len(r)) for r in responses]))
             seconds = time.time() - iteration_start
             log({"step": iteration, "iteration": iteration, "reward/mean": all_rewards.mean().item(),
                  "reward/std": all_rewards.std().item() if len(all_rewards) > 1 else 0.0,
@@ -1014,13 +651,15 @@ if __name__ == "__main__":
                  **stats, "samples_per_second": len(all_rewards) / seconds, "time/sample": sample_seconds,
                  "time/score": score_seconds, "time/train": train_seconds, "peak_memory_mb": peak_memory_mb()})
             progress.set_postfix(reward=f"{all_rewards.mean().item():.3f}")
-            rows = gather([{"step": iteration, "prompt": reward_prompts[mine[i // args.samples_per_prompt]],
+            rows = gather_object([{"step": iteration, "prompt": reward_prompts[mine[i // args.samples_per_prompt]],
                             "response": response_texts[i], "reward": rewards[i], "kept": i in kept}
-                           for i in range(len(responses))])
+                           for i in range(len(responses))])  # every process's, in process order
             if accelerator.is_main_process:
-                with open(samples_file, "a") as f:
+                with open(output_dir / "samples.jsonl", "a") as f:
                     f.writelines(json.dumps(row) + "\n" for row in rows)
                 if args.track:
+                    import wandb
+
                     wandb.log({"samples": wandb.Table(columns=list(rows[0]), rows=[list(r.values()) for r in rows])},
                               step=iteration)
 
@@ -1031,19 +670,217 @@ if __name__ == "__main__":
                             trainer.optimizer, trainer.lr_scheduler,
                             {"step": done, "calls": trainer.calls, "optimizer_steps": trainer.optimizer_steps})
 
-    # 8. Save: plain save_pretrained weights that AutoModelForCausalLM (AutoModelForSeq2SeqLM) loads; with LoRA, the
-    #    merged model in output_dir and the adapter alone in output_dir/adapter.
-    #    Every process takes part in gathering the weights (see gathered_state_dict). A sharded
-    #    LoRA model cannot be merged in place: a CPU copy of the base model merges the adapter just saved.
-    model = trainer.model
+    # 8. Save: plain save_pretrained weights that AutoModelForCausalLM (AutoModelForSeq2SeqLM) loads (LoRA: merged,
+    #    and the adapter alone).
+    save_final_model(args, accelerator, trainer.model, tokenizer, auto_class)
+    del trainer, model  # the DDP-wrapped policy goes before its process group does
+    gc.collect()
+    accelerator.end_training()  # an orderly end of the process group: a peer torn down mid-exit can abort the other
+
+
+# ======================================================================================================================
+# The plumbing: launch checks, data and model loading, checkpoints, sharded saving, logging. Nothing below is specific
+# to one algorithm, and each function is byte-identical in every script that has it (tests/test_scaling.py checks).
+# ======================================================================================================================
+def fail(message: str) -> NoReturn:
+    """Stop with one line, `<script>: error: <message>`, and exit status 1."""
+    sys.exit(f"{Path(__file__).name}: error: {message}")
+
+
+def make_accelerator(args, zero3_refusal: str | None = None) -> Accelerator:
+    """The Accelerator, after the launch checks, with every RNG seeded from args.seed. FSDP / DeepSpeed without a GPU
+    (or DeepSpeed not installed) is one line, not a silent fall-back to plain data parallelism; zero3_refusal says why
+    a script refuses ZeRO-3. Several processes without a GPU become one gloo group on CPU (else accelerate would start
+    independent copies that never exchange gradients)."""
+    requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
+                 if os.environ.get(variable, "false").lower() == "true"]
+    if requested and not torch.cuda.is_available():
+        fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
+             "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
+             "`accelerate launch --multi_gpu --num_processes N`")
+    if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
+        fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
+             "`pip install deepspeed` (an optional dependency of these scripts)")
+    if zero3_refusal and requested == ["DeepSpeed"] and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        fail(f"{Path(__file__).name} does not run under DeepSpeed ZeRO-3 ({zero3_refusal}); use "
+             "accelerate_configs/fsdp.yaml, or deepspeed_zero2.yaml")
+    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision="bf16" if args.bf16 else None)
+    set_seed(args.seed)
+    return accelerator
+
+
+def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
+    """Load a Hub dataset, a local data file, a `save_to_disk` directory or a directory of split files."""
+    path = Path(name)
+    if path.is_file():
+        builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+        if path.suffix not in builders:
+            raise ValueError(f"unknown dataset file type '{path.suffix}' of {name}: expected one of {sorted(builders)}")
+        return load_dataset(builders[path.suffix], data_files=str(path))
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+        loaded = load_from_disk(str(path))
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
+    return load_dataset(name, config)  # a Hub id, or a directory of train/test files (splits inferred from names)
+
+
+def step_indices(step: int, num_rows: int, global_batch_size: int, seed: int) -> list[int]:
+    """The rows (or prompts) of training step `step`, over all processes: each epoch is a permutation seeded by
+    seed + epoch, consumed global_batch_size rows at a time (the incomplete tail dropped). The order depends on the
+    step alone, which makes resuming exact and makes N processes see the same global batches as one."""
+    epoch, position = divmod(step, num_rows // global_batch_size)
+    permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return permutation[position * global_batch_size : (position + 1) * global_batch_size]
+
+
+def load_tokenizer(args, eos_purpose: str):
+    """The tokenizer of --model_name_or_path, which must have an EOS token. Without a pad token, EOS pads: padding is
+    masked by position (attention mask, labels -100), never by token id, so a real EOS is still learned."""
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.revision)
+    if tokenizer.eos_token_id is None:
+        fail(f"the tokenizer of {args.model_name_or_path} has no EOS token; expected one {eos_purpose}")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_trainable_model(args, model_class, task_type: str, **kwargs):
+    """The model to train at --dtype: --model_name_or_path (resuming without LoRA: the checkpoint's weights), gradient
+    checkpointing if asked, LoRA adapters with --use_peft (new, or the checkpoint's when resuming)."""
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    path = args.resume_from_checkpoint if args.resume_from_checkpoint and not args.use_peft else args.model_name_or_path
+    model = model_class.from_pretrained(path, revision=args.revision if path == args.model_name_or_path else None,
+                                        dtype=dtype, attn_implementation=args.attn_implementation, **kwargs)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.use_peft:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if args.resume_from_checkpoint:
+            return PeftModel.from_pretrained(model, args.resume_from_checkpoint, is_trainable=True)
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, task_type=task_type,
+                                                 lora_dropout=args.lora_dropout,
+                                                 target_modules=args.lora_target_modules or "all-linear"))
+    return model
+
+
+@contextmanager
+def accumulating(accelerator, model, last: bool):
+    """A micro-batch's forward and backward. Gradients meet over processes only in the last micro-batch of an optimizer
+    step, where DeepSpeed's engine steps (it reads accelerate's sync flag, set through a private API). accelerate's
+    `accumulate` is not used: it divides each loss by the accumulation steps; these scripts normalise by the step."""
+    accelerator.gradient_state._set_sync_gradients(last)
+    with nullcontext() if last else accelerator.no_sync(model):
+        yield
+
+
+def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("metrics.jsonl",)):
+    """output_dir with args.json, fresh log files (resuming: their rows up to start_step kept) and wandb under --track.
+    Returns log(metrics): a console line, a metrics.jsonl row and a wandb point, from the main process."""
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        for file in (output_dir / name for name in files):
+            if not args.resume_from_checkpoint:  # a fresh run starts a fresh log
+                file.unlink(missing_ok=True)
+            elif file.exists():  # a resumed one keeps what was logged up to its checkpoint, and appends
+                logged = [line for line in file.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+                file.write_text("".join(line + "\n" for line in logged))
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                       name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
+
+    def log(metrics: dict) -> None:
+        if accelerator.is_main_process:
+            tqdm.write(" ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                                for key, value in metrics.items()))
+            with open(output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if args.track:
+                import wandb
+
+                wandb.log(metrics, step=metrics["step"])
+    return log
+
+
+def gathered_state_dict(accelerator, model) -> dict:
+    """The model's full weights for save_pretrained, complete on the main process. Every process must call it: under
+    FSDP each holds a shard of every weight, under ZeRO-3 a slice, so the tensors are gathered (to CPU)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.tensor import DTensor
+
+        weights = {}
+        for name, tensor in model.state_dict().items():  # the same order everywhere: one all-gather per sharded tensor
+            tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            if accelerator.is_main_process:
+                weights[name] = tensor.cpu()
+        return weights
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.get_state_dict(model)  # ZeRO-3 needs zero3_save_16bit_model: true (our configs set it)
+    return accelerator.unwrap_model(model).state_dict()
+
+
+def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, scheduler, progress: dict) -> None:
+    """A resumable checkpoint, written by every process together: weights (or LoRA adapter) in save_pretrained form,
+    optimizer, scheduler, the counters in `progress`, every process's RNG states. Under FSDP the optimizer state is
+    gathered, keyed by parameter name, and sharded again on resume; DeepSpeed writes its own to path/deepspeed.
+    (accelerate's save_state is not used: its weights are not a model that transformers loads.)"""
+    weights = gathered_state_dict(accelerator, model)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer,
+                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model.save_checkpoint(str(path / "deepspeed"), exclude_frozen_parameters=True)
+        optimizer_state = None
+    else:
+        optimizer_state = optimizer.state_dict()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(path, state_dict=weights)
+        tokenizer.save_pretrained(path)
+        torch.save({**progress, "optimizer": optimizer_state, "scheduler": scheduler.state_dict()},
+                   path / "training_state.pt")
+    accelerator.wait_for_everyone()
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(rng, path / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+
+
+def load_optimizer_state(path: Path, accelerator, model, optimizer, optimizer_state: dict | None) -> None:
+    """The optimizer state of a checkpoint written by save_checkpoint, under the same distributed setup."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer.optimizer, optimizer_state,
+                                 options=StateDictOptions(full_state_dict=True))
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model.load_checkpoint(str(path / "deepspeed"), load_module_strict=False, load_optimizer_states=True,
+                              load_lr_scheduler_states=False)
+    else:
+        optimizer.load_state_dict(optimizer_state)
+
+
+def save_final_model(args, accelerator, model, tokenizer, model_class, **kwargs) -> None:
+    """output_dir: plain save_pretrained weights and the tokenizer (LoRA: merged, and the adapter alone in
+    output_dir/adapter), pushed with --push_to_hub. Every process gathers (see gathered_state_dict); a sharded LoRA
+    model cannot merge in place, so a CPU copy of the base (model_class, **kwargs) merges the saved adapter."""
+    output_dir = Path(args.output_dir)
     accelerator.wait_for_everyone()
     weights = gathered_state_dict(accelerator, model)
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         if args.use_peft:
+            from peft import PeftModel
+
             final.save_pretrained(output_dir / "adapter", state_dict=weights)
             if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-                base = auto_class.from_pretrained(args.model_name_or_path, revision=args.revision, dtype=dtype)
+                base = model_class.from_pretrained(args.model_name_or_path, revision=args.revision, dtype=(
+                    args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)), **kwargs)
                 final = PeftModel.from_pretrained(base, output_dir / "adapter")
             final, weights = final.merge_and_unload(), None
         final.save_pretrained(output_dir, state_dict=weights)
@@ -1052,9 +889,145 @@ if __name__ == "__main__":
             final.push_to_hub(output_dir.name)
             tokenizer.push_to_hub(output_dir.name)
         if args.track:
+            import wandb
+
             wandb.finish()
     accelerator.wait_for_everyone()  # every process leaves together, once the main one has saved
     accelerator.print(f"saved to {output_dir}")
-    del trainer, model  # the DDP-wrapped policy goes before its process group does
-    gc.collect()
-    accelerator.end_training()  # an orderly end of the process group: a peer torn down mid-exit can abort the other
+
+
+@contextmanager
+def gathered_for_generation(accelerator, model):
+    """The model with its full parameters for the duration of a generate call, released after; yields the model to
+    call generate on. FSDP: every sharded module is all-gathered once and kept whole across the decoding steps (not
+    gathered again per token and layer); ZeRO-3: deepspeed.zero.GatheredParameters. Every process must enter it, and
+    each must call generate inside it: transformers then keeps them in step (synced_gpus)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
+        for module in sharded:
+            module.unshard()
+            module.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield model
+        finally:
+            for module in sharded:
+                module.reshard()
+                module.set_reshard_after_forward(True, recurse=False)
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED and \
+            accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield accelerator.unwrap_model(model)
+    else:
+        yield accelerator.unwrap_model(model)
+
+
+def find_query_column(column_names: list[str], query_column: str | None = None) -> str:
+    """The column holding the prompts: --query_column, else 'prompt', else 'query'."""
+    candidates = [query_column] if query_column else ["prompt", "query"]
+    for column in candidates:
+        if column in column_names:
+            return column
+    expected = f"a '{query_column}' column" if query_column else "a 'prompt' or 'query' column"
+    raise ValueError(f"expected {expected} (strings or message lists); found columns {column_names}")
+
+
+def parse_reward_spec(spec: str) -> tuple[str | None, str]:
+    """'task:model' for a transformers pipeline (task one of the pipeline tasks, e.g. sentiment-analysis), else
+    (None, spec): a sequence-classification model path or Hub id. Raises ValueError for a spec that cannot work."""
+    from transformers.pipelines import SUPPORTED_TASKS, TASK_ALIASES
+
+    task, sep, model = spec.partition(":")
+    if sep and not Path(spec).exists() and (task in SUPPORTED_TASKS or task in TASK_ALIASES):
+        if not model:
+            raise ValueError(f"reward pipeline spec '{spec}' names no model; expected 'task:model'")
+        return task, model
+    if sep and not Path(spec).exists():
+        raise ValueError(f"unknown reward spec '{spec}': '{task}' is not a transformers pipeline task (expected "
+                         f"'task:model' with a task such as sentiment-analysis, or a sequence-classification model)")
+    if Path(spec).exists() and not (Path(spec) / "config.json").exists():
+        raise ValueError(f"reward model '{spec}' is not a model directory (no config.json in it)")
+    if not Path(spec).exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        raise ValueError(f"reward model '{spec}' does not exist: expected a model directory, a Hub id or 'task:model'")
+    return None, spec
+
+
+def load_reward_function(spec: str, device, max_length: int = 1024) -> Callable[[list, list], list[float]]:
+    """A callable (prompts, responses) -> list of float scores, from a reward spec (see parse_reward_spec).
+
+    A sequence-classification model scores prompt + response the way reward.py trained it: message-list prompts
+    rendered with the chat template and the response as the assistant turn, string prompts concatenated; EOS
+    appended, the start kept when too long, right padding; the score read where plain transformers reads it. A
+    pipeline (such as sentiment-analysis:lvwerra/distilbert-imdb, the seed's PPO example) scores prompt + response,
+    and the reward is the raw score (logit) of the pipeline's last label, e.g. POSITIVE for a sentiment classifier.
+    """
+    task, name = parse_reward_spec(spec)
+    if task is not None:
+        from transformers import pipeline
+
+        pipe = pipeline(task, model=name, device=device)
+
+        def score_with_pipeline(prompts: list, responses: list[str]) -> list[float]:
+            texts = [(format_query(p, pipe.tokenizer)[0] if isinstance(p, list) else p) + r
+                     for p, r in zip(prompts, responses)]
+            outputs = pipe(texts, top_k=None, function_to_apply="none", batch_size=16, truncation=True)
+            last = pipe.model.config.num_labels - 1
+            label = pipe.model.config.id2label[last]
+            return [next(o["score"] for o in output if o["label"] == label) for output in outputs]
+
+        return score_with_pipeline
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForSequenceClassification.from_pretrained(name).eval().requires_grad_(False).to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:  # transformers finds the last real token through config.pad_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    max_length = min(max_length, tokenizer.model_max_length)
+
+    @torch.no_grad()
+    def score_with_model(prompts: list, responses: list[str]) -> list[float]:
+        sequences = []
+        for prompt, response in zip(prompts, responses):
+            if isinstance(prompt, list):
+                text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}],
+                                                     tokenize=False)
+                ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            else:
+                ids = list(tokenizer(prompt + response)["input_ids"])
+            if not ids or ids[-1] != tokenizer.eos_token_id:
+                ids.append(tokenizer.eos_token_id)
+            sequences.append(ids[:max_length])
+        scores = []
+        for start in range(0, len(sequences), 64):
+            chunk = sequences[start : start + 64]
+            longest = max(len(ids) for ids in chunk)
+            input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (longest - len(ids)) for ids in chunk])
+            attention_mask = torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in chunk])
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            scores += logits[:, 0].float().tolist()
+        return scores
+
+    return score_with_model
+
+
+class LengthSampler:
+    """The seed's LengthSampler: a uniformly random integer in [min_value, max_value), from numpy's global RNG."""
+
+    def __init__(self, min_value: int, max_value: int):
+        self.values = list(range(min_value, max_value))
+
+    def __call__(self) -> int:
+        return int(np.random.choice(self.values))
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, use_underscores=True))

@@ -18,11 +18,11 @@ docs/ppo.md for every stage, every stat and the deviations).
         --learning_rate 1.41e-5 --batch_size 128 --mini_batch_size 128 --output_min_length 4 --output_max_length 16 \
         --steps 194
     # several GPUs: each process rolls out and scores its own batch_size queries
-    accelerate launch --multi_gpu --num_processes 8 ppo.py --model_name lvwerra/gpt2-imdb --query_dataset stanfordnlp/imdb \
-        --query_column text --input_min_text_length 2 --input_max_text_length 8 \
+    accelerate launch --multi_gpu --num_processes 8 ppo.py --model_name lvwerra/gpt2-imdb \
+        --query_dataset stanfordnlp/imdb --query_column text --input_min_text_length 2 --input_max_text_length 8 \
         --reward_model sentiment-analysis:lvwerra/distilbert-imdb --learning_rate 1.41e-5 --batch_size 16 \
         --mini_batch_size 16 --output_min_length 4 --output_max_length 16 --steps 194 --bf16
-    # models larger than one GPU holds: FSDP2 or DeepSpeed ZeRO (docs/scaling.md: which config for which size)
+    # models larger than one GPU holds: FSDP2 or DeepSpeed ZeRO-2 (docs/scaling.md: which config for which size)
     accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 8 ppo.py \
         --model_name Qwen/Qwen2.5-7B-Instruct --gradient_checkpointing
 
@@ -43,7 +43,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Literal
+from typing import Callable, ClassVar, Literal, NoReturn
 
 import numpy as np
 import torch
@@ -51,10 +51,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from datasets import DatasetDict, load_dataset, load_from_disk
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
-from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
                           AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -62,10 +63,9 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 
 @dataclass
 class PPOConfig:
-    """The seed's `PPOConfig` (field names and meanings), which is also this script's command line. Built in code,
-    every knob that `PPOTrainer.step` reads keeps the seed's default; the fields that set the scale of a run
-    (model_name, query_dataset, reward_model, steps, learning_rate, batch_size, mini_batch_size, output lengths)
-    default to the tiny world, and docs/ppo.md gives the seed's values."""
+    """The seed's `PPOConfig` (field names and meanings), also the command line. The knobs of what `step` computes
+    keep the seed's defaults; lm_head_only_at_responses and optim default to faster paths to the same update, and the
+    fields that set a run's scale to the tiny world (docs/ppo.md gives the seed's values)."""
 
     # --- experiment ---
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -89,19 +89,17 @@ class PPOConfig:
 
     # --- model ---
     model_name: str = str(ASSETS / "tiny-gpt2")
-    """the policy: a Hub id or local directory of a causal LM (or a seq2seq LM such as T5); also the reference"""
+    """the policy (also the reference): a Hub id or local directory of a causal LM, or of a seq2seq LM such as T5"""
     revision: str | None = None
     """the Hub revision (branch, tag or commit) of the policy"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    """dtype the weights are loaded in; keep float32 and use --bf16 for mixed precision unless memory forbids it"""
+    """dtype the weights are loaded in (keep float32 and use --bf16 for mixed precision)"""
     bf16: bool = False
     """bf16 mixed precision (autocast) through accelerate"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, about a third more compute"""
     lm_head_only_at_responses: bool = True
-    """apply the output layer only at the response tokens' positions (not the queries' or padding): the same log-probs
-    for a fraction of the FLOPs on large vocabularies; off (and always with kl_penalty 'full'): every position's
-    logits, as the seed"""
+    """apply the output layer only at the response tokens (off, and with kl_penalty full: everywhere, as the seed)"""
     use_peft: bool = False
     """train LoRA adapters (and the value head in full); the reference is the policy with adapters off"""
     lora_r: int = 16
@@ -115,7 +113,7 @@ class PPOConfig:
 
     # --- data ---
     query_dataset: str = str(ASSETS / "data" / "prompts")
-    """prompts: a Hub id, a local .json/.jsonl/.csv/.parquet file, a save_to_disk directory or a directory of splits"""
+    """prompts: a Hub id, a .json/.jsonl/.csv/.parquet file, a save_to_disk directory or a directory of split files"""
     dataset_config: str | None = None
     """the dataset configuration (subset) name"""
     dataset_train_split: str = "train"
@@ -123,13 +121,11 @@ class PPOConfig:
     query_column: str | None = None
     """the column holding the prompts (default: 'prompt', else 'query'); strings or message lists"""
     input_min_text_length: int | None = None
-    """with input_max_text_length: cut each tokenised prompt to a random length in [min, max) (the seed's IMDB
-    example uses 2 and 8 to turn reviews into short queries); None keeps whole prompts"""
+    """with input_max_text_length: cut each tokenised prompt to a random length in [min, max) (None: whole prompts)"""
     input_max_text_length: int | None = None
-    """see input_min_text_length"""
+    """see input_min_text_length (the seed's IMDB example uses 2 and 8)"""
     reward_model: str = str(ASSETS / "tiny-reward")
-    """a sequence-classification model (path or Hub id; any reward.py output), or a 'task:model' transformers pipeline
-    such as the seed's 'sentiment-analysis:lvwerra/distilbert-imdb' (the score of the last label is the reward)"""
+    """a sequence-classification model (path or Hub id), or a 'task:model' transformers pipeline"""
     output_min_length: int = 8
     """responses get max_new_tokens drawn from [output_min_length, output_max_length) each step (seed example: 4)"""
     output_max_length: int = 24
@@ -139,8 +135,7 @@ class PPOConfig:
 
     # --- optimisation ---
     steps: int = 20
-    """PPO steps (each: one batch of rollouts, scores and ppo_epochs of updates) that `python ppo.py` runs (the
-    tiny world's default stops before the policy over-optimises the tiny reward model, see docs/ppo.md)"""
+    """PPO steps (each: one batch of rollouts, their scores and ppo_epochs of updates) that `python ppo.py` runs"""
     learning_rate: float = 1e-4
     """Adam learning rate (seed: 1.41e-5; the default suits the tiny world)"""
     batch_size: int = 32
@@ -154,10 +149,9 @@ class PPOConfig:
     max_grad_norm: float | None = None
     """clip the global gradient norm to this (None: no clipping)"""
     optim: Literal["adam_torch_fused", "adam_torch"] = "adam_torch_fused"
-    """Adam kernels: fused, one pass over all parameters (transformers' default); or torch's per-tensor loop, as the
-    seed"""
+    """Adam kernels: fused, one pass over all parameters (transformers' default), or torch's loop (the seed)"""
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
-    """the learning-rate schedule over the `steps` PPO steps of __main__ (the seed keeps it constant)"""
+    """the learning-rate schedule over the `steps` PPO steps of `python ppo.py` (the seed keeps it constant)"""
     save_steps: int = 0
     """write a resumable checkpoint every this many PPO steps (0: never)"""
     resume_from_checkpoint: str | None = None
@@ -201,15 +195,13 @@ class PPOConfig:
 
     # --- beyond the seed (defaults keep the seed's behaviour) ---
     stop_token: str | None = None
-    """truncate each response after the first occurrence of this token before it is scored and trained on: 'eos' for
-    the EOS token, or any string that is one token (e.g. '.'); generation stops there too"""
+    """cut each response after this token (and stop generating there): 'eos', or any string that is one token"""
     missing_eos_penalty: float | None = None
     """subtract this from the score of a response that never produced the stop token (EOS by default)"""
     fix_seed_bugs: bool = False
-    """fix the seed's bugs that change numbers (docs/ppo.md lists them): gradient clipping only on the first
-    optimizer step, padding that leaks whitened rewards into advantages"""
+    """fix the seed's bugs that change numbers: clipping on the first optimizer step only, padding's whitened rewards"""
 
-    check_on_init: ClassVar[bool] = True  # __main__ turns it off to report a bad size as one line, not tyro's box
+    check_on_init: ClassVar[bool] = True  # Args turns it off: main reports a bad size as one line, not tyro's box
 
     def __post_init__(self):
         if self.log_with == "wandb":
@@ -232,37 +224,22 @@ class PPOConfig:
         """rollouts per optimizer step (per process)"""
         return self.mini_batch_size * self.gradient_accumulation_steps
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @property
+    def model_name_or_path(self) -> str:
+        """model_name, under the name the shared blocks below the banner read"""
+        return self.model_name
+
+
+@dataclass
+class Args(PPOConfig):
+    """PPO (RLHF): roll out the policy on prompts, score with a reward model, update policy and value head."""
+
+    check_on_init: ClassVar[bool] = False  # the command line: main checks the sizes, a bad one is one line
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Data: loading, validation, prompts
+# The algorithm: prompts -> text, log-probs, masked statistics, the KL penalty, GAE, the clipped losses, KL control
 # ----------------------------------------------------------------------------------------------------------------------
-def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
-    """Load a Hub dataset, a local data file, a `save_to_disk` directory or a directory of split files."""
-    path = Path(name)
-    if path.is_file():
-        builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-        if path.suffix not in builders:
-            raise ValueError(f"unknown dataset file type '{path.suffix}' of {name}: expected one of {sorted(builders)}")
-        return load_dataset(builders[path.suffix], data_files=str(path))
-    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
-        loaded = load_from_disk(str(path))
-        return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
-    return load_dataset(name, config)  # a Hub id, or a directory of train/test files (splits inferred from names)
-
-
-def find_query_column(column_names: list[str], query_column: str | None = None) -> str:
-    """The column holding the prompts: --query_column, else 'prompt', else 'query'."""
-    candidates = [query_column] if query_column else ["prompt", "query"]
-    for column in candidates:
-        if column in column_names:
-            return column
-    expected = f"a '{query_column}' column" if query_column else "a 'prompt' or 'query' column"
-    raise ValueError(f"expected {expected} (strings or message lists); found columns {column_names}")
-
-
 def format_query(prompt, tokenizer) -> tuple[str, bool]:
     """THE place to change how a prompt becomes text: a message list is rendered with the chat template and the
     generation prompt (then the text holds its own special tokens: templated=True); a string is used as it is."""
@@ -271,132 +248,9 @@ def format_query(prompt, tokenizer) -> tuple[str, bool]:
     return prompt, False
 
 
-class LengthSampler:
-    """The seed's LengthSampler: a uniformly random integer in [min_value, max_value), from numpy's global RNG."""
-
-    def __init__(self, min_value: int, max_value: int):
-        self.values = list(range(min_value, max_value))
-
-    def __call__(self) -> int:
-        return int(np.random.choice(self.values))
-
-
-def step_indices(step: int, num_rows: int, global_batch_size: int, seed: int) -> list[int]:
-    """Prompt indices of PPO step `step` over all processes: each epoch over the prompts is a permutation seeded by
-    (seed + epoch), consumed global_batch_size prompts at a time (the tail is dropped). The order depends on the step
-    alone, which makes resuming exact."""
-    steps_per_epoch = num_rows // global_batch_size
-    epoch, position = divmod(step, steps_per_epoch)
-    permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return permutation[position * global_batch_size : (position + 1) * global_batch_size]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The reward rule: a sequence-classification model scored as reward.py scores, or a transformers pipeline
-# ----------------------------------------------------------------------------------------------------------------------
-def parse_reward_spec(spec: str) -> tuple[str | None, str]:
-    """'task:model' for a transformers pipeline (task one of the pipeline tasks, e.g. sentiment-analysis), else
-    (None, spec): a sequence-classification model path or Hub id. Raises ValueError for a spec that cannot work."""
-    from transformers.pipelines import SUPPORTED_TASKS, TASK_ALIASES
-
-    task, sep, model = spec.partition(":")
-    if sep and not Path(spec).exists() and (task in SUPPORTED_TASKS or task in TASK_ALIASES):
-        if not model:
-            raise ValueError(f"reward pipeline spec '{spec}' names no model; expected 'task:model'")
-        return task, model
-    if sep and not Path(spec).exists():
-        raise ValueError(f"unknown reward spec '{spec}': '{task}' is not a transformers pipeline task (expected "
-                         f"'task:model' with a task such as sentiment-analysis, or a sequence-classification model)")
-    if Path(spec).exists() and not (Path(spec) / "config.json").exists():
-        raise ValueError(f"reward model '{spec}' is not a model directory (no config.json in it)")
-    if not Path(spec).exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
-        raise ValueError(f"reward model '{spec}' does not exist: expected a model directory, a Hub id or 'task:model'")
-    return None, spec
-
-
-def load_reward_function(spec: str, device, max_length: int = 1024) -> Callable[[list, list], list[float]]:
-    """A callable (prompts, responses) -> list of float scores, from a reward spec (see parse_reward_spec).
-
-    A sequence-classification model scores prompt + response the way reward.py trained it: message-list prompts
-    rendered with the chat template and the response as the assistant turn, string prompts concatenated; EOS
-    appended, the start kept when too long, right padding; the score read where plain transformers reads it. A
-    pipeline (the seed's sentiment example) scores prompt + response, and the reward is the raw score (logit) of the
-    pipeline's last label, e.g. POSITIVE for a binary sentiment classifier.
-    """
-    task, name = parse_reward_spec(spec)
-    if task is not None:
-        from transformers import pipeline
-
-        pipe = pipeline(task, model=name, device=device)
-
-        def score_with_pipeline(prompts: list, responses: list[str]) -> list[float]:
-            texts = [(format_query(p, pipe.tokenizer)[0] if isinstance(p, list) else p) + r
-                     for p, r in zip(prompts, responses)]
-            outputs = pipe(texts, top_k=None, function_to_apply="none", batch_size=16, truncation=True)
-            last = pipe.model.config.num_labels - 1
-            label = pipe.model.config.id2label[last]
-            return [next(o["score"] for o in output if o["label"] == label) for output in outputs]
-
-        return score_with_pipeline
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForSequenceClassification.from_pretrained(name).eval().requires_grad_(False).to(device)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.config.pad_token_id is None:  # transformers finds the last real token through config.pad_token_id
-        model.config.pad_token_id = tokenizer.pad_token_id
-    max_length = min(max_length, tokenizer.model_max_length)
-
-    @torch.no_grad()
-    def score_with_model(prompts: list, responses: list[str]) -> list[float]:
-        sequences = []
-        for prompt, response in zip(prompts, responses):
-            if isinstance(prompt, list):
-                text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}],
-                                                     tokenize=False)
-                ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-            else:
-                ids = list(tokenizer(prompt + response)["input_ids"])
-            if not ids or ids[-1] != tokenizer.eos_token_id:
-                ids.append(tokenizer.eos_token_id)
-            sequences.append(ids[:max_length])
-        scores = []
-        for start in range(0, len(sequences), 64):
-            chunk = sequences[start : start + 64]
-            longest = max(len(ids) for ids in chunk)
-            input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (longest - len(ids)) for ids in chunk])
-            attention_mask = torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in chunk])
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-            scores += logits[:, 0].float().tolist()
-        return scores
-
-    return score_with_model
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# PPO math: log-probs, masked statistics, KL penalties, GAE, the clipped losses, KL controllers
-# ----------------------------------------------------------------------------------------------------------------------
-@contextmanager
-def lm_head_only_at(model: torch.nn.Module, positions: torch.Tensor | None):
-    """Inside the block, the model's output layer runs only at `positions` ((B, T) bool) and its forward returns
-    logits (N, V), one row per True position in row-major order, instead of (B, T, V). The prompt and padding
-    positions are never scored, yet on a 32k vocabulary the output layer is most of a forward's FLOPs and its logits
-    most of the activation memory. positions=None: full (B, T, V) logits, as the seed (--no-lm_head_only_at_labels).
-    `model` is the unwrapped model (accelerator.unwrap_model); the hook changes the input of its output layer only."""
-    if positions is None:
-        yield
-        return
-    handle = model.get_output_embeddings().register_forward_pre_hook(
-        lambda module, inputs: (inputs[0][positions], *inputs[1:]))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(..., V) logits, (...) labels -> (...) float32 log-probs of the labels, as logit[label] - logsumexp(logits)
-    (the seed takes a full log_softmax over the vocabulary and gathers from it: the same numbers, V times the
-    memory)."""
+    (the seed gathers from a full log_softmax: the same numbers, V times the memory)."""
     logits = logits.float()
     return torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
@@ -407,35 +261,30 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, axis: int | None = None) -> torch.Tensor:
-    """Mean of values where mask is 1 (over all elements, or along axis)."""
-    if axis is not None:
-        return (values * mask).sum(axis=axis) / mask.sum(axis=axis)
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values where mask is 1."""
     return (values * mask).sum() / mask.sum()
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of values where mask is 1; unbiased (Bessel's n / (n - 1)) by default, as the seed."""
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
-    if unbiased:
-        count = mask.sum()
-        if count == 0:
-            raise ValueError("the mask is empty: there are no response tokens to take a variance over")
-        variance = variance * count / (count - 1)
-    return variance
+def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance (Bessel's n / (n - 1), as the seed) of values where mask is 1."""
+    count = mask.sum()
+    if count == 0:
+        raise ValueError("the mask is empty: there are no response tokens to take a variance over")
+    return masked_mean((values - masked_mean(values, mask)) ** 2, mask) * count / (count - 1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(values - mean) / sqrt(var + 1e-8) with the masked mean and unbiased variance; shift_mean=False adds the mean
-    back (only the scale changes). Applied to every position, masked or not, as the seed."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, accelerator=None) -> torch.Tensor:
+    """(values - mean) / sqrt(var + 1e-8), with the mean and unbiased variance over the mask's positions (of every
+    process, given an accelerator of several); shift_mean=False adds the mean back. Applied everywhere, as the seed."""
+    if accelerator is None or accelerator.num_processes == 1:
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        total = accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum()]), "sum")
+        mean = total[0] / total[1]
+        var = accelerator.reduce((((values - mean) ** 2) * mask).sum(), "sum") / (total[1] - 1)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     return whitened if shift_mean else whitened + mean
-
-
-def clip_by_value(x: torch.Tensor, tensor_min: torch.Tensor, tensor_max: torch.Tensor) -> torch.Tensor:
-    return torch.max(torch.min(x, tensor_max), tensor_min)
 
 
 def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kind: str = "kl") -> torch.Tensor:
@@ -478,7 +327,7 @@ def ppo_losses(old_logprobs, values, logprobs, vpreds, mask, advantages, returns
     vpred_clipped = clip(vpred, V_old - eps_v, V_old + eps_v);
     vf_loss = 0.5 * masked_mean(max((vpred - R)^2, (vpred_clipped - R)^2))
     """
-    vpredclipped = clip_by_value(vpreds, values - cliprange_value, values + cliprange_value)
+    vpredclipped = torch.max(torch.min(vpreds, values + cliprange_value), values - cliprange_value)
     vf_losses1 = (vpreds - returns) ** 2
     vf_losses2 = (vpredclipped - returns) ** 2
     ratio = torch.exp(logprobs - old_logprobs)
@@ -488,12 +337,6 @@ def ppo_losses(old_logprobs, values, logprobs, vpreds, mask, advantages, returns
             "vf_loss": 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask),
             "pg_clipfrac": masked_mean(torch.gt(pg_losses2, pg_losses).float(), mask),
             "vf_clipfrac": masked_mean(torch.gt(vf_losses2, vf_losses1).float(), mask), "ratio": ratio}
-
-
-def disable_dropout_in_model(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
 
 
 class AdaptiveKLController:
@@ -554,7 +397,7 @@ class RunningMoments:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Models: a language model with a value head, in the seed's weight layout; the reference model
+# The model: a language model with a value head, in the seed's weight layout; the reference model
 # ----------------------------------------------------------------------------------------------------------------------
 class ValueHead(nn.Module):
     """One scalar per token: dropout, then a linear map of the last hidden state (the seed's layout: `summary`)."""
@@ -575,12 +418,10 @@ class ValueHead(nn.Module):
 
 
 def read_value_head_weights(name_or_path: str, revision: str | None = None, token=None) -> dict | None:
-    """The `v_head.*` tensors stored in a checkpoint's weight files, keys without the prefix; None if it has none.
-
-    A model saved by the seed's library (or by this file) keeps its value head inside the model's own weight file:
-    model.safetensors, pytorch_model.bin, or their sharded indexes; LoRA checkpoints keep it in pytorch_model.bin.
-    """
+    """The `v_head.*` tensors (keys without the prefix) a checkpoint keeps in its own weight files, as the seed saves
+    them: model.safetensors, pytorch_model.bin or their sharded indexes (LoRA: pytorch_model.bin); None if none."""
     from huggingface_hub import hf_hub_download
+    from safetensors import safe_open
 
     def locate(filename: str) -> Path | None:
         if Path(name_or_path).is_dir():
@@ -591,28 +432,20 @@ def read_value_head_weights(name_or_path: str, revision: str | None = None, toke
         except Exception:  # not in the repository (or offline): try the next layout
             return None
 
-    def read(path: Path) -> dict:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                return {key: f.get_tensor(key) for key in f.keys() if key.startswith("v_head.")}
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return {key: value for key, value in state.items() if key.startswith("v_head.")}
-
     for filename in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                      "pytorch_model.bin.index.json"):
-        path = locate(filename)
-        if path is None:
+        if (path := locate(filename)) is None:
             continue
-        if filename.endswith(".index.json"):
-            weight_map = json.loads(path.read_text())["weight_map"]
-            state = {}
-            for shard in sorted({file for key, file in weight_map.items() if key.startswith("v_head.")}):
-                state.update(read(locate(shard)))
-        else:
-            state = read(path)
-        return {key[len("v_head."):]: value for key, value in state.items()} or None
+        files = [path] if not filename.endswith(".index.json") else [locate(shard) for shard in sorted(
+            {file for key, file in json.loads(path.read_text())["weight_map"].items() if key.startswith("v_head.")})]
+        state = {}
+        for file in files:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt") as f:
+                    state.update({key: f.get_tensor(key) for key in f.keys() if key.startswith("v_head.")})
+            else:
+                state.update(torch.load(file, map_location="cpu", weights_only=True))
+        return {key[len("v_head."):]: value for key, value in state.items() if key.startswith("v_head.")} or None
     return None
 
 
@@ -678,10 +511,10 @@ class PreTrainedModelWrapper(nn.Module):
 
             pretrained_model = get_peft_model(pretrained_model, peft_config)
         multi_adapter = {}
-        if reward_adapter is not None:
+        if reward_adapter is not None:  # the seed's API only (see add_and_load_reward_modeling_adapter)
             if isinstance(pretrained_model, PreTrainedModel):
                 raise ValueError("reward_adapter can only be used with a LoRA (PEFT) policy: pass peft_config too")
-            multi_adapter = {"score_module": cls.add_and_load_reward_modeling_adapter(
+            multi_adapter = {"score_module": add_and_load_reward_modeling_adapter(
                 pretrained_model, reward_adapter, reward_adapter_name), "supports_rm_adapter": True,
                 "rm_adapter_name": reward_adapter_name}
         model = cls(pretrained_model, **multi_adapter, **head_kwargs)
@@ -690,51 +523,18 @@ class PreTrainedModelWrapper(nn.Module):
         model.v_head.to(next(pretrained_model.parameters()).device)
         return model
 
-    @staticmethod
-    def add_and_load_reward_modeling_adapter(pretrained_model, adapter_path: str, adapter_name: str = "reward_adapter"):
-        """Load a LoRA reward adapter (trained on the same base, e.g. by reward.py --use_peft) next to the policy's
-        adapter, and return its score head as a frozen nn.Linear: policy, reference and reward model then share one
-        copy of the base weights."""
-        pretrained_model.load_adapter(adapter_path, adapter_name, is_trainable=False)
-        files = [Path(adapter_path) / name for name in ("adapter_model.safetensors", "adapter_model.bin")]
-        file = next((f for f in files if f.exists()), None)
-        if file is None:
-            raise ValueError(f"no adapter_model.safetensors or adapter_model.bin in reward adapter {adapter_path}")
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(file)
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-        score = {key.rsplit(".", 1)[-1]: value for key, value in state.items() if ".score." in f".{key}"}
-        if "weight" not in score:
-            raise ValueError(f"reward adapter {adapter_path} holds no score head (expected a '*score.weight' tensor)")
-        num_labels, hidden = score["weight"].shape
-        head = nn.Linear(hidden, num_labels, bias="bias" in score).to(next(pretrained_model.parameters()).device)
-        head.load_state_dict(score)
-        return head.requires_grad_(False)
-
-    def compute_reward_score(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
-        """(B, T, num_labels) scores of the reward adapter at every position (the seed's API): the reward adapter is
-        switched on for one no-grad forward, then the policy's adapter is active again."""
-        if not self.supports_rm_adapter:
-            raise ValueError("this model has no reward adapter: load it with from_pretrained(..., reward_adapter=...)")
-        self.pretrained_model.set_adapter(self.rm_adapter_name)
-        try:
-            with torch.no_grad():
-                output = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask,
-                                               output_hidden_states=True, return_dict=True, **kwargs)
-                scores = self.score(output.hidden_states[-1].to(self.score.weight.dtype))
-        finally:
-            self.pretrained_model.set_adapter(self.policy_adapter_name)
-        return scores
-
     def generate(self, *args, **kwargs):
         """The wrapped model's `generate`."""
         return self.pretrained_model.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, **kwargs):
         self.pretrained_model.gradient_checkpointing_enable(**kwargs)
+
+    def merge_and_unload(self) -> "PreTrainedModelWrapper":
+        """A LoRA policy with its adapters merged into the base weights, and the same value head."""
+        merged = type(self)(self.pretrained_model.merge_and_unload())
+        merged.v_head = self.v_head
+        return merged
 
     def state_dict(self, *args, **kwargs) -> dict:
         """The wrapped model's keys unchanged, plus v_head.*. A LoRA policy: the value head alone (the seed's
@@ -752,14 +552,16 @@ class PreTrainedModelWrapper(nn.Module):
             return self.pretrained_model.load_state_dict(rest, strict=strict, assign=assign)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """save_pretrained of the wrapped model with the value head inside its weight file. A LoRA policy: the
-        adapter (peft's save_pretrained) and the value head in pytorch_model.bin, as the seed does."""
+        """save_pretrained of the wrapped model with the value head inside its weight file (state_dict None: this
+        model's). A LoRA policy: the adapter (peft's save_pretrained) and the value head in pytorch_model.bin, as the
+        seed does."""
         if self.is_peft_model:
             kwargs.pop("state_dict", None)  # the value head alone (see state_dict): peft takes the adapter itself
             self.pretrained_model.save_pretrained(save_directory, *args, **kwargs)
             torch.save(self.state_dict(), Path(save_directory) / "pytorch_model.bin")
             return
-        kwargs.setdefault("state_dict", self.state_dict())
+        if kwargs.get("state_dict") is None:
+            kwargs["state_dict"] = self.state_dict()
         return self.pretrained_model.save_pretrained(save_directory, *args, **kwargs)
 
     def push_to_hub(self, *args, **kwargs):
@@ -769,6 +571,22 @@ class PreTrainedModelWrapper(nn.Module):
             return self.pretrained_model.push_to_hub(*args, **kwargs)
         finally:
             del self.pretrained_model.v_head
+
+    # the seed's API only: the LoRA reward adapter loaded by from_pretrained(..., reward_adapter=...)
+    def compute_reward_score(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+        """(B, T, num_labels) scores of the reward adapter at every position: the reward adapter is switched on for
+        one no-grad forward, then the policy's adapter is active again."""
+        if not self.supports_rm_adapter:
+            raise ValueError("this model has no reward adapter: load it with from_pretrained(..., reward_adapter=...)")
+        self.pretrained_model.set_adapter(self.rm_adapter_name)
+        try:
+            with torch.no_grad():
+                output = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask,
+                                               output_hidden_states=True, return_dict=True, **kwargs)
+                scores = self.score(output.hidden_states[-1].to(self.score.weight.dtype))
+        finally:
+            self.pretrained_model.set_adapter(self.policy_adapter_name)
+        return scores
 
 
 class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
@@ -789,104 +607,12 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         return output.logits.float(), output.loss, value
 
 
-class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
-    """An encoder-decoder LM (T5 family) with a value head on the decoder's last hidden state: forward(input_ids,
-    attention_mask, decoder_input_ids=..., decoder_attention_mask=...) returns (lm_logits, loss, value (B, T_dec))."""
-
-    transformers_parent_class = AutoModelForSeq2SeqLM
-    is_encoder_decoder = True
-
-    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, **kwargs):
-        output = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask,
-                                       past_key_values=past_key_values, output_hidden_states=True, **kwargs)
-        value = self.v_head(output.decoder_hidden_states[-1]).squeeze(-1)
-        return output.logits.float(), output.loss, value
-
-
-LAYER_PATTERNS = ["transformer.h.{layer}", "model.decoder.layers.{layer}", "gpt_neox.layers.{layer}",
-                  "model.layers.{layer}"]
-
-
-def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """A model that is only evaluated (a reference or reward model): eval mode, no gradients, never given to the
-    optimizer. Under FSDP it is sharded as the policy is (each transformer block, then the root, with fully_shard);
-    under ZeRO-3 by a DeepSpeed engine without an optimizer (as TRL's prepare_deepspeed; ZeRO-1/2 only shard
-    optimizer state, so there it is replicated); otherwise it is replicated on each process's device."""
-    model.eval().requires_grad_(False)
-    if accelerator.distributed_type == DistributedType.FSDP:
-        from torch.distributed.fsdp import fully_shard
-
-        block_classes = set(getattr(model, "_no_split_modules", None) or [])
-        for module in model.modules():
-            if type(module).__name__ in block_classes:
-                fully_shard(module)
-        fully_shard(model)
-    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
-        import deepspeed
-
-        config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-        config.pop("optimizer", None), config.pop("scheduler", None)
-        config["zero_optimization"].pop("offload_optimizer", None)
-        if config["zero_optimization"]["stage"] != 3:
-            config["zero_optimization"]["stage"] = 0
-        model = deepspeed.initialize(model=model, config=config)[0]
-        model.eval()
-    else:
-        model.to(accelerator.device)
-    return model
-
-
-@contextmanager
-def gathered_for_generation(accelerator, model):
-    """The model with its full parameters for the duration of a generate call, released after; yields the model to
-    call generate on. FSDP: every sharded module is all-gathered once and kept whole across the decoding steps (not
-    gathered again per token and layer); ZeRO-3: deepspeed.zero.GatheredParameters. Every process must enter it, and
-    each must call generate inside it: transformers then keeps them in step (synced_gpus)."""
-    if accelerator.distributed_type == DistributedType.FSDP:
-        from torch.distributed.fsdp import FSDPModule
-
-        sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
-        for module in sharded:
-            module.unshard()
-            module.set_reshard_after_forward(False, recurse=False)
-        try:
-            yield model
-        finally:
-            for module in sharded:
-                module.reshard()
-                module.set_reshard_after_forward(True, recurse=False)
-    elif accelerator.distributed_type == DistributedType.DEEPSPEED and \
-            accelerator.state.deepspeed_plugin.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            yield accelerator.unwrap_model(model)
-    else:
-        yield accelerator.unwrap_model(model)
-
-
 def create_reference_model(model: nn.Module, num_shared_layers: int | None = None, pattern: str | None = None):
-    """A frozen copy of `model` in eval mode, the reference of the KL penalty.
-
-    With num_shared_layers=k, every parameter before the k-th layer (embeddings and layers 0..k-1, found with
-    `pattern`, e.g. "transformer.h.{layer}", or the usual layer names) is frozen in the policy and SHARED with the
-    reference: the same tensors, no copy. The seed froze them but deep-copied them anyway, saving no memory.
-    """
-    names = [name for name, _ in model.named_parameters()]
-    shared: list[str] = []
-    if num_shared_layers is not None:
-        candidates = [pattern] if pattern is not None else LAYER_PATTERNS
-        found = next((c.format(layer=num_shared_layers) for c in candidates
-                      if any(c.format(layer=num_shared_layers) in name for name in names)), None)
-        if found is None:
-            raise ValueError(f"no parameter name contains the layer pattern for layer {num_shared_layers} "
-                             f"(tried {candidates}); pass pattern= with the model's layer names")
-        for name in names:
-            if found in name:
-                break
-            shared.append(name)
+    """A frozen copy of `model` in eval mode, the reference of the KL penalty. With num_shared_layers=k (the seed's
+    API, see shared_parameter_names) the parameters before layer k are frozen in the policy and SHARED with the
+    reference: the same tensors, no copy (the seed froze them but deep-copied them anyway, saving no memory)."""
     memo = {}
-    for name in shared:
+    for name in shared_parameter_names(model, num_shared_layers, pattern) if num_shared_layers is not None else []:
         parameter = model.get_parameter(name)
         parameter.requires_grad_(False)  # frozen in the policy too: the two models hold the one tensor
         memo[id(parameter)] = parameter  # deepcopy returns what the memo holds instead of copying it
@@ -897,7 +623,7 @@ def create_reference_model(model: nn.Module, num_shared_layers: int | None = Non
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The trainer: generate, step (the seed's algorithm, stage by stage), log_stats
+# The trainer: generate (rollouts), step (one PPO update, stage by stage), log_stats
 # ----------------------------------------------------------------------------------------------------------------------
 class PPOTrainer:
     """The seed's PPOTrainer: `generate` rolls out, `step(queries, responses, scores)` runs one PPO update on a batch
@@ -916,16 +642,13 @@ class PPOTrainer:
         if not isinstance(model, PreTrainedModelWrapper):
             raise ValueError(f"model must be an AutoModelForCausalLMWithValueHead or AutoModelForSeq2SeqLMWithValueHead"
                              f", got {type(model)}")
-        set_seed(config.seed)  # as the seed: value-head-free RNG state from here on is a function of config.seed
         self.config, self.tokenizer = config, tokenizer
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
 
-        # 1. Accelerator. Several processes but no GPU (`accelerate launch --multi_gpu` on a CPU machine): one gloo
-        #    process group on CPU; otherwise accelerate would start independent copies that never exchange gradients.
-        multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        self.accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision="bf16" if config.bf16 else None)
-        self.is_distributed = self.accelerator.num_processes > 1
+        # 1. Accelerator; every RNG seeded from config.seed, as the seed's set_seed (the mini-batch order follows it).
+        self.accelerator = make_accelerator(config)
+        self.current_device = self.accelerator.device
         self.is_encoder_decoder = getattr(model, "is_encoder_decoder", False)
         self.is_peft_model = model.is_peft_model
         # Dropout off, as in the seed, whose every forward pass runs in eval mode (value head, LoRA and model
@@ -956,7 +679,8 @@ class PPOTrainer:
             self.dataloader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
                                                           drop_last=True, collate_fn=data_collator)
 
-        # 4. Optimizer (Adam over the trainable parameters, as the seed), KL controller, score statistics.
+        # 4. Optimizer (Adam over the trainable parameters, as the seed), KL controller, score statistics; prepared by
+        #    accelerate (DDP / FSDP / DeepSpeed); the reference frozen and sharded like the policy.
         self.optimizer = optimizer or torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                                        lr=config.learning_rate,
                                                        fused=config.optim == "adam_torch_fused")
@@ -965,99 +689,72 @@ class PPOTrainer:
                        else FixedKLController(config.init_kl_coef))
         self.running = RunningMoments(self.accelerator)
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:  # what accelerate cannot infer
-            deepspeed_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
-            deepspeed_config.update({"train_micro_batch_size_per_gpu": config.mini_batch_size,
-                                     "gradient_clipping": config.max_grad_norm or 0.0})
+            self.accelerator.state.deepspeed_plugin.deepspeed_config.update(
+                {"train_micro_batch_size_per_gpu": config.mini_batch_size,
+                 "gradient_clipping": config.max_grad_norm or 0.0})
         self.model, self.optimizer = self.accelerator.prepare(model.to(self.accelerator.device), self.optimizer)
         if self.dataloader is not None:
             self.dataloader = self.accelerator.prepare(self.dataloader)
-        if self.ref_model is not None:  # eval mode, frozen; sharded like the policy under FSDP / ZeRO-3
+        if self.ref_model is not None:
             self.ref_model = prepare_frozen(self.accelerator, self.ref_model)
-        self.current_device = self.accelerator.device
         self.current_step = 0  # step() calls so far
         self._micro_steps, self._clipped = 0, False
         if config.max_grad_norm is not None and not config.fix_seed_bugs:
             warnings.warn("the seed clips the gradient norm on the first optimizer step only (its parameter list is a "
                           "one-shot iterator); pass fix_seed_bugs=True (--fix_seed_bugs) to clip every step")
 
-    # ------------------------------------------------------------------------------------------------------------------
-    # Rollouts
-    # ------------------------------------------------------------------------------------------------------------------
     def generate(self, query_tensor, length_sampler: Callable | None = None, batch_size: int = 4,
                  return_prompt: bool = True, generate_ref_response: bool = False, **generation_kwargs):
-        """Responses of the policy (and, with generate_ref_response, of the reference) to one query tensor (T,) or to
-        a list of them. A list is generated batch_size queries at a time, left-padded, with the KV cache; each
-        response is cut after its first EOS (padding removed), and return_prompt=False returns the response alone.
-        length_sampler() draws max_new_tokens for each batch."""
+        """Responses of the policy (and, with generate_ref_response, of the reference) to a list of query tensors
+        (T,), batch_size queries per left-padded generate call with the KV cache, each response cut after its first
+        EOS (padding removed); return_prompt=False returns the responses alone. length_sampler() draws max_new_tokens
+        for each call. One query tensor (T,) gives generate's own (1, T') output, uncut, as the seed."""
+        one = not isinstance(query_tensor, list)
+        if one and query_tensor.dim() != 1:
+            raise ValueError(f"query_tensor must be a tensor of shape (seq_len,) or a list of such tensors, got "
+                             f"shape {tuple(query_tensor.shape)}")
+        if one and length_sampler is not None:  # one draw for the policy and the reference, as the seed
+            generation_kwargs["max_new_tokens"], length_sampler = length_sampler(), None
         generation_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+
+        def run(model) -> list[torch.Tensor]:
+            return self._generate_batched(model, [query_tensor] if one else query_tensor, length_sampler, batch_size,
+                                          return_prompt, remove_padding=not one, **generation_kwargs)
+
         with gathered_for_generation(self.accelerator, self.model) as policy:  # whole weights for this call only
             policy.eval()  # for generate only: under gradient checkpointing, train mode would switch the KV cache off
             try:
-                return self._generate(policy, query_tensor, length_sampler, batch_size, return_prompt,
-                                      generate_ref_response, **generation_kwargs)
+                responses = run(policy)
+                if generate_ref_response:  # the reference: LoRA's policy with adapters off, or the frozen copy
+                    with (self.optional_peft_ctx() if self.is_peft_model else
+                          gathered_for_generation(self.accelerator, self.ref_model)) as reference:
+                        ref_responses = run(policy if reference is None else reference)
             finally:
                 policy.train()
-
-    @contextmanager
-    def _reference_for_generation(self, policy):
-        """The reference to generate with: a LoRA policy with its adapters off, else the frozen copy (gathered)."""
-        if self.is_peft_model:
-            with self.optional_peft_ctx():
-                yield policy
-        else:
-            with gathered_for_generation(self.accelerator, self.ref_model) as reference:
-                yield reference
-
-    def _generate(self, policy, query_tensor, length_sampler, batch_size, return_prompt, generate_ref_response,
-                  **generation_kwargs):
-        if isinstance(query_tensor, list):
-            response = self._generate_batched(policy, query_tensor, length_sampler, batch_size, return_prompt,
-                                              **generation_kwargs)
-            if generate_ref_response:
-                with self._reference_for_generation(policy) as reference:
-                    ref_response = self._generate_batched(reference, query_tensor, length_sampler, batch_size,
-                                                          return_prompt, **generation_kwargs)
-        else:
-            if query_tensor.dim() != 1:
-                raise ValueError(f"query_tensor must be a tensor of shape (seq_len,) or a list of such tensors, got "
-                                 f"shape {tuple(query_tensor.shape)}")
-            if length_sampler is not None:
-                generation_kwargs["max_new_tokens"] = length_sampler()
-            input_ids = query_tensor.unsqueeze(0).to(self.current_device)
-            with torch.no_grad():
-                response = policy.generate(input_ids=input_ids, **generation_kwargs)
-                if generate_ref_response:
-                    with self._reference_for_generation(policy) as reference:
-                        ref_response = reference.generate(input_ids=input_ids, **generation_kwargs)
-            if not return_prompt and not self.is_encoder_decoder:
-                response = response[:, query_tensor.shape[0]:]
-                if generate_ref_response:
-                    ref_response = ref_response[:, query_tensor.shape[0]:]
-        return (response, ref_response) if generate_ref_response else response
+        if one:
+            responses = responses[0].unsqueeze(0)
+            ref_responses = ref_responses[0].unsqueeze(0) if generate_ref_response else None
+        return (responses, ref_responses) if generate_ref_response else responses
 
     @torch.no_grad()
     def _generate_batched(self, model, query_tensors: list[torch.Tensor], length_sampler=None, batch_size: int = 4,
                           return_prompt: bool = True, remove_padding: bool = True, **generation_kwargs):
         outputs = []
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        eos = self.tokenizer.eos_token_id
+        side = "right" if self.is_encoder_decoder else "left"  # left: every query ends where its response starts
         batch_size = min(len(query_tensors), batch_size)
         for start in range(0, len(query_tensors), batch_size):
             if length_sampler is not None:
                 generation_kwargs["max_new_tokens"] = length_sampler()
             batch = [query.to(self.current_device) for query in query_tensors[start : start + batch_size]]
-            longest = max(len(query) for query in batch)
-            # decoder-only: left padding, so that every query ends where its response starts; encoder-decoder: right
-            input_ids = torch.full((len(batch), longest), pad, dtype=torch.long, device=self.current_device)
-            attention_mask = torch.zeros_like(input_ids)
-            for i, query in enumerate(batch):
-                if self.is_encoder_decoder:
-                    input_ids[i, : len(query)], attention_mask[i, : len(query)] = query, 1
-                else:
-                    input_ids[i, longest - len(query) :], attention_mask[i, longest - len(query) :] = query, 1
+            input_ids = pad_sequence(batch, batch_first=True, padding_value=self.tokenizer.pad_token_id,
+                                     padding_side=side)
+            attention_mask = pad_sequence([torch.ones_like(query) for query in batch], batch_first=True,
+                                          padding_side=side)
             generations = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)
             for query, generation in zip(batch, generations):
                 # the decoder's sequence starts with its start token (which may be the EOS id); skip it
-                response = generation if self.is_encoder_decoder else generation[longest:]
+                response = generation if self.is_encoder_decoder else generation[input_ids.shape[1]:]
                 first = 1 if self.is_encoder_decoder else 0
                 if remove_padding and (response[first:] == eos).any():  # cut after the first EOS (kept)
                     response = response[: first + int((response[first:] == eos).nonzero()[0, 0]) + 1]
@@ -1065,9 +762,6 @@ class PPOTrainer:
                                else response)
         return outputs
 
-    # ------------------------------------------------------------------------------------------------------------------
-    # One PPO step
-    # ------------------------------------------------------------------------------------------------------------------
     def _step_safety_checker(self, batch_size: int, queries, responses, scores, masks=None):
         """Every input a list of batch_size tensors, responses non-empty, scores finite scalars -> on the device."""
         for name, items in (("queries", queries), ("responses", responses), ("scores", scores)):
@@ -1100,7 +794,7 @@ class PPOTrainer:
              response_masks: list[torch.Tensor] | None = None) -> dict:
         """One PPO update on batch_size rollouts: queries and responses are lists of 1-D token-id tensors, scores a
         list of scalar tensors (one per response); response_masks optionally marks the response tokens to train on.
-        Returns the seed's stats."""
+        Returns the seed's stats. The stages are those of docs/ppo.md."""
         config, bs = self.config, self.config.batch_size
         queries, responses, scores, response_masks = self._step_safety_checker(bs, queries, responses, scores,
                                                                                 response_masks)
@@ -1116,13 +810,13 @@ class PPOTrainer:
         if config.score_clip is not None:
             scores = torch.clip(scores, -config.score_clip, config.score_clip)
 
-        # 2. Forward passes without gradient: the policy's log-probs and values (the "old" ones of PPO), the
-        #    reference's log-probs; in mini_batch_size chunks. (B, T-1) tensors: position t scores token t+1.
+        # 2. Forward passes without gradient: the policy's log-probs and values (the "old" ones of PPO) and the
+        #    reference's log-probs, (B, T-1) each (position t scores token t+1), and the mask of the response tokens.
         t = time.time()
         model_inputs = self.prepare_model_inputs(queries, responses)
-        full_kl = config.kl_penalty == "full"
+        full_kl = config.kl_penalty == "full"  # the exact KL needs the whole next-token distributions
         with torch.no_grad():
-            all_logprobs, logits, values, masks = self.batched_forward_pass(
+            old_logprobs, logits, values, masks = self.batched_forward_pass(
                 self.model, queries, responses, model_inputs, return_logits=full_kl, response_masks=response_masks)
             with self.optional_peft_ctx():
                 ref_logprobs, ref_logits, _, _ = self.batched_forward_pass(
@@ -1130,52 +824,103 @@ class PPOTrainer:
                     return_logits=full_kl)
         timing["time/ppo/forward_pass"] = time.time() - t
 
-        # 3. Per-token rewards (-beta * KL, plus the score on the last response token), then GAE advantages.
         with torch.no_grad():
+            # 3. Per-token rewards: -beta * KL at every response token, plus the score on the last one.
             t = time.time()
-            if full_kl:  # the exact KL needs the whole next-token distributions
-                rewards, non_score_reward, kls = self.compute_rewards(
-                    scores, torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1), masks)
+            if full_kl:
+                kls = kl_penalty(torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1), "full")
                 del logits, ref_logits
             else:
-                rewards, non_score_reward, kls = self.compute_rewards(scores, all_logprobs, ref_logprobs, masks)
+                kls = kl_penalty(old_logprobs, ref_logprobs, config.kl_penalty)
+            non_score_reward = -self.kl_ctl.value * kls
+            rewards = non_score_reward.clone()
+            last = masks.shape[1] - 1 - masks.flip(1).argmax(1)  # the last position where the mask is 1
+            rewards[torch.arange(bs, device=rewards.device), last] += scores
             timing["time/ppo/compute_rewards"] = time.time() - t
+
+            # 4. Advantages: GAE over the masked rewards and values, then whitened over the response tokens of every
+            #    process; the returns (value targets) are advantages + values, taken before the whitening.
             t = time.time()
-            values, advantages, returns = self.compute_advantages(values, rewards, masks)
+            values, rewards = values * masks, rewards * masks
+            if config.whiten_rewards:
+                rewards = masked_whiten(rewards, masks, shift_mean=False, accelerator=self.accelerator)
+                if config.fix_seed_bugs:  # whitening moved the zeros of the padding: keep padding reward-free
+                    rewards = rewards * masks
+            advantages = compute_gae(values, rewards, config.gamma, config.lam)
+            returns = advantages + values
+            advantages = masked_whiten(advantages, masks, accelerator=self.accelerator).detach()
             timing["time/ppo/compute_advantages"] = time.time() - t
 
-        # 4. ppo_epochs passes over the batch in shuffled mini-batches (the seed's numpy permutation), an optimizer
+        # 5. ppo_epochs passes over the batch in shuffled mini-batches (the seed's numpy permutation); an optimizer
         #    step every gradient_accumulation_steps mini-batches; early stopping between epochs.
         t = time.time()
-        all_stats, early_stop = [], False
+        all_stats = []
         for _ in range(config.ppo_epochs):
-            if early_stop:
+            order = np.random.permutation(bs)
+            for start in range(0, bs, config.mini_batch_size):
+                i = order[start : start + config.mini_batch_size]
+                logprobs, logits, vpreds, _ = self.batched_forward_pass(
+                    self.model, [queries[j] for j in i], [responses[j] for j in i],
+                    {key: value[i] for key, value in model_inputs.items()}, return_logits=True)
+                old, old_values, mask, adv, ret = old_logprobs[i], values[i], masks[i], advantages[i], returns[i]
+
+                # 5a. The clipped policy and value losses. A mini-batch whose mean ratio exceeds ratio_threshold has
+                #     its losses zeroed (the seed still steps the optimizer on it).
+                out = ppo_losses(old, old_values, logprobs, vpreds, mask, adv, ret, config.cliprange,
+                                 config.cliprange_value)
+                pg_loss, vf_loss = out["pg_loss"], out["vf_loss"]
+                loss = pg_loss + config.vf_coef * vf_loss
+                if (avg_ratio := masked_mean(out["ratio"], mask).item()) > config.ratio_threshold:
+                    warnings.warn(f"The average ratio of batch ({avg_ratio:.2f}) exceeds threshold "
+                                  f"{config.ratio_threshold:.2f}. Skipping batch.")
+                    pg_loss, vf_loss, loss = pg_loss * 0.0, vf_loss * 0.0, loss * 0.0
+                with torch.no_grad():  # the seed's stats; the entropy needs the whole distribution, at the responses
+                    entropy = entropy_from_logits(logits if logits.dim() == 2 else logits[mask.bool()]).mean()
+                    all_stats.append({key: value.detach().float() for key, value in {
+                        "loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss, "policy/entropy": entropy,
+                        "policy/approxkl": 0.5 * masked_mean((logprobs - old) ** 2, mask),
+                        "policy/policykl": masked_mean(old - logprobs, mask), "policy/clipfrac": out["pg_clipfrac"],
+                        "policy/advantages_mean": masked_mean(adv, mask), "returns/mean": masked_mean(ret, mask),
+                        "returns/var": masked_var(ret, mask), "val/vpred": masked_mean(vpreds, mask),
+                        "val/error": masked_mean((vpreds - ret) ** 2, mask), "val/clipfrac": out["vf_clipfrac"],
+                        "val/mean": masked_mean(old_values, mask), "val/var": masked_var(old_values, mask)}.items()})
+
+                # 5b. Backward, scaled by 1 / gradient_accumulation_steps, unless the loss is not finite on some
+                #     process: then every process stops before the optimizer sees it.
+                if self.accelerator.reduce((~torch.isfinite(loss.detach())).float(), "sum").item() > 0:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise FloatingPointError(f"the PPO loss is {loss.item()} (policy {pg_loss.item()}, value "
+                                             f"{(config.vf_coef * vf_loss).item()}); the optimizer was not stepped")
+                self._micro_steps += 1
+                sync = self._micro_steps % config.gradient_accumulation_steps == 0
+                with accumulating(self.accelerator, self.model, last=sync):
+                    self.accelerator.backward(loss / config.gradient_accumulation_steps)
+
+                # 5c. The optimizer step, the gradient clipped first (the seed: on the first optimizer step only).
+                if sync:
+                    if config.max_grad_norm is not None and (config.fix_seed_bugs or not self._clipped):
+                        self.accelerator.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                         config.max_grad_norm)
+                        self._clipped = True
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+            # early stopping: once the last mini-batch's policy KL (averaged over processes) exceeds 1.5 x target_kl
+            if config.early_stopping and self.accelerator.reduce(all_stats[-1]["policy/policykl"], "mean") > \
+                    1.5 * config.target_kl:
                 break
-            b_inds = np.random.permutation(bs)
-            for backward_start in range(0, bs, config.backward_batch_size):
-                backward_inds = b_inds[backward_start : backward_start + config.backward_batch_size]
-                for mini_start in range(0, config.backward_batch_size, config.mini_batch_size):
-                    inds = backward_inds[mini_start : mini_start + config.mini_batch_size]
-                    logprobs, logits, vpreds, _ = self.batched_forward_pass(
-                        self.model, [queries[i] for i in inds], [responses[i] for i in inds],
-                        {key: value[inds] for key, value in model_inputs.items()}, return_logits=True)
-                    train_stats = self.train_minibatch(all_logprobs[inds], values[inds], logprobs, logits, vpreds,
-                                                       masks[inds], advantages[inds], returns[inds])
-                    all_stats.append(train_stats)
-            if config.early_stopping:
-                early_stop = self._early_stop(train_stats["policy/policykl"])
         timing["time/ppo/optimize_step"] = time.time() - t
 
-        # 5. Statistics (averaged over the mini-batches, and over processes), then the KL controller's update with
-        #    the global batch size.
+        # 6. Statistics, averaged over the mini-batches and over processes.
         t = time.time()
         train_stats = {key: torch.stack([stats[key] for stats in all_stats]).mean() for key in all_stats[0]}
-        stats = self.record_step_stats(scores=scores, logprobs=all_logprobs, ref_logprobs=ref_logprobs,
+        stats = self.record_step_stats(scores=scores, logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                                        non_score_reward=non_score_reward, train_stats=train_stats,
                                        kl_coef=self.kl_ctl.value, masks=masks, queries=queries, responses=responses,
                                        kls=kls)
         timing["time/ppo/calc_stats"] = time.time() - t
         stats["ppo/learning_rate"] = self.optimizer.param_groups[0]["lr"]
+
+        # 7. The KL controller's update, with the global batch size; the schedule's step, if one was given.
         self.kl_ctl.update(stats["objective/kl"], bs * self.accelerator.num_processes)
         timing["time/ppo/total"] = time.time() - t0
         stats.update(timing)
@@ -1186,15 +931,10 @@ class PPOTrainer:
 
     def prepare_model_inputs(self, queries: list[torch.Tensor], responses: list[torch.Tensor]) -> dict:
         """Right-padded model inputs: query + response (decoder-only), or query -> encoder and response -> decoder."""
-        pad = self.tokenizer.pad_token_id
-
-        def pad_right(sequences):
-            longest = max(len(s) for s in sequences)
-            ids = torch.full((len(sequences), longest), pad, dtype=torch.long, device=self.current_device)
-            mask = torch.zeros_like(ids)
-            for i, s in enumerate(sequences):
-                ids[i, : len(s)], mask[i, : len(s)] = s, 1
-            return ids, mask
+        def pad_right(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            return (pad_sequence([s.long() for s in sequences], batch_first=True,
+                                 padding_value=self.tokenizer.pad_token_id),
+                    pad_sequence([torch.ones_like(s, dtype=torch.long) for s in sequences], batch_first=True))
 
         if self.is_encoder_decoder:
             input_ids, attention_mask = pad_right(queries)
@@ -1259,100 +999,6 @@ class PPOTrainer:
         return (torch.cat(all_logprobs), torch.cat(all_logits) if return_logits else None, torch.cat(all_values),
                 torch.cat(all_masks))
 
-    def compute_rewards(self, scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                        masks: torch.Tensor):
-        """(B,) scores and (B, T) log-probs -> per-token rewards, non-score rewards (-beta * KL) and KLs, (B, T):
-        the score is added on the last response token."""
-        kls = kl_penalty(logprobs, ref_logprobs, self.config.kl_penalty)
-        non_score_reward = -self.kl_ctl.value * kls
-        rewards = non_score_reward.clone()
-        last = masks.shape[1] - 1 - masks.flip(1).argmax(1)  # the last position where the mask is 1
-        rewards[torch.arange(len(scores), device=rewards.device), last] += scores
-        return rewards, non_score_reward, kls
-
-    def _whiten(self, values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-        """masked_whiten, with the mean and variance over every process's tokens (one process: the seed's)."""
-        if not self.is_distributed:
-            return masked_whiten(values, mask, shift_mean)
-        total = self.accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum()]), "sum")
-        mean, count = total[0] / total[1], total[1]
-        var = self.accelerator.reduce((((values - mean) ** 2) * mask).sum(), "sum") / (count - 1)
-        whitened = (values - mean) * torch.rsqrt(var + 1e-8)
-        return whitened if shift_mean else whitened + mean
-
-    def compute_advantages(self, values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor):
-        """GAE advantages (whitened over the batch's response tokens) and returns (advantages + values), (B, T)."""
-        values, rewards = values * mask, rewards * mask
-        if self.config.whiten_rewards:
-            rewards = self._whiten(rewards, mask, shift_mean=False)
-            if self.config.fix_seed_bugs:  # whitening moved the zeros of the padding: keep padding reward-free
-                rewards = rewards * mask
-        advantages = compute_gae(values, rewards, self.config.gamma, self.config.lam)
-        returns = advantages + values
-        advantages = self._whiten(advantages, mask).detach()
-        return values, advantages, returns
-
-    def loss(self, old_logprobs, values, logits, vpreds, logprobs, mask, advantages, returns):
-        """The policy loss, vf_coef x the value loss, and the mini-batch's stats. A mini-batch whose mean ratio
-        exceeds ratio_threshold has its losses zeroed (the seed still steps the optimizer on it)."""
-        out = ppo_losses(old_logprobs, values, logprobs, vpreds, mask, advantages, returns, self.config.cliprange,
-                         self.config.cliprange_value)
-        pg_loss, vf_loss, ratio = out["pg_loss"], out["vf_loss"], out["ratio"]
-        loss = pg_loss + self.config.vf_coef * vf_loss
-        avg_ratio = masked_mean(ratio, mask).item()
-        if avg_ratio > self.config.ratio_threshold:
-            warnings.warn(f"The average ratio of batch ({avg_ratio:.2f}) exceeds threshold "
-                          f"{self.config.ratio_threshold:.2f}. Skipping batch.")
-            pg_loss, vf_loss, loss = pg_loss * 0.0, vf_loss * 0.0, loss * 0.0
-        with torch.no_grad():
-            # the entropy needs the whole distribution; taken only at the response positions
-            entropy = entropy_from_logits(logits if logits.dim() == 2 else logits[mask.bool()]).mean()
-            stats = {
-                "loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "loss/total": loss.detach(),
-                "policy/entropy": entropy, "policy/approxkl": 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask),
-                "policy/policykl": masked_mean(old_logprobs - logprobs, mask), "policy/clipfrac": out["pg_clipfrac"],
-                "policy/advantages_mean": masked_mean(advantages, mask),
-                "returns/mean": masked_mean(returns, mask), "returns/var": masked_var(returns, mask),
-                "val/vpred": masked_mean(vpreds, mask), "val/error": masked_mean((vpreds - returns) ** 2, mask),
-                "val/clipfrac": out["vf_clipfrac"], "val/mean": masked_mean(values, mask),
-                "val/var": masked_var(values, mask),
-            }
-        return pg_loss, self.config.vf_coef * vf_loss, {key: value.detach().float() for key, value in stats.items()}
-
-    def train_minibatch(self, old_logprobs, values, logprobs, logits, vpreds, mask, advantages, returns) -> dict:
-        """Loss and backward of one mini-batch (scaled by 1 / gradient_accumulation_steps); every
-        gradient_accumulation_steps-th call also clips and steps the optimizer. A non-finite loss stops before it
-        reaches the optimizer (FloatingPointError), on every process together."""
-        loss_p, loss_v, train_stats = self.loss(old_logprobs, values, logits, vpreds, logprobs, mask, advantages,
-                                                returns)
-        loss = loss_p + loss_v
-        nonfinite = (~torch.isfinite(loss.detach())).float()
-        if self.is_distributed:  # any process's non-finite loss stops all of them
-            nonfinite = self.accelerator.reduce(nonfinite, "max")
-        if nonfinite.item() > 0:
-            self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"the PPO loss is {loss.item()} (policy {loss_p.item()}, value {loss_v.item()}); "
-                                     "the optimizer was not stepped")
-        self._micro_steps += 1
-        sync = self._micro_steps % self.config.gradient_accumulation_steps == 0
-        self.accelerator.gradient_state._set_sync_gradients(sync)  # DeepSpeed's engine steps in the last backward
-        with self.accelerator.no_sync(self.model) if not sync else nullcontext():
-            self.accelerator.backward(loss / self.config.gradient_accumulation_steps)
-        if sync:
-            if self.config.max_grad_norm is not None and (self.config.fix_seed_bugs or not self._clipped):
-                self.accelerator.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                 self.config.max_grad_norm)
-                self._clipped = True
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return train_stats
-
-    def _early_stop(self, policykl: torch.Tensor) -> bool:
-        """Stop this step's PPO epochs when the (process-averaged) policy KL exceeds 1.5 x target_kl."""
-        if self.is_distributed:
-            policykl = self.accelerator.reduce(policykl.clone(), "mean")
-        return bool(policykl > 1.5 * self.config.target_kl)
-
     def record_step_stats(self, kl_coef: float, **data) -> dict:
         """The seed's stats of a step: objective/*, ppo/* (means over the mini-batches) and tokens/*; scalars are
         averaged over processes, distributions (numpy arrays) are this process's."""
@@ -1372,9 +1018,7 @@ class PPOTrainer:
         }
         scalars["ppo/val/var_explained"] = 1 - scalars["ppo/val/error"] / scalars["ppo/returns/var"]
         values = torch.stack([value.float().to(self.current_device) for value in scalars.values()])
-        if self.is_distributed:
-            values = self.accelerator.reduce(values, "mean")
-        stats = dict(zip(scalars, values.tolist()))
+        stats = dict(zip(scalars, self.accelerator.reduce(values, "mean").tolist()))
         if stats["objective/kl"] < -1.0:
             warnings.warn(f"KL divergence is starting to become negative: {stats['objective/kl']:.2f} - this might be "
                           "a precursor for failed training (often: generation kwargs that differ from the sampling "
@@ -1384,9 +1028,6 @@ class PPOTrainer:
                       "tokens/queries_dist": query_lens.numpy(), "tokens/responses_dist": response_lens.numpy()})
         return stats
 
-    # ------------------------------------------------------------------------------------------------------------------
-    # Logging and saving
-    # ------------------------------------------------------------------------------------------------------------------
     def log_stats(self, stats: dict, batch: dict, rewards, columns_to_log=("query", "response")) -> None:
         """A console line, a metrics.jsonl row (the scalar stats plus env/reward_mean|std over all processes) and
         samples.jsonl rows (columns_to_log of batch, with the reward) in config.output_dir; with --track, wandb too
@@ -1399,10 +1040,7 @@ class PPOTrainer:
         if missing:
             raise ValueError(f"columns_to_log {list(columns_to_log)} are not all in the batch: missing {missing}, "
                              f"found {list(batch)}")
-        from accelerate.utils import gather_object
-
-        columns = [gather_object(list(batch[column])) if self.is_distributed else list(batch[column])
-                   for column in columns_to_log]
+        columns = [gather_object(list(batch[column])) for column in columns_to_log]
         if not self.accelerator.is_main_process:
             return
         row = {"step": self.current_step, "env/reward_mean": rewards.mean().item(),
@@ -1439,32 +1077,415 @@ class PPOTrainer:
             self.tokenizer.save_pretrained(save_directory)
 
 
+def main(args: Args) -> None:
+    # 0. Check what can be checked before anything is loaded.
+    try:
+        args.check_sizes()
+        parse_reward_spec(args.reward_model)
+    except ValueError as error:
+        fail(str(error))
+    for name in ["steps", "logging_steps", "output_min_length"]:
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.output_max_length <= args.output_min_length:
+        fail(f"--output_max_length must be above --output_min_length {args.output_min_length} (the range is "
+             f"[min, max)), got {args.output_max_length}")
+    if (args.input_min_text_length is None) != (args.input_max_text_length is None) or (
+            args.input_min_text_length is not None and not 0 < args.input_min_text_length < args.input_max_text_length):
+        fail(f"--input_min_text_length and --input_max_text_length go together, with 0 < min < max; got "
+             f"{args.input_min_text_length} and {args.input_max_text_length}")
+    if args.temperature <= 0:
+        fail(f"--temperature must be positive, got {args.temperature}")
+    if args.resume_from_checkpoint and not (Path(args.resume_from_checkpoint) / "training_state.pt").exists():
+        fail(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint directory of this script "
+             "(no training_state.pt in it)")
+    if args.use_peft and any(os.environ.get(variable, "false").lower() == "true"
+                             for variable in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")):
+        fail("--use_peft is not supported under FSDP or DeepSpeed by ppo.py (its value-head model saves the adapter "
+             "from an unsharded policy); train LoRA with data parallelism: accelerate_configs/multi_gpu.yaml")
+
+    # 1. Accelerator (checks how the run was launched; seeds every RNG). The trainer below makes its own, which
+    #    shares this one's state.
+    accelerator = make_accelerator(args, zero3_refusal="its reward model would be loaded partitioned and used outside "
+                                                       "an engine")
+    world_size = accelerator.num_processes
+    global_batch_size = args.batch_size * world_size
+    accelerator.print(f"run: {world_size} process(es) x {args.mini_batch_size} per device x "
+                      f"{args.gradient_accumulation_steps} accumulation = {world_size * args.backward_batch_size} "
+                      f"rollouts per optimizer step; {world_size} x {args.batch_size} = {global_batch_size} rollouts "
+                      "per PPO step")
+    output_dir = Path(args.output_dir)
+
+    # 2. Data: the prompts, loaded and checked before any model is (ppo.py has no test split, so not load_splits).
+    try:
+        raw = load_any_dataset(args.query_dataset, args.dataset_config)
+    except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
+        message = str(error) or type(error).__name__  # an empty JSON file raises a bare StopIteration
+        cause = error.__cause__  # datasets wraps the real reason, e.g. split files whose columns differ
+        if cause is not None and str(cause):
+            message += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
+        elif isinstance(error, StopIteration) or "corresponds to no data" in message or "generating the dataset" in \
+                message:  # how datasets says "empty"
+            message += " (is a data file empty? every split needs at least one row)"
+        fail(f"could not load dataset {args.query_dataset}: {message}")
+    try:
+        if args.dataset_train_split not in raw:
+            raise ValueError(f"dataset {args.query_dataset} has no split '{args.dataset_train_split}'; found splits "
+                             f"{list(raw)}")
+        if len(raw[args.dataset_train_split]) == 0:
+            raise ValueError(f"split '{args.dataset_train_split}' of dataset {args.query_dataset} is empty; expected "
+                             "at least one prompt")
+        query_column = find_query_column(raw[args.dataset_train_split].column_names, args.query_column)
+    except ValueError as error:
+        fail(str(error))
+    prompts = raw[args.dataset_train_split][query_column]
+
+    # 3. Tokenizer and tokenised queries. With --input_min/max_text_length each query is cut to a random length, as
+    #    the seed's IMDB example does; the reward model then sees the cut query as the prompt.
+    tokenizer = load_tokenizer(args, "to end responses")
+    if isinstance(prompts[0], list) and tokenizer.chat_template is None:
+        fail(f"the prompts are conversations but the tokenizer of {args.model_name} has no chat template")
+    cut_length = (LengthSampler(args.input_min_text_length, args.input_max_text_length)
+                  if args.input_min_text_length is not None else None)
+    queries, reward_prompts = [], []  # token ids, and what the reward function sees as the prompt
+    for prompt in prompts:
+        if not isinstance(prompt, (str, list)):
+            fail(f"prompts must be strings or message lists; column '{query_column}' holds {type(prompt).__name__}")
+        text, templated = format_query(prompt, tokenizer)
+        ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+        if cut_length is not None:
+            ids = ids[: cut_length()]
+        if ids:
+            queries.append(ids)
+            reward_prompts.append(tokenizer.decode(ids, skip_special_tokens=True) if cut_length else prompt)
+    if len(queries) < global_batch_size:
+        fail(f"the query dataset has {len(queries)} non-empty prompts but one PPO step needs {global_batch_size} "
+             f"(batch_size {args.batch_size} x {world_size} processes)")
+    stop_token_id = None
+    if args.stop_token is not None:
+        stop_ids = ([tokenizer.eos_token_id] if args.stop_token == "eos" else
+                    tokenizer(args.stop_token, add_special_tokens=False)["input_ids"])
+        if len(stop_ids) != 1:
+            fail(f"--stop_token must be 'eos' or one token; '{args.stop_token}' is {len(stop_ids)} tokens {stop_ids}")
+        stop_token_id = stop_ids[0]
+
+    # 4. Policy with a value head (seq2seq models get the seq2seq wrapper); LoRA; gradient checkpointing. When
+    #    resuming, the policy (and its value head) come from the checkpoint and the reference from model_name.
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    is_encoder_decoder = AutoConfig.from_pretrained(args.model_name, revision=args.revision).is_encoder_decoder
+    wrapper = AutoModelForSeq2SeqLMWithValueHead if is_encoder_decoder else AutoModelForCausalLMWithValueHead
+    peft_config = None
+    if args.use_peft and not args.resume_from_checkpoint:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                 target_modules=args.lora_target_modules or "all-linear",
+                                 task_type="SEQ_2_SEQ_LM" if is_encoder_decoder else "CAUSAL_LM")
+    load_path = args.resume_from_checkpoint or args.model_name
+    model = wrapper.from_pretrained(load_path, dtype=dtype, peft_config=peft_config, is_trainable=True,
+                                    **({"revision": args.revision} if load_path == args.model_name else {}))
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref_model = None
+    if args.resume_from_checkpoint and not args.use_peft:
+        ref_model = wrapper.from_pretrained(args.model_name, revision=args.revision, dtype=dtype)
+
+    # 5. The trainer (reference, the seed's Adam, accelerate's preparation) and the learning-rate schedule, stepped
+    #    once per PPO step over --steps: transformers' get_scheduler multipliers, whose import costs 0.8 s of start-up.
+    trainer = PPOTrainer(args, model, ref_model, tokenizer)
+
+    def lr_multiplier(step: int) -> float:
+        if args.lr_scheduler_type == "linear":
+            return (args.steps - step) / args.steps
+        return 0.5 * (1.0 + math.cos(math.pi * (step / args.steps))) if args.lr_scheduler_type == "cosine" else 1.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lr_multiplier)
+    torch.manual_seed(args.seed + accelerator.process_index)  # each process samples its own responses
+    params_in_memory = sum(p.numel() for m in (model, trainer.ref_model) if m is not None for p in m.parameters())
+    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    accelerator.print(f"model: {params_in_memory / 1e6:.2f}M parameters in memory (policy"
+                      f"{' + reference' if trainer.ref_model is not None else ''}), {num_trainable / 1e6:.2f}M "
+                      f"trainable; {len(queries)} prompts, {args.steps} steps of {global_batch_size} rollouts")
+
+    # 6. The reward: a sequence-classification model or a pipeline, on the same device.
+    try:
+        reward_fn = load_reward_function(args.reward_model, accelerator.device)
+    except (OSError, ValueError) as error:
+        fail(f"could not load reward model {args.reward_model}: {' '.join(str(error).split())[:500]}")
+
+    # 7. Resume: optimizer, schedule, KL coefficient, seed-mode clip, score statistics and every RNG; then the logs
+    #    (metrics.jsonl and samples.jsonl, written by log_stats; wandb with --track).
+    start_step = 0
+    if args.resume_from_checkpoint:
+        checkpoint = Path(args.resume_from_checkpoint)
+        state = torch.load(checkpoint / "training_state.pt", weights_only=False)
+        load_optimizer_state(checkpoint, accelerator, trainer.model, trainer.optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        trainer.kl_ctl.value, trainer._clipped = state["kl_coef"], state["clipped"]
+        trainer.running.load_state_dict(state["running"])
+        rng = torch.load(checkpoint / f"rng_state_{accelerator.process_index}.pt", weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        start_step = trainer.current_step = state["step"]
+        accelerator.print(f"resumed from {checkpoint} at step {start_step}")
+    open_logs(args, accelerator, start_step, files=("metrics.jsonl", "samples.jsonl"))
+
+    # 8. Training loop: rollout -> score -> PPO step -> log, batch_size queries per process per step.
+    generation_kwargs = {"min_length": -1, "top_k": 0, "top_p": 1.0, "do_sample": True,
+                         "temperature": args.temperature, "pad_token_id": tokenizer.pad_token_id}
+    if stop_token_id is not None and stop_token_id != tokenizer.eos_token_id:
+        generation_kwargs["eos_token_id"] = [tokenizer.eos_token_id, stop_token_id]
+    output_length_sampler = LengthSampler(args.output_min_length, args.output_max_length)
+    ended_by = tokenizer.eos_token_id if stop_token_id is None else stop_token_id
+    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="ppo",
+                    disable=not accelerator.is_local_main_process)
+    for step in progress:
+        step_start = time.time()
+        mine = step_indices(step, len(queries), global_batch_size, args.seed)[accelerator.process_index :: world_size]
+        query_tensors = [torch.tensor(queries[i]) for i in mine]
+
+        # 8a. Rollout: all of this process's queries in one left-padded generate call with the KV cache; each
+        #     response cut after its first EOS, or after the stop token.
+        response_tensors = trainer.generate(query_tensors, length_sampler=output_length_sampler,
+                                            batch_size=args.batch_size, return_prompt=False, **generation_kwargs)
+        if stop_token_id is not None:  # truncate after the first stop token (it is kept)
+            response_tensors = [r[: int((r == stop_token_id).nonzero()[0, 0]) + 1] if (r == stop_token_id).any()
+                                else r for r in response_tensors]
+        for i in [i for i, r in enumerate(response_tensors) if len(r) == 0]:  # an immediate stop: the EOS itself
+            response_tensors[i] = torch.tensor([tokenizer.eos_token_id], device=accelerator.device)
+        rollout_seconds = time.time() - step_start
+
+        # 8b. Score prompt + response with the reward model; the optional penalty for responses that never ended.
+        score_start = time.time()
+        response_texts = tokenizer.batch_decode(response_tensors, skip_special_tokens=True)
+        scores = reward_fn([reward_prompts[i] for i in mine], response_texts)
+        if args.missing_eos_penalty is not None:
+            scores = [s - args.missing_eos_penalty * float(not (r == ended_by).any())
+                      for s, r in zip(scores, response_tensors)]
+        score_tensors = [torch.tensor(float(s)) for s in scores]
+        score_seconds = time.time() - score_start
+
+        # 8c. The PPO step. A non-finite loss stops the run before the optimizer sees it.
+        try:
+            stats = trainer.step(query_tensors, response_tensors, score_tensors)
+        except FloatingPointError as error:
+            checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+            fail(f"{error} at step {step + 1}; stopping ({kept})")
+        scheduler.step()
+
+        # 8d. Log (every logging_steps) and checkpoint.
+        done = step + 1
+        stats.update({"time/rollout": rollout_seconds, "time/score": score_seconds,
+                      "episodes_per_second": global_batch_size / (time.time() - step_start),
+                      "peak_memory_mb": peak_memory_mb()})
+        if done % args.logging_steps == 0 or done == args.steps:
+            query_texts = tokenizer.batch_decode(query_tensors, skip_special_tokens=True)
+            trainer.log_stats(stats, {"query": query_texts, "response": response_texts}, score_tensors)
+            progress.set_postfix(reward=f"{stats['ppo/mean_scores']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+        if args.save_steps > 0 and done % args.save_steps == 0 and done < args.steps:
+            save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, trainer.model, tokenizer,
+                            trainer.optimizer, scheduler, {"step": done, "kl_coef": trainer.kl_ctl.value,
+                                                           "clipped": trainer._clipped,
+                                                           "running": trainer.running.state_dict()})
+
+    # 9. Save: the policy with its value head in the seed's layout (plain AutoModelForCausalLM loads it, ignoring
+    #    v_head.*) and the tokenizer; with LoRA, the merged model in output_dir and the adapter in output_dir/adapter
+    #    (each with the value head).
+    save_final_model(args, accelerator, trainer.model, tokenizer, wrapper)
+    del trainer, model  # the DDP-wrapped policy goes before its process group does
+    gc.collect()
+    accelerator.end_training()  # an orderly end of the process group: a peer torn down mid-exit can abort the other
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints
+# The seed's API only (python ppo.py uses none of it but seq2seq models): the seq2seq value-head model, the LoRA reward
+# adapter of from_pretrained(..., reward_adapter=...), and the layers create_reference_model(num_shared_layers=k) shares
 # ----------------------------------------------------------------------------------------------------------------------
-def get_scheduler(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps: int,
-                  num_training_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """transformers' get_scheduler for these schedules, with its multipliers, without importing its trainer module
-    (which imports peft: about 2 s of every start-up). linear / cosine (half a cycle): a linear warm-up, then decay to
-    0 at num_training_steps; constant; constant_with_warmup: the warm-up, then 1."""
-    def multiplier(step: int) -> float:
-        if name == "constant":
-            return 1.0
-        if step < num_warmup_steps:
-            return step / max(1.0, num_warmup_steps)
-        if name == "linear":
-            return max(0.0, (num_training_steps - step) / max(1.0, num_training_steps - num_warmup_steps))
-        if name == "cosine":
-            progress = (step - num_warmup_steps) / max(1.0, num_training_steps - num_warmup_steps)
-            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-        return 1.0  # constant_with_warmup after its warm-up
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper):
+    """An encoder-decoder LM (T5 family) with a value head on the decoder's last hidden state: forward(input_ids,
+    attention_mask, decoder_input_ids=..., decoder_attention_mask=...) returns (lm_logits, loss, value (B, T_dec))."""
+
+    transformers_parent_class = AutoModelForSeq2SeqLM
+    is_encoder_decoder = True
+
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, **kwargs):
+        output = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask,
+                                       past_key_values=past_key_values, output_hidden_states=True, **kwargs)
+        value = self.v_head(output.decoder_hidden_states[-1]).squeeze(-1)
+        return output.logits.float(), output.loss, value
+
+
+def add_and_load_reward_modeling_adapter(pretrained_model, adapter_path: str, adapter_name: str = "reward_adapter"):
+    """Load a LoRA reward adapter (trained on the same base, e.g. by reward.py --use_peft) next to the policy's
+    adapter, and return its score head as a frozen nn.Linear: policy, reference and reward model then share one
+    copy of the base weights (PreTrainedModelWrapper.compute_reward_score uses it)."""
+    pretrained_model.load_adapter(adapter_path, adapter_name, is_trainable=False)
+    files = [Path(adapter_path) / name for name in ("adapter_model.safetensors", "adapter_model.bin")]
+    file = next((f for f in files if f.exists()), None)
+    if file is None:
+        raise ValueError(f"no adapter_model.safetensors or adapter_model.bin in reward adapter {adapter_path}")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(file)
+    else:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    score = {key.rsplit(".", 1)[-1]: value for key, value in state.items() if ".score." in f".{key}"}
+    if "weight" not in score:
+        raise ValueError(f"reward adapter {adapter_path} holds no score head (expected a '*score.weight' tensor)")
+    num_labels, hidden = score["weight"].shape
+    head = nn.Linear(hidden, num_labels, bias="bias" in score).to(next(pretrained_model.parameters()).device)
+    head.load_state_dict(score)
+    return head.requires_grad_(False)
+
+
+LAYER_PATTERNS = ["transformer.h.{layer}", "model.decoder.layers.{layer}", "gpt_neox.layers.{layer}",
+                  "model.layers.{layer}"]
+
+
+def shared_parameter_names(model: nn.Module, num_shared_layers: int, pattern: str | None = None) -> list[str]:
+    """The parameters before layer `num_shared_layers` (embeddings and layers 0..k-1): those before the first whose
+    name contains `pattern` (e.g. "transformer.h.{layer}") for that layer, or else one of the usual layer names."""
+    names = [name for name, _ in model.named_parameters()]
+    candidates = [pattern] if pattern is not None else LAYER_PATTERNS
+    found = next((c.format(layer=num_shared_layers) for c in candidates
+                  if any(c.format(layer=num_shared_layers) in name for name in names)), None)
+    if found is None:
+        raise ValueError(f"no parameter name contains the layer pattern for layer {num_shared_layers} "
+                         f"(tried {candidates}); pass pattern= with the model's layer names")
+    return names[: next(i for i, name in enumerate(names) if found in name)]
+
+
+# ======================================================================================================================
+# The plumbing: launch checks, data and model loading, checkpoints, sharded saving, logging. Nothing below is specific
+# to one algorithm, and each function is byte-identical in every script that has it (tests/test_scaling.py checks).
+# ======================================================================================================================
+def fail(message: str) -> NoReturn:
+    """Stop with one line, `<script>: error: <message>`, and exit status 1."""
+    sys.exit(f"{Path(__file__).name}: error: {message}")
+
+
+def make_accelerator(args, zero3_refusal: str | None = None) -> Accelerator:
+    """The Accelerator, after the launch checks, with every RNG seeded from args.seed. FSDP / DeepSpeed without a GPU
+    (or DeepSpeed not installed) is one line, not a silent fall-back to plain data parallelism; zero3_refusal says why
+    a script refuses ZeRO-3. Several processes without a GPU become one gloo group on CPU (else accelerate would start
+    independent copies that never exchange gradients)."""
+    requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
+                 if os.environ.get(variable, "false").lower() == "true"]
+    if requested and not torch.cuda.is_available():
+        fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
+             "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
+             "`accelerate launch --multi_gpu --num_processes N`")
+    if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
+        fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
+             "`pip install deepspeed` (an optional dependency of these scripts)")
+    if zero3_refusal and requested == ["DeepSpeed"] and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        fail(f"{Path(__file__).name} does not run under DeepSpeed ZeRO-3 ({zero3_refusal}); use "
+             "accelerate_configs/fsdp.yaml, or deepspeed_zero2.yaml")
+    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision="bf16" if args.bf16 else None)
+    set_seed(args.seed)
+    return accelerator
+
+
+def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
+    """Load a Hub dataset, a local data file, a `save_to_disk` directory or a directory of split files."""
+    path = Path(name)
+    if path.is_file():
+        builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+        if path.suffix not in builders:
+            raise ValueError(f"unknown dataset file type '{path.suffix}' of {name}: expected one of {sorted(builders)}")
+        return load_dataset(builders[path.suffix], data_files=str(path))
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+        loaded = load_from_disk(str(path))
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
+    return load_dataset(name, config)  # a Hub id, or a directory of train/test files (splits inferred from names)
+
+
+def step_indices(step: int, num_rows: int, global_batch_size: int, seed: int) -> list[int]:
+    """The rows (or prompts) of training step `step`, over all processes: each epoch is a permutation seeded by
+    seed + epoch, consumed global_batch_size rows at a time (the incomplete tail dropped). The order depends on the
+    step alone, which makes resuming exact and makes N processes see the same global batches as one."""
+    epoch, position = divmod(step, num_rows // global_batch_size)
+    permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return permutation[position * global_batch_size : (position + 1) * global_batch_size]
+
+
+def load_tokenizer(args, eos_purpose: str):
+    """The tokenizer of --model_name_or_path, which must have an EOS token. Without a pad token, EOS pads: padding is
+    masked by position (attention mask, labels -100), never by token id, so a real EOS is still learned."""
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.revision)
+    if tokenizer.eos_token_id is None:
+        fail(f"the tokenizer of {args.model_name_or_path} has no EOS token; expected one {eos_purpose}")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@contextmanager
+def accumulating(accelerator, model, last: bool):
+    """A micro-batch's forward and backward. Gradients meet over processes only in the last micro-batch of an optimizer
+    step, where DeepSpeed's engine steps (it reads accelerate's sync flag, set through a private API). accelerate's
+    `accumulate` is not used: it divides each loss by the accumulation steps; these scripts normalise by the step."""
+    accelerator.gradient_state._set_sync_gradients(last)
+    with nullcontext() if last else accelerator.no_sync(model):
+        yield
+
+
+def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("metrics.jsonl",)):
+    """output_dir with args.json, fresh log files (resuming: their rows up to start_step kept) and wandb under --track.
+    Returns log(metrics): a console line, a metrics.jsonl row and a wandb point, from the main process."""
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        for file in (output_dir / name for name in files):
+            if not args.resume_from_checkpoint:  # a fresh run starts a fresh log
+                file.unlink(missing_ok=True)
+            elif file.exists():  # a resumed one keeps what was logged up to its checkpoint, and appends
+                logged = [line for line in file.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+                file.write_text("".join(line + "\n" for line in logged))
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                       name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
+
+    def log(metrics: dict) -> None:
+        if accelerator.is_main_process:
+            tqdm.write(" ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                                for key, value in metrics.items()))
+            with open(output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if args.track:
+                import wandb
+
+                wandb.log(metrics, step=metrics["step"])
+    return log
+
+
+@contextmanager
+def lm_head_only_at(model: torch.nn.Module, positions: torch.Tensor | None):
+    """Inside the block the output layer of `model` (unwrapped) runs only at `positions` ((B, T) bool) and the forward
+    returns logits (N, V), one row per True position in row-major order: on a large vocabulary the output layer is
+    most of a forward's FLOPs and its logits most of the memory, yet few positions are scored. None: (B, T, V)."""
+    if positions is None:
+        yield
+        return
+    handle = model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, inputs: (inputs[0][positions], *inputs[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def gathered_state_dict(accelerator, model) -> dict:
     """The model's full weights for save_pretrained, complete on the main process. Every process must call it: under
-    FSDP each process holds a shard of every weight and under DeepSpeed ZeRO-3 a slice, so the full tensors are
-    gathered here (to CPU, so that a model that fills a GPU can still be written)."""
+    FSDP each holds a shard of every weight, under ZeRO-3 a slice, so the tensors are gathered (to CPU)."""
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.tensor import DTensor
 
@@ -1480,10 +1501,10 @@ def gathered_state_dict(accelerator, model) -> dict:
 
 
 def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, scheduler, progress: dict) -> None:
-    """A resumable checkpoint: weights (or LoRA adapter) in save_pretrained form, optimizer, scheduler, progress
-    counters (step, tokens seen), and the RNG states of every process. Every process calls it (see
-    gathered_state_dict). Under FSDP the optimizer state is gathered too, keyed by parameter name, and sharded again on
-    resume; DeepSpeed's engine writes its own optimizer partitions to path/deepspeed."""
+    """A resumable checkpoint, written by every process together: weights (or LoRA adapter) in save_pretrained form,
+    optimizer, scheduler, the counters in `progress`, every process's RNG states. Under FSDP the optimizer state is
+    gathered, keyed by parameter name, and sharded again on resume; DeepSpeed writes its own to path/deepspeed.
+    (accelerate's save_state is not used: its weights are not a model that transformers loads.)"""
     weights = gathered_state_dict(accelerator, model)
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -1521,13 +1542,198 @@ def load_optimizer_state(path: Path, accelerator, model, optimizer, optimizer_st
         optimizer.load_state_dict(optimizer_state)
 
 
-def load_rng_state(path: Path, process_index: int) -> None:
-    rng = torch.load(path / f"rng_state_{process_index}.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+def save_final_model(args, accelerator, model, tokenizer, model_class, **kwargs) -> None:
+    """output_dir: plain save_pretrained weights and the tokenizer (LoRA: merged, and the adapter alone in
+    output_dir/adapter), pushed with --push_to_hub. Every process gathers (see gathered_state_dict); a sharded LoRA
+    model cannot merge in place, so a CPU copy of the base (model_class, **kwargs) merges the saved adapter."""
+    output_dir = Path(args.output_dir)
+    accelerator.wait_for_everyone()
+    weights = gathered_state_dict(accelerator, model)
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        if args.use_peft:
+            from peft import PeftModel
+
+            final.save_pretrained(output_dir / "adapter", state_dict=weights)
+            if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                base = model_class.from_pretrained(args.model_name_or_path, revision=args.revision, dtype=(
+                    args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)), **kwargs)
+                final = PeftModel.from_pretrained(base, output_dir / "adapter")
+            final, weights = final.merge_and_unload(), None
+        final.save_pretrained(output_dir, state_dict=weights)
+        tokenizer.save_pretrained(output_dir)
+        if args.push_to_hub:
+            final.push_to_hub(output_dir.name)
+            tokenizer.push_to_hub(output_dir.name)
+        if args.track:
+            import wandb
+
+            wandb.finish()
+    accelerator.wait_for_everyone()  # every process leaves together, once the main one has saved
+    accelerator.print(f"saved to {output_dir}")
+
+
+def disable_dropout_in_model(model: torch.nn.Module) -> None:
+    """Dropout off (p = 0) in every module, as the seed does for the policy and the reference."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """A model that is only evaluated (a reference or reward model): eval mode, no gradients, never given to the
+    optimizer. Under FSDP it is sharded as the policy is (each transformer block, then the root, with fully_shard);
+    under ZeRO-3 by a DeepSpeed engine without an optimizer (as TRL's prepare_deepspeed; ZeRO-1/2 only shard
+    optimizer state, so there it is replicated); otherwise it is replicated on each process's device."""
+    model.eval().requires_grad_(False)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import fully_shard
+
+        block_classes = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in block_classes:
+                fully_shard(module)
+        fully_shard(model)
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        import deepspeed
+
+        config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+        config.pop("optimizer", None), config.pop("scheduler", None)
+        config["zero_optimization"].pop("offload_optimizer", None)
+        if config["zero_optimization"]["stage"] != 3:
+            config["zero_optimization"]["stage"] = 0
+        model = deepspeed.initialize(model=model, config=config)[0]
+        model.eval()
+    else:
+        model.to(accelerator.device)
+    return model
+
+
+@contextmanager
+def gathered_for_generation(accelerator, model):
+    """The model with its full parameters for the duration of a generate call, released after; yields the model to
+    call generate on. FSDP: every sharded module is all-gathered once and kept whole across the decoding steps (not
+    gathered again per token and layer); ZeRO-3: deepspeed.zero.GatheredParameters. Every process must enter it, and
+    each must call generate inside it: transformers then keeps them in step (synced_gpus)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
+        for module in sharded:
+            module.unshard()
+            module.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield model
+        finally:
+            for module in sharded:
+                module.reshard()
+                module.set_reshard_after_forward(True, recurse=False)
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED and \
+            accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield accelerator.unwrap_model(model)
+    else:
+        yield accelerator.unwrap_model(model)
+
+
+def find_query_column(column_names: list[str], query_column: str | None = None) -> str:
+    """The column holding the prompts: --query_column, else 'prompt', else 'query'."""
+    candidates = [query_column] if query_column else ["prompt", "query"]
+    for column in candidates:
+        if column in column_names:
+            return column
+    expected = f"a '{query_column}' column" if query_column else "a 'prompt' or 'query' column"
+    raise ValueError(f"expected {expected} (strings or message lists); found columns {column_names}")
+
+
+def parse_reward_spec(spec: str) -> tuple[str | None, str]:
+    """'task:model' for a transformers pipeline (task one of the pipeline tasks, e.g. sentiment-analysis), else
+    (None, spec): a sequence-classification model path or Hub id. Raises ValueError for a spec that cannot work."""
+    from transformers.pipelines import SUPPORTED_TASKS, TASK_ALIASES
+
+    task, sep, model = spec.partition(":")
+    if sep and not Path(spec).exists() and (task in SUPPORTED_TASKS or task in TASK_ALIASES):
+        if not model:
+            raise ValueError(f"reward pipeline spec '{spec}' names no model; expected 'task:model'")
+        return task, model
+    if sep and not Path(spec).exists():
+        raise ValueError(f"unknown reward spec '{spec}': '{task}' is not a transformers pipeline task (expected "
+                         f"'task:model' with a task such as sentiment-analysis, or a sequence-classification model)")
+    if Path(spec).exists() and not (Path(spec) / "config.json").exists():
+        raise ValueError(f"reward model '{spec}' is not a model directory (no config.json in it)")
+    if not Path(spec).exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        raise ValueError(f"reward model '{spec}' does not exist: expected a model directory, a Hub id or 'task:model'")
+    return None, spec
+
+
+def load_reward_function(spec: str, device, max_length: int = 1024) -> Callable[[list, list], list[float]]:
+    """A callable (prompts, responses) -> list of float scores, from a reward spec (see parse_reward_spec).
+
+    A sequence-classification model scores prompt + response the way reward.py trained it: message-list prompts
+    rendered with the chat template and the response as the assistant turn, string prompts concatenated; EOS
+    appended, the start kept when too long, right padding; the score read where plain transformers reads it. A
+    pipeline (such as sentiment-analysis:lvwerra/distilbert-imdb, the seed's PPO example) scores prompt + response,
+    and the reward is the raw score (logit) of the pipeline's last label, e.g. POSITIVE for a sentiment classifier.
+    """
+    task, name = parse_reward_spec(spec)
+    if task is not None:
+        from transformers import pipeline
+
+        pipe = pipeline(task, model=name, device=device)
+
+        def score_with_pipeline(prompts: list, responses: list[str]) -> list[float]:
+            texts = [(format_query(p, pipe.tokenizer)[0] if isinstance(p, list) else p) + r
+                     for p, r in zip(prompts, responses)]
+            outputs = pipe(texts, top_k=None, function_to_apply="none", batch_size=16, truncation=True)
+            last = pipe.model.config.num_labels - 1
+            label = pipe.model.config.id2label[last]
+            return [next(o["score"] for o in output if o["label"] == label) for output in outputs]
+
+        return score_with_pipeline
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForSequenceClassification.from_pretrained(name).eval().requires_grad_(False).to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:  # transformers finds the last real token through config.pad_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    max_length = min(max_length, tokenizer.model_max_length)
+
+    @torch.no_grad()
+    def score_with_model(prompts: list, responses: list[str]) -> list[float]:
+        sequences = []
+        for prompt, response in zip(prompts, responses):
+            if isinstance(prompt, list):
+                text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}],
+                                                     tokenize=False)
+                ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            else:
+                ids = list(tokenizer(prompt + response)["input_ids"])
+            if not ids or ids[-1] != tokenizer.eos_token_id:
+                ids.append(tokenizer.eos_token_id)
+            sequences.append(ids[:max_length])
+        scores = []
+        for start in range(0, len(sequences), 64):
+            chunk = sequences[start : start + 64]
+            longest = max(len(ids) for ids in chunk)
+            input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (longest - len(ids)) for ids in chunk])
+            attention_mask = torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in chunk])
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            scores += logits[:, 0].float().tolist()
+        return scores
+
+    return score_with_model
+
+
+class LengthSampler:
+    """The seed's LengthSampler: a uniformly random integer in [min_value, max_value), from numpy's global RNG."""
+
+    def __init__(self, min_value: int, max_value: int):
+        self.values = list(range(min_value, max_value))
+
+    def __call__(self) -> int:
+        return int(np.random.choice(self.values))
 
 
 def peak_memory_mb() -> float:
@@ -1537,269 +1743,4 @@ def peak_memory_mb() -> float:
 
 
 if __name__ == "__main__":
-
-    def fail(message: str):
-        sys.exit(f"{Path(__file__).name}: error: {message}")
-
-    PPOConfig.check_on_init = False
-    args = tyro.cli(PPOConfig)
-    try:
-        args.check_sizes()
-    except ValueError as error:  # sizes that do not divide
-        fail(str(error))
-
-    # 0. Validate what can be checked before anything is loaded.
-    for name in ["steps", "logging_steps", "output_min_length"]:
-        if getattr(args, name) <= 0:
-            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if args.output_max_length <= args.output_min_length:
-        fail(f"--output_max_length must be above --output_min_length {args.output_min_length} (the range is "
-             f"[min, max)), got {args.output_max_length}")
-    if (args.input_min_text_length is None) != (args.input_max_text_length is None) or (
-            args.input_min_text_length is not None and not 0 < args.input_min_text_length < args.input_max_text_length):
-        fail(f"--input_min_text_length and --input_max_text_length go together, with 0 < min < max; got "
-             f"{args.input_min_text_length} and {args.input_max_text_length}")
-    if args.temperature <= 0:
-        fail(f"--temperature must be positive, got {args.temperature}")
-    if args.resume_from_checkpoint and not (Path(args.resume_from_checkpoint) / "training_state.pt").exists():
-        fail(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint directory of this script "
-             "(no training_state.pt in it)")
-    # FSDP and DeepSpeed ZeRO shard a model over GPUs. Asked for on a machine without one, say so, rather than let
-    # Accelerator(cpu=True) below quietly train with plain data parallelism.
-    requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
-                 if os.environ.get(variable, "false").lower() == "true"]
-    if requested and not torch.cuda.is_available():
-        fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
-             "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
-             "`accelerate launch --multi_gpu --num_processes N`")
-    if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
-        fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
-             "`pip install deepspeed` (an optional dependency of these scripts)")
-    if requested and args.use_peft:
-        fail("--use_peft is not supported under FSDP or DeepSpeed by ppo.py (its value-head model saves the adapter "
-             "from an unsharded policy); train LoRA with data parallelism: accelerate_configs/multi_gpu.yaml")
-    if requested == ["DeepSpeed"] and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        fail("ppo.py does not run under DeepSpeed ZeRO-3 (its reward model would be loaded partitioned and used "
-             "outside an engine); use accelerate_configs/fsdp.yaml, or deepspeed_zero2.yaml")
-    try:
-        parse_reward_spec(args.reward_model)
-    except ValueError as error:
-        fail(str(error))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # the accelerator is the trainer's; sizes are needed now
-    global_batch_size = args.batch_size * world_size
-    output_dir = Path(args.output_dir)
-
-    # 1. Data: load and validate the prompts before any model is loaded.
-    try:
-        raw = load_any_dataset(args.query_dataset, args.dataset_config)
-    except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
-        message = str(error) or type(error).__name__  # an empty JSON file raises a bare StopIteration
-        cause = error.__cause__  # datasets wraps the real reason, e.g. split files whose columns differ
-        if cause is not None and str(cause):
-            message += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
-        elif isinstance(error, StopIteration) or "corresponds to no data" in message or "generating the dataset" in \
-                message:  # how datasets says "empty"
-            message += " (is a data file empty? every split needs at least one row)"
-        fail(f"could not load dataset {args.query_dataset}: {message}")
-    try:
-        if args.dataset_train_split not in raw:
-            raise ValueError(f"dataset {args.query_dataset} has no split '{args.dataset_train_split}'; found splits "
-                             f"{list(raw)}")
-        if len(raw[args.dataset_train_split]) == 0:
-            raise ValueError(f"split '{args.dataset_train_split}' of dataset {args.query_dataset} is empty; expected "
-                             "at least one prompt")
-        query_column = find_query_column(raw[args.dataset_train_split].column_names, args.query_column)
-    except ValueError as error:
-        fail(str(error))
-    prompts = raw[args.dataset_train_split][query_column]
-
-    # 2. Tokenizer and tokenised queries. A tokenizer without a pad token gets EOS as pad (padding is masked by
-    #    position). With --input_min/max_text_length each query is cut to a random length, as the seed's example.
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name, revision=args.revision)
-    if tokenizer.eos_token_id is None:
-        fail(f"the tokenizer of {args.model_name} has no EOS token; expected one to end responses")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if isinstance(prompts[0], list) and tokenizer.chat_template is None:
-        fail(f"the prompts are conversations but the tokenizer of {args.model_name} has no chat template")
-    set_seed(args.seed)
-    cut_length = (LengthSampler(args.input_min_text_length, args.input_max_text_length)
-                  if args.input_min_text_length is not None else None)
-    queries, reward_prompts = [], []  # token ids, and what the reward function sees as the prompt
-    for prompt in prompts:
-        if not isinstance(prompt, (str, list)):
-            fail(f"prompts must be strings or message lists; column '{query_column}' holds {type(prompt).__name__}")
-        text, templated = format_query(prompt, tokenizer)
-        ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
-        if cut_length is not None:
-            ids = ids[: cut_length()]
-        if ids:
-            queries.append(ids)
-            reward_prompts.append(tokenizer.decode(ids, skip_special_tokens=True) if cut_length else prompt)
-    if len(queries) < global_batch_size:
-        fail(f"the query dataset has {len(queries)} non-empty prompts but one PPO step needs {global_batch_size} "
-             f"(batch_size {args.batch_size} x {world_size} processes)")
-    stop_token_id = None
-    if args.stop_token is not None:
-        stop_ids = ([tokenizer.eos_token_id] if args.stop_token == "eos" else
-                    tokenizer(args.stop_token, add_special_tokens=False)["input_ids"])
-        if len(stop_ids) != 1:
-            fail(f"--stop_token must be 'eos' or one token; '{args.stop_token}' is {len(stop_ids)} tokens {stop_ids}")
-        stop_token_id = stop_ids[0]
-
-    # 3. Policy with a value head (seq2seq models get the seq2seq wrapper); LoRA; gradient checkpointing. When
-    #    resuming, the policy (and its value head) come from the checkpoint and the reference from model_name.
-    from transformers import AutoConfig
-
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    is_encoder_decoder = AutoConfig.from_pretrained(args.model_name, revision=args.revision).is_encoder_decoder
-    wrapper = AutoModelForSeq2SeqLMWithValueHead if is_encoder_decoder else AutoModelForCausalLMWithValueHead
-    peft_config = None
-    if args.use_peft and not args.resume_from_checkpoint:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                 target_modules=args.lora_target_modules or "all-linear",
-                                 task_type="SEQ_2_SEQ_LM" if is_encoder_decoder else "CAUSAL_LM")
-    load_path = args.resume_from_checkpoint or args.model_name
-    model = wrapper.from_pretrained(load_path, dtype=dtype, peft_config=peft_config, is_trainable=True,
-                                    **({"revision": args.revision} if load_path == args.model_name else {}))
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ref_model = None
-    if args.resume_from_checkpoint and not args.use_peft:
-        ref_model = wrapper.from_pretrained(args.model_name, revision=args.revision, dtype=dtype)
-
-    # 4. Optimizer and schedule (the seed's Adam; the schedule is stepped once per PPO step), then the trainer.
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                 fused=args.optim == "adam_torch_fused")
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=args.steps, num_warmup_steps=0)
-    trainer = PPOTrainer(args, model, ref_model, tokenizer, optimizer=optimizer, lr_scheduler=scheduler)
-    accelerator = trainer.accelerator
-    torch.manual_seed(args.seed + accelerator.process_index)  # each process samples its own responses
-    params_in_memory = sum(p.numel() for m in (model, trainer.ref_model) if m is not None for p in m.parameters())
-    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    accelerator.print(f"model: {params_in_memory / 1e6:.2f}M parameters in memory (policy"
-                      f"{' + reference' if trainer.ref_model is not None else ''}), {num_trainable / 1e6:.2f}M "
-                      f"trainable; {len(queries)} prompts, {args.steps} steps of {global_batch_size} rollouts")
-
-    # 5. The reward: a sequence-classification model or a pipeline, on the same device.
-    try:
-        reward_fn = load_reward_function(args.reward_model, accelerator.device)
-    except (OSError, ValueError) as error:
-        fail(f"could not load reward model {args.reward_model}: {' '.join(str(error).split())[:500]}")
-
-    start_step = 0
-    if args.resume_from_checkpoint:
-        checkpoint = Path(args.resume_from_checkpoint)
-        state = torch.load(checkpoint / "training_state.pt", weights_only=False)
-        load_optimizer_state(checkpoint, accelerator, trainer.model, trainer.optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        trainer.kl_ctl.value, trainer._clipped = state["kl_coef"], state["clipped"]
-        trainer.running.load_state_dict(state["running"])
-        load_rng_state(checkpoint, accelerator.process_index)
-        start_step = trainer.current_step = state["step"]
-        accelerator.print(f"resumed from {checkpoint} at step {start_step}")
-
-    # 6. Logging: metrics.jsonl and samples.jsonl always (written by log_stats), wandb with --track.
-    metrics_file = output_dir / "metrics.jsonl"
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
-        for file in (metrics_file, output_dir / "samples.jsonl"):
-            if not args.resume_from_checkpoint:  # a fresh run starts a fresh log
-                file.unlink(missing_ok=True)
-            elif file.exists():  # a resumed one keeps what was logged up to its checkpoint, and appends
-                logged = [line for line in file.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-                file.write_text("".join(line + "\n" for line in logged))
-        if args.track:
-            import wandb
-
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
-                       name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
-
-    # 7. Training loop: rollout -> score -> PPO step -> log, batch_size queries per process per step.
-    generation_kwargs = {"min_length": -1, "top_k": 0, "top_p": 1.0, "do_sample": True,
-                         "temperature": args.temperature, "pad_token_id": tokenizer.pad_token_id}
-    if stop_token_id is not None and stop_token_id != tokenizer.eos_token_id:
-        generation_kwargs["eos_token_id"] = [tokenizer.eos_token_id, stop_token_id]
-    output_length_sampler = LengthSampler(args.output_min_length, args.output_max_length)
-    ended_by = tokenizer.eos_token_id if stop_token_id is None else stop_token_id
-    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="ppo",
-                    disable=not accelerator.is_local_main_process)
-    for step in progress:
-        step_start = time.time()
-        indices = step_indices(step, len(queries), global_batch_size, args.seed)
-        mine = indices[accelerator.process_index :: accelerator.num_processes]
-        query_tensors = [torch.tensor(queries[i]) for i in mine]
-
-        # 7a. Rollout: all of this process's queries in one left-padded generate call with the KV cache; each
-        #     response cut after its first EOS.
-        response_tensors = trainer.generate(query_tensors, length_sampler=output_length_sampler,
-                                            batch_size=args.batch_size, return_prompt=False, **generation_kwargs)
-        if stop_token_id is not None:  # truncate after the first stop token (it is kept)
-            response_tensors = [r[: int((r == stop_token_id).nonzero()[0, 0]) + 1] if (r == stop_token_id).any()
-                                else r for r in response_tensors]
-        empty = [i for i, r in enumerate(response_tensors) if len(r) == 0]
-        for i in empty:  # a response must hold one token to be trained on: an immediate stop is the EOS itself
-            response_tensors[i] = torch.tensor([tokenizer.eos_token_id], device=accelerator.device)
-        rollout_seconds = time.time() - step_start
-
-        # 7b. Score prompt + response with the reward model; the optional penalty for responses that never ended.
-        score_start = time.time()
-        response_texts = tokenizer.batch_decode(response_tensors, skip_special_tokens=True)
-        scores = reward_fn([reward_prompts[i] for i in mine], response_texts)
-        if args.missing_eos_penalty is not None:
-            scores = [s - args.missing_eos_penalty * float(not (r == ended_by).any())
-                      for s, r in zip(scores, response_tensors)]
-        score_tensors = [torch.tensor(float(s)) for s in scores]
-        score_seconds = time.time() - score_start
-
-        # 7c. The PPO step. A non-finite loss stops the run before the optimizer sees it.
-        try:
-            stats = trainer.step(query_tensors, response_tensors, score_tensors)
-        except FloatingPointError as error:
-            checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-            kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
-            fail(f"{error} at step {step + 1}; stopping ({kept})")
-
-        # 7d. Log (every logging_steps) and checkpoint.
-        done = step + 1
-        step_seconds = time.time() - step_start
-        stats.update({"time/rollout": rollout_seconds, "time/score": score_seconds,
-                      "episodes_per_second": global_batch_size / step_seconds, "peak_memory_mb": peak_memory_mb()})
-        if done % args.logging_steps == 0 or done == args.steps:
-            query_texts = tokenizer.batch_decode(query_tensors, skip_special_tokens=True)
-            trainer.log_stats(stats, {"query": query_texts, "response": response_texts}, score_tensors)
-            progress.set_postfix(reward=f"{stats['ppo/mean_scores']:.3f}", kl=f"{stats['objective/kl']:.3f}")
-        if args.save_steps > 0 and done % args.save_steps == 0 and done < args.steps:
-            save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, trainer.model, tokenizer,
-                            trainer.optimizer, scheduler, {"step": done, "kl_coef": trainer.kl_ctl.value,
-                                                           "clipped": trainer._clipped,
-                                                           "running": trainer.running.state_dict()})
-
-    # 8. Save: the policy with its value head in the seed's layout (plain AutoModelForCausalLM loads it, ignoring
-    #    v_head.*), and the tokenizer; with LoRA, the merged model in output_dir and the adapter (+ value head) in
-    #    output_dir/adapter.
-    #    Every process takes part in gathering the weights (see gathered_state_dict); LoRA runs unsharded (step 0).
-    accelerator.wait_for_everyone()
-    weights = gathered_state_dict(accelerator, trainer.model)
-    if accelerator.is_main_process:
-        final = accelerator.unwrap_model(trainer.model)
-        if args.use_peft:
-            final.save_pretrained(output_dir / "adapter")
-            merged = wrapper(final.pretrained_model.merge_and_unload())
-            merged.v_head = final.v_head
-            final, weights = merged, None
-        final.save_pretrained(output_dir, state_dict=weights)
-        tokenizer.save_pretrained(output_dir)
-        if args.push_to_hub:
-            final.push_to_hub(output_dir.name)
-            tokenizer.push_to_hub(output_dir.name)
-        if args.track:
-            wandb.finish()
-    accelerator.wait_for_everyone()  # every process leaves together, once the main one has saved
-    accelerator.print(f"saved to {output_dir}")
-    del trainer, model  # the DDP-wrapped policy goes before its process group does
-    gc.collect()
-    accelerator.end_training()  # an orderly end of the process group: a peer torn down mid-exit can abort the other
+    main(tyro.cli(Args, use_underscores=True))

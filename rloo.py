@@ -29,15 +29,16 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, NoReturn
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from datasets import DatasetDict, load_dataset, load_from_disk
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -70,9 +71,9 @@ class Args:
     revision: str | None = None
     """the Hub revision (branch, tag or commit) of the model"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    """dtype the weights are loaded in; keep float32 and use --bf16 for mixed precision unless memory forbids it"""
+    """dtype the weights are loaded in (keep float32 and use --bf16 for mixed precision)"""
     attn_implementation: str | None = None
-    """attention kernel, e.g. "sdpa", "eager" or "flash_attention_2" (default: transformers' choice)"""
+    """attention kernel, e.g. sdpa, eager, flash_attention_2 (default: transformers' choice)"""
     bf16: bool = False
     """bf16 mixed precision (autocast) through accelerate"""
     gradient_checkpointing: bool = False
@@ -92,22 +93,47 @@ class Args:
 
     # --- data ---
     dataset_name: str = str(ASSETS / "data" / "prompts")
-    """prompts: a Hub id, a local .json/.jsonl/.csv/.parquet file, a save_to_disk directory or a directory of splits;
-    every other column is passed to Python reward functions by name (an 'answer' column feeds an exact-match reward)"""
+    """prompts: a Hub id, a .json/.jsonl/.csv/.parquet file, a save_to_disk directory, or a directory of split files"""
     dataset_config: str | None = None
     """the dataset configuration (subset) name"""
     dataset_train_split: str = "train"
-    """the split whose prompts are used"""
+    """the split whose prompts are used (its other columns go to Python reward functions by name)"""
     query_column: str | None = None
     """the column holding the prompts (default: 'prompt', else 'query'); strings or message lists"""
 
+    # --- optimisation ---
+    learning_rate: float = 5e-4
+    """peak learning rate of AdamW (the default suits the tiny world; TRL's default is 1e-6)"""
+    per_device_train_batch_size: int = 32
+    """completions per process per micro-batch (TRL's default is 8)"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    steps_per_generation: int | None = None
+    """micro-batches one generation batch serves (default: gradient_accumulation_steps)"""
+    num_iterations: int = 1
+    """passes over each generation batch (the ratio is always against the sampling policy's log-probs)"""
+    max_steps: int = 40
+    """optimizer steps to take"""
+    warmup_ratio: float = 0.0
+    """fraction of the steps during which the learning rate ramps up linearly from 0"""
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    """the learning-rate schedule after warm-up"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (0: no clipping)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    optim: Literal["adamw_torch_fused", "adamw_torch"] = "adamw_torch_fused"
+    """AdamW kernels: fused, one pass over all parameters (transformers' default), or torch's per-tensor loop"""
+    save_steps: int = 0
+    """write a resumable checkpoint every this many optimizer steps (0: never), where a generation batch is used up"""
+    resume_from_checkpoint: str | None = None
+    """a checkpoint-N directory written by this script to continue from"""
+
     # --- rewards ---
     reward_model: tuple[str, ...] = ()
-    """sequence-classification reward models (paths or Hub ids; any reward.py output), scored as reward.py scores, or
-    'task:model' transformers pipelines (default, when no --reward_funcs either: the tiny world's reward model)"""
+    """reward models (paths, Hub ids, 'task:model' pipelines; default without --reward_funcs: the tiny world's)"""
     reward_funcs: tuple[str, ...] = ()
-    """Python reward functions, FILE.py:NAME, with TRL's signature f(prompts, completions, completion_ids, **columns)
-    -> list of floats (None: the function does not apply to that completion)"""
+    """Python reward functions, FILE.py:NAME, with TRL's signature (None: does not apply to that completion)"""
     reward_weights: tuple[float, ...] | None = None
     """one weight per reward, models first, then functions, in the order given (default: all 1)"""
 
@@ -129,42 +155,9 @@ class Args:
     mask_truncated_completions: bool = False
     """completions that reach max_completion_length without an EOS take no part in the loss (DAPO)"""
 
-    # --- optimisation ---
-    learning_rate: float = 5e-4
-    """peak learning rate of AdamW (the default suits the tiny world; TRL's default is 1e-6)"""
-    per_device_train_batch_size: int = 32
-    """completions per process per micro-batch (TRL's default is 8)"""
-    gradient_accumulation_steps: int = 1
-    """micro-batches per optimizer step"""
-    steps_per_generation: int | None = None
-    """micro-batches served by one generation batch (default: gradient_accumulation_steps, i.e. one generation per
-    optimizer step); the generation batch is per_device_train_batch_size x processes x steps_per_generation
-    completions"""
-    num_iterations: int = 1
-    """passes over each generation batch (the ratio is always against the sampling policy's log-probs)"""
-    max_steps: int = 40
-    """optimizer steps to take"""
-    warmup_ratio: float = 0.0
-    """fraction of the steps during which the learning rate ramps up linearly from 0"""
-    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    """the learning-rate schedule after warm-up"""
-    max_grad_norm: float = 1.0
-    """clip the global gradient norm to this (0: no clipping)"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    optim: Literal["adamw_torch_fused", "adamw_torch"] = "adamw_torch_fused"
-    """AdamW kernels (transformers' names): fused, one pass over all parameters (transformers' default); or torch's
-    per-tensor loop"""
-    save_steps: int = 0
-    """write a resumable checkpoint every this many optimizer steps (0: never); must fall where a generation batch
-    is used up"""
-    resume_from_checkpoint: str | None = None
-    """a checkpoint-N directory written by this script to continue from"""
-
     # --- RLOO ---
     beta: float = 0.05
-    """KL coefficient: beta x (old - reference log-probs, summed over the completion) is taken from the reward; 0
-    loads no reference model"""
+    """KL coefficient: beta x the completion's summed (old - reference) log-probs leaves its reward; 0: no reference"""
     epsilon: float = 0.2
     """lower clipping range of the sequence ratio: 1 - epsilon"""
     epsilon_high: float | None = None
@@ -174,131 +167,15 @@ class Args:
     reward_clip_range: tuple[float, float] | None = None
     """clip the (weighted) reward to [low, high] before the KL penalty and the baseline"""
 
-
 # ----------------------------------------------------------------------------------------------------------------------
-# Data: loading, prompts
+# The algorithm: prompts -> sampled completions -> rewards - KL -> leave-one-out advantages -> clipped sequence loss
 # ----------------------------------------------------------------------------------------------------------------------
-def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
-    """Load a Hub dataset, a local data file, a `save_to_disk` directory or a directory of split files."""
-    path = Path(name)
-    if path.is_file():
-        builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-        if path.suffix not in builders:
-            raise ValueError(f"unknown dataset file type '{path.suffix}' of {name}: expected one of {sorted(builders)}")
-        return load_dataset(builders[path.suffix], data_files=str(path))
-    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
-        loaded = load_from_disk(str(path))
-        return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
-    return load_dataset(name, config)  # a Hub id, or a directory of train/test files (splits inferred from names)
-
-
-def find_query_column(column_names: list[str], query_column: str | None = None) -> str:
-    """The column holding the prompts: --query_column, else 'prompt', else 'query'."""
-    candidates = [query_column] if query_column else ["prompt", "query"]
-    for column in candidates:
-        if column in column_names:
-            return column
-    expected = f"a '{query_column}' column" if query_column else "a 'prompt' or 'query' column"
-    raise ValueError(f"expected {expected} (strings or message lists); found columns {column_names}")
-
-
 def format_query(prompt, tokenizer) -> tuple[str, bool]:
     """THE place to change how a prompt becomes text: a message list is rendered with the chat template and the
     generation prompt (then the text holds its own special tokens: templated=True); a string is used as it is."""
     if isinstance(prompt, list):
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), True
     return prompt, False
-
-
-def step_indices(step: int, num_rows: int, global_batch_size: int, seed: int) -> list[int]:
-    """Prompt indices of PPO step `step` over all processes: each epoch over the prompts is a permutation seeded by
-    (seed + epoch), consumed global_batch_size prompts at a time (the tail is dropped). The order depends on the step
-    alone, which makes resuming exact."""
-    steps_per_epoch = num_rows // global_batch_size
-    epoch, position = divmod(step, steps_per_epoch)
-    permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return permutation[position * global_batch_size : (position + 1) * global_batch_size]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Rewards: models scored as reward.py scores, pipelines, and Python functions with TRL's signature
-# ----------------------------------------------------------------------------------------------------------------------
-def parse_reward_spec(spec: str) -> tuple[str | None, str]:
-    """'task:model' for a transformers pipeline (task one of the pipeline tasks, e.g. sentiment-analysis), else
-    (None, spec): a sequence-classification model path or Hub id. Raises ValueError for a spec that cannot work."""
-    from transformers.pipelines import SUPPORTED_TASKS, TASK_ALIASES
-
-    task, sep, model = spec.partition(":")
-    if sep and not Path(spec).exists() and (task in SUPPORTED_TASKS or task in TASK_ALIASES):
-        if not model:
-            raise ValueError(f"reward pipeline spec '{spec}' names no model; expected 'task:model'")
-        return task, model
-    if sep and not Path(spec).exists():
-        raise ValueError(f"unknown reward spec '{spec}': '{task}' is not a transformers pipeline task (expected "
-                         f"'task:model' with a task such as sentiment-analysis, or a sequence-classification model)")
-    if Path(spec).exists() and not (Path(spec) / "config.json").exists():
-        raise ValueError(f"reward model '{spec}' is not a model directory (no config.json in it)")
-    if not Path(spec).exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
-        raise ValueError(f"reward model '{spec}' does not exist: expected a model directory, a Hub id or 'task:model'")
-    return None, spec
-
-
-def load_reward_function(spec: str, device, max_length: int = 1024) -> Callable[[list, list], list[float]]:
-    """A callable (prompts, responses) -> list of float scores, from a reward spec (see parse_reward_spec).
-
-    A sequence-classification model scores prompt + response the way reward.py trained it: message-list prompts
-    rendered with the chat template and the response as the assistant turn, string prompts concatenated; EOS
-    appended, the start kept when too long, right padding; the score read where plain transformers reads it. A
-    pipeline (the seed's sentiment example) scores prompt + response, and the reward is the raw score (logit) of the
-    pipeline's last label, e.g. POSITIVE for a binary sentiment classifier.
-    """
-    task, name = parse_reward_spec(spec)
-    if task is not None:
-        from transformers import pipeline
-
-        pipe = pipeline(task, model=name, device=device)
-
-        def score_with_pipeline(prompts: list, responses: list[str]) -> list[float]:
-            texts = [(format_query(p, pipe.tokenizer)[0] if isinstance(p, list) else p) + r
-                     for p, r in zip(prompts, responses)]
-            outputs = pipe(texts, top_k=None, function_to_apply="none", batch_size=16, truncation=True)
-            last = pipe.model.config.num_labels - 1
-            label = pipe.model.config.id2label[last]
-            return [next(o["score"] for o in output if o["label"] == label) for output in outputs]
-
-        return score_with_pipeline
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForSequenceClassification.from_pretrained(name).eval().requires_grad_(False).to(device)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.config.pad_token_id is None:  # transformers finds the last real token through config.pad_token_id
-        model.config.pad_token_id = tokenizer.pad_token_id
-    max_length = min(max_length, tokenizer.model_max_length)
-
-    @torch.no_grad()
-    def score_with_model(prompts: list, responses: list[str]) -> list[float]:
-        sequences = []
-        for prompt, response in zip(prompts, responses):
-            if isinstance(prompt, list):
-                text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}],
-                                                     tokenize=False)
-                ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-            else:
-                ids = list(tokenizer(prompt + response)["input_ids"])
-            if not ids or ids[-1] != tokenizer.eos_token_id:
-                ids.append(tokenizer.eos_token_id)
-            sequences.append(ids[:max_length])
-        scores = []
-        for start in range(0, len(sequences), 64):
-            chunk = sequences[start : start + 64]
-            longest = max(len(ids) for ids in chunk)
-            input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (longest - len(ids)) for ids in chunk])
-            attention_mask = torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in chunk])
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-            scores += logits[:, 0].float().tolist()
-        return scores
-
-    return score_with_model
 
 
 def load_python_reward(spec: str) -> tuple[str, Callable]:
@@ -321,8 +198,8 @@ def score_completions(reward_funcs: list[tuple[str, Callable]], prompts: list, c
                       completion_ids: list[list[int]], columns: dict[str, list]) -> torch.Tensor:
     """(n, F) rewards of n completions (strings, or [{"role": "assistant", ...}] for conversational prompts) under F
     reward functions, each called with TRL's signature f(prompts=, completions=, completion_ids=, **columns); None
-    becomes NaN ("does not apply"). A function that
-    returns the wrong number of values, or something that is not a number, raises ValueError naming it."""
+    becomes NaN ("does not apply"). A function that returns the wrong number of values, or something that is not a
+    number, raises ValueError naming it."""
     scores = torch.full((len(completions), len(reward_funcs)), float("nan"))
     for f, (name, function) in enumerate(reward_funcs):
         values = function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
@@ -341,26 +218,20 @@ def score_completions(reward_funcs: list[tuple[str, Callable]], prompts: list, c
     return scores
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Rollouts and log-probs
-# ----------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_completions(model, queries: list[list[int]], max_new_tokens: int, pad_token_id: int, eos_token_id: int,
                        seed: int, **generation_kwargs) -> tuple[list[list[int]], list[bool]]:
-    """One completion per query (queries repeat: the num_generations rows of a prompt are consecutive), all in ONE
-    left-padded `generate` call with the KV cache, the sampling noise seeded by `seed`. Each completion is cut after
-    its first EOS (kept). Returns the completions' token ids and whether each ended with EOS (False: truncated at
-    max_new_tokens)."""
+    """One completion per query, all in ONE left-padded `generate` call with the KV cache, the sampling noise seeded by
+    `seed`. Each completion is cut after its first EOS (kept). Returns the completions' token ids and whether each
+    ended with EOS (False: truncated at max_new_tokens)."""
     device = next(model.parameters()).device
-    longest = max(len(query) for query in queries)
-    input_ids = torch.full((len(queries), longest), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, query in enumerate(queries):
-        input_ids[i, longest - len(query) :], attention_mask[i, longest - len(query) :] = torch.tensor(query), 1
+    rows = [torch.tensor(query) for query in queries]
+    input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_token_id, padding_side="left")
+    attention_mask = pad_sequence([torch.ones_like(row) for row in rows], batch_first=True, padding_side="left")
     torch.manual_seed(seed)
     generations = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                  max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
-                                 **generation_kwargs).cpu()[:, longest:]
+                                 **generation_kwargs).cpu()[:, input_ids.shape[1] :]
     completions, ended = [], []
     for row in generations.tolist():
         end = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
@@ -374,42 +245,20 @@ def collate_rollouts(queries: list[list[int]], completions: list[list[int]], pad
     """Right-padded prompt + completion sequences for the training forward: input_ids and attention_mask (B, T), and
     completion_mask (B, T-1), 1 at the shifted positions t whose next token t+1 is a completion token that is trained
     on (all of a row's are 0 when train_mask says so: a truncated completion under mask_truncated_completions)."""
-    sequences = [query + completion for query, completion in zip(queries, completions)]
-    longest = max(len(sequence) for sequence in sequences)
-    input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    completion_mask = torch.zeros(len(sequences), longest - 1)
+    sequences = [torch.tensor(query + completion) for query, completion in zip(queries, completions)]
+    input_ids = pad_sequence(sequences, batch_first=True, padding_value=pad_token_id)
+    attention_mask = pad_sequence([torch.ones_like(sequence) for sequence in sequences], batch_first=True)
+    completion_mask = torch.zeros(len(sequences), input_ids.shape[1] - 1)
     for i, (query, completion) in enumerate(zip(queries, completions)):
-        input_ids[i, : len(query) + len(completion)] = torch.tensor(query + completion)
-        attention_mask[i, : len(query) + len(completion)] = 1
         if train_mask[i]:
             completion_mask[i, len(query) - 1 : len(query) - 1 + len(completion)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
-@contextmanager
-def lm_head_only_at(model: torch.nn.Module, positions: torch.Tensor | None):
-    """Inside the block, the model's output layer runs only at `positions` ((B, T) bool) and its forward returns
-    logits (N, V), one row per True position in row-major order, instead of (B, T, V). The prompt and padding
-    positions are never scored, yet on a 32k vocabulary the output layer is most of a forward's FLOPs and its logits
-    most of the activation memory. positions=None: full (B, T, V) logits, as the seed (--no-lm_head_only_at_labels).
-    `model` is the unwrapped model (accelerator.unwrap_model); the hook changes the input of its output layer only."""
-    if positions is None:
-        yield
-        return
-    handle = model.get_output_embeddings().register_forward_pre_hook(
-        lambda module, inputs: (inputs[0][positions], *inputs[1:]))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def completion_log_probs(model, batch: dict, temperature: float, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies (both (B, T-1), 0 off the completion mask) of the completion tokens under
     `model`, the logits divided by the sampling temperature (as TRL does). The output layer runs only at the masked
-    positions, and the label's log-prob is logit - logsumexp: no (B, T, V) logits, no full log-softmax. The
-    entropies carry no gradient (they are a metric, and select tokens for top_entropy_quantile)."""
+    positions and the log-prob is logit - logsumexp: no (B, T, V) logits, no log-softmax. Entropies have no gradient."""
     mask = batch["completion_mask"].bool()
     positions = F.pad(mask, (0, 1), value=False)  # position t scores token t + 1
     with accelerator.autocast(), lm_head_only_at(accelerator.unwrap_model(model), positions):
@@ -423,9 +272,6 @@ def completion_log_probs(model, batch: dict, temperature: float, accelerator) ->
     return zeros.masked_scatter(mask, label_logps), zeros.masked_scatter(mask, entropy)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Advantages and loss: pure functions, importable (`from rloo import rloo_advantages, rloo_loss`)
-# ----------------------------------------------------------------------------------------------------------------------
 def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
     """Standard deviation over the non-NaN entries, with Bessel's correction (n - 1), as TRL's nanstd: NaN where
     fewer than two entries are left."""
@@ -497,32 +343,520 @@ def rloo_loss(per_token_logps: torch.Tensor, old_logps: torch.Tensor, advantages
     return loss, metrics
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Distributed setup, checkpoints
-# ----------------------------------------------------------------------------------------------------------------------
-def get_scheduler(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps: int,
-                  num_training_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """transformers' get_scheduler for these schedules, with its multipliers, without importing its trainer module
-    (which imports peft: about 2 s of every start-up). linear / cosine (half a cycle): a linear warm-up, then decay to
-    0 at num_training_steps; constant; constant_with_warmup: the warm-up, then 1."""
-    def multiplier(step: int) -> float:
-        if name == "constant":
+def main(args: Args) -> None:
+    # 0. Check what can be checked before anything is loaded: sizes, the rewards (files and functions exist).
+    for name in ["num_generations", "max_completion_length", "per_device_train_batch_size",
+                 "gradient_accumulation_steps", "num_iterations", "max_steps", "logging_steps"]:
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.num_generations < 2:
+        fail(f"--num_generations must be at least 2 (an advantage compares a completion with the others of its "
+             f"prompt), got {args.num_generations}")
+    if args.temperature <= 0:
+        fail(f"--temperature must be positive, got {args.temperature}")
+    if args.reward_clip_range is not None and not args.reward_clip_range[0] < args.reward_clip_range[1]:
+        fail(f"--reward_clip_range must be LOW HIGH with LOW < HIGH, got {args.reward_clip_range}")
+    if args.resume_from_checkpoint and not (Path(args.resume_from_checkpoint) / "training_state.pt").exists():
+        fail(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint directory of this script "
+             "(no training_state.pt in it)")
+    reward_models = list(args.reward_model) or ([] if args.reward_funcs else [str(ASSETS / "tiny-reward")])
+    try:
+        for spec in reward_models:
+            parse_reward_spec(spec)
+        python_rewards = [load_python_reward(spec) for spec in args.reward_funcs]
+    except ValueError as error:
+        fail(str(error))
+    num_rewards = len(reward_models) + len(python_rewards)
+    if args.reward_weights is not None and len(args.reward_weights) != num_rewards:
+        fail(f"--reward_weights has {len(args.reward_weights)} values but there are {num_rewards} rewards "
+             f"({len(reward_models)} models, {len(python_rewards)} functions)")
+    reward_weights = torch.tensor(args.reward_weights or [1.0] * num_rewards)
+
+    # 1. Accelerator (checks how the run was launched; seeds every RNG), and TRL's schedule: a generation batch serves
+    #    steps_per_generation micro-batches, num_iterations times over; checkpoints fall only where one is used up.
+    accelerator = make_accelerator(args, zero3_refusal="its reward model would be loaded partitioned and used "
+                                                       "outside an engine")
+    world_size = accelerator.num_processes
+    accelerator.print(f"run: {world_size} process(es) x {args.per_device_train_batch_size} per device x "
+                      f"{args.gradient_accumulation_steps} accumulation = "
+                      f"{world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps} "
+                      "completions per optimizer step")
+    steps_per_generation = args.steps_per_generation or args.gradient_accumulation_steps
+    generation_batch_size = args.per_device_train_batch_size * world_size * steps_per_generation
+    if generation_batch_size % args.num_generations:
+        fail(f"the generation batch (per_device_train_batch_size {args.per_device_train_batch_size} x "
+             f"{world_size} processes x steps_per_generation {steps_per_generation} = {generation_batch_size} "
+             f"completions) must be a multiple of --num_generations {args.num_generations}")
+    prompts_per_generation = generation_batch_size // args.num_generations
+    micro_steps_per_generation = steps_per_generation * args.num_iterations
+    if args.save_steps < 0 or args.save_steps * args.gradient_accumulation_steps % micro_steps_per_generation:
+        fail(f"--save_steps {args.save_steps} must be a multiple of the optimizer steps one generation batch serves "
+             f"(steps_per_generation x num_iterations / gradient_accumulation_steps = {micro_steps_per_generation} / "
+             f"{args.gradient_accumulation_steps}), so that a checkpoint never falls inside one")
+    output_dir = Path(args.output_dir)
+
+    # 2. Data: the prompts, loaded and checked before any model is; every other column goes to the reward functions.
+    try:
+        raw = load_any_dataset(args.dataset_name, args.dataset_config)
+    except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
+        message = str(error) or type(error).__name__  # an empty JSON file raises a bare StopIteration
+        cause = error.__cause__  # datasets wraps the real reason, e.g. split files whose columns differ
+        if cause is not None and str(cause):
+            message += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
+        elif isinstance(error, StopIteration) or "corresponds to no data" in message or "generating the dataset" in \
+                message:  # how datasets says "empty"
+            message += " (is a data file empty? every split needs at least one row)"
+        fail(f"could not load dataset {args.dataset_name}: {message}")
+    try:
+        if args.dataset_train_split not in raw:
+            raise ValueError(f"dataset {args.dataset_name} has no split '{args.dataset_train_split}'; found splits "
+                             f"{list(raw)}")
+        if len(raw[args.dataset_train_split]) == 0:
+            raise ValueError(f"split '{args.dataset_train_split}' of dataset {args.dataset_name} is empty; expected "
+                             "at least one prompt")
+        query_column = find_query_column(raw[args.dataset_train_split].column_names, args.query_column)
+    except ValueError as error:
+        fail(str(error))
+    split = raw[args.dataset_train_split]
+    prompts = split[query_column]
+    other_columns = {name: split[name] for name in split.column_names if name != query_column}
+
+    # 3. Tokenizer and tokenised prompts (empty ones skipped). Without a pad token, EOS pads (padding is masked).
+    tokenizer = load_tokenizer(args, "to end completions")
+    if isinstance(prompts[0], list) and tokenizer.chat_template is None:
+        fail(f"the prompts are conversations but the tokenizer of {args.model_name_or_path} has no chat template")
+    queries, rows = [], []  # token ids, and the dataset row each comes from
+    for row, prompt in enumerate(prompts):
+        if not isinstance(prompt, (str, list)):
+            fail(f"prompts must be strings or message lists; column '{query_column}' holds {type(prompt).__name__}")
+        text, templated = format_query(prompt, tokenizer)
+        ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+        if ids:
+            queries.append(ids)
+            rows.append(row)
+    if len(queries) < prompts_per_generation:
+        fail(f"the dataset has {len(queries)} non-empty prompts but one generation batch needs "
+             f"{prompts_per_generation} ({generation_batch_size} completions / num_generations {args.num_generations})")
+
+    # 4. Policy (LoRA, gradient checkpointing), and the reference when beta > 0: a frozen copy of the initial policy
+    #    (also when resuming), or with LoRA the policy with its adapters off (no second copy).
+    model = load_trainable_model(args, AutoModelForCausalLM, "CAUSAL_LM")
+    reference_model = None
+    if args.beta != 0.0 and not args.use_peft:
+        reference_model = AutoModelForCausalLM.from_pretrained(
+            args.model_name_or_path, revision=args.revision, attn_implementation=args.attn_implementation,
+            dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype))
+    for module in (model, reference_model) if args.disable_dropout else ():
+        if module is not None:
+            disable_dropout_in_model(module)
+
+    # 5. Optimizer, schedule and resumed state (the schedule is stepped once per optimizer step), then the reference,
+    #    sharded like the policy under FSDP / ZeRO-3.
+    model, optimizer, scheduler, state = prepare_training(args, accelerator, model.to(accelerator.device),
+                                                          args.max_steps)
+    start_step = state["step"]
+    if reference_model is not None:
+        reference_model = prepare_frozen(accelerator, reference_model)
+    num_params = sum(p.numel() for p in model.parameters())
+    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    accelerator.print(f"model: {num_params / 1e6:.2f}M parameters, {num_trainable / 1e6:.2f}M trainable; "
+                      f"{len(queries)} prompts; {args.max_steps} steps; a generation batch of {prompts_per_generation} "
+                      f"prompts x {args.num_generations} completions serves {micro_steps_per_generation} micro-batches")
+
+    # 6. The rewards, all as functions with TRL's signature: models (and pipelines) first, then Python functions.
+    reward_funcs = []
+    try:
+        for spec in reward_models:
+            score = load_reward_function(spec, accelerator.device)
+            reward_funcs.append((Path(spec).name or spec, lambda prompts, completions, score=score, **_: score(
+                prompts, [c if isinstance(c, str) else c[0]["content"] for c in completions])))
+    except (OSError, ValueError) as error:
+        fail(f"could not load reward model {spec}: {' '.join(str(error).split())[:500]}")
+    reward_funcs += python_rewards
+    reward_names = [name for name, _ in reward_funcs]
+
+    # 7. Logs: metrics.jsonl and samples.jsonl always, wandb with --track; then one generation batch, rolled out.
+    log = open_logs(args, accelerator, start_step, files=("metrics.jsonl", "samples.jsonl"))
+
+    generation_kwargs = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+                         "min_p": args.min_p, "repetition_penalty": args.repetition_penalty}
+    per_process = args.per_device_train_batch_size * steps_per_generation  # completions per process per generation
+
+    def generate_and_score(generation: int) -> tuple[list[dict], dict, list[dict]]:
+        """One generation batch: this process's micro-batches (steps_per_generation of them), the batch's reward
+        metrics, and its samples for samples.jsonl."""
+        # a. The prompts: a seeded permutation per epoch (the order depends on the generation index alone, so
+        #    resuming is exact), each repeated num_generations times; process p takes the p-th contiguous slice, so
+        #    a group may span processes, as in TRL.
+        indices = step_indices(generation, len(queries), prompts_per_generation, args.seed)
+        everyone = [i for i in indices for _ in range(args.num_generations)]
+        mine = everyone[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
+
+        # b. Sample, one micro-batch of rows per generate call, each seeded by its place in the whole batch: the
+        #    samples do not depend on how many processes share the batch, and a resumed run draws the same ones.
+        completions, ended = [], []
+        with gathered_for_generation(accelerator, model) as policy:  # whole weights for these calls only
+            policy.eval()  # for generate only: under gradient checkpointing, train mode would switch the KV cache off
+            for start in range(0, per_process, args.per_device_train_batch_size):
+                chunk = mine[start : start + args.per_device_train_batch_size]
+                place = accelerator.process_index * per_process + start
+                new, done = sample_completions(policy, [queries[i] for i in chunk], args.max_completion_length,
+                                               tokenizer.pad_token_id, tokenizer.eos_token_id,
+                                               seed=args.seed * 1_000_003 + generation * 10_007 + place,
+                                               **generation_kwargs)
+                completions += new
+                ended += done
+            policy.train()
+
+        # c. Score with every reward function (TRL's signature, with the dataset's other columns).
+        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        prompts_of_rows = [prompts[rows[i]] for i in mine]
+        columns = {name: [values[rows[i]] for i in mine] for name, values in other_columns.items()}
+        # conversational prompts get conversational completions, as TRL passes them: [{"role": "assistant", ...}]
+        shown = [[{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+                 for prompt, text in zip(prompts_of_rows, texts)]
+        try:
+            rewards_per_func = score_completions(reward_funcs, prompts_of_rows, shown, completions, columns)
+        except ValueError as error:
+            fail(str(error))
+
+        # d. Training tensors, one dict per micro-batch, with the old log-probs (the sampling policy's: RLOO's ratio is
+        #    always against them, as TRL) and, when beta > 0, the reference's.
+        train_mask = [done or not args.mask_truncated_completions for done in ended]
+        micro_batches = []
+        for start in range(0, per_process, args.per_device_train_batch_size):
+            part = slice(start, start + args.per_device_train_batch_size)
+            batch = collate_rollouts([queries[i] for i in mine[part]], completions[part], tokenizer.pad_token_id,
+                                     train_mask[part])
+            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+            with torch.no_grad():
+                batch["old_per_token_logps"] = completion_log_probs(model, batch, args.temperature, accelerator)[0]
+                if args.beta != 0.0:
+                    if reference_model is not None:
+                        batch["ref_per_token_logps"] = completion_log_probs(reference_model, batch, args.temperature,
+                                                                            accelerator)[0]
+                    else:
+                        with accelerator.unwrap_model(model).disable_adapter():
+                            batch["ref_per_token_logps"] = completion_log_probs(model, batch, args.temperature,
+                                                                                accelerator)[0]
+            batch["old_logps"] = (batch["old_per_token_logps"] * batch["completion_mask"]).sum(1)
+            micro_batches.append(batch)
+
+        # e. Advantages over every process's completions (a group may span processes): each completion's KL to the
+        #    reference, old minus reference log-probs summed over its tokens (TRL's first-order estimate), is
+        #    gathered with the rewards.
+        all_rewards = accelerator.gather(rewards_per_func.to(accelerator.device)).cpu()  # (generation batch, F)
+        kl, kl_tokens = None, torch.zeros(2, device=accelerator.device)
+        if args.beta != 0.0:
+            per_token_kl = [(b["old_per_token_logps"] - b["ref_per_token_logps"]) * b["completion_mask"]
+                            for b in micro_batches]
+            kl = accelerator.gather(torch.cat([t.sum(1) for t in per_token_kl])).cpu()
+            kl_tokens = accelerator.reduce(torch.stack([sum(t.sum() for t in per_token_kl),
+                                                        sum(b["completion_mask"].sum() for b in micro_batches)]), "sum")
+        advantages = rloo_advantages(all_rewards, reward_weights, args.num_generations, beta=args.beta, kl=kl,
+                                     normalize_advantages=args.normalize_advantages,
+                                     reward_clip_range=args.reward_clip_range)
+        first = accelerator.process_index * per_process
+        my_advantages = advantages[first : first + per_process]
+        for start, batch in zip(range(0, per_process, args.per_device_train_batch_size), micro_batches):
+            batch["advantages"] = my_advantages[start : start + args.per_device_train_batch_size].to(accelerator.device)
+
+        # f. Metrics of the batch, with TRL's names, over every process's completions.
+        weighted = (all_rewards * reward_weights.unsqueeze(0)).nansum(dim=1)
+        weighted[torch.isnan(all_rewards).all(dim=1)] = float("nan")
+        grouped_std = nanstd(weighted.view(-1, args.num_generations), dim=1)
+        lengths = torch.tensor(gather_object([float(len(c)) for c in completions]))
+        clipped = torch.tensor(gather_object([float(not done) for done in ended]))
+        metrics = {"reward": torch.nanmean(weighted).item(), "reward_std": nanstd(weighted).item(),
+                   "frac_reward_zero_std": torch.isclose(grouped_std, torch.zeros_like(grouped_std)).float().mean()
+                   .item(), "completions/mean_length": lengths.mean().item(),
+                   "completions/clipped_ratio": clipped.mean().item()}
+        if args.beta != 0.0:
+            metrics["kl"] = (kl_tokens[0] / kl_tokens[1].clamp(min=1.0)).item()
+        for f, name in enumerate(reward_names):
+            metrics[f"rewards/{name}/mean"] = torch.nanmean(all_rewards[:, f]).item()
+            metrics[f"rewards/{name}/std"] = nanstd(all_rewards[:, f]).item()
+        samples = gather_object([{"prompt": prompts_of_rows[i], "completion": texts[i],
+                                  **{f"reward/{name}": (None if math.isnan(v) else v)
+                                     for name, v in zip(reward_names, rewards_per_func[i].tolist())},
+                                  "advantage": my_advantages[i].item()} for i in range(per_process)])
+        if torch.isnan(all_rewards).all():  # advantages are all 0: the batch moves nothing (the KL term aside)
+            accelerator.print(f"warning: generation {generation}: no reward function scored any completion; the "
+                              "batch brings no policy update")
+        return micro_batches, metrics, samples
+
+    # 8. Training loop. One optimizer step = gradient_accumulation_steps micro-batches; a generation batch serves
+    #    steps_per_generation micro-batches, num_iterations times over (TRL's schedule).
+    model.train()
+    micro_batches, generation_metrics, samples, generation_seconds = [], {}, [], 0.0
+    running, running_steps, train_seconds, running_completions = {}, 0, 0.0, 0
+    progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="rloo",
+                    disable=not accelerator.is_local_main_process)
+    for step in progress:
+        step_start = time.time()
+        step_metrics, step_loss = [], torch.zeros((), device=accelerator.device)
+        for j in range(args.gradient_accumulation_steps):
+            micro_step = step * args.gradient_accumulation_steps + j
+            # 8a. A new generation batch when the last one is used up (also on resume: the samples are seeded).
+            if micro_step % micro_steps_per_generation == 0 or not micro_batches:
+                generation_start = time.time()
+                micro_batches, generation_metrics, samples = generate_and_score(
+                    micro_step // micro_steps_per_generation)
+                generation_seconds = time.time() - generation_start
+                running_completions += generation_batch_size
+            batch = micro_batches[micro_step % steps_per_generation]
+
+            # 8b. Loss and backward: the clipped ratio of whole-sequence probabilities, averaged over the micro-batch's
+            #     completions, divided by the accumulation steps; DDP averages the gradients over processes.
+            with accumulating(accelerator, model, last=j == args.gradient_accumulation_steps - 1):
+                per_token_logps, entropies = completion_log_probs(model, batch, args.temperature, accelerator)
+                loss, metrics = rloo_loss(per_token_logps, batch["old_logps"], batch["advantages"],
+                                          batch["completion_mask"], epsilon=args.epsilon,
+                                          epsilon_high=args.epsilon_high)
+                mask = batch["completion_mask"]
+                metrics["entropy"] = (entropies * mask).sum() / mask.sum().clamp(min=1.0)
+                loss = loss / args.gradient_accumulation_steps
+                accelerator.backward(loss)
+            step_loss += loss.detach()
+            step_metrics.append(metrics)
+
+        # 8c. Clip (max_grad_norm 0: only measure the norm); stop before a non-finite update; step.
+        step_loss = accelerator.reduce(step_loss, "mean")
+        grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf")))
+        stop_if_not_finite(step_loss, grad_norm, step, output_dir)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+
+        # 8d. Log (the loss metrics averaged over the window's micro-batches and the processes), checkpoint.
+        train_seconds += time.time() - step_start
+        running_steps += 1
+        for metrics in step_metrics:
+            for key, value in metrics.items():
+                running[key] = running.get(key, 0.0) + float(value) / len(step_metrics)
+        running["loss"] = running.get("loss", 0.0) + step_loss.item()
+        if done % args.logging_steps == 0 or done == args.max_steps:
+            averaged = accelerator.reduce(torch.tensor([running[key] / running_steps for key in sorted(running)],
+                                                       device=accelerator.device), "mean").tolist()
+            log({"step": done, **dict(zip(sorted(running), averaged)), **generation_metrics,
+                 "grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0],
+                 "samples_per_second": running_completions / train_seconds, "time/generate": generation_seconds,
+                 "peak_memory_mb": peak_memory_mb()})
+            progress.set_postfix(reward=f"{generation_metrics['reward']:.3f}")
+            if accelerator.is_main_process:
+                with open(output_dir / "samples.jsonl", "a") as f:
+                    f.writelines(json.dumps({"step": done, **sample}) + "\n" for sample in samples)
+                if args.track:
+                    import wandb
+
+                    wandb.log({"completions": wandb.Table(columns=list(samples[0]),
+                                                          rows=[list(s.values()) for s in samples])}, step=done)
+            running, running_steps, train_seconds, running_completions = {}, 0, 0.0, 0
+        if args.save_steps > 0 and done % args.save_steps == 0 and done < args.max_steps:
+            save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, model, tokenizer, optimizer, scheduler,
+                            {"step": done})
+
+    # 9. Save: plain save_pretrained weights that AutoModelForCausalLM loads (LoRA: merged, and the adapter alone).
+    save_final_model(args, accelerator, model, tokenizer, AutoModelForCausalLM)
+    del model  # the DDP-wrapped policy goes before its process group does
+    gc.collect()
+    accelerator.end_training()  # an orderly end of the process group: a peer torn down mid-exit can abort the other
+
+
+# ======================================================================================================================
+# The plumbing: launch checks, data and model loading, checkpoints, sharded saving, logging. Nothing below is specific
+# to one algorithm, and each function is byte-identical in every script that has it (tests/test_scaling.py checks).
+# ======================================================================================================================
+def fail(message: str) -> NoReturn:
+    """Stop with one line, `<script>: error: <message>`, and exit status 1."""
+    sys.exit(f"{Path(__file__).name}: error: {message}")
+
+
+def make_accelerator(args, zero3_refusal: str | None = None) -> Accelerator:
+    """The Accelerator, after the launch checks, with every RNG seeded from args.seed. FSDP / DeepSpeed without a GPU
+    (or DeepSpeed not installed) is one line, not a silent fall-back to plain data parallelism; zero3_refusal says why
+    a script refuses ZeRO-3. Several processes without a GPU become one gloo group on CPU (else accelerate would start
+    independent copies that never exchange gradients)."""
+    requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
+                 if os.environ.get(variable, "false").lower() == "true"]
+    if requested and not torch.cuda.is_available():
+        fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
+             "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
+             "`accelerate launch --multi_gpu --num_processes N`")
+    if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
+        fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
+             "`pip install deepspeed` (an optional dependency of these scripts)")
+    if zero3_refusal and requested == ["DeepSpeed"] and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        fail(f"{Path(__file__).name} does not run under DeepSpeed ZeRO-3 ({zero3_refusal}); use "
+             "accelerate_configs/fsdp.yaml, or deepspeed_zero2.yaml")
+    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision="bf16" if args.bf16 else None)
+    set_seed(args.seed)
+    return accelerator
+
+
+def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
+    """Load a Hub dataset, a local data file, a `save_to_disk` directory or a directory of split files."""
+    path = Path(name)
+    if path.is_file():
+        builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+        if path.suffix not in builders:
+            raise ValueError(f"unknown dataset file type '{path.suffix}' of {name}: expected one of {sorted(builders)}")
+        return load_dataset(builders[path.suffix], data_files=str(path))
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+        loaded = load_from_disk(str(path))
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
+    return load_dataset(name, config)  # a Hub id, or a directory of train/test files (splits inferred from names)
+
+
+def step_indices(step: int, num_rows: int, global_batch_size: int, seed: int) -> list[int]:
+    """The rows (or prompts) of training step `step`, over all processes: each epoch is a permutation seeded by
+    seed + epoch, consumed global_batch_size rows at a time (the incomplete tail dropped). The order depends on the
+    step alone, which makes resuming exact and makes N processes see the same global batches as one."""
+    epoch, position = divmod(step, num_rows // global_batch_size)
+    permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return permutation[position * global_batch_size : (position + 1) * global_batch_size]
+
+
+def load_tokenizer(args, eos_purpose: str):
+    """The tokenizer of --model_name_or_path, which must have an EOS token. Without a pad token, EOS pads: padding is
+    masked by position (attention mask, labels -100), never by token id, so a real EOS is still learned."""
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.revision)
+    if tokenizer.eos_token_id is None:
+        fail(f"the tokenizer of {args.model_name_or_path} has no EOS token; expected one {eos_purpose}")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_trainable_model(args, model_class, task_type: str, **kwargs):
+    """The model to train at --dtype: --model_name_or_path (resuming without LoRA: the checkpoint's weights), gradient
+    checkpointing if asked, LoRA adapters with --use_peft (new, or the checkpoint's when resuming)."""
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    path = args.resume_from_checkpoint if args.resume_from_checkpoint and not args.use_peft else args.model_name_or_path
+    model = model_class.from_pretrained(path, revision=args.revision if path == args.model_name_or_path else None,
+                                        dtype=dtype, attn_implementation=args.attn_implementation, **kwargs)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.use_peft:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if args.resume_from_checkpoint:
+            return PeftModel.from_pretrained(model, args.resume_from_checkpoint, is_trainable=True)
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, task_type=task_type,
+                                                 lora_dropout=args.lora_dropout,
+                                                 target_modules=args.lora_target_modules or "all-linear"))
+    return model
+
+
+def prepare_training(args, accelerator, model, total_steps: int):
+    """AdamW and the learning-rate schedule, prepared by accelerate (DDP / FSDP / DeepSpeed), and the counters of
+    --resume_from_checkpoint: returns (model, optimizer, scheduler, state), state {"step": 0} for a fresh run. The
+    scheduler is stepped by the loop once per optimizer step (accelerate would step it once per process)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay, fused=args.optim == "adamw_torch_fused")
+    warmup = math.ceil(args.warmup_ratio * total_steps)
+
+    def multiplier(step: int) -> float:  # transformers' schedules, without importing its optimization module (slow)
+        if args.lr_scheduler_type == "constant" or (step >= warmup and args.lr_scheduler_type == "constant_with_warmup"):
             return 1.0
-        if step < num_warmup_steps:
-            return step / max(1.0, num_warmup_steps)
-        if name == "linear":
-            return max(0.0, (num_training_steps - step) / max(1.0, num_training_steps - num_warmup_steps))
-        if name == "cosine":
-            progress = (step - num_warmup_steps) / max(1.0, num_training_steps - num_warmup_steps)
-            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-        return 1.0  # constant_with_warmup after its warm-up
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return max(0.0, 1.0 - progress if args.lr_scheduler_type == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # what accelerate cannot infer without a dataloader
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            {"train_micro_batch_size_per_gpu": args.per_device_train_batch_size, "gradient_clipping": args.max_grad_norm})
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = {"step": 0}
+    if args.resume_from_checkpoint:
+        checkpoint = Path(args.resume_from_checkpoint)
+        state = torch.load(checkpoint / "training_state.pt", weights_only=False)
+        load_optimizer_state(checkpoint, accelerator, model, optimizer, state.pop("optimizer"))
+        scheduler.load_state_dict(state.pop("scheduler"))
+        rng = torch.load(checkpoint / f"rng_state_{accelerator.process_index}.pt", weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+    return model, optimizer, scheduler, state
+
+
+@contextmanager
+def accumulating(accelerator, model, last: bool):
+    """A micro-batch's forward and backward. Gradients meet over processes only in the last micro-batch of an optimizer
+    step, where DeepSpeed's engine steps (it reads accelerate's sync flag, set through a private API). accelerate's
+    `accumulate` is not used: it divides each loss by the accumulation steps; these scripts normalise by the step."""
+    accelerator.gradient_state._set_sync_gradients(last)
+    with nullcontext() if last else accelerator.no_sync(model):
+        yield
+
+
+def stop_if_not_finite(loss, grad_norm, step: int, output_dir: Path) -> None:
+    """Stop on a non-finite loss or gradient norm before the update poisons the weights (every process sees the same
+    reduced values and stops together), naming the last checkpoint."""
+    if not (math.isfinite(float(loss)) and math.isfinite(float(grad_norm))):
+        checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+        fail(f"loss is {float(loss)} (gradient norm {float(grad_norm)}) at step {step + 1}; stopping without "
+             f"updating the weights ({kept})")
+
+
+def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("metrics.jsonl",)):
+    """output_dir with args.json, fresh log files (resuming: their rows up to start_step kept) and wandb under --track.
+    Returns log(metrics): a console line, a metrics.jsonl row and a wandb point, from the main process."""
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        for file in (output_dir / name for name in files):
+            if not args.resume_from_checkpoint:  # a fresh run starts a fresh log
+                file.unlink(missing_ok=True)
+            elif file.exists():  # a resumed one keeps what was logged up to its checkpoint, and appends
+                logged = [line for line in file.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+                file.write_text("".join(line + "\n" for line in logged))
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                       name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
+
+    def log(metrics: dict) -> None:
+        if accelerator.is_main_process:
+            tqdm.write(" ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                                for key, value in metrics.items()))
+            with open(output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if args.track:
+                import wandb
+
+                wandb.log(metrics, step=metrics["step"])
+    return log
+
+
+@contextmanager
+def lm_head_only_at(model: torch.nn.Module, positions: torch.Tensor | None):
+    """Inside the block the output layer of `model` (unwrapped) runs only at `positions` ((B, T) bool) and the forward
+    returns logits (N, V), one row per True position in row-major order: on a large vocabulary the output layer is
+    most of a forward's FLOPs and its logits most of the memory, yet few positions are scored. None: (B, T, V)."""
+    if positions is None:
+        yield
+        return
+    handle = model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, inputs: (inputs[0][positions], *inputs[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def gathered_state_dict(accelerator, model) -> dict:
     """The model's full weights for save_pretrained, complete on the main process. Every process must call it: under
-    FSDP each process holds a shard of every weight and under DeepSpeed ZeRO-3 a slice, so the full tensors are
-    gathered here (to CPU, so that a model that fills a GPU can still be written)."""
+    FSDP each holds a shard of every weight, under ZeRO-3 a slice, so the tensors are gathered (to CPU)."""
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.tensor import DTensor
 
@@ -538,10 +872,10 @@ def gathered_state_dict(accelerator, model) -> dict:
 
 
 def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, scheduler, progress: dict) -> None:
-    """A resumable checkpoint: weights (or LoRA adapter) in save_pretrained form, optimizer, scheduler, progress
-    counters (step, tokens seen), and the RNG states of every process. Every process calls it (see
-    gathered_state_dict). Under FSDP the optimizer state is gathered too, keyed by parameter name, and sharded again on
-    resume; DeepSpeed's engine writes its own optimizer partitions to path/deepspeed."""
+    """A resumable checkpoint, written by every process together: weights (or LoRA adapter) in save_pretrained form,
+    optimizer, scheduler, the counters in `progress`, every process's RNG states. Under FSDP the optimizer state is
+    gathered, keyed by parameter name, and sharded again on resume; DeepSpeed writes its own to path/deepspeed.
+    (accelerate's save_state is not used: its weights are not a model that transformers loads.)"""
     weights = gathered_state_dict(accelerator, model)
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -577,6 +911,44 @@ def load_optimizer_state(path: Path, accelerator, model, optimizer, optimizer_st
                               load_lr_scheduler_states=False)
     else:
         optimizer.load_state_dict(optimizer_state)
+
+
+def save_final_model(args, accelerator, model, tokenizer, model_class, **kwargs) -> None:
+    """output_dir: plain save_pretrained weights and the tokenizer (LoRA: merged, and the adapter alone in
+    output_dir/adapter), pushed with --push_to_hub. Every process gathers (see gathered_state_dict); a sharded LoRA
+    model cannot merge in place, so a CPU copy of the base (model_class, **kwargs) merges the saved adapter."""
+    output_dir = Path(args.output_dir)
+    accelerator.wait_for_everyone()
+    weights = gathered_state_dict(accelerator, model)
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        if args.use_peft:
+            from peft import PeftModel
+
+            final.save_pretrained(output_dir / "adapter", state_dict=weights)
+            if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                base = model_class.from_pretrained(args.model_name_or_path, revision=args.revision, dtype=(
+                    args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)), **kwargs)
+                final = PeftModel.from_pretrained(base, output_dir / "adapter")
+            final, weights = final.merge_and_unload(), None
+        final.save_pretrained(output_dir, state_dict=weights)
+        tokenizer.save_pretrained(output_dir)
+        if args.push_to_hub:
+            final.push_to_hub(output_dir.name)
+            tokenizer.push_to_hub(output_dir.name)
+        if args.track:
+            import wandb
+
+            wandb.finish()
+    accelerator.wait_for_everyone()  # every process leaves together, once the main one has saved
+    accelerator.print(f"saved to {output_dir}")
+
+
+def disable_dropout_in_model(model: torch.nn.Module) -> None:
+    """Dropout off (p = 0) in every module, as the seed does for the policy and the reference."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
@@ -637,13 +1009,92 @@ def gathered_for_generation(accelerator, model):
         yield accelerator.unwrap_model(model)
 
 
-def load_rng_state(path: Path, process_index: int) -> None:
-    rng = torch.load(path / f"rng_state_{process_index}.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+def find_query_column(column_names: list[str], query_column: str | None = None) -> str:
+    """The column holding the prompts: --query_column, else 'prompt', else 'query'."""
+    candidates = [query_column] if query_column else ["prompt", "query"]
+    for column in candidates:
+        if column in column_names:
+            return column
+    expected = f"a '{query_column}' column" if query_column else "a 'prompt' or 'query' column"
+    raise ValueError(f"expected {expected} (strings or message lists); found columns {column_names}")
+
+
+def parse_reward_spec(spec: str) -> tuple[str | None, str]:
+    """'task:model' for a transformers pipeline (task one of the pipeline tasks, e.g. sentiment-analysis), else
+    (None, spec): a sequence-classification model path or Hub id. Raises ValueError for a spec that cannot work."""
+    from transformers.pipelines import SUPPORTED_TASKS, TASK_ALIASES
+
+    task, sep, model = spec.partition(":")
+    if sep and not Path(spec).exists() and (task in SUPPORTED_TASKS or task in TASK_ALIASES):
+        if not model:
+            raise ValueError(f"reward pipeline spec '{spec}' names no model; expected 'task:model'")
+        return task, model
+    if sep and not Path(spec).exists():
+        raise ValueError(f"unknown reward spec '{spec}': '{task}' is not a transformers pipeline task (expected "
+                         f"'task:model' with a task such as sentiment-analysis, or a sequence-classification model)")
+    if Path(spec).exists() and not (Path(spec) / "config.json").exists():
+        raise ValueError(f"reward model '{spec}' is not a model directory (no config.json in it)")
+    if not Path(spec).exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        raise ValueError(f"reward model '{spec}' does not exist: expected a model directory, a Hub id or 'task:model'")
+    return None, spec
+
+
+def load_reward_function(spec: str, device, max_length: int = 1024) -> Callable[[list, list], list[float]]:
+    """A callable (prompts, responses) -> list of float scores, from a reward spec (see parse_reward_spec).
+
+    A sequence-classification model scores prompt + response the way reward.py trained it: message-list prompts
+    rendered with the chat template and the response as the assistant turn, string prompts concatenated; EOS
+    appended, the start kept when too long, right padding; the score read where plain transformers reads it. A
+    pipeline (such as sentiment-analysis:lvwerra/distilbert-imdb, the seed's PPO example) scores prompt + response,
+    and the reward is the raw score (logit) of the pipeline's last label, e.g. POSITIVE for a sentiment classifier.
+    """
+    task, name = parse_reward_spec(spec)
+    if task is not None:
+        from transformers import pipeline
+
+        pipe = pipeline(task, model=name, device=device)
+
+        def score_with_pipeline(prompts: list, responses: list[str]) -> list[float]:
+            texts = [(format_query(p, pipe.tokenizer)[0] if isinstance(p, list) else p) + r
+                     for p, r in zip(prompts, responses)]
+            outputs = pipe(texts, top_k=None, function_to_apply="none", batch_size=16, truncation=True)
+            last = pipe.model.config.num_labels - 1
+            label = pipe.model.config.id2label[last]
+            return [next(o["score"] for o in output if o["label"] == label) for output in outputs]
+
+        return score_with_pipeline
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForSequenceClassification.from_pretrained(name).eval().requires_grad_(False).to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:  # transformers finds the last real token through config.pad_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    max_length = min(max_length, tokenizer.model_max_length)
+
+    @torch.no_grad()
+    def score_with_model(prompts: list, responses: list[str]) -> list[float]:
+        sequences = []
+        for prompt, response in zip(prompts, responses):
+            if isinstance(prompt, list):
+                text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}],
+                                                     tokenize=False)
+                ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            else:
+                ids = list(tokenizer(prompt + response)["input_ids"])
+            if not ids or ids[-1] != tokenizer.eos_token_id:
+                ids.append(tokenizer.eos_token_id)
+            sequences.append(ids[:max_length])
+        scores = []
+        for start in range(0, len(sequences), 64):
+            chunk = sequences[start : start + 64]
+            longest = max(len(ids) for ids in chunk)
+            input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (longest - len(ids)) for ids in chunk])
+            attention_mask = torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in chunk])
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            scores += logits[:, 0].float().tolist()
+        return scores
+
+    return score_with_model
 
 
 def peak_memory_mb() -> float:
@@ -653,436 +1104,4 @@ def peak_memory_mb() -> float:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-
-    def fail(message: str):
-        sys.exit(f"{Path(__file__).name}: error: {message}")
-
-    # 0. Validate what can be checked before anything is loaded: sizes, the rewards (files and functions exist).
-    for name in ["num_generations", "max_completion_length", "per_device_train_batch_size",
-                 "gradient_accumulation_steps", "num_iterations", "max_steps", "logging_steps"]:
-        if getattr(args, name) <= 0:
-            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if args.num_generations < 2:
-        fail(f"--num_generations must be at least 2 (an advantage compares a completion with the others of its "
-             f"prompt), got {args.num_generations}")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # the accelerator comes later; sizes are needed now
-    steps_per_generation = args.steps_per_generation or args.gradient_accumulation_steps
-    generation_batch_size = args.per_device_train_batch_size * world_size * steps_per_generation
-    if generation_batch_size % args.num_generations:
-        fail(f"the generation batch (per_device_train_batch_size {args.per_device_train_batch_size} x "
-             f"{world_size} processes x steps_per_generation {steps_per_generation} = {generation_batch_size} "
-             f"completions) must be a multiple of --num_generations {args.num_generations}")
-    prompts_per_generation = generation_batch_size // args.num_generations
-    micro_steps_per_generation = steps_per_generation * args.num_iterations
-    if args.save_steps < 0 or args.save_steps * args.gradient_accumulation_steps % micro_steps_per_generation:
-        fail(f"--save_steps {args.save_steps} must be a multiple of the optimizer steps one generation batch serves "
-             f"(steps_per_generation x num_iterations / gradient_accumulation_steps = {micro_steps_per_generation} / "
-             f"{args.gradient_accumulation_steps}), so that a checkpoint never falls inside one")
-    if args.temperature <= 0:
-        fail(f"--temperature must be positive, got {args.temperature}")
-    if args.reward_clip_range is not None and not args.reward_clip_range[0] < args.reward_clip_range[1]:
-        fail(f"--reward_clip_range must be LOW HIGH with LOW < HIGH, got {args.reward_clip_range}")
-    if args.resume_from_checkpoint and not (Path(args.resume_from_checkpoint) / "training_state.pt").exists():
-        fail(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint directory of this script "
-             "(no training_state.pt in it)")
-    reward_models = list(args.reward_model) or ([] if args.reward_funcs else [str(ASSETS / "tiny-reward")])
-    python_rewards = []
-    try:
-        for spec in reward_models:
-            parse_reward_spec(spec)
-        for spec in args.reward_funcs:
-            python_rewards.append(load_python_reward(spec))
-    except ValueError as error:
-        fail(str(error))
-    num_rewards = len(reward_models) + len(python_rewards)
-    if args.reward_weights is not None and len(args.reward_weights) != num_rewards:
-        fail(f"--reward_weights has {len(args.reward_weights)} values but there are {num_rewards} rewards "
-             f"({len(reward_models)} models, {len(python_rewards)} functions)")
-    reward_weights = torch.tensor(args.reward_weights or [1.0] * num_rewards)
-    output_dir = Path(args.output_dir)
-
-    # 1. Data: load and validate the prompts before any model is loaded.
-    try:
-        raw = load_any_dataset(args.dataset_name, args.dataset_config)
-    except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
-        message = str(error) or type(error).__name__  # an empty JSON file raises a bare StopIteration
-        cause = error.__cause__  # datasets wraps the real reason, e.g. split files whose columns differ
-        if cause is not None and str(cause):
-            message += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
-        elif isinstance(error, StopIteration) or "corresponds to no data" in message or "generating the dataset" in \
-                message:  # how datasets says "empty"
-            message += " (is a data file empty? every split needs at least one row)"
-        fail(f"could not load dataset {args.dataset_name}: {message}")
-    try:
-        if args.dataset_train_split not in raw:
-            raise ValueError(f"dataset {args.dataset_name} has no split '{args.dataset_train_split}'; found splits "
-                             f"{list(raw)}")
-        if len(raw[args.dataset_train_split]) == 0:
-            raise ValueError(f"split '{args.dataset_train_split}' of dataset {args.dataset_name} is empty; expected "
-                             "at least one prompt")
-        query_column = find_query_column(raw[args.dataset_train_split].column_names, args.query_column)
-    except ValueError as error:
-        fail(str(error))
-    split = raw[args.dataset_train_split]
-    prompts = split[query_column]
-    other_columns = {name: split[name] for name in split.column_names if name != query_column}
-
-    # 2. Tokenizer and tokenised prompts. A tokenizer without a pad token gets EOS as pad (padding is masked).
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.revision)
-    if tokenizer.eos_token_id is None:
-        fail(f"the tokenizer of {args.model_name_or_path} has no EOS token; expected one to end completions")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if isinstance(prompts[0], list) and tokenizer.chat_template is None:
-        fail(f"the prompts are conversations but the tokenizer of {args.model_name_or_path} has no chat template")
-    queries, rows = [], []  # token ids, and the dataset row each comes from
-    for row, prompt in enumerate(prompts):
-        if not isinstance(prompt, (str, list)):
-            fail(f"prompts must be strings or message lists; column '{query_column}' holds {type(prompt).__name__}")
-        text, templated = format_query(prompt, tokenizer)
-        ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
-        if ids:
-            queries.append(ids)
-            rows.append(row)
-    if len(queries) < prompts_per_generation:
-        fail(f"the dataset has {len(queries)} non-empty prompts but one generation batch needs "
-             f"{prompts_per_generation} ({generation_batch_size} completions / num_generations {args.num_generations})")
-
-    # 3. Accelerator, policy (LoRA, gradient checkpointing), and the reference when beta > 0: a frozen copy of the
-    #    initial policy, or with LoRA the policy with its adapters off (no second copy).
-    # FSDP and DeepSpeed ZeRO shard a model over GPUs. Asked for on a machine without one, say so, rather than let
-    # Accelerator(cpu=True) below quietly train with plain data parallelism.
-    requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
-                 if os.environ.get(variable, "false").lower() == "true"]
-    if requested and not torch.cuda.is_available():
-        fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
-             "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
-             "`accelerate launch --multi_gpu --num_processes N`")
-    if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
-        fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
-             "`pip install deepspeed` (an optional dependency of these scripts)")
-    if requested == ["DeepSpeed"] and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        fail(f"{Path(__file__).name} does not run under DeepSpeed ZeRO-3 (its reward model would be loaded partitioned "
-             "and used outside an engine); use accelerate_configs/fsdp.yaml, or deepspeed_zero2.yaml")
-    # Several processes but no GPU (e.g. `accelerate launch --multi_gpu` on a CPU machine): make them one gloo
-    # process group on CPU; otherwise accelerate would start independent copies that never exchange gradients.
-    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision="bf16" if args.bf16 else None)
-    set_seed(args.seed)
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    load_path = args.model_name_or_path
-    if args.resume_from_checkpoint and not args.use_peft:
-        load_path = args.resume_from_checkpoint  # full weights live in the checkpoint
-    model = AutoModelForCausalLM.from_pretrained(load_path, revision=None if load_path != args.model_name_or_path
-                                                 else args.revision, dtype=dtype,
-                                                 attn_implementation=args.attn_implementation)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.use_peft:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        if args.resume_from_checkpoint:
-            model = PeftModel.from_pretrained(model, args.resume_from_checkpoint, is_trainable=True)
-        else:
-            lora_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                     target_modules=args.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
-            model = get_peft_model(model, lora_config)
-    reference_model = None
-    if args.beta != 0.0 and not args.use_peft:  # always the initial policy, also when resuming
-        reference_model = AutoModelForCausalLM.from_pretrained(
-            args.model_name_or_path, revision=args.revision, dtype=dtype, attn_implementation=args.attn_implementation)
-    for module in (model, reference_model):
-        if module is not None and args.disable_dropout:
-            for layer in module.modules():
-                if isinstance(layer, torch.nn.Dropout):
-                    layer.p = 0.0
-
-    # 4. Optimizer and schedule (stepped once per optimizer step by us), then the reference's placement.
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay, fused=args.optim == "adamw_torch_fused")
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=args.max_steps,
-                              num_warmup_steps=math.ceil(args.warmup_ratio * args.max_steps))
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # what accelerate cannot infer without a dataloader
-        deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        deepspeed_config.update({"train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
-                                 "gradient_clipping": args.max_grad_norm})
-    model, optimizer = accelerator.prepare(model.to(accelerator.device), optimizer)
-    if reference_model is not None:  # eval mode, frozen; sharded like the policy under FSDP / ZeRO-3
-        reference_model = prepare_frozen(accelerator, reference_model)
-    start_step = 0
-    if args.resume_from_checkpoint:
-        checkpoint = Path(args.resume_from_checkpoint)
-        state = torch.load(checkpoint / "training_state.pt", weights_only=False)
-        load_optimizer_state(checkpoint, accelerator, model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        load_rng_state(checkpoint, accelerator.process_index)
-        start_step = state["step"]
-        accelerator.print(f"resumed from {checkpoint} at step {start_step}")
-    num_params = sum(p.numel() for p in model.parameters())
-    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    accelerator.print(f"model: {num_params / 1e6:.2f}M parameters, {num_trainable / 1e6:.2f}M trainable; "
-                      f"{len(queries)} prompts; {args.max_steps} steps; a generation batch of {prompts_per_generation} "
-                      f"prompts x {args.num_generations} completions serves {micro_steps_per_generation} micro-batches")
-
-    # 5. The rewards, all as functions with TRL's signature: models (and pipelines) first, then Python functions.
-    reward_funcs = []
-    try:
-        for spec in reward_models:
-            score = load_reward_function(spec, accelerator.device)
-            reward_funcs.append((Path(spec).name or spec, lambda prompts, completions, score=score, **_: score(
-                prompts, [c if isinstance(c, str) else c[0]["content"] for c in completions])))
-    except (OSError, ValueError) as error:
-        fail(f"could not load reward model {spec}: {' '.join(str(error).split())[:500]}")
-    reward_funcs += python_rewards
-    reward_names = [name for name, _ in reward_funcs]
-
-    # 6. Logging: metrics.jsonl and samples.jsonl always, wandb with --track.
-    metrics_file, samples_file = output_dir / "metrics.jsonl", output_dir / "samples.jsonl"
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
-        for file in (metrics_file, samples_file):
-            if not args.resume_from_checkpoint:  # a fresh run starts a fresh log
-                file.unlink(missing_ok=True)
-            elif file.exists():  # a resumed one keeps what was logged up to its checkpoint, and appends
-                logged = [line for line in file.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-                file.write_text("".join(line + "\n" for line in logged))
-        if args.track:
-            import wandb
-
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
-                       name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
-
-    def log(metrics: dict) -> None:
-        """A compact console line, a metrics.jsonl row and (with --track) a wandb point, from the main process."""
-        if accelerator.is_main_process:
-            tqdm.write(" ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
-                                for key, value in metrics.items()))
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if args.track:
-                wandb.log(metrics, step=metrics["step"])
-
-    def gather(values: list) -> list:
-        """Every process's list, concatenated in process order (on every process)."""
-        if accelerator.num_processes == 1:
-            return list(values)
-        from accelerate.utils import gather_object
-
-        return gather_object(list(values))
-
-    generation_kwargs = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-                         "min_p": args.min_p, "repetition_penalty": args.repetition_penalty}
-    per_process = args.per_device_train_batch_size * steps_per_generation  # completions per process per generation
-
-    def generate_and_score(generation: int) -> tuple[list[dict], dict, list[dict]]:
-        """One generation batch: this process's micro-batches (steps_per_generation of them), the batch's reward
-        metrics, and its samples for samples.jsonl."""
-        # a. The prompts: a seeded permutation per epoch (the order depends on the generation index alone, so
-        #    resuming is exact), each repeated num_generations times; process p takes the p-th contiguous slice, so
-        #    a group may span processes, as in TRL.
-        indices = step_indices(generation, len(queries), prompts_per_generation, args.seed)
-        everyone = [i for i in indices for _ in range(args.num_generations)]
-        mine = everyone[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
-
-        # b. Sample, one micro-batch of rows per generate call, each seeded by its place in the whole batch: the
-        #    samples do not depend on how many processes share the batch, and a resumed run draws the same ones.
-        completions, ended = [], []
-        with gathered_for_generation(accelerator, model) as policy:  # whole weights for these calls only
-            policy.eval()  # for generate only: under gradient checkpointing, train mode would switch the KV cache off
-            for start in range(0, per_process, args.per_device_train_batch_size):
-                chunk = mine[start : start + args.per_device_train_batch_size]
-                place = accelerator.process_index * per_process + start
-                new, done = sample_completions(policy, [queries[i] for i in chunk], args.max_completion_length,
-                                               tokenizer.pad_token_id, tokenizer.eos_token_id,
-                                               seed=args.seed * 1_000_003 + generation * 10_007 + place,
-                                               **generation_kwargs)
-                completions += new
-                ended += done
-            policy.train()
-
-        # c. Score with every reward function; then gather every process's rewards, since a group's statistics may
-        #    need completions that other processes hold.
-        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        prompts_of_rows = [prompts[rows[i]] for i in mine]
-        columns = {name: [values[rows[i]] for i in mine] for name, values in other_columns.items()}
-        # conversational prompts get conversational completions, as TRL passes them: [{"role": "assistant", ...}]
-        shown = [[{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
-                 for prompt, text in zip(prompts_of_rows, texts)]
-        try:
-            rewards_per_func = score_completions(reward_funcs, prompts_of_rows, shown, completions, columns)
-        except ValueError as error:
-            fail(str(error))
-
-        # d. Training tensors, one dict per micro-batch, with the old log-probs (the sampling policy's: RLOO's ratio is
-        #    always against them, as TRL) and, when beta > 0, the reference's.
-        train_mask = [done or not args.mask_truncated_completions for done in ended]
-        micro_batches = []
-        for start in range(0, per_process, args.per_device_train_batch_size):
-            part = slice(start, start + args.per_device_train_batch_size)
-            batch = collate_rollouts([queries[i] for i in mine[part]], completions[part], tokenizer.pad_token_id,
-                                     train_mask[part])
-            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-            with torch.no_grad():
-                batch["old_per_token_logps"] = completion_log_probs(model, batch, args.temperature, accelerator)[0]
-                if args.beta != 0.0:
-                    if reference_model is not None:
-                        batch["ref_per_token_logps"] = completion_log_probs(reference_model, batch, args.temperature,
-                                                                            accelerator)[0]
-                    else:
-                        with accelerator.unwrap_model(model).disable_adapter():
-                            batch["ref_per_token_logps"] = completion_log_probs(model, batch, args.temperature,
-                                                                                accelerator)[0]
-            batch["old_logps"] = (batch["old_per_token_logps"] * batch["completion_mask"]).sum(1)
-            micro_batches.append(batch)
-
-        # e. Advantages over every process's completions (a group may span processes): each completion's KL to the
-        #    reference, old minus reference log-probs summed over its tokens (TRL's first-order estimate), is
-        #    gathered with the rewards.
-        all_rewards = accelerator.gather(rewards_per_func.to(accelerator.device)).cpu()  # (generation batch, F)
-        kl, kl_tokens = None, torch.zeros(2, device=accelerator.device)
-        if args.beta != 0.0:
-            per_token_kl = [(b["old_per_token_logps"] - b["ref_per_token_logps"]) * b["completion_mask"]
-                            for b in micro_batches]
-            kl = accelerator.gather(torch.cat([t.sum(1) for t in per_token_kl])).cpu()
-            kl_tokens = accelerator.reduce(torch.stack([sum(t.sum() for t in per_token_kl),
-                                                        sum(b["completion_mask"].sum() for b in micro_batches)]), "sum")
-        advantages = rloo_advantages(all_rewards, reward_weights, args.num_generations, beta=args.beta, kl=kl,
-                                     normalize_advantages=args.normalize_advantages,
-                                     reward_clip_range=args.reward_clip_range)
-        first = accelerator.process_index * per_process
-        my_advantages = advantages[first : first + per_process]
-        for start, batch in zip(range(0, per_process, args.per_device_train_batch_size), micro_batches):
-            batch["advantages"] = my_advantages[start : start + args.per_device_train_batch_size].to(accelerator.device)
-
-        # f. Metrics of the batch, with TRL's names, over every process's completions.
-        weighted = (all_rewards * reward_weights.unsqueeze(0)).nansum(dim=1)
-        weighted[torch.isnan(all_rewards).all(dim=1)] = float("nan")
-        grouped_std = nanstd(weighted.view(-1, args.num_generations), dim=1)
-        lengths = torch.tensor(gather([float(len(c)) for c in completions]))
-        clipped = torch.tensor(gather([float(not done) for done in ended]))
-        metrics = {"reward": torch.nanmean(weighted).item(), "reward_std": nanstd(weighted).item(),
-                   "frac_reward_zero_std": torch.isclose(grouped_std, torch.zeros_like(grouped_std)).float().mean()
-                   .item(), "completions/mean_length": lengths.mean().item(),
-                   "completions/clipped_ratio": clipped.mean().item()}
-        if args.beta != 0.0:
-            metrics["kl"] = (kl_tokens[0] / kl_tokens[1].clamp(min=1.0)).item()
-        for f, name in enumerate(reward_names):
-            metrics[f"rewards/{name}/mean"] = torch.nanmean(all_rewards[:, f]).item()
-            metrics[f"rewards/{name}/std"] = nanstd(all_rewards[:, f]).item()
-        samples = gather([{"prompt": prompts_of_rows[i], "completion": texts[i],
-                           **{f"reward/{name}": (None if math.isnan(v) else v)
-                              for name, v in zip(reward_names, rewards_per_func[i].tolist())},
-                           "advantage": my_advantages[i].item()} for i in range(per_process)])
-        if torch.isnan(all_rewards).all():  # advantages are all 0: the batch moves nothing (the KL term aside)
-            accelerator.print(f"warning: generation {generation}: no reward function scored any completion; the "
-                              "batch brings no policy update")
-        return micro_batches, metrics, samples
-
-    # 7. Training loop. One optimizer step = gradient_accumulation_steps micro-batches; a generation batch serves
-    #    steps_per_generation micro-batches, num_iterations times over (TRL's schedule).
-    model.train()
-    micro_batches, generation_metrics, samples, generation_seconds = [], {}, [], 0.0
-    running, running_steps, train_seconds, running_completions = {}, 0, 0.0, 0
-    progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="rloo",
-                    disable=not accelerator.is_local_main_process)
-    for step in progress:
-        step_start = time.time()
-        step_metrics, step_loss = [], torch.zeros((), device=accelerator.device)
-        for j in range(args.gradient_accumulation_steps):
-            micro_step = step * args.gradient_accumulation_steps + j
-            # 7a. A new generation batch when the last one is used up (also on resume: the samples are seeded).
-            if micro_step % micro_steps_per_generation == 0 or not micro_batches:
-                generation_start = time.time()
-                micro_batches, generation_metrics, samples = generate_and_score(
-                    micro_step // micro_steps_per_generation)
-                generation_seconds = time.time() - generation_start
-                running_completions += generation_batch_size
-            batch = micro_batches[micro_step % steps_per_generation]
-
-            # 7b. Loss and backward: the clipped ratio of whole-sequence probabilities, averaged over the micro-batch's
-            #     completions, divided by the accumulation steps; DDP averages the gradients over processes.
-            is_last = j == args.gradient_accumulation_steps - 1
-            accelerator.gradient_state._set_sync_gradients(is_last)  # DeepSpeed's engine steps in the last backward
-            with accelerator.no_sync(model) if not is_last else nullcontext():  # sync gradients once per step
-                per_token_logps, entropies = completion_log_probs(model, batch, args.temperature, accelerator)
-                loss, metrics = rloo_loss(per_token_logps, batch["old_logps"], batch["advantages"],
-                                          batch["completion_mask"], epsilon=args.epsilon,
-                                          epsilon_high=args.epsilon_high)
-                mask = batch["completion_mask"]
-                metrics["entropy"] = (entropies * mask).sum() / mask.sum().clamp(min=1.0)
-                loss = loss / args.gradient_accumulation_steps
-                accelerator.backward(loss)
-            step_loss += loss.detach()
-            step_metrics.append(metrics)
-
-        # 7c. Clip (max_grad_norm 0: only measure the norm). Stop cleanly on a non-finite loss or gradient, before the
-        #     update would poison the weights; every process sees the same reduced values and stops together.
-        step_loss = accelerator.reduce(step_loss, "mean")
-        grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf")))
-        if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
-            checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-            kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
-            fail(f"loss is {step_loss.item()} (gradient norm {grad_norm.item()}) at step {step + 1}; stopping "
-                 f"without updating the weights ({kept})")
-
-        # 7d. Update and schedule.
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-
-        # 7e. Log, checkpoint.
-        train_seconds += time.time() - step_start
-        running_steps += 1
-        for metrics in step_metrics:
-            for key, value in metrics.items():
-                running[key] = running.get(key, 0.0) + float(value) / len(step_metrics)
-        running["loss"] = running.get("loss", 0.0) + step_loss.item()
-        if done % args.logging_steps == 0 or done == args.max_steps:
-            averaged = accelerator.reduce(torch.tensor([running[key] / running_steps for key in sorted(running)],
-                                                       device=accelerator.device), "mean").tolist()
-            log({"step": done, **dict(zip(sorted(running), averaged)), **generation_metrics,
-                 "grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0],
-                 "samples_per_second": running_completions / train_seconds, "time/generate": generation_seconds,
-                 "peak_memory_mb": peak_memory_mb()})
-            progress.set_postfix(reward=f"{generation_metrics['reward']:.3f}")
-            if accelerator.is_main_process:
-                with open(samples_file, "a") as f:
-                    f.writelines(json.dumps({"step": done, **sample}) + "\n" for sample in samples)
-                if args.track:
-                    wandb.log({"completions": wandb.Table(columns=list(samples[0]),
-                                                          rows=[list(s.values()) for s in samples])}, step=done)
-            running, running_steps, train_seconds, running_completions = {}, 0, 0.0, 0
-        if args.save_steps > 0 and done % args.save_steps == 0 and done < args.max_steps:
-            save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, model, tokenizer, optimizer, scheduler,
-                            {"step": done})
-
-    # 8. Save: plain save_pretrained weights that AutoModelForCausalLM loads; with LoRA, the merged model in
-    #    output_dir and the adapter alone in output_dir/adapter.
-    #    Every process takes part in gathering the weights (see gathered_state_dict). A sharded
-    #    LoRA model cannot be merged in place: a CPU copy of the base model merges the adapter just saved.
-    accelerator.wait_for_everyone()
-    weights = gathered_state_dict(accelerator, model)
-    if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
-        if args.use_peft:
-            final.save_pretrained(output_dir / "adapter", state_dict=weights)
-            if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-                base = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, revision=args.revision,
-                                                            dtype=dtype)
-                final = PeftModel.from_pretrained(base, output_dir / "adapter")
-            final, weights = final.merge_and_unload(), None
-        final.save_pretrained(output_dir, state_dict=weights)
-        tokenizer.save_pretrained(output_dir)
-        if args.push_to_hub:
-            final.push_to_hub(output_dir.name)
-            tokenizer.push_to_hub(output_dir.name)
-        if args.track:
-            wandb.finish()
-    accelerator.wait_for_everyone()  # every process leaves together, once the main one has saved
-    accelerator.print(f"saved to {output_dir}")
-    del model  # the DDP-wrapped policy goes before its process group does
-    gc.collect()
-    accelerator.end_training()  # an orderly end of the process group: a peer torn down mid-exit can abort the other
+    main(tyro.cli(Args, use_underscores=True))

@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import (ASSETS, TWO_PROCESSES, assert_each_fails_with_one_line, assert_help_lists, error_line,
-                      read_metrics, run_ok, run_script)
+from conftest import (ASSETS, TWO_PROCESSES, assert_each_fails_with_one_line, error_line, read_metrics,
+                      run_main_in_process, run_ok, run_script)
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from best_of_n import Args, BestOfNSampler, LengthSampler, as_query_list, load_reward_function
+from best_of_n import BestOfNSampler, LengthSampler, as_query_list, load_reward_function
 
 TINY = ASSETS / "tiny-gpt2"
 
@@ -191,6 +191,7 @@ def test_command_line_best_of_8_beats_best_of_1_and_its_completions_train_with_s
     rows = {row["n"]: row for row in results["rows"]}
     assert sorted(rows) == [1, 2, 4, 8] and results["num_prompts"] == 48
     assert "mean reward" in result.stdout and "s / query" in result.stdout
+    assert "run: 1 process(es) x 16 prompts per generate call x 8 samples" in result.stdout  # the run's shape
     standard_error = rows[1]["std_reward"] / math.sqrt(48)
     assert rows[8]["mean_reward"] > rows[1]["mean_reward"] + 4 * standard_error, rows  # about -2 -> 10
     assert rows[8]["mean_reward"] > rows[4]["mean_reward"] > rows[1]["mean_reward"]
@@ -219,7 +220,9 @@ def test_command_line_best_of_8_beats_best_of_1_and_its_completions_train_with_s
 @pytest.mark.slow
 def test_two_processes_share_the_prompts_and_gather_every_result(tmp_path):
     out = tmp_path / "bon"
-    run_ok("best_of_n.py", "--output_dir", out, "--num_prompts", 10, "--sample_size", 4, launcher=TWO_PROCESSES)
+    result = run_ok("best_of_n.py", "--output_dir", out, "--num_prompts", 10, "--sample_size", 4,
+                    launcher=TWO_PROCESSES)
+    assert "run: 2 process(es)" in result.stdout
     prompts = [json.loads(line)["prompt"] for line in (ASSETS / "data" / "prompts" / "test.jsonl").read_text()
                .splitlines()[:10]]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -249,6 +252,12 @@ def test_command_line_bad_input_gives_one_clear_line(tmp_path, monkeypatch):
                    "not exist)"
 
 
-def test_help(capsys):
-    assert_help_lists(Args, capsys, ["--sample-size", "--n-candidates", "--output-min-length", "--output-max-length",
-                                     "--reward-model", "--dataset-name", "--model-name-or-path", "--output-dir"])
+def test_help_shows_the_flags_as_users_type_them_and_both_spellings_parse(monkeypatch, capsys, tmp_path):
+    assert run_main_in_process(monkeypatch, "best_of_n.py", "--help") == "0"
+    text = capsys.readouterr().out
+    for flag in ["--sample_size", "--n_candidates", "--output_min_length", "--output_max_length", "--reward_model",
+                 "--dataset_name", "--model_name_or_path", "--output_dir"]:
+        assert flag in text, flag
+    assert "--sample-size" not in text
+    line = run_main_in_process(monkeypatch, "best_of_n.py", "--sample-size", 2, "--n_candidates", 3)
+    assert "--n_candidates 3 cannot exceed --sample_size 2" in line, line

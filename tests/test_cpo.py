@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+import tyro
 from conftest import (ASSETS, assert_prefers_chosen_and_writes_more_positive_reviews,
                       assert_resumed_run_ends_where_the_uninterrupted_run_ends,
-                      assert_same_training_however_the_global_batch_is_split, error_line, help_text, metric_series,
-                      read_metrics, run_ok, run_script)
+                      assert_same_training_however_the_global_batch_is_split, error_line, metric_series,
+                      read_metrics, run_main_in_process, run_ok, run_script)
 from transformers import AutoModelForCausalLM
 
 from cpo import Args, cpo_loss
@@ -113,7 +114,10 @@ def test_bad_hyper_parameters_are_one_clear_line():
     # (bad data: see test_orpo.py; the two scripts validate alike, and each run costs seconds)
 
 
-def test_help_lists_the_arguments_with_their_docs(capsys):
-    text = help_text(Args, capsys)
-    for flag in ["--beta", "--loss-type", "simpo", "--cpo-alpha", "--simpo-gamma", "--label-smoothing", "cDPO"]:
-        assert flag in text
+def test_help_lists_the_arguments_as_users_type_them(monkeypatch, capsys):
+    assert run_main_in_process(monkeypatch, "cpo.py", "--help") == "0"  # the script's own command line
+    text = capsys.readouterr().out
+    for flag in ["--beta", "--loss_type", "simpo", "--cpo_alpha", "--simpo_gamma", "--label_smoothing", "cDPO"]:
+        assert flag in text, flag
+    args = tyro.cli(Args, args=["--cpo-alpha", "0", "--no-lm_head_only_at_labels"], use_underscores=True)
+    assert (args.cpo_alpha, args.lm_head_only_at_labels) == (0, False)  # dashes and --no- forms still parse

@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import (ASSETS, TWO_PROCESSES, assert_each_fails_with_one_line, assert_help_lists, error_line,
-                      read_metrics, run_ok, run_script)
+from conftest import (ASSETS, TWO_PROCESSES, assert_each_fails_with_one_line, error_line, read_metrics,
+                      run_main_in_process, run_ok, run_script)
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from ddpo import (DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline, PerPromptStatTracker, brightness,
@@ -229,8 +229,9 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends_and_a_full_unet_saves
 @pytest.mark.slow
 def test_two_processes_sample_their_own_images_and_normalise_over_all(tmp_path):
     out = tmp_path / "ddpo"
-    run_ok("ddpo.py", "--output_dir", out, "--num_epochs", 2, "--sample_batch_size", 4, "--per_prompt_stat_tracking",
-           "--per_prompt_stat_tracking_min_count", 2, launcher=TWO_PROCESSES)
+    result = run_ok("ddpo.py", "--output_dir", out, "--num_epochs", 2, "--sample_batch_size", 4,
+                    "--per_prompt_stat_tracking", "--per_prompt_stat_tracking_min_count", 2, launcher=TWO_PROCESSES)
+    assert "run: 2 process(es) x 4 per device x 1 accumulation = 8 samples" in result.stdout
     rows = read_metrics(out)
     assert [row["images"] for row in rows] == [16, 16]  # 2 processes x 2 batches x 4 images, logged once
     assert [row["step"] for row in rows] == [2, 4]  # 8 samples per process / train_batch_size 4 per epoch
@@ -259,8 +260,13 @@ def test_bad_command_lines_fail_with_one_clear_line(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["checkpoints"]
 
 
-def test_help(capsys):
-    assert_help_lists(DDPOConfig, capsys, ["--sample-num-steps", "--sample-eta", "--sample-guidance-scale",
-                                           "--train-clip-range", "--train-timestep-fraction",
-                                           "--per-prompt-stat-tracking", "--async-reward-computation",
-                                           "--pretrained-model", "--use-lora", "--reward"])
+def test_help_shows_the_flags_as_users_type_them_and_both_spellings_parse(monkeypatch, capsys):
+    assert run_main_in_process(monkeypatch, "ddpo.py", "--help") == "0"
+    text = capsys.readouterr().out
+    for flag in ["--sample_num_steps", "--sample_eta", "--sample_guidance_scale", "--train_clip_range",
+                 "--train_timestep_fraction", "--per_prompt_stat_tracking", "--async_reward_computation",
+                 "--pretrained_model", "--use_lora", "--no_use_lora", "--reward"]:
+        assert flag in text, flag
+    assert "--sample-num-steps" not in text
+    line = run_main_in_process(monkeypatch, "ddpo.py", "--sample-batch-size", 6, "--train_batch_size", 4)
+    assert line == "ddpo.py: error: sample_batch_size (6) must be a multiple of train_batch_size (4)", line

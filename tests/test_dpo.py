@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
+import tyro
 from conftest import (ASSETS, assert_resumed_run_ends_where_the_uninterrupted_run_ends,
                       assert_same_training_however_the_global_batch_is_split, error_line, mean_sentiment_of_samples,
-                      metric_series, read_metrics, run_ok, run_script)
+                      metric_series, read_metrics, run_main_in_process, run_ok, run_script)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo import collate_pairs, dpo_loss, get_batch_logps, split_implicit_prompt, tokenize_pair
+from dpo import Args, collate_pairs, dpo_loss, get_batch_logps, split_implicit_prompt, tokenize_pair
 
 PREFERENCE = ASSETS / "data" / "preference"
 SHORT = ["--max_steps", 12, "--eval_steps", 6, "--logging_steps", 2]
@@ -263,8 +264,11 @@ def test_long_prompts_are_cut_and_counted(tmp_path):
     assert "1 of 8 train prompts were cut to --max_prompt_length 16 (keep_end)" in result.stdout
 
 
-@pytest.mark.slow
-def test_help_lists_the_arguments_with_their_docs():
-    result = run_ok("dpo.py", "--help")
-    for text in ["--beta", "--loss-type", "--precompute-ref-log-probs", "--reference-free", "cDPO"]:
-        assert text in result.stdout
+def test_help_lists_the_arguments_as_users_type_them(monkeypatch, capsys):
+    assert run_main_in_process(monkeypatch, "dpo.py", "--help") == "0"  # the script's own command line
+    text = capsys.readouterr().out
+    for flag in ["--beta", "--loss_type", "--precompute_ref_log_probs", "--reference_free", "cDPO"]:
+        assert flag in text, flag
+    args = tyro.cli(Args, args=["--loss-type", "ipo", "--no-lm_head_only_at_labels", "--no-disable-dropout"],
+                    use_underscores=True)  # the dashed spellings and the --no- forms still parse
+    assert (args.loss_type, args.lm_head_only_at_labels, args.disable_dropout) == ("ipo", False, False)

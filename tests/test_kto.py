@@ -7,9 +7,10 @@ import random
 
 import pytest
 import torch
+import tyro
 from conftest import (ASSETS, answer_logps, assert_resumed_run_ends_where_the_uninterrupted_run_ends,
-                      assert_same_training_however_the_global_batch_is_split, error_line, help_text, metric_series,
-                      read_metrics, run_ok, run_script)
+                      assert_same_training_however_the_global_batch_is_split, error_line, metric_series, read_metrics,
+                      run_main_in_process, run_ok, run_script)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kto import Args, check_kto_columns, check_labels, kl_partners, kto_loss, mismatched_example, tokenize_row
@@ -218,7 +219,11 @@ def test_bad_input_is_one_clear_line(tmp_path):
         "batch, which needs at least 2 examples; got 1")
 
 
-def test_help_lists_the_arguments_with_their_docs(capsys):
-    text = help_text(Args, capsys)
-    for flag in ["--beta", "--desirable-weight", "--undesirable-weight", "--precompute-ref-log-probs", "4/3"]:
-        assert flag in text
+def test_help_lists_the_arguments_as_users_type_them(monkeypatch, capsys):
+    assert run_main_in_process(monkeypatch, "kto.py", "--help") == "0"  # the script's own command line
+    text = capsys.readouterr().out
+    for flag in ["--beta", "--desirable_weight", "--undesirable_weight", "--precompute_ref_log_probs", "4/3"]:
+        assert flag in text, flag
+    args = tyro.cli(Args, args=["--desirable-weight", "1.5", "--no-lm_head_only_at_labels", "--no-disable-dropout"],
+                    use_underscores=True)  # the dashed spellings and the --no- forms still parse
+    assert (args.desirable_weight, args.lm_head_only_at_labels, args.disable_dropout) == (1.5, False, False)

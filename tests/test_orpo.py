@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+import tyro
 from conftest import (ASSETS, assert_prefers_chosen_and_writes_more_positive_reviews,
                       assert_resumed_run_ends_where_the_uninterrupted_run_ends,
-                      assert_same_training_however_the_global_batch_is_split, error_line, help_text, read_metrics,
-                      run_ok, run_script)
+                      assert_same_training_however_the_global_batch_is_split, error_line, read_metrics,
+                      run_main_in_process, run_ok, run_script)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orpo import Args, chosen_nll_labels, chosen_nll_sum, collate_pairs, odds_ratio_loss, tokenize_pair
@@ -137,8 +138,11 @@ def test_bad_input_is_one_clear_line(tmp_path):
     # (bad hyper-parameters: see test_cpo.py; the two scripts validate alike, and each run costs seconds)
 
 
-def test_help_lists_the_arguments_with_their_docs(capsys):
-    text = help_text(Args, capsys)
-    for flag in ["--beta", "--nll-include-prompt", "--generate-during-eval", "odds-ratio"]:
-        assert flag in text
-    assert "--reference-free" not in text and "--precompute-ref-log-probs" not in text
+def test_help_lists_the_arguments_as_users_type_them(monkeypatch, capsys):
+    assert run_main_in_process(monkeypatch, "orpo.py", "--help") == "0"  # the script's own command line
+    text = capsys.readouterr().out
+    for flag in ["--beta", "--nll_include_prompt", "--generate_during_eval", "odds-ratio"]:
+        assert flag in text, flag
+    assert "--reference_free" not in text and "--precompute_ref_log_probs" not in text
+    args = tyro.cli(Args, args=["--nll-include-prompt", "--no-lm_head_only_at_labels"], use_underscores=True)
+    assert (args.nll_include_prompt, args.lm_head_only_at_labels) == (True, False)  # dashes and --no- forms parse

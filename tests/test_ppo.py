@@ -272,12 +272,12 @@ def test_ratio_threshold_and_early_stopping():
     for early_stopping in (False, True):
         trainer = tiny_trainer(mini_batch_size=2, early_stopping=early_stopping, target_kl=1e-12,
                                learning_rate=1e-2)
-        original = trainer.train_minibatch
+        original = trainer.optimizer.step
         count = []
-        trainer.train_minibatch = lambda *a, count=count, original=original: count.append(1) or original(*a)
+        trainer.optimizer.step = lambda *a, count=count, original=original: count.append(1) or original(*a)
         trainer.step(queries, responses, scores)
         calls.append(len(count))
-    assert calls == [8, 2]  # 4 epochs x 2 mini-batches, or 1 epoch
+    assert calls == [8, 2]  # optimizer steps: 4 epochs x 2 mini-batches, or 1 epoch
 
 
 def test_step_rejects_bad_input():

@@ -240,5 +240,5 @@ def test_over_long_and_identical_pairs_are_counted_and_training_goes_on(tmp_path
 @pytest.mark.slow
 def test_help_lists_the_arguments_with_their_docs():
     result = run_ok("reward.py", "--help")
-    for text in ["--center-rewards-coefficient", "--max-length", "head is always trained in full"]:
+    for text in ["--center_rewards_coefficient", "--max_length", "head is always trained in full"]:
         assert text in result.stdout

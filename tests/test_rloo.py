@@ -51,14 +51,25 @@ def test_bad_command_lines_fail_with_one_clear_line_before_the_model_loads(tmp_p
 
 
 def test_the_blocks_grpo_and_rloo_share_are_the_same_text():
-    def functions(script):
-        text = (REPO / script).read_text()
+    """Every function both scripts define, main aside, is the same text; so are main's stages that are not the
+    algorithm: accelerator, data, tokenizer, models, rewards, logs, sampling and scoring, metrics, logging, saving."""
+    texts = {script: (REPO / script).read_text() for script in ("grpo.py", "rloo.py")}
+
+    def functions(text):
         return {node.name: ast.get_source_segment(text, node) for node in ast.parse(text).body
                 if isinstance(node, ast.FunctionDef)}
 
-    grpo, rloo = functions("grpo.py"), functions("rloo.py")
+    grpo, rloo = functions(texts["grpo.py"]), functions(texts["rloo.py"])
     shared = {"nanstd", "score_completions", "load_python_reward", "sample_completions", "collate_rollouts",
               "completion_log_probs", "load_reward_function", "save_checkpoint", "gathered_for_generation"}
     assert shared <= set(grpo) & set(rloo)
-    for name in set(grpo) & set(rloo):
+    for name in set(grpo) & set(rloo) - {"main"}:
         assert grpo[name] == rloo[name], name
+    for start, end in [("    # 1. Accelerator", "        # d. Training tensors"),
+                       ("        # f. Metrics", '                   "completions/clipped_ratio"'),
+                       ("        for f, name in enumerate(reward_names):", "    progress = tqdm("),
+                       ("    for step in progress:", "            # 8b. Loss and backward"),
+                       ("        # 8d. Log", "\n\n\n")]:
+        grpo_block, rloo_block = (text[text.index(start) : text.index(end, text.index(start))]
+                                  for text in texts.values())
+        assert grpo_block == rloo_block, start

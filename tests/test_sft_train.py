@@ -214,5 +214,5 @@ def test_bad_input_fails_with_one_clear_line_before_the_model_loads(tmp_path, ca
 @pytest.mark.slow
 def test_help_lists_the_arguments_with_their_docs():
     result = run_ok("sft.py", "--help")
-    for text in ["--learning-rate", "--packing", "--neftune-noise-alpha", "pack whole examples into blocks"]:
+    for text in ["--learning_rate", "--packing", "--neftune_noise_alpha", "pack whole examples into blocks"]:
         assert text in result.stdout
