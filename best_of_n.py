@@ -27,6 +27,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -466,31 +467,32 @@ def main(args: Args) -> None:
 
 
 # ======================================================================================================================
-# The plumbing: launch checks, data and model loading, checkpoints, sharded saving, logging. Nothing below is specific
-# to one algorithm, and each function is byte-identical in every script that has it (tests/test_scaling.py checks).
+# The plumbing: launch checks, runs and checkpoints, data and model loading, sharded saving, logging. Nothing below is
+# specific to one algorithm; each function is byte-identical in every script that has it (tests/test_layout.py).
 # ======================================================================================================================
-def fail(message: str) -> NoReturn:
-    """Stop with one line, `<script>: error: <message>`, and exit status 1."""
+def fail(message: str, once: bool = False) -> NoReturn:
+    """Stop with one line, `<script>: error: <message>`, exit status 1. once: every process meets the same error, so
+    only the first one prints it."""
+    if once and int(os.environ.get("RANK", "0")) > 0:
+        sys.exit(1)
     sys.exit(f"{Path(__file__).name}: error: {message}")
 
 
 def make_accelerator(args, zero3_refusal: str | None = None) -> Accelerator:
-    """The Accelerator, after the launch checks, with every RNG seeded from args.seed. FSDP / DeepSpeed without a GPU
-    (or DeepSpeed not installed) is one line, not a silent fall-back to plain data parallelism; zero3_refusal says why
-    a script refuses ZeRO-3. Several processes without a GPU become one gloo group on CPU (else accelerate would start
-    independent copies that never exchange gradients)."""
+    """The Accelerator, every RNG seeded. FSDP / DeepSpeed asked for without a GPU (or not installed) is one line, not a
+    silent fall-back to data parallelism; several processes without a GPU become one gloo group on CPU."""
     requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
                  if os.environ.get(variable, "false").lower() == "true"]
     if requested and not torch.cuda.is_available():
         fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
              "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
-             "`accelerate launch --multi_gpu --num_processes N`")
+             "`accelerate launch --multi_gpu --num_processes N`", once=True)
     if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
         fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
-             "`pip install deepspeed` (an optional dependency of these scripts)")
+             "`pip install deepspeed` (an optional dependency of these scripts)", once=True)
     if zero3_refusal and requested == ["DeepSpeed"] and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         fail(f"{Path(__file__).name} does not run under DeepSpeed ZeRO-3 ({zero3_refusal}); use "
-             "accelerate_configs/fsdp.yaml, or deepspeed_zero2.yaml")
+             "accelerate_configs/fsdp.yaml, or deepspeed_zero2.yaml", once=True)
     multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision="bf16" if args.bf16 else None)
     set_seed(args.seed)
@@ -512,8 +514,8 @@ def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
 
 
 def load_tokenizer(args, eos_purpose: str):
-    """The tokenizer of --model_name_or_path, which must have an EOS token. Without a pad token, EOS pads: padding is
-    masked by position (attention mask, labels -100), never by token id, so a real EOS is still learned."""
+    """The tokenizer of --model_name_or_path; it needs an EOS token. Without a pad token EOS pads: padding is masked by
+    position (attention mask, labels -100), never by token id, so a real EOS is still learned."""
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.revision)
     if tokenizer.eos_token_id is None:
         fail(f"the tokenizer of {args.model_name_or_path} has no EOS token; expected one {eos_purpose}")
@@ -523,10 +525,21 @@ def load_tokenizer(args, eos_purpose: str):
 
 
 def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("metrics.jsonl",)):
-    """output_dir with args.json, fresh log files (resuming: their rows up to start_step kept) and wandb under --track.
-    Returns log(metrics): a console line, a metrics.jsonl row and a wandb point, from the main process."""
+    """output_dir with args.json, fresh log files (resuming: the rows up to start_step kept), wandb under --track. A
+    previous run in output_dir (check_run let it through) is moved to <output_dir>-<its time>, or deleted under
+    --overwrite_output_dir. Returns log(metrics): a console line, a strict-JSON metrics.jsonl row, a wandb point."""
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
+        if not args.resume_from_checkpoint and output_dir.is_dir() and any(output_dir.iterdir()):
+            if args.overwrite_output_dir:
+                shutil.rmtree(output_dir)
+                print(f"--overwrite_output_dir: removed the previous run in {output_dir}")
+            else:
+                stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(output_dir.stat().st_mtime))
+                kept = next(path for n in range(1000) if not (path := output_dir.with_name(
+                    f"{output_dir.name}-{stamp}" + (f"-{n}" if n else ""))).exists())
+                output_dir.rename(kept)
+                print(f"{output_dir} held a previous run: kept as {kept} (--overwrite_output_dir replaces it)")
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
         for file in (output_dir / name for name in files):
@@ -545,12 +558,14 @@ def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("met
         if accelerator.is_main_process:
             tqdm.write(" ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
                                 for key, value in metrics.items()))
-            with open(output_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            with open(output_dir / "metrics.jsonl", "a") as f:  # NaN and infinity are not JSON: null
+                f.write(json.dumps({key: None if isinstance(value, float) and not math.isfinite(value) else value
+                                    for key, value in metrics.items()}) + "\n")
             if args.track:
                 import wandb
 
                 wandb.log(metrics, step=metrics["step"])
+    accelerator.wait_for_everyone()  # no process writes into output_dir before it is ready
     return log
 
 

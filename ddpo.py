@@ -803,11 +803,14 @@ def main(config: DDPOConfig) -> None:
 
 
 # ======================================================================================================================
-# The plumbing: launch checks, data and model loading, checkpoints, sharded saving, logging. Nothing below is specific
-# to one algorithm, and each function is byte-identical in every script that has it (tests/test_scaling.py checks).
+# The plumbing: launch checks, runs and checkpoints, data and model loading, sharded saving, logging. Nothing below is
+# specific to one algorithm; each function is byte-identical in every script that has it (tests/test_layout.py).
 # ======================================================================================================================
-def fail(message: str) -> NoReturn:
-    """Stop with one line, `<script>: error: <message>`, and exit status 1."""
+def fail(message: str, once: bool = False) -> NoReturn:
+    """Stop with one line, `<script>: error: <message>`, exit status 1. once: every process meets the same error, so
+    only the first one prints it."""
+    if once and int(os.environ.get("RANK", "0")) > 0:
+        sys.exit(1)
     sys.exit(f"{Path(__file__).name}: error: {message}")
 
 

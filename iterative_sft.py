@@ -35,6 +35,8 @@ import math
 import os
 import random
 import resource
+import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -679,35 +681,109 @@ def main(args: Args) -> None:
 
 
 # ======================================================================================================================
-# The plumbing: launch checks, data and model loading, checkpoints, sharded saving, logging. Nothing below is specific
-# to one algorithm, and each function is byte-identical in every script that has it (tests/test_scaling.py checks).
+# The plumbing: launch checks, runs and checkpoints, data and model loading, sharded saving, logging. Nothing below is
+# specific to one algorithm; each function is byte-identical in every script that has it (tests/test_layout.py).
 # ======================================================================================================================
-def fail(message: str) -> NoReturn:
-    """Stop with one line, `<script>: error: <message>`, and exit status 1."""
+def fail(message: str, once: bool = False) -> NoReturn:
+    """Stop with one line, `<script>: error: <message>`, exit status 1. once: every process meets the same error, so
+    only the first one prints it."""
+    if once and int(os.environ.get("RANK", "0")) > 0:
+        sys.exit(1)
     sys.exit(f"{Path(__file__).name}: error: {message}")
 
 
 def make_accelerator(args, zero3_refusal: str | None = None) -> Accelerator:
-    """The Accelerator, after the launch checks, with every RNG seeded from args.seed. FSDP / DeepSpeed without a GPU
-    (or DeepSpeed not installed) is one line, not a silent fall-back to plain data parallelism; zero3_refusal says why
-    a script refuses ZeRO-3. Several processes without a GPU become one gloo group on CPU (else accelerate would start
-    independent copies that never exchange gradients)."""
+    """The Accelerator, every RNG seeded. FSDP / DeepSpeed asked for without a GPU (or not installed) is one line, not a
+    silent fall-back to data parallelism; several processes without a GPU become one gloo group on CPU."""
     requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
                  if os.environ.get(variable, "false").lower() == "true"]
     if requested and not torch.cuda.is_available():
         fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
              "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
-             "`accelerate launch --multi_gpu --num_processes N`")
+             "`accelerate launch --multi_gpu --num_processes N`", once=True)
     if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
         fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
-             "`pip install deepspeed` (an optional dependency of these scripts)")
+             "`pip install deepspeed` (an optional dependency of these scripts)", once=True)
     if zero3_refusal and requested == ["DeepSpeed"] and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         fail(f"{Path(__file__).name} does not run under DeepSpeed ZeRO-3 ({zero3_refusal}); use "
-             "accelerate_configs/fsdp.yaml, or deepspeed_zero2.yaml")
+             "accelerate_configs/fsdp.yaml, or deepspeed_zero2.yaml", once=True)
     multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision="bf16" if args.bf16 else None)
     set_seed(args.seed)
     return accelerator
+
+
+def check_run(args, model_fields: list[str]) -> None:
+    """Before anything loads: the learning rate, local model paths and --output_dir are checked (one line each).
+    `--resume_from_checkpoint latest` becomes the newest complete checkpoint in output_dir (none: a fresh start; a
+    finished run: nothing to do, exit 0). A fresh run never writes over a previous one: a named output_dir holding
+    one is refused; the default output_dir's is kept beside it (open_logs); --overwrite_output_dir replaces it."""
+    def say(line: str) -> None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(line)
+    for name in ["learning_rate", "train_learning_rate"]:
+        if hasattr(args, name) and not getattr(args, name) > 0:
+            fail(f"--{name} must be positive, got {getattr(args, name)}", once=True)
+    for name in model_fields:
+        path = getattr(args, name)
+        if path and not Path(path).expanduser().exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+            fail(f"--{name} {path} does not exist: expected a model directory or a Hub id", once=True)
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        fail(f"--output_dir {output_dir} is a file; expected a directory (or a path that does not exist yet)",
+             once=True)
+    if args.resume_from_checkpoint == "latest":
+        if (output_dir / "config.json").exists():  # written by the final save only
+            say(f"{output_dir} holds a finished run: nothing to resume")
+            sys.exit(0)
+        checkpoints = complete_checkpoints(output_dir)
+        args.resume_from_checkpoint = str(checkpoints[-1]) if checkpoints else None
+        say(f"resuming from the latest checkpoint, {checkpoints[-1]}" if checkpoints else
+            f"no complete checkpoint in {output_dir}: starting fresh")
+    elif args.resume_from_checkpoint and not (Path(args.resume_from_checkpoint) / "training_state.pt").exists():
+        fail(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint directory of this script "
+             "(no training_state.pt in it)", once=True)
+    held = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
+    named = args.output_dir != type(args).__dataclass_fields__["output_dir"].default
+    if held and named and not (args.resume_from_checkpoint or args.overwrite_output_dir):
+        fail(f"--output_dir {output_dir} holds a previous run ({', '.join(held[:4])}{', ...' * (len(held) > 4)}); "
+             "pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or another "
+             "--output_dir", once=True)
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The checkpoint-N directories of output_dir, oldest first: whole, since save_checkpoint renames a checkpoint
+    into place only once every file is written."""
+    found = [path for path in Path(output_dir).glob("checkpoint-*")
+             if path.name.split("-")[-1].isdigit() and (path / "training_state.pt").exists()]
+    return sorted(found, key=lambda path: int(path.name.split("-")[-1]))
+
+
+class Preemption:
+    """SIGTERM (what Slurm and Kubernetes send before a kill) and SIGINT set a flag instead of killing: the loop ends
+    the step in progress, asks requested() (all-reduced: every process stops at the same step), saves and calls
+    stop(). Signals during the save are only noted; a checkpoint appears under its name only once whole."""
+
+    def __init__(self):
+        self.signum = 0
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.note)
+
+    def note(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def requested(self, accelerator) -> int:
+        if accelerator.num_processes == 1:
+            return self.signum
+        return int(accelerator.reduce(torch.tensor(self.signum, device=accelerator.device), "max"))
+
+    def stop(self, accelerator, signum: int, checkpoint: Path) -> NoReturn:
+        flag = "--resume_from_checkpoint"
+        argv = [arg for i, arg in enumerate(sys.argv) if not arg.startswith(flag) and sys.argv[i - 1] != flag]
+        launcher = "the same `accelerate launch ...` and" if accelerator.num_processes > 1 else "python"
+        accelerator.print(f"stopped by {signal.Signals(signum).name}: saved {checkpoint}; resume with: {launcher} "
+                          f"{' '.join(argv)} --resume_from_checkpoint latest")
+        sys.exit(128 + signum)
 
 
 def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
@@ -725,17 +801,17 @@ def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
 
 
 def step_indices(step: int, num_rows: int, global_batch_size: int, seed: int) -> list[int]:
-    """The rows (or prompts) of training step `step`, over all processes: each epoch is a permutation seeded by
-    seed + epoch, consumed global_batch_size rows at a time (the incomplete tail dropped). The order depends on the
-    step alone, which makes resuming exact and makes N processes see the same global batches as one."""
+    """The rows (or prompts) of training step `step` on all processes: each epoch is a permutation seeded by
+    seed + epoch, global_batch_size rows a step, the tail dropped. The order depends on the step alone, so resuming is
+    exact and N processes see the batches of one."""
     epoch, position = divmod(step, num_rows // global_batch_size)
     permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     return permutation[position * global_batch_size : (position + 1) * global_batch_size]
 
 
 def load_tokenizer(args, eos_purpose: str):
-    """The tokenizer of --model_name_or_path, which must have an EOS token. Without a pad token, EOS pads: padding is
-    masked by position (attention mask, labels -100), never by token id, so a real EOS is still learned."""
+    """The tokenizer of --model_name_or_path; it needs an EOS token. Without a pad token EOS pads: padding is masked by
+    position (attention mask, labels -100), never by token id, so a real EOS is still learned."""
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.revision)
     if tokenizer.eos_token_id is None:
         fail(f"the tokenizer of {args.model_name_or_path} has no EOS token; expected one {eos_purpose}")
@@ -745,8 +821,8 @@ def load_tokenizer(args, eos_purpose: str):
 
 
 def load_trainable_model(args, model_class, task_type: str, **kwargs):
-    """The model to train at --dtype: --model_name_or_path (resuming without LoRA: the checkpoint's weights), gradient
-    checkpointing if asked, LoRA adapters with --use_peft (new, or the checkpoint's when resuming)."""
+    """The model to train at --dtype (resuming without LoRA: the checkpoint's weights), gradient checkpointing if
+    asked, LoRA adapters with --use_peft (new, or the checkpoint's)."""
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     path = args.resume_from_checkpoint if args.resume_from_checkpoint and not args.use_peft else args.model_name_or_path
     model = model_class.from_pretrained(path, revision=args.revision if path == args.model_name_or_path else None,
@@ -766,19 +842,30 @@ def load_trainable_model(args, model_class, task_type: str, **kwargs):
 
 @contextmanager
 def accumulating(accelerator, model, last: bool):
-    """A micro-batch's forward and backward. Gradients meet over processes only in the last micro-batch of an optimizer
-    step, where DeepSpeed's engine steps (it reads accelerate's sync flag, set through a private API). accelerate's
-    `accumulate` is not used: it divides each loss by the accumulation steps; these scripts normalise by the step."""
+    """One micro-batch's forward and backward: gradients meet over processes in the last micro-batch of a step only,
+    where DeepSpeed's engine steps (it reads accelerate's sync flag; a private API). accelerate's `accumulate` would
+    divide each loss by the accumulation steps, where these scripts normalise by the whole step's tokens or samples."""
     accelerator.gradient_state._set_sync_gradients(last)
     with nullcontext() if last else accelerator.no_sync(model):
         yield
 
 
 def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("metrics.jsonl",)):
-    """output_dir with args.json, fresh log files (resuming: their rows up to start_step kept) and wandb under --track.
-    Returns log(metrics): a console line, a metrics.jsonl row and a wandb point, from the main process."""
+    """output_dir with args.json, fresh log files (resuming: the rows up to start_step kept), wandb under --track. A
+    previous run in output_dir (check_run let it through) is moved to <output_dir>-<its time>, or deleted under
+    --overwrite_output_dir. Returns log(metrics): a console line, a strict-JSON metrics.jsonl row, a wandb point."""
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
+        if not args.resume_from_checkpoint and output_dir.is_dir() and any(output_dir.iterdir()):
+            if args.overwrite_output_dir:
+                shutil.rmtree(output_dir)
+                print(f"--overwrite_output_dir: removed the previous run in {output_dir}")
+            else:
+                stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(output_dir.stat().st_mtime))
+                kept = next(path for n in range(1000) if not (path := output_dir.with_name(
+                    f"{output_dir.name}-{stamp}" + (f"-{n}" if n else ""))).exists())
+                output_dir.rename(kept)
+                print(f"{output_dir} held a previous run: kept as {kept} (--overwrite_output_dir replaces it)")
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
         for file in (output_dir / name for name in files):
@@ -797,18 +884,20 @@ def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("met
         if accelerator.is_main_process:
             tqdm.write(" ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
                                 for key, value in metrics.items()))
-            with open(output_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            with open(output_dir / "metrics.jsonl", "a") as f:  # NaN and infinity are not JSON: null
+                f.write(json.dumps({key: None if isinstance(value, float) and not math.isfinite(value) else value
+                                    for key, value in metrics.items()}) + "\n")
             if args.track:
                 import wandb
 
                 wandb.log(metrics, step=metrics["step"])
+    accelerator.wait_for_everyone()  # no process writes into output_dir before it is ready
     return log
 
 
 def gathered_state_dict(accelerator, model) -> dict:
-    """The model's full weights for save_pretrained, complete on the main process. Every process must call it: under
-    FSDP each holds a shard of every weight, under ZeRO-3 a slice, so the tensors are gathered (to CPU)."""
+    """The model's full weights for save_pretrained, complete on the main process; every process must call it (FSDP
+    and ZeRO-3 hold shards, gathered here to CPU)."""
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.tensor import DTensor
 
@@ -823,11 +912,19 @@ def gathered_state_dict(accelerator, model) -> dict:
     return accelerator.unwrap_model(model).state_dict()
 
 
-def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, scheduler, progress: dict) -> None:
-    """A resumable checkpoint, written by every process together: weights (or LoRA adapter) in save_pretrained form,
-    optimizer, scheduler, the counters in `progress`, every process's RNG states. Under FSDP the optimizer state is
-    gathered, keyed by parameter name, and sharded again on resume; DeepSpeed writes its own to path/deepspeed.
-    (accelerate's save_state is not used: its weights are not a model that transformers loads.)"""
+def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, scheduler, progress: dict,
+                    limit: int | None = None) -> None:
+    """A resumable checkpoint, written by every process: weights (or adapter) as save_pretrained writes them,
+    optimizer, scheduler, the `progress` counters, each process's RNG states, all loadable with weights_only=True.
+    Written under <path>.incomplete and renamed once whole; then only the newest `limit` are kept. FSDP's optimizer
+    state is gathered by parameter name (sharded again on resume); DeepSpeed writes its own to path/deepspeed.
+    accelerate's save_state is not used: its weights are not a model that transformers loads."""
+    if path in complete_checkpoints(path.parent):
+        return  # this step is saved already (a signal right after a periodic checkpoint)
+    partial = path.with_name(path.name + ".incomplete")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
+    accelerator.wait_for_everyone()
     weights = gathered_state_dict(accelerator, model)
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -835,19 +932,26 @@ def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, schedu
         optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer,
                                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     elif accelerator.distributed_type == DistributedType.DEEPSPEED:
-        model.save_checkpoint(str(path / "deepspeed"), exclude_frozen_parameters=True)
+        model.save_checkpoint(str(partial / "deepspeed"), exclude_frozen_parameters=True)
         optimizer_state = None
     else:
         optimizer_state = optimizer.state_dict()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(path, state_dict=weights)
-        tokenizer.save_pretrained(path)
+        accelerator.unwrap_model(model).save_pretrained(partial, state_dict=weights)
+        tokenizer.save_pretrained(partial)
         torch.save({**progress, "optimizer": optimizer_state, "scheduler": scheduler.state_dict()},
-                   path / "training_state.pt")
+                   partial / "training_state.pt")
     accelerator.wait_for_everyone()
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save(rng, path / f"rng_state_{accelerator.process_index}.pt")
+    name, keys, position, has_gauss, gauss = np.random.get_state()  # numpy's array as a tensor: weights_only loads it
+    torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
+                "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               partial / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        partial.rename(path)
+        for old in complete_checkpoints(path.parent)[: -limit if limit else 0]:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 
@@ -866,9 +970,9 @@ def load_optimizer_state(path: Path, accelerator, model, optimizer, optimizer_st
 
 
 def save_final_model(args, accelerator, model, tokenizer, model_class, **kwargs) -> None:
-    """output_dir: plain save_pretrained weights and the tokenizer (LoRA: merged, and the adapter alone in
-    output_dir/adapter), pushed with --push_to_hub. Every process gathers (see gathered_state_dict); a sharded LoRA
-    model cannot merge in place, so a CPU copy of the base (model_class, **kwargs) merges the saved adapter."""
+    """output_dir: save_pretrained weights and the tokenizer (LoRA: merged, and the adapter alone in
+    output_dir/adapter), pushed with --push_to_hub. Every process gathers the weights; a sharded LoRA model cannot
+    merge in place, so a CPU copy of the base (model_class.from_pretrained(..., **kwargs)) merges the saved adapter."""
     output_dir = Path(args.output_dir)
     accelerator.wait_for_everyone()
     weights = gathered_state_dict(accelerator, model)
@@ -879,8 +983,9 @@ def save_final_model(args, accelerator, model, tokenizer, model_class, **kwargs)
 
             final.save_pretrained(output_dir / "adapter", state_dict=weights)
             if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-                base = model_class.from_pretrained(args.model_name_or_path, revision=args.revision, dtype=(
-                    args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)), **kwargs)
+                dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+                base = model_class.from_pretrained(args.model_name_or_path, revision=args.revision, dtype=dtype,
+                                                   **kwargs)
                 final = PeftModel.from_pretrained(base, output_dir / "adapter")
             final, weights = final.merge_and_unload(), None
         final.save_pretrained(output_dir, state_dict=weights)
@@ -898,10 +1003,9 @@ def save_final_model(args, accelerator, model, tokenizer, model_class, **kwargs)
 
 @contextmanager
 def gathered_for_generation(accelerator, model):
-    """The model with its full parameters for the duration of a generate call, released after; yields the model to
-    call generate on. FSDP: every sharded module is all-gathered once and kept whole across the decoding steps (not
-    gathered again per token and layer); ZeRO-3: deepspeed.zero.GatheredParameters. Every process must enter it, and
-    each must call generate inside it: transformers then keeps them in step (synced_gpus)."""
+    """Yields the model to call generate on, with its full parameters until the block ends. FSDP: each sharded module
+    is gathered once and kept whole across the decoding steps (not per token and layer); ZeRO-3: GatheredParameters.
+    Every process must enter it and generate inside it (transformers keeps them in step: synced_gpus)."""
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.fsdp import FSDPModule
 

@@ -26,6 +26,8 @@ import math
 import os
 import random
 import resource
+import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -55,6 +57,8 @@ class Args:
     """seed of the experiment: data order, initialisation of new weights, sampling noise"""
     output_dir: str = "runs/reward"
     """where the final model, metrics.jsonl, args.json and checkpoints are written"""
+    overwrite_output_dir: bool = False
+    """replace a previous run in output_dir (by default it is kept: a named output_dir is refused)"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project_name: str = "post-training"
@@ -129,8 +133,10 @@ class Args:
     """evaluate every this many optimizer steps (also before the first and after the last)"""
     save_steps: int = 500
     """write a resumable checkpoint every this many optimizer steps (0: never)"""
+    save_total_limit: int | None = None
+    """keep only the newest this many checkpoints (None: all)"""
     resume_from_checkpoint: str | None = None
-    """a checkpoint-N directory written by this script to continue from"""
+    """a checkpoint-N directory to continue from, or latest: the newest complete one in output_dir (none: start)"""
 
     # --- reward modelling ---
     center_rewards_coefficient: float | None = None
@@ -224,9 +230,7 @@ def main(args: Args) -> None:
             fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
         fail(f"need --max_steps > 0 or --num_train_epochs > 0, got {args.max_steps} and {args.num_train_epochs}")
-    if args.resume_from_checkpoint and not (Path(args.resume_from_checkpoint) / "training_state.pt").exists():
-        fail(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint directory of this script "
-             "(no training_state.pt in it)")
+    check_run(args, ["model_name_or_path"])  # learning rate, model path, output_dir, --resume_from_checkpoint latest
 
     # 1. Accelerator (checks how the run was launched; seeds every RNG). The global batch is computed here, once.
     accelerator = make_accelerator(args)
@@ -318,6 +322,7 @@ def main(args: Args) -> None:
     running, running_steps, running_tokens, running_samples, train_seconds = {}, 0, 0, 0, 0.0
     progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="reward",
                     disable=not accelerator.is_local_main_process)
+    preemption = Preemption()  # from here on, SIGTERM / SIGINT end the run with a checkpoint
     for step in progress:
         step_start = time.time()
         # 6a. This process's micro-batches of this step.
@@ -371,9 +376,12 @@ def main(args: Args) -> None:
             running, running_steps, running_tokens, running_samples, train_seconds = {}, 0, 0, 0, 0.0
         if eval_rows and (done % args.eval_steps == 0 or done == total_steps):
             log({"step": done, "epoch": done / steps_per_epoch, **evaluate()})
-        if args.save_steps > 0 and done % args.save_steps == 0 and done < total_steps:
+        signum = preemption.requested(accelerator)  # the same answer on every process
+        if done < total_steps and (signum or args.save_steps > 0 and done % args.save_steps == 0):
             save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, model, tokenizer, optimizer, scheduler,
-                            {"step": done, "num_tokens": num_tokens_seen})
+                            {"step": done, "num_tokens": num_tokens_seen}, args.save_total_limit)
+            if signum:
+                preemption.stop(accelerator, signum, output_dir / f"checkpoint-{done}")
 
     # 7. Save: plain save_pretrained weights that AutoModelForSequenceClassification loads, pad_token_id in the
     #    config (LoRA: merged, and the adapter alone; a sharded LoRA run merges into a base of the same shape).
@@ -383,35 +391,109 @@ def main(args: Args) -> None:
 
 
 # ======================================================================================================================
-# The plumbing: launch checks, data and model loading, checkpoints, sharded saving, logging. Nothing below is specific
-# to one algorithm, and each function is byte-identical in every script that has it (tests/test_scaling.py checks).
+# The plumbing: launch checks, runs and checkpoints, data and model loading, sharded saving, logging. Nothing below is
+# specific to one algorithm; each function is byte-identical in every script that has it (tests/test_layout.py).
 # ======================================================================================================================
-def fail(message: str) -> NoReturn:
-    """Stop with one line, `<script>: error: <message>`, and exit status 1."""
+def fail(message: str, once: bool = False) -> NoReturn:
+    """Stop with one line, `<script>: error: <message>`, exit status 1. once: every process meets the same error, so
+    only the first one prints it."""
+    if once and int(os.environ.get("RANK", "0")) > 0:
+        sys.exit(1)
     sys.exit(f"{Path(__file__).name}: error: {message}")
 
 
 def make_accelerator(args, zero3_refusal: str | None = None) -> Accelerator:
-    """The Accelerator, after the launch checks, with every RNG seeded from args.seed. FSDP / DeepSpeed without a GPU
-    (or DeepSpeed not installed) is one line, not a silent fall-back to plain data parallelism; zero3_refusal says why
-    a script refuses ZeRO-3. Several processes without a GPU become one gloo group on CPU (else accelerate would start
-    independent copies that never exchange gradients)."""
+    """The Accelerator, every RNG seeded. FSDP / DeepSpeed asked for without a GPU (or not installed) is one line, not a
+    silent fall-back to data parallelism; several processes without a GPU become one gloo group on CPU."""
     requested = [name for variable, name in [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
                  if os.environ.get(variable, "false").lower() == "true"]
     if requested and not torch.cuda.is_available():
         fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
              "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
-             "`accelerate launch --multi_gpu --num_processes N`")
+             "`accelerate launch --multi_gpu --num_processes N`", once=True)
     if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
         fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
-             "`pip install deepspeed` (an optional dependency of these scripts)")
+             "`pip install deepspeed` (an optional dependency of these scripts)", once=True)
     if zero3_refusal and requested == ["DeepSpeed"] and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         fail(f"{Path(__file__).name} does not run under DeepSpeed ZeRO-3 ({zero3_refusal}); use "
-             "accelerate_configs/fsdp.yaml, or deepspeed_zero2.yaml")
+             "accelerate_configs/fsdp.yaml, or deepspeed_zero2.yaml", once=True)
     multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(cpu=multi_process_cpu, mixed_precision="bf16" if args.bf16 else None)
     set_seed(args.seed)
     return accelerator
+
+
+def check_run(args, model_fields: list[str]) -> None:
+    """Before anything loads: the learning rate, local model paths and --output_dir are checked (one line each).
+    `--resume_from_checkpoint latest` becomes the newest complete checkpoint in output_dir (none: a fresh start; a
+    finished run: nothing to do, exit 0). A fresh run never writes over a previous one: a named output_dir holding
+    one is refused; the default output_dir's is kept beside it (open_logs); --overwrite_output_dir replaces it."""
+    def say(line: str) -> None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(line)
+    for name in ["learning_rate", "train_learning_rate"]:
+        if hasattr(args, name) and not getattr(args, name) > 0:
+            fail(f"--{name} must be positive, got {getattr(args, name)}", once=True)
+    for name in model_fields:
+        path = getattr(args, name)
+        if path and not Path(path).expanduser().exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+            fail(f"--{name} {path} does not exist: expected a model directory or a Hub id", once=True)
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        fail(f"--output_dir {output_dir} is a file; expected a directory (or a path that does not exist yet)",
+             once=True)
+    if args.resume_from_checkpoint == "latest":
+        if (output_dir / "config.json").exists():  # written by the final save only
+            say(f"{output_dir} holds a finished run: nothing to resume")
+            sys.exit(0)
+        checkpoints = complete_checkpoints(output_dir)
+        args.resume_from_checkpoint = str(checkpoints[-1]) if checkpoints else None
+        say(f"resuming from the latest checkpoint, {checkpoints[-1]}" if checkpoints else
+            f"no complete checkpoint in {output_dir}: starting fresh")
+    elif args.resume_from_checkpoint and not (Path(args.resume_from_checkpoint) / "training_state.pt").exists():
+        fail(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint directory of this script "
+             "(no training_state.pt in it)", once=True)
+    held = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
+    named = args.output_dir != type(args).__dataclass_fields__["output_dir"].default
+    if held and named and not (args.resume_from_checkpoint or args.overwrite_output_dir):
+        fail(f"--output_dir {output_dir} holds a previous run ({', '.join(held[:4])}{', ...' * (len(held) > 4)}); "
+             "pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or another "
+             "--output_dir", once=True)
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The checkpoint-N directories of output_dir, oldest first: whole, since save_checkpoint renames a checkpoint
+    into place only once every file is written."""
+    found = [path for path in Path(output_dir).glob("checkpoint-*")
+             if path.name.split("-")[-1].isdigit() and (path / "training_state.pt").exists()]
+    return sorted(found, key=lambda path: int(path.name.split("-")[-1]))
+
+
+class Preemption:
+    """SIGTERM (what Slurm and Kubernetes send before a kill) and SIGINT set a flag instead of killing: the loop ends
+    the step in progress, asks requested() (all-reduced: every process stops at the same step), saves and calls
+    stop(). Signals during the save are only noted; a checkpoint appears under its name only once whole."""
+
+    def __init__(self):
+        self.signum = 0
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.note)
+
+    def note(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def requested(self, accelerator) -> int:
+        if accelerator.num_processes == 1:
+            return self.signum
+        return int(accelerator.reduce(torch.tensor(self.signum, device=accelerator.device), "max"))
+
+    def stop(self, accelerator, signum: int, checkpoint: Path) -> NoReturn:
+        flag = "--resume_from_checkpoint"
+        argv = [arg for i, arg in enumerate(sys.argv) if not arg.startswith(flag) and sys.argv[i - 1] != flag]
+        launcher = "the same `accelerate launch ...` and" if accelerator.num_processes > 1 else "python"
+        accelerator.print(f"stopped by {signal.Signals(signum).name}: saved {checkpoint}; resume with: {launcher} "
+                          f"{' '.join(argv)} --resume_from_checkpoint latest")
+        sys.exit(128 + signum)
 
 
 def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
@@ -429,9 +511,8 @@ def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
 
 
 def load_splits(args, accelerator, check_columns) -> DatasetDict:
-    """--dataset_name loaded and checked before any model loads, each failure one line. --dataset_test_split auto
-    becomes 'test' if the data has one, else None (no evaluation); a named split must exist. Every split used must be
-    non-empty and pass check_columns(column_names), which raises a ValueError naming what it expected."""
+    """--dataset_name, loaded and checked before any model loads (one line per failure). --dataset_test_split auto
+    becomes 'test' if the data has one, else None; each split used must exist, hold rows and pass check_columns."""
     try:
         raw = load_any_dataset(args.dataset_name, args.dataset_config)
     except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
@@ -462,10 +543,11 @@ def load_splits(args, accelerator, check_columns) -> DatasetDict:
 
 
 def equal_eval_share(accelerator, eval_rows: list) -> list:
-    """Under FSDP / DeepSpeed every forward involves all processes, so each must run as many eval batches: the eval
-    rows are cut to a multiple of the process count, with a line saying so."""
+    """Under FSDP / DeepSpeed every forward involves all processes, so each must run as many eval batches: the rows
+    are cut to a multiple of the process count, saying so."""
     world_size = accelerator.num_processes
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and len(eval_rows) % world_size:
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and len(eval_rows) % world_size:
         kept = len(eval_rows) - len(eval_rows) % world_size
         accelerator.print(f"evaluating on {kept} of {len(eval_rows)} eval rows: a multiple of the {world_size} "
                           "processes, since every forward of a sharded model involves all of them")
@@ -474,17 +556,17 @@ def equal_eval_share(accelerator, eval_rows: list) -> list:
 
 
 def step_indices(step: int, num_rows: int, global_batch_size: int, seed: int) -> list[int]:
-    """The rows (or prompts) of training step `step`, over all processes: each epoch is a permutation seeded by
-    seed + epoch, consumed global_batch_size rows at a time (the incomplete tail dropped). The order depends on the
-    step alone, which makes resuming exact and makes N processes see the same global batches as one."""
+    """The rows (or prompts) of training step `step` on all processes: each epoch is a permutation seeded by
+    seed + epoch, global_batch_size rows a step, the tail dropped. The order depends on the step alone, so resuming is
+    exact and N processes see the batches of one."""
     epoch, position = divmod(step, num_rows // global_batch_size)
     permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     return permutation[position * global_batch_size : (position + 1) * global_batch_size]
 
 
 def load_tokenizer(args, eos_purpose: str):
-    """The tokenizer of --model_name_or_path, which must have an EOS token. Without a pad token, EOS pads: padding is
-    masked by position (attention mask, labels -100), never by token id, so a real EOS is still learned."""
+    """The tokenizer of --model_name_or_path; it needs an EOS token. Without a pad token EOS pads: padding is masked by
+    position (attention mask, labels -100), never by token id, so a real EOS is still learned."""
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.revision)
     if tokenizer.eos_token_id is None:
         fail(f"the tokenizer of {args.model_name_or_path} has no EOS token; expected one {eos_purpose}")
@@ -494,8 +576,8 @@ def load_tokenizer(args, eos_purpose: str):
 
 
 def load_trainable_model(args, model_class, task_type: str, **kwargs):
-    """The model to train at --dtype: --model_name_or_path (resuming without LoRA: the checkpoint's weights), gradient
-    checkpointing if asked, LoRA adapters with --use_peft (new, or the checkpoint's when resuming)."""
+    """The model to train at --dtype (resuming without LoRA: the checkpoint's weights), gradient checkpointing if
+    asked, LoRA adapters with --use_peft (new, or the checkpoint's)."""
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     path = args.resume_from_checkpoint if args.resume_from_checkpoint and not args.use_peft else args.model_name_or_path
     model = model_class.from_pretrained(path, revision=args.revision if path == args.model_name_or_path else None,
@@ -514,34 +596,37 @@ def load_trainable_model(args, model_class, task_type: str, **kwargs):
 
 
 def prepare_training(args, accelerator, model, total_steps: int):
-    """AdamW and the learning-rate schedule, prepared by accelerate (DDP / FSDP / DeepSpeed), and the counters of
-    --resume_from_checkpoint: returns (model, optimizer, scheduler, state), state {"step": 0} for a fresh run. The
-    scheduler is stepped by the loop once per optimizer step (accelerate would step it once per process)."""
+    """AdamW and the schedule, prepared by accelerate, and the state of --resume_from_checkpoint (loaded with
+    weights_only=True): (model, optimizer, scheduler, state), state {"step": 0} when fresh. The loop steps the
+    scheduler once per optimizer step (accelerate would step it once per process)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=args.weight_decay, fused=args.optim == "adamw_torch_fused")
     warmup = math.ceil(args.warmup_ratio * total_steps)
 
     def multiplier(step: int) -> float:  # transformers' schedules, without importing its optimization module (slow)
-        if args.lr_scheduler_type == "constant" or (step >= warmup and args.lr_scheduler_type == "constant_with_warmup"):
+        kind = args.lr_scheduler_type
+        if kind == "constant" or (step >= warmup and kind == "constant_with_warmup"):
             return 1.0
         if step < warmup:
             return step / max(1, warmup)
         progress = (step - warmup) / max(1, total_steps - warmup)
-        return max(0.0, 1.0 - progress if args.lr_scheduler_type == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
+        return max(0.0, 1.0 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # what accelerate cannot infer without a dataloader
-        accelerator.state.deepspeed_plugin.deepspeed_config.update(
-            {"train_micro_batch_size_per_gpu": args.per_device_train_batch_size, "gradient_clipping": args.max_grad_norm})
+        accelerator.state.deepspeed_plugin.deepspeed_config.update({
+            "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+            "gradient_clipping": args.max_grad_norm})
     model, optimizer = accelerator.prepare(model, optimizer)
     state = {"step": 0}
     if args.resume_from_checkpoint:
         checkpoint = Path(args.resume_from_checkpoint)
-        state = torch.load(checkpoint / "training_state.pt", weights_only=False)
+        state = torch.load(checkpoint / "training_state.pt", weights_only=True)
         load_optimizer_state(checkpoint, accelerator, model, optimizer, state.pop("optimizer"))
         scheduler.load_state_dict(state.pop("scheduler"))
-        rng = torch.load(checkpoint / f"rng_state_{accelerator.process_index}.pt", weights_only=False)
+        rng = torch.load(checkpoint / f"rng_state_{accelerator.process_index}.pt", weights_only=True)
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        name, keys, position, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -551,9 +636,9 @@ def prepare_training(args, accelerator, model, total_steps: int):
 
 @contextmanager
 def accumulating(accelerator, model, last: bool):
-    """A micro-batch's forward and backward. Gradients meet over processes only in the last micro-batch of an optimizer
-    step, where DeepSpeed's engine steps (it reads accelerate's sync flag, set through a private API). accelerate's
-    `accumulate` is not used: it divides each loss by the accumulation steps; these scripts normalise by the step."""
+    """One micro-batch's forward and backward: gradients meet over processes in the last micro-batch of a step only,
+    where DeepSpeed's engine steps (it reads accelerate's sync flag; a private API). accelerate's `accumulate` would
+    divide each loss by the accumulation steps, where these scripts normalise by the whole step's tokens or samples."""
     accelerator.gradient_state._set_sync_gradients(last)
     with nullcontext() if last else accelerator.no_sync(model):
         yield
@@ -563,17 +648,28 @@ def stop_if_not_finite(loss, grad_norm, step: int, output_dir: Path) -> None:
     """Stop on a non-finite loss or gradient norm before the update poisons the weights (every process sees the same
     reduced values and stops together), naming the last checkpoint."""
     if not (math.isfinite(float(loss)) and math.isfinite(float(grad_norm))):
-        checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        checkpoints = complete_checkpoints(output_dir)
         kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
         fail(f"loss is {float(loss)} (gradient norm {float(grad_norm)}) at step {step + 1}; stopping without "
              f"updating the weights ({kept})")
 
 
 def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("metrics.jsonl",)):
-    """output_dir with args.json, fresh log files (resuming: their rows up to start_step kept) and wandb under --track.
-    Returns log(metrics): a console line, a metrics.jsonl row and a wandb point, from the main process."""
+    """output_dir with args.json, fresh log files (resuming: the rows up to start_step kept), wandb under --track. A
+    previous run in output_dir (check_run let it through) is moved to <output_dir>-<its time>, or deleted under
+    --overwrite_output_dir. Returns log(metrics): a console line, a strict-JSON metrics.jsonl row, a wandb point."""
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
+        if not args.resume_from_checkpoint and output_dir.is_dir() and any(output_dir.iterdir()):
+            if args.overwrite_output_dir:
+                shutil.rmtree(output_dir)
+                print(f"--overwrite_output_dir: removed the previous run in {output_dir}")
+            else:
+                stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(output_dir.stat().st_mtime))
+                kept = next(path for n in range(1000) if not (path := output_dir.with_name(
+                    f"{output_dir.name}-{stamp}" + (f"-{n}" if n else ""))).exists())
+                output_dir.rename(kept)
+                print(f"{output_dir} held a previous run: kept as {kept} (--overwrite_output_dir replaces it)")
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
         for file in (output_dir / name for name in files):
@@ -592,18 +688,20 @@ def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("met
         if accelerator.is_main_process:
             tqdm.write(" ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
                                 for key, value in metrics.items()))
-            with open(output_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            with open(output_dir / "metrics.jsonl", "a") as f:  # NaN and infinity are not JSON: null
+                f.write(json.dumps({key: None if isinstance(value, float) and not math.isfinite(value) else value
+                                    for key, value in metrics.items()}) + "\n")
             if args.track:
                 import wandb
 
                 wandb.log(metrics, step=metrics["step"])
+    accelerator.wait_for_everyone()  # no process writes into output_dir before it is ready
     return log
 
 
 def gathered_state_dict(accelerator, model) -> dict:
-    """The model's full weights for save_pretrained, complete on the main process. Every process must call it: under
-    FSDP each holds a shard of every weight, under ZeRO-3 a slice, so the tensors are gathered (to CPU)."""
+    """The model's full weights for save_pretrained, complete on the main process; every process must call it (FSDP
+    and ZeRO-3 hold shards, gathered here to CPU)."""
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.tensor import DTensor
 
@@ -618,11 +716,19 @@ def gathered_state_dict(accelerator, model) -> dict:
     return accelerator.unwrap_model(model).state_dict()
 
 
-def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, scheduler, progress: dict) -> None:
-    """A resumable checkpoint, written by every process together: weights (or LoRA adapter) in save_pretrained form,
-    optimizer, scheduler, the counters in `progress`, every process's RNG states. Under FSDP the optimizer state is
-    gathered, keyed by parameter name, and sharded again on resume; DeepSpeed writes its own to path/deepspeed.
-    (accelerate's save_state is not used: its weights are not a model that transformers loads.)"""
+def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, scheduler, progress: dict,
+                    limit: int | None = None) -> None:
+    """A resumable checkpoint, written by every process: weights (or adapter) as save_pretrained writes them,
+    optimizer, scheduler, the `progress` counters, each process's RNG states, all loadable with weights_only=True.
+    Written under <path>.incomplete and renamed once whole; then only the newest `limit` are kept. FSDP's optimizer
+    state is gathered by parameter name (sharded again on resume); DeepSpeed writes its own to path/deepspeed.
+    accelerate's save_state is not used: its weights are not a model that transformers loads."""
+    if path in complete_checkpoints(path.parent):
+        return  # this step is saved already (a signal right after a periodic checkpoint)
+    partial = path.with_name(path.name + ".incomplete")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
+    accelerator.wait_for_everyone()
     weights = gathered_state_dict(accelerator, model)
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -630,19 +736,26 @@ def save_checkpoint(path: Path, accelerator, model, tokenizer, optimizer, schedu
         optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer,
                                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     elif accelerator.distributed_type == DistributedType.DEEPSPEED:
-        model.save_checkpoint(str(path / "deepspeed"), exclude_frozen_parameters=True)
+        model.save_checkpoint(str(partial / "deepspeed"), exclude_frozen_parameters=True)
         optimizer_state = None
     else:
         optimizer_state = optimizer.state_dict()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(path, state_dict=weights)
-        tokenizer.save_pretrained(path)
+        accelerator.unwrap_model(model).save_pretrained(partial, state_dict=weights)
+        tokenizer.save_pretrained(partial)
         torch.save({**progress, "optimizer": optimizer_state, "scheduler": scheduler.state_dict()},
-                   path / "training_state.pt")
+                   partial / "training_state.pt")
     accelerator.wait_for_everyone()
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save(rng, path / f"rng_state_{accelerator.process_index}.pt")
+    name, keys, position, has_gauss, gauss = np.random.get_state()  # numpy's array as a tensor: weights_only loads it
+    torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
+                "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               partial / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        partial.rename(path)
+        for old in complete_checkpoints(path.parent)[: -limit if limit else 0]:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 
@@ -661,9 +774,9 @@ def load_optimizer_state(path: Path, accelerator, model, optimizer, optimizer_st
 
 
 def save_final_model(args, accelerator, model, tokenizer, model_class, **kwargs) -> None:
-    """output_dir: plain save_pretrained weights and the tokenizer (LoRA: merged, and the adapter alone in
-    output_dir/adapter), pushed with --push_to_hub. Every process gathers (see gathered_state_dict); a sharded LoRA
-    model cannot merge in place, so a CPU copy of the base (model_class, **kwargs) merges the saved adapter."""
+    """output_dir: save_pretrained weights and the tokenizer (LoRA: merged, and the adapter alone in
+    output_dir/adapter), pushed with --push_to_hub. Every process gathers the weights; a sharded LoRA model cannot
+    merge in place, so a CPU copy of the base (model_class.from_pretrained(..., **kwargs)) merges the saved adapter."""
     output_dir = Path(args.output_dir)
     accelerator.wait_for_everyone()
     weights = gathered_state_dict(accelerator, model)
@@ -674,8 +787,9 @@ def save_final_model(args, accelerator, model, tokenizer, model_class, **kwargs)
 
             final.save_pretrained(output_dir / "adapter", state_dict=weights)
             if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-                base = model_class.from_pretrained(args.model_name_or_path, revision=args.revision, dtype=(
-                    args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)), **kwargs)
+                dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+                base = model_class.from_pretrained(args.model_name_or_path, revision=args.revision, dtype=dtype,
+                                                   **kwargs)
                 final = PeftModel.from_pretrained(base, output_dir / "adapter")
             final, weights = final.merge_and_unload(), None
         final.save_pretrained(output_dir, state_dict=weights)
