@@ -115,13 +115,17 @@ def test_checkpoints_are_whole_limited_and_load_without_pickled_code(tmp_path):
     assert empty.resume_from_checkpoint is None  # nothing to resume: a fresh start
 
 
-def test_a_fresh_run_into_a_named_output_dir_that_holds_a_run_is_refused(monkeypatch, tmp_path):
+WIRED = ["sft.py", "reward.py", "dpo.py", "kto.py", "orpo.py", "cpo.py", "grpo.py", "rloo.py"]
+
+
+@pytest.mark.parametrize("script", WIRED)
+def test_a_fresh_run_into_a_named_output_dir_that_holds_a_run_is_refused(monkeypatch, tmp_path, script):
     previous = tmp_path / "out"
     (previous / "checkpoint-4").mkdir(parents=True)
     (previous / "metrics.jsonl").write_text('{"step": 4}\n')
     before = snapshot(previous)
-    line = run_main_in_process(monkeypatch, "sft.py", "--output_dir", previous)
-    assert line == (f"sft.py: error: --output_dir {previous} holds a previous run (checkpoint-4, metrics.jsonl); "
+    line = run_main_in_process(monkeypatch, script, "--output_dir", previous)
+    assert line == (f"{script}: error: --output_dir {previous} holds a previous run (checkpoint-4, metrics.jsonl); "
                     "pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or "
                     "another --output_dir")
     assert snapshot(previous) == before
@@ -141,7 +145,7 @@ def test_a_repeated_quickstart_keeps_the_first_run_and_overwrite_replaces_it(tmp
     assert len(list((tmp_path / "runs").iterdir())) == 2 and snapshot(kept) != first
 
 
-@pytest.mark.parametrize("script", ["sft.py"])
+@pytest.mark.parametrize("script", WIRED)
 def test_bad_inputs_are_one_line_before_any_model_loads_and_leave_the_previous_run(monkeypatch, tmp_path, script):
     previous = tmp_path / "previous"
     previous.mkdir()

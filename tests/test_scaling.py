@@ -117,8 +117,9 @@ def test_the_fsdp_config_on_a_cpu_machine_stops_with_the_line_and_multi_gpu_trai
                              "--output_dir", str(tmp_path / "fsdp")], cwd=REPO, capture_output=True, text=True,
                             timeout=600, env=env)
     assert result.returncode != 0
-    assert "sft.py: error: FSDP was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine " \
-           "has no GPU" in result.stderr
+    line = "sft.py: error: FSDP was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine " \
+           "has no GPU"
+    assert result.stderr.count(line) == 1, result.stderr[-3000:]  # once, not once per process
     assert not (tmp_path / "fsdp").exists()
     result = subprocess.run([*launch, "--config_file", str(CONFIGS / "multi_gpu.yaml"), str(REPO / "sft.py"),
                              "--max_steps", "2", "--output_dir", str(tmp_path / "ddp")], cwd=REPO,
