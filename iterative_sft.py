@@ -67,6 +67,8 @@ class Args:
     """seed of the experiment: data order, initialisation of new weights, sampling noise"""
     output_dir: str = "runs/iterative_sft"
     """where the final model, metrics.jsonl, samples.jsonl, args.json and checkpoints are written"""
+    overwrite_output_dir: bool = False
+    """replace a previous run in output_dir (by default it is kept: a named output_dir is refused)"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project_name: str = "post-training"
@@ -136,9 +138,11 @@ class Args:
     weight_decay: float = 0.0
     """AdamW weight decay"""
     save_steps: int = 0
-    """write a resumable checkpoint every this many iterations (0: never)"""
+    """write a resumable checkpoint every this many iterations (0: never; SIGTERM / SIGINT always write one)"""
+    save_total_limit: int | None = None
+    """keep only the newest this many checkpoints (None: all)"""
     resume_from_checkpoint: str | None = None
-    """a checkpoint-N directory written by this script to continue from"""
+    """a checkpoint-N directory to continue from, or latest: the newest complete one in output_dir (none: start)"""
 
     # --- expert iteration ---
     num_iterations: int = 8
@@ -466,12 +470,9 @@ def main(args: Args) -> None:
              f"[min, max)), got {args.output_max_length}")
     if args.temperature <= 0:
         fail(f"--temperature must be positive, got {args.temperature}")
-    if args.save_steps < 0 or args.max_grad_norm < 0 or args.learning_rate < 0 or args.weight_decay < 0:
-        fail(f"--save_steps, --max_grad_norm, --learning_rate and --weight_decay must not be negative, got "
-             f"{args.save_steps}, {args.max_grad_norm}, {args.learning_rate} and {args.weight_decay}")
-    if args.resume_from_checkpoint and not (Path(args.resume_from_checkpoint) / "training_state.pt").exists():
-        fail(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint directory of this script "
-             "(no training_state.pt in it)")
+    if args.save_steps < 0 or args.max_grad_norm < 0 or args.weight_decay < 0:
+        fail(f"--save_steps, --max_grad_norm and --weight_decay must not be negative, got {args.save_steps}, "
+             f"{args.max_grad_norm} and {args.weight_decay}")
     try:
         parse_reward_spec(args.reward_model)
     except ValueError as error:
@@ -480,6 +481,7 @@ def main(args: Args) -> None:
     if args.prompts_per_iteration % world_size:
         fail(f"--prompts_per_iteration {args.prompts_per_iteration} must be a multiple of the {world_size} processes "
              "(each process samples and trains on an equal share)")
+    check_run(args, ["model_name_or_path"])  # learning rate, model path, output_dir, --resume_from_checkpoint latest
     keep = math.ceil(round(args.keep_fraction * args.samples_per_prompt, 9))  # kept samples per prompt
     output_dir = Path(args.output_dir)
 
@@ -556,18 +558,20 @@ def main(args: Args) -> None:
     except (OSError, ValueError) as error:
         fail(f"could not load reward model {args.reward_model}: {' '.join(str(error).split())[:500]}")
 
-    # 6. Resumed state (by hand, not prepare_training: the trainer owns its optimizer and constant schedule), and the
-    #    logs. Row `step` k describes the samples of the policy after k iterations (and the training of iteration
-    #    k + 1 on them), so a checkpoint after k iterations keeps the rows up to k - 1.
+    # 6. Resumed state (by hand, not prepare_training: the trainer owns its optimizer and constant schedule; loaded
+    #    with weights_only=True, as save_checkpoint writes it), and the logs. Row `step` k describes the samples of
+    #    the policy after k iterations (and the training of iteration k + 1 on them), so a checkpoint after k
+    #    iterations keeps the rows up to k - 1.
     start_step = 0
     if args.resume_from_checkpoint:
         checkpoint = Path(args.resume_from_checkpoint)
-        state = torch.load(checkpoint / "training_state.pt", weights_only=False)
+        state = torch.load(checkpoint / "training_state.pt", weights_only=True)
         load_optimizer_state(checkpoint, accelerator, trainer.model, trainer.optimizer, state["optimizer"])
         trainer.lr_scheduler.load_state_dict(state["scheduler"])
-        rng = torch.load(checkpoint / f"rng_state_{accelerator.process_index}.pt", weights_only=False)
+        rng = torch.load(checkpoint / f"rng_state_{accelerator.process_index}.pt", weights_only=True)
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        name, keys, position, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -583,6 +587,7 @@ def main(args: Args) -> None:
     length_sampler = LengthSampler(args.output_min_length, args.output_max_length)
     progress = tqdm(range(start_step, args.num_iterations + 1), initial=start_step, total=args.num_iterations + 1,
                     desc="iterative_sft", disable=not accelerator.is_local_main_process)
+    preemption = Preemption()  # from here on, SIGTERM / SIGINT end the run with a checkpoint of the last iteration
     for iteration in progress:
         iteration_start = time.time()
         # 7a. This iteration's prompts: a seeded permutation per epoch over the prompts (exact on resume), each
@@ -630,7 +635,7 @@ def main(args: Args) -> None:
                 try:
                     epochs.append(trainer.step(input_ids=input_ids, labels=labels))
                 except FloatingPointError as error:
-                    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+                    checkpoints = complete_checkpoints(output_dir)
                     kept_at = (f"the last checkpoint is {checkpoints[-1]}" if checkpoints
                                else "no checkpoint was written yet")
                     fail(f"{error} in iteration {iteration + 1}; stopping ({kept_at})")
@@ -665,12 +670,18 @@ def main(args: Args) -> None:
                     wandb.log({"samples": wandb.Table(columns=list(rows[0]), rows=[list(r.values()) for r in rows])},
                               step=iteration)
 
-        # 7g. Checkpoint after every save_steps iterations (not after the last: the final model is saved below).
+        # 7g. Checkpoint after every save_steps iterations (not after the last: the final model is saved below), and
+        #     when a signal asks to stop before the run is over (the last, sampling-only round included).
         done = iteration + 1
-        if args.save_steps > 0 and done % args.save_steps == 0 and done < args.num_iterations:
+        signum = preemption.requested(accelerator)  # the same answer on every process
+        periodic = args.save_steps > 0 and done % args.save_steps == 0 and done < args.num_iterations
+        if done <= args.num_iterations and (signum or periodic):
             save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, trainer.model, tokenizer,
                             trainer.optimizer, trainer.lr_scheduler,
-                            {"step": done, "calls": trainer.calls, "optimizer_steps": trainer.optimizer_steps})
+                            {"step": done, "calls": trainer.calls, "optimizer_steps": trainer.optimizer_steps},
+                            args.save_total_limit)
+            if signum:
+                preemption.stop(accelerator, signum, output_dir / f"checkpoint-{done}")
 
     # 8. Save: plain save_pretrained weights that AutoModelForCausalLM (AutoModelForSeq2SeqLM) loads (LoRA: merged,
     #    and the adapter alone).

@@ -76,6 +76,8 @@ class PPOConfig:
     """seed of the experiment: value-head initialisation, sampling noise, mini-batch order"""
     output_dir: str = "runs/ppo"
     """where the final model, metrics.jsonl, samples.jsonl, args.json and checkpoints are written"""
+    overwrite_output_dir: bool = False
+    """replace a previous run in output_dir (by default it is kept: a named output_dir is refused)"""
     track: bool = False
     """log to Weights & Biases"""
     log_with: Literal["wandb"] | None = None
@@ -155,9 +157,11 @@ class PPOConfig:
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
     """the learning-rate schedule over the `steps` PPO steps of `python ppo.py` (the seed keeps it constant)"""
     save_steps: int = 0
-    """write a resumable checkpoint every this many PPO steps (0: never)"""
+    """write a resumable checkpoint every this many PPO steps (0: never; SIGTERM / SIGINT always write one)"""
+    save_total_limit: int | None = None
+    """keep only the newest this many checkpoints (None: all)"""
     resume_from_checkpoint: str | None = None
-    """a checkpoint-N directory written by this script to continue from"""
+    """a checkpoint-N directory to continue from, or latest: the newest complete one in output_dir (none: start)"""
 
     # --- PPO ---
     adap_kl_ctrl: bool = True
@@ -391,11 +395,14 @@ class RunningMoments:
         return xs_mean.item(), (xs_var * xs_count / (xs_count - 1)).float().sqrt().item()
 
     def state_dict(self) -> dict:
-        return {key: torch.as_tensor(getattr(self, key)).cpu() for key in ("mean", "std", "var", "count")}
+        """mean, std, var and count as they are (floats before the first update, tensors after: a resume continues
+        exactly), tensors on the CPU, so that torch.load(weights_only=True) reads them."""
+        return {key: value.cpu() if torch.is_tensor(value := getattr(self, key)) else float(value)
+                for key in ("mean", "std", "var", "count")}
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
-            setattr(self, key, value)
+            setattr(self, key, value.to(self.accelerator.device) if torch.is_tensor(value) else value)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1050,8 +1057,9 @@ class PPOTrainer:
         row.update({key: value for key, value in stats.items() if isinstance(value, (int, float))})
         output_dir = Path(self.config.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        with open(output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        with open(output_dir / "metrics.jsonl", "a") as f:  # NaN and infinity are not JSON: null
+            f.write(json.dumps({key: None if isinstance(value, float) and not math.isfinite(value) else value
+                                for key, value in row.items()}) + "\n")
         samples = [{"step": self.current_step, **dict(zip(columns_to_log, values)), "reward": reward}
                    for *values, reward in zip(*columns, rewards.tolist())]
         with open(output_dir / "samples.jsonl", "a") as f:
@@ -1098,13 +1106,11 @@ def main(args: Args) -> None:
              f"{args.input_min_text_length} and {args.input_max_text_length}")
     if args.temperature <= 0:
         fail(f"--temperature must be positive, got {args.temperature}")
-    if args.resume_from_checkpoint and not (Path(args.resume_from_checkpoint) / "training_state.pt").exists():
-        fail(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint directory of this script "
-             "(no training_state.pt in it)")
     if args.use_peft and any(os.environ.get(variable, "false").lower() == "true"
                              for variable in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")):
         fail("--use_peft is not supported under FSDP or DeepSpeed by ppo.py (its value-head model saves the adapter "
              "from an unsharded policy); train LoRA with data parallelism: accelerate_configs/multi_gpu.yaml")
+    check_run(args, ["model_name"])  # learning rate, model path, output_dir, --resume_from_checkpoint latest
 
     # 1. Accelerator (checks how the run was launched; seeds every RNG). The trainer below makes its own, which
     #    shares this one's state.
@@ -1214,19 +1220,21 @@ def main(args: Args) -> None:
     except (OSError, ValueError) as error:
         fail(f"could not load reward model {args.reward_model}: {' '.join(str(error).split())[:500]}")
 
-    # 7. Resume: optimizer, schedule, KL coefficient, seed-mode clip, score statistics and every RNG; then the logs
+    # 7. Resume: optimizer, schedule, KL coefficient, seed-mode clip, score statistics and every RNG, all loaded with
+    #    weights_only=True (tensors and plain Python types, as save_checkpoint writes them); then the logs
     #    (metrics.jsonl and samples.jsonl, written by log_stats; wandb with --track).
     start_step = 0
     if args.resume_from_checkpoint:
         checkpoint = Path(args.resume_from_checkpoint)
-        state = torch.load(checkpoint / "training_state.pt", weights_only=False)
+        state = torch.load(checkpoint / "training_state.pt", weights_only=True)
         load_optimizer_state(checkpoint, accelerator, trainer.model, trainer.optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         trainer.kl_ctl.value, trainer._clipped = state["kl_coef"], state["clipped"]
         trainer.running.load_state_dict(state["running"])
-        rng = torch.load(checkpoint / f"rng_state_{accelerator.process_index}.pt", weights_only=False)
+        rng = torch.load(checkpoint / f"rng_state_{accelerator.process_index}.pt", weights_only=True)
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        name, keys, position, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -1243,6 +1251,7 @@ def main(args: Args) -> None:
     ended_by = tokenizer.eos_token_id if stop_token_id is None else stop_token_id
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="ppo",
                     disable=not accelerator.is_local_main_process)
+    preemption = Preemption()  # from here on, SIGTERM / SIGINT end the run with a checkpoint of the last PPO step
     for step in progress:
         step_start = time.time()
         mine = step_indices(step, len(queries), global_batch_size, args.seed)[accelerator.process_index :: world_size]
@@ -1273,12 +1282,12 @@ def main(args: Args) -> None:
         try:
             stats = trainer.step(query_tensors, response_tensors, score_tensors)
         except FloatingPointError as error:
-            checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            checkpoints = complete_checkpoints(output_dir)
             kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
             fail(f"{error} at step {step + 1}; stopping ({kept})")
         scheduler.step()
 
-        # 8d. Log (every logging_steps) and checkpoint.
+        # 8d. Log (every logging_steps) and checkpoint: every save_steps, and when a signal asks to stop.
         done = step + 1
         stats.update({"time/rollout": rollout_seconds, "time/score": score_seconds,
                       "episodes_per_second": global_batch_size / (time.time() - step_start),
@@ -1287,11 +1296,14 @@ def main(args: Args) -> None:
             query_texts = tokenizer.batch_decode(query_tensors, skip_special_tokens=True)
             trainer.log_stats(stats, {"query": query_texts, "response": response_texts}, score_tensors)
             progress.set_postfix(reward=f"{stats['ppo/mean_scores']:.3f}", kl=f"{stats['objective/kl']:.3f}")
-        if args.save_steps > 0 and done % args.save_steps == 0 and done < args.steps:
+        signum = preemption.requested(accelerator)  # the same answer on every process
+        if done < args.steps and (signum or args.save_steps > 0 and done % args.save_steps == 0):
+            counters = {"step": done, "kl_coef": float(trainer.kl_ctl.value),  # a numpy float after adaptive updates
+                        "clipped": trainer._clipped, "running": trainer.running.state_dict()}
             save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, trainer.model, tokenizer,
-                            trainer.optimizer, scheduler, {"step": done, "kl_coef": trainer.kl_ctl.value,
-                                                           "clipped": trainer._clipped,
-                                                           "running": trainer.running.state_dict()})
+                            trainer.optimizer, scheduler, counters, args.save_total_limit)
+            if signum:
+                preemption.stop(accelerator, signum, output_dir / f"checkpoint-{done}")
 
     # 9. Save: the policy with its value head in the seed's layout (plain AutoModelForCausalLM loads it, ignoring
     #    v_head.*) and the tokenizer; with LoRA, the merged model in output_dir and the adapter in output_dir/adapter

@@ -385,3 +385,87 @@ def test_help(capsys):
     assert_help_lists(Args, capsys, ["--keep-fraction", "--samples-per-prompt", "--num-iterations", "--sft-epochs",
                                      "--reward-model", "--truncation-mode", "--output-min-length",
                                      "--resume-from-checkpoint"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Never lose a run (issue 24): a signal ends an iteration (sample, score, fine-tune) with a checkpoint, latest resumes
+# it exactly, a previous run is never overwritten, bad inputs are one line before any model loads
+# ----------------------------------------------------------------------------------------------------------------------
+SIGNAL_ARGS = ["--num_iterations", 5, "--prompts_per_iteration", 8, "--samples_per_prompt", 4,
+               "--per_device_train_batch_size", 4, "--save_steps", 1, "--save_total_limit", 2]
+
+
+@pytest.mark.slow
+def test_sigint_saves_the_iteration_and_latest_resumes_to_the_uninterrupted_weights(tmp_path):
+    import signal
+
+    from test_runs import same_weights, signal_at_step
+
+    run = tmp_path / "run"
+    interrupted = signal_at_step("iterative_sft.py", SIGNAL_ARGS, run, step=1, signum=signal.SIGINT)
+    assert interrupted.returncode == 128 + signal.SIGINT, interrupted.stderr[-2000:]
+    lines = [line for line in interrupted.stdout.splitlines() if line.startswith("stopped by")]
+    assert len(lines) == 1 and lines[0].startswith("stopped by SIGINT: saved "), interrupted.stdout[-2000:]
+    # --save_total_limit 2: the newest two of the checkpoints after each iteration, the last one the signal's
+    checkpoints = sorted(run.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    assert len(checkpoints) == 2 and f"saved {checkpoints[-1]};" in lines[0], [path.name for path in checkpoints]
+    stopped_after = int(checkpoints[-1].name.split("-")[1])
+    assert 2 <= stopped_after <= 5  # after the iteration logged as step 1; 5: before the last, sampling-only round
+    for path in checkpoints[-1].glob("*.pt"):  # optimizer, schedule, counters and RNG: no pickled objects
+        torch.load(path, weights_only=True)
+    resumed = run_ok("iterative_sft.py", *SIGNAL_ARGS, "--output_dir", run, "--resume_from_checkpoint", "latest")
+    assert f"resuming from the latest checkpoint, {checkpoints[-1]}" in resumed.stdout
+    run_ok("iterative_sft.py", *SIGNAL_ARGS, "--output_dir", tmp_path / "whole")
+    assert same_weights(run, tmp_path / "whole")
+    logged, whole = read_metrics(run), read_metrics(tmp_path / "whole")
+    assert [row["step"] for row in logged] == [row["step"] for row in whole] == [0, 1, 2, 3, 4, 5]
+    for expected, got in zip(whole, logged):
+        assert got["reward/mean"] == expected["reward/mean"], expected["step"]
+    samples = [json.loads(line)["step"] for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert samples == [step for step in range(6) for _ in range(8 * 4)]  # each round's samples once
+    # the requeued command once more: the run is finished, nothing to do
+    again = run_ok("iterative_sft.py", *SIGNAL_ARGS, "--output_dir", run, "--resume_from_checkpoint", "latest")
+    assert "holds a finished run: nothing to resume" in again.stdout
+
+
+def test_a_fresh_run_into_a_named_output_dir_that_holds_a_run_is_refused(monkeypatch, tmp_path):
+    from conftest import run_main_in_process
+    from test_runs import snapshot
+
+    previous = tmp_path / "out"
+    (previous / "checkpoint-3").mkdir(parents=True)
+    (previous / "metrics.jsonl").write_text('{"step": 2}\n')
+    before = snapshot(previous)
+    line = run_main_in_process(monkeypatch, "iterative_sft.py", "--output_dir", previous)
+    assert line == (f"iterative_sft.py: error: --output_dir {previous} holds a previous run (checkpoint-3, "
+                    "metrics.jsonl); pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to "
+                    "replace it, or another --output_dir")
+    assert snapshot(previous) == before
+
+
+def test_bad_inputs_are_one_line_before_any_model_loads_and_leave_the_previous_run(monkeypatch, tmp_path, capsys):
+    from conftest import run_main_in_process
+    from test_runs import snapshot
+
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    (previous / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = snapshot(previous)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    cases = [(["--learning_rate", 0], "--learning_rate must be positive, got 0"),
+             (["--model_name_or_path", tmp_path / "missing"], f"--model_name_or_path {tmp_path / 'missing'} does "
+                                                              "not exist: expected a model directory or a Hub id"),
+             (["--output_dir", a_file], f"--output_dir {a_file} is a file"),
+             (["--output_dir", previous, "--resume_from_checkpoint", tmp_path],
+              f"--resume_from_checkpoint {tmp_path} is not a checkpoint directory")]
+    for args, message in cases:
+        output = ["--output_dir", tmp_path / "out"] if "--output_dir" not in args else []
+        line = run_main_in_process(monkeypatch, "iterative_sft.py", *args, *output)
+        assert line.startswith(f"iterative_sft.py: error: {message}") and "\n" not in line, line
+    assert not (tmp_path / "out").exists() and snapshot(previous) == before
+    assert "parameters," not in capsys.readouterr().out  # no model was loaded
+
+
+def test_no_checkpoint_is_loaded_with_pickled_code():
+    assert "weights_only=False" not in (REPO / "iterative_sft.py").read_text()

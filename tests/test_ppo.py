@@ -648,3 +648,114 @@ def test_a_non_finite_loss_never_reaches_the_optimizer():
         trainer.step(*rollouts())
     for name, p in model.pretrained_model.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Never lose a run (issue 24): a signal ends a PPO step with a checkpoint, latest resumes it exactly, a previous run is
+# never overwritten, bad inputs are one line before any model loads, checkpoints hold no pickled code
+# ----------------------------------------------------------------------------------------------------------------------
+# score scaling and the adaptive KL controller on, so the running score statistics and beta must resume exactly too
+SIGNAL_ARGS = ["--steps", 6, "--batch_size", 8, "--mini_batch_size", 4, "--use_score_scaling", "--use_score_norm"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_ppo_step_and_latest_resumes_to_the_uninterrupted_weights(tmp_path):
+    from test_runs import same_weights, signal_at_step
+
+    run = tmp_path / "run"
+    interrupted = signal_at_step("ppo.py", SIGNAL_ARGS, run, step=2)
+    assert interrupted.returncode == 128 + 15, interrupted.stderr[-2000:]
+    lines = [line for line in interrupted.stdout.splitlines() if line.startswith("stopped by")]
+    assert len(lines) == 1 and lines[0].startswith("stopped by SIGTERM: saved "), interrupted.stdout[-2000:]
+    assert lines[0].endswith(f"--output_dir {run} --resume_from_checkpoint latest")
+    (checkpoint,) = run.glob("checkpoint-*")  # the PPO step in progress, whole: nothing left as .incomplete
+    assert int(checkpoint.name.split("-")[1]) >= 2 and f"saved {checkpoint};" in lines[0]
+    for path in checkpoint.glob("*.pt"):  # training state (optimizer, beta, score statistics) and RNG: no pickles
+        torch.load(path, weights_only=True)
+    state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+    assert isinstance(state["kl_coef"], float) and state["kl_coef"] != 0.2  # the adaptive beta has moved
+    # a later checkpoint killed mid-write is never taken by latest
+    (run / "checkpoint-5.incomplete").mkdir()
+    (run / "checkpoint-5.incomplete" / "training_state.pt").write_bytes(b"truncat")
+    resumed = run_ok("ppo.py", *SIGNAL_ARGS, "--output_dir", run, "--resume_from_checkpoint", "latest")
+    assert f"resuming from the latest checkpoint, {checkpoint}" in resumed.stdout
+    run_ok("ppo.py", *SIGNAL_ARGS, "--output_dir", tmp_path / "whole")
+    assert same_weights(run, tmp_path / "whole")  # the value head included
+    assert "v_head.summary.weight" in load_file_keys(run)
+    logged, whole = read_metrics(run), read_metrics(tmp_path / "whole")
+    assert [row["step"] for row in logged] == [row["step"] for row in whole] == [1, 2, 3, 4, 5, 6]
+    for expected, got in zip(whole, logged):
+        for key in ("env/reward_mean", "objective/kl_coef", "ppo/loss/total"):
+            assert got[key] == expected[key], (expected["step"], key)
+
+
+def load_file_keys(directory) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+        return set(f.keys())
+
+
+def test_a_fresh_run_into_a_named_output_dir_that_holds_a_run_is_refused(monkeypatch, tmp_path):
+    from conftest import run_main_in_process
+    from test_runs import snapshot
+
+    previous = tmp_path / "out"
+    (previous / "checkpoint-2").mkdir(parents=True)
+    (previous / "metrics.jsonl").write_text('{"step": 2}\n')
+    (previous / "samples.jsonl").write_text('{"step": 2, "reward": 1.0}\n')
+    before = snapshot(previous)
+    line = run_main_in_process(monkeypatch, "ppo.py", "--output_dir", previous)
+    assert line == (f"ppo.py: error: --output_dir {previous} holds a previous run (checkpoint-2, metrics.jsonl, "
+                    "samples.jsonl); pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to "
+                    "replace it, or another --output_dir")
+    assert snapshot(previous) == before
+
+
+def test_bad_inputs_are_one_line_before_any_model_loads_and_leave_the_previous_run(monkeypatch, tmp_path, capsys):
+    from conftest import run_main_in_process
+    from test_runs import snapshot
+
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    (previous / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = snapshot(previous)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    cases = [(["--learning_rate", -1e-5], "--learning_rate must be positive, got -1e-05"),
+             (["--model_name", tmp_path / "missing"], f"--model_name {tmp_path / 'missing'} does not exist: expected "
+                                                      "a model directory or a Hub id"),
+             (["--output_dir", a_file], f"--output_dir {a_file} is a file"),
+             (["--output_dir", previous, "--resume_from_checkpoint", tmp_path],
+              f"--resume_from_checkpoint {tmp_path} is not a checkpoint directory")]
+    for args, message in cases:
+        output = ["--output_dir", tmp_path / "out"] if "--output_dir" not in args else []
+        line = run_main_in_process(monkeypatch, "ppo.py", *args, *output)
+        assert line.startswith(f"ppo.py: error: {message}") and "\n" not in line, line
+    assert not (tmp_path / "out").exists() and snapshot(previous) == before
+    assert "parameters in memory" not in capsys.readouterr().out  # no model was loaded
+
+
+def test_running_score_statistics_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    """RunningMoments' state (floats before the first update, tensors after) loads with weights_only=True and
+    continues exactly, also for a long run's count of scores, which float32 no longer holds exactly."""
+    from types import SimpleNamespace
+
+    from ppo import RunningMoments
+
+    accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    fresh, long = RunningMoments(accelerator), RunningMoments(accelerator)
+    long.update(torch.tensor([1.0, 2.0, 4.0]))
+    long.count += 2**24  # as after 16.8M scores
+    for running in (fresh, long):
+        torch.save({"running": running.state_dict()}, tmp_path / "state.pt")
+        restored = RunningMoments(accelerator)
+        restored.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True)["running"])
+        scores = torch.tensor([0.5, -3.0, 8.0, 1.0])
+        assert restored.update(scores) == running.update(scores)
+        for key in ("mean", "std", "var", "count"):
+            assert float(getattr(restored, key)) == float(getattr(running, key)), key
+
+
+def test_no_checkpoint_is_loaded_with_pickled_code():
+    assert "weights_only=False" not in (REPO / "ppo.py").read_text()

@@ -118,7 +118,7 @@ def test_checkpoints_are_whole_limited_and_load_without_pickled_code(tmp_path):
 WIRED = ["sft.py", "reward.py", "dpo.py", "kto.py", "orpo.py", "cpo.py", "grpo.py", "rloo.py"]
 
 
-@pytest.mark.parametrize("script", WIRED)
+@pytest.mark.parametrize("script", WIRED + ["ppo.py", "iterative_sft.py"])
 def test_a_fresh_run_into_a_named_output_dir_that_holds_a_run_is_refused(monkeypatch, tmp_path, script):
     previous = tmp_path / "out"
     (previous / "checkpoint-4").mkdir(parents=True)
