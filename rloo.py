@@ -19,6 +19,7 @@ The behaviour matched is TRL 1.16's RLOOTrainer (see docs/rloo.md).
 import copy
 import gc
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -185,7 +187,8 @@ def format_query(prompt, tokenizer) -> tuple[str, bool]:
 
 
 def load_python_reward(spec: str) -> tuple[str, Callable]:
-    """'FILE.py:NAME' -> (NAME, the function NAME defined in FILE.py). Raises ValueError naming what is missing."""
+    """'FILE.py:NAME' -> (NAME, the function NAME defined in FILE.py), which must take TRL's keywords prompts,
+    completions, completion_ids (check_reward_signature). Raises ValueError naming what is missing."""
     path, sep, name = spec.rpartition(":")
     if not sep or not path.endswith(".py") or not name:
         raise ValueError(f"--reward_funcs {spec!r}: expected FILE.py:NAME")
@@ -197,18 +200,48 @@ def load_python_reward(spec: str) -> tuple[str, Callable]:
     function = getattr(module, name, None)
     if not callable(function):
         raise ValueError(f"--reward_funcs {spec}: {path} defines no function {name}")
+    check_reward_signature(spec, function)
     return name, function
+
+
+def check_reward_signature(spec: str, function: Callable, columns: list[str] | None = None) -> None:
+    """Raise ValueError (one line: what the function must accept, and what it has) unless `function` takes the call
+    score_completions makes, TRL's keyword convention f(prompts=, completions=, completion_ids=, **columns), with
+    `columns` the dataset's other columns: each keyword by name, or **kwargs. columns None (not known yet): only
+    prompts, completions and completion_ids are checked, and a parameter they leave out may be a column."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # no signature to read (some builtins): its first call tells
+        return
+    keywords = dict.fromkeys(["prompts", "completions", "completion_ids", *(columns or [])])
+    try:
+        signature.bind_partial(**keywords) if columns is None else signature.bind(**keywords)
+    except TypeError as error:
+        name = spec.rpartition(":")[2]
+        others = f" and the dataset's other columns ({', '.join(columns)})" if columns else ""
+        raise ValueError(f"--reward_funcs {spec}: reward function {name} must accept the keyword arguments prompts, "
+                         f"completions, completion_ids{others}, as TRL calls it (or take **kwargs); it has "
+                         f"{name}{signature}: {error}") from None
+
+
+MAX_UNSCORED_GENERATIONS = 3  # generation batches in a row in which no reward scores anything: the run stops
 
 
 def score_completions(reward_funcs: list[tuple[str, Callable]], prompts: list, completions: list,
                       completion_ids: list[list[int]], columns: dict[str, list]) -> torch.Tensor:
     """(n, F) rewards of n completions (strings, or [{"role": "assistant", ...}] for conversational prompts) under F
     reward functions, each called with TRL's signature f(prompts=, completions=, completion_ids=, **columns); None
-    becomes NaN ("does not apply"). A function that returns the wrong number of values, or something that is not a
-    number, raises ValueError naming it."""
+    becomes NaN ("does not apply"). A function that raises, returns the wrong number of values, or returns something
+    that is not a number raises ValueError, one line naming it (and where an exception came from)."""
     scores = torch.full((len(completions), len(reward_funcs)), float("nan"))
     for f, (name, function) in enumerate(reward_funcs):
-        values = function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        try:
+            values = function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        except Exception as error:  # the function's own error, in one line instead of its traceback
+            frame = traceback.extract_tb(error.__traceback__)[-1]
+            text = " ".join(str(error).split())[:500]
+            raise ValueError(f"reward function {name} raised {type(error).__name__}: {text} "
+                             f"({Path(frame.filename).name}, line {frame.lineno})") from error
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
             found = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
             raise ValueError(f"reward function {name} must return one value per completion ({len(completions)}), "
@@ -350,7 +383,7 @@ def rloo_loss(per_token_logps: torch.Tensor, old_logps: torch.Tensor, advantages
 
 
 def main(args: Args) -> None:
-    # 0. Check what can be checked before anything is loaded: sizes, the rewards (files and functions exist).
+    # 0. Check what can be checked before anything is loaded: sizes, the rewards (files, functions, signatures).
     for name in ["num_generations", "max_completion_length", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "num_iterations", "max_steps", "logging_steps"]:
         if getattr(args, name) <= 0:
@@ -424,6 +457,11 @@ def main(args: Args) -> None:
     split = raw[args.dataset_train_split]
     prompts = split[query_column]
     other_columns = {name: split[name] for name in split.column_names if name != query_column}
+    try:  # the Python reward functions against the call they will get, which passes these columns too (as TRL's)
+        for spec, (_, function) in zip(args.reward_funcs, python_rewards):
+            check_reward_signature(spec, function, list(other_columns))
+    except ValueError as error:
+        fail(str(error))
 
     # 3. Tokenizer and tokenised prompts (empty ones skipped). Without a pad token, EOS pads (padding is masked).
     tokenizer = load_tokenizer(args, "to end completions")
@@ -479,8 +517,30 @@ def main(args: Args) -> None:
     reward_funcs += python_rewards
     reward_names = [name for name, _ in reward_funcs]
 
-    # 7. Logs: metrics.jsonl and samples.jsonl always, wandb with --track; then one generation batch, rolled out.
+    # 7. Logs: metrics.jsonl and samples.jsonl always, wandb with --track; then one generation batch, rolled out. A
+    #    batch that cannot be used (a reward function failed, on any process; or no reward scored anything in
+    #    MAX_UNSCORED_GENERATIONS batches in a row, or in the whole run when it is shorter) stops every process.
     log = open_logs(args, accelerator, start_step, files=("metrics.jsonl", "samples.jsonl"))
+    unscored_generations = state.get("unscored_generations", 0)  # the latest batches no reward scored, in a row
+    unscored_limit = min(MAX_UNSCORED_GENERATIONS,
+                         math.ceil(args.max_steps * args.gradient_accumulation_steps / micro_steps_per_generation))
+
+    def stop_at_generation(generation: int, problem: str) -> NoReturn:
+        """Every process together: a checkpoint of the last completed step, which is the state this generation batch
+        started from (when the batch starts a step: where every checkpoint falls), then one line, exit status 1."""
+        micro_step = generation * micro_steps_per_generation
+        completed = micro_step // args.gradient_accumulation_steps
+        if completed > 0 and micro_step % args.gradient_accumulation_steps == 0:
+            checkpoint = output_dir / f"checkpoint-{completed}"
+            save_checkpoint(checkpoint, accelerator, model, tokenizer, optimizer, scheduler,
+                            {"step": completed, "unscored_generations": unscored_generations}, args.save_total_limit)
+            kept = f"saved {checkpoint}, the last completed step (once fixed, --resume_from_checkpoint latest)"
+        elif completed > 0:
+            checkpoints = complete_checkpoints(output_dir)
+            kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+        else:
+            kept = "nothing was saved (no step was completed)"
+        fail(f"at step {completed + 1}: {problem}; {kept}", once=True)
 
     generation_kwargs = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                          "min_p": args.min_p, "repetition_penalty": args.repetition_penalty}
@@ -489,6 +549,7 @@ def main(args: Args) -> None:
     def generate_and_score(generation: int) -> tuple[list[dict], dict, list[dict]]:
         """One generation batch: this process's micro-batches (steps_per_generation of them), the batch's reward
         metrics, and its samples for samples.jsonl."""
+        nonlocal unscored_generations
         # a. The prompts: a seeded permutation per epoch (the order depends on the generation index alone, so
         #    resuming is exact), each repeated num_generations times; process p takes the p-th contiguous slice, so
         #    a group may span processes, as in TRL.
@@ -512,7 +573,8 @@ def main(args: Args) -> None:
                 ended += done
             policy.train()
 
-        # c. Score with every reward function (TRL's signature, with the dataset's other columns).
+        # c. Score with every reward function (TRL's signature, with the dataset's other columns). A function that
+        #    fails on any process stops them all: every process learns of it here, before a collective would wait.
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         prompts_of_rows = [prompts[rows[i]] for i in mine]
         columns = {name: [values[rows[i]] for i in mine] for name, values in other_columns.items()}
@@ -521,8 +583,12 @@ def main(args: Args) -> None:
                  for prompt, text in zip(prompts_of_rows, texts)]
         try:
             rewards_per_func = score_completions(reward_funcs, prompts_of_rows, shown, completions, columns)
+            problem = None
         except ValueError as error:
-            fail(str(error))
+            rewards_per_func, problem = None, str(error)
+        problems = [message for message in gather_object([problem]) if message is not None]
+        if problems:
+            stop_at_generation(generation, problems[0])
 
         # d. Training tensors, one dict per micro-batch, with the old log-probs (the sampling policy's: RLOO's ratio is
         #    always against them, as TRL) and, when beta > 0, the reference's.
@@ -585,8 +651,17 @@ def main(args: Args) -> None:
                                      for name, v in zip(reward_names, rewards_per_func[i].tolist())},
                                   "advantage": my_advantages[i].item()} for i in range(per_process)])
         if torch.isnan(all_rewards).all():  # advantages are all 0: the batch moves nothing (the KL term aside)
+            if unscored_generations + 1 >= unscored_limit:
+                batches = (f"{unscored_limit} generation batches in a row" if unscored_limit == MAX_UNSCORED_GENERATIONS
+                           else f"any of the run's {unscored_limit} generation batches")
+                stop_at_generation(generation, f"no reward function scored any completion (every value None or NaN) "
+                                               f"in {batches}")
+            unscored_generations += 1
             accelerator.print(f"warning: generation {generation}: no reward function scored any completion; the "
-                              "batch brings no policy update")
+                              f"batch brings no policy update ({unscored_generations} in a row; the run stops at "
+                              f"{unscored_limit})")
+        else:
+            unscored_generations = 0
         return micro_batches, metrics, samples
 
     # 8. Training loop. One optimizer step = gradient_accumulation_steps micro-batches; a generation batch serves
@@ -663,7 +738,7 @@ def main(args: Args) -> None:
         used_up = done * args.gradient_accumulation_steps % micro_steps_per_generation == 0
         if done < args.max_steps and used_up and (signum or args.save_steps > 0 and done % args.save_steps == 0):
             save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, model, tokenizer, optimizer, scheduler,
-                            {"step": done}, args.save_total_limit)
+                            {"step": done, "unscored_generations": unscored_generations}, args.save_total_limit)
             if signum:
                 preemption.stop(accelerator, signum, output_dir / f"checkpoint-{done}")
 

@@ -1,6 +1,7 @@
 """rloo.py end to end on the tiny world: learning with the reward model and with a Python reward function, two
 processes against one at the same global batch, exact resume, the KL penalty with a frozen and a LoRA reference,
-bad command lines; and the blocks grpo.py and rloo.py share are the same text."""
+broken reward functions (tests/test_grpo.py's checks: the code is shared), bad command lines; and the blocks grpo.py
+and rloo.py share are the same text."""
 
 import ast
 
@@ -8,6 +9,9 @@ import pytest
 from conftest import (ASSETS, ONLINE_RL_SMALL, REPO, assert_each_fails_with_one_line, assert_online_rl_learns,
                       assert_online_rl_two_processes_match_one,
                       assert_resumed_run_ends_where_the_uninterrupted_run_ends, metric_series, run_ok)
+from test_grpo import (assert_a_raising_reward_function_saves_the_last_step_and_latest_resumes,
+                       assert_a_run_no_reward_scores_stops_with_strict_json_metrics,
+                       assert_a_wrong_signature_is_one_line_before_anything_loads)
 
 
 @pytest.mark.slow
@@ -48,6 +52,21 @@ def test_bad_command_lines_fail_with_one_clear_line_before_the_model_loads(tmp_p
     ]
     assert_each_fails_with_one_line(monkeypatch, "rloo.py", cases, tmp_path / "out")
     assert "parameters," not in capsys.readouterr().out  # no model was loaded
+
+
+def test_a_wrong_signature_is_one_line_before_anything_loads(monkeypatch, capsys, tmp_path):
+    assert_a_wrong_signature_is_one_line_before_anything_loads(monkeypatch, capsys, tmp_path, "rloo.py")
+
+
+@pytest.mark.slow
+def test_a_raising_reward_function_saves_the_last_step_and_latest_resumes_it(monkeypatch, tmp_path):
+    assert_a_raising_reward_function_saves_the_last_step_and_latest_resumes(monkeypatch, tmp_path, "rloo.py",
+                                                                            compare=False)
+
+
+@pytest.mark.slow
+def test_a_run_no_reward_scores_stops_with_strict_json_metrics(tmp_path):
+    assert_a_run_no_reward_scores_stops_with_strict_json_metrics(tmp_path, "rloo.py", max_steps=2)  # a short run
 
 
 def test_the_blocks_grpo_and_rloo_share_are_the_same_text():
