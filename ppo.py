@@ -1410,7 +1410,8 @@ def check_run(args, model_fields: list[str]) -> None:
     """Before anything loads: the learning rate, local model paths and --output_dir are checked (one line each).
     `--resume_from_checkpoint latest` becomes the newest complete checkpoint in output_dir (none: a fresh start; a
     finished run: nothing to do, exit 0). A fresh run never writes over a previous one: a named output_dir holding
-    one is refused; the default output_dir's is kept beside it (open_logs); --overwrite_output_dir replaces it."""
+    one is refused (unless --resume_from_checkpoint latest found nothing to resume there: then it is kept beside it,
+    as the default output_dir's always is, by open_logs); --overwrite_output_dir replaces it."""
     def say(line: str) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(line)
@@ -1425,7 +1426,8 @@ def check_run(args, model_fields: list[str]) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         fail(f"--output_dir {output_dir} is a file; expected a directory (or a path that does not exist yet)",
              once=True)
-    if args.resume_from_checkpoint == "latest":
+    latest = args.resume_from_checkpoint == "latest"
+    if latest:
         if (output_dir / "config.json").exists():  # written by the final save only
             say(f"{output_dir} holds a finished run: nothing to resume")
             sys.exit(0)
@@ -1438,7 +1440,7 @@ def check_run(args, model_fields: list[str]) -> None:
              "(no training_state.pt in it)", once=True)
     held = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
     named = args.output_dir != type(args).__dataclass_fields__["output_dir"].default
-    if held and named and not (args.resume_from_checkpoint or args.overwrite_output_dir):
+    if held and named and not (latest or args.resume_from_checkpoint or args.overwrite_output_dir):
         fail(f"--output_dir {output_dir} holds a previous run ({', '.join(held[:4])}{', ...' * (len(held) > 4)}); "
              "pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or another "
              "--output_dir", once=True)

@@ -173,3 +173,20 @@ def test_metrics_are_strict_json(tmp_path):
     (row,) = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
               for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert row == {"step": 1, "loss": None, "reward": None, "lr": 0.5}
+
+
+def test_latest_on_a_run_that_never_reached_a_checkpoint_starts_fresh_and_keeps_it(tmp_path, capsys):
+    """A requeued job killed before its first checkpoint: the same command (with latest) starts fresh instead of being
+    refused, and the partial run is moved beside the output_dir, not deleted."""
+    import sft
+
+    output_dir = tmp_path / "job"
+    output_dir.mkdir()
+    (output_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    before = snapshot(output_dir)
+    args = sft.Args(output_dir=str(output_dir), resume_from_checkpoint="latest")
+    sft.check_run(args, ["model_name_or_path"])
+    assert args.resume_from_checkpoint is None and "starting fresh" in capsys.readouterr().out
+    sft.open_logs(args, SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None), 0)
+    (kept,) = [path for path in tmp_path.iterdir() if path.name.startswith("job-")]
+    assert snapshot(kept) == before and (output_dir / "args.json").exists()
