@@ -55,7 +55,9 @@ class Args:
     seed: int = 42
     """seed of the experiment: the sampling noise (each n starts from the same seed)"""
     output_dir: str = "runs/best_of_n"
-    """where results.json, the plot, metrics.jsonl, samples.jsonl and the completions dataset are written"""
+    """where results.json, the plot, metrics.jsonl, samples.jsonl, completions/ go (a previous run there is kept)"""
+    overwrite_output_dir: bool = False
+    """replace a previous run in output_dir (by default it is kept: a named output_dir is refused)"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project_name: str = "post-training"
@@ -105,7 +107,8 @@ class Args:
     batch_size: int = 16
     """prompts per generate call (each contributes sample_size rows)"""
 
-    # read by the shared plumbing below the banner: sampling runs in --dtype (no autocast) and writes no checkpoints
+    # read by the shared plumbing below the banner: sampling runs in --dtype (no autocast), and a run is never resumed
+    # (nothing is trained, so there is no checkpoint: a run stopped by a signal is simply run again)
     bf16: ClassVar[bool] = False
     resume_from_checkpoint: ClassVar[str | None] = None
 
@@ -291,11 +294,12 @@ def main(args: Args) -> None:
          f"--max_prompt_length must be a positive integer, got {args.max_prompt_length}"),
         (args.temperature <= 0, f"--temperature must be positive, got {args.temperature}")]:
         if bad:
-            fail(message)
+            fail(message, once=True)
     try:
         parse_reward_spec(args.reward_model)
     except ValueError as error:
-        fail(str(error))
+        fail(str(error), once=True)
+    check_sampling_run(args)  # the model path, output_dir, and a previous run there
     n_values = sorted({2**k for k in range(int(math.log2(args.sample_size)) + 1)} | {args.sample_size})  # 1, 2, 4, ..
     output_dir = Path(args.output_dir)
 
@@ -476,6 +480,25 @@ def fail(message: str, once: bool = False) -> NoReturn:
     if once and int(os.environ.get("RANK", "0")) > 0:
         sys.exit(1)
     sys.exit(f"{Path(__file__).name}: error: {message}")
+
+
+def check_sampling_run(args) -> None:
+    """check_run's checks that apply to a script that trains nothing (no learning rate, no checkpoint to resume): before
+    anything loads, --model_name_or_path and --output_dir are checked (one line each), and a named output_dir that
+    holds a previous run is refused unless --overwrite_output_dir (the default output_dir's previous run is kept beside
+    it by open_logs)."""
+    path = args.model_name_or_path
+    if path and not Path(path).expanduser().exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        fail(f"--model_name_or_path {path} does not exist: expected a model directory or a Hub id", once=True)
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        fail(f"--output_dir {output_dir} is a file; expected a directory (or a path that does not exist yet)",
+             once=True)
+    held = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
+    named = args.output_dir != type(args).__dataclass_fields__["output_dir"].default
+    if held and named and not args.overwrite_output_dir:
+        fail(f"--output_dir {output_dir} holds a previous run ({', '.join(held[:4])}{', ...' * (len(held) > 4)}); "
+             "pass --overwrite_output_dir to replace it, or another --output_dir", once=True)
 
 
 def make_accelerator(args, zero3_refusal: str | None = None) -> Accelerator:

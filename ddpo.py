@@ -23,6 +23,8 @@ stages, the metrics and the deviations.
         --pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 --reward aesthetic --sample_num_steps 50 \
         --sample_batch_size 8 --train_batch_size 4 --train_learning_rate 3e-4 --train_clip_range 1e-4 \
         --mixed_precision fp16
+    # continue a stopped run from its newest complete checkpoint (none yet: start), e.g. in a requeued job
+    python ddpo.py --resume_from latest
 
 From Python, as in the seed: `from ddpo import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline`;
 `main(DDPOConfig())` runs the command line's training.
@@ -33,9 +35,11 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import shutil
+import signal
 import sys
 import time
 from collections import deque
@@ -74,7 +78,9 @@ class DDPOConfig:
     seed: int = 0
     """seed of the experiment: prompts, sampling noise, shuffles (each process adds its index)"""
     output_dir: str = "runs/ddpo"
-    """where the final weights (LoRA adapter or full pipeline), metrics.jsonl, images/ and config.json go"""
+    """where the final weights (adapter or pipeline), metrics.jsonl, images/, config.json go (a previous run is kept)"""
+    overwrite_output_dir: bool = False
+    """replace a previous run in output_dir (by default it is kept: a named output_dir is refused)"""
     logdir: str | None = None
     """the checkpoints' directory (checkpoint_<epoch> inside; default: output_dir/checkpoints)"""
     track: bool = False
@@ -106,11 +112,11 @@ class DDPOConfig:
     num_epochs: int = 16
     """epochs (each: sample, score, train) (seed: 100)"""
     save_freq: int = 4
-    """write a checkpoint every this many epochs (seed: 1)"""
+    """write a checkpoint every this many epochs (seed: 1; SIGTERM / SIGINT always write one, after the epoch)"""
     num_checkpoint_limit: int = 5
-    """keep at most this many checkpoints (the oldest is deleted)"""
+    """keep only the newest this many checkpoints (the oldest is deleted)"""
     resume_from: str = ""
-    """a checkpoint_<epoch> directory, or a directory of them (the latest is taken), to continue from"""
+    """a checkpoint_<epoch> directory (or a folder of them: its newest), or latest: the newest complete one in logdir"""
 
     # --- sampling ---
     sample_num_steps: int = 10
@@ -426,7 +432,7 @@ def aesthetic_score(hub_model_id: str = "trl-lib/ddpo-aesthetic-predictor", mode
     mlp = torch.nn.Sequential(torch.nn.Linear(768, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
                               torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
                               torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
-    state = torch.load(path, map_location="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)
     mlp.load_state_dict({key.removeprefix("layers."): value for key, value in state.items()})
     mlp = mlp.eval().to(device)
 
@@ -475,7 +481,8 @@ class PerPromptStatTracker:
         return advantages
 
     def state_dict(self) -> dict:
-        return {prompt: list(buffer) for prompt, buffer in self.stats.items()}
+        """{prompt: its remembered rewards}, as plain str and float (a checkpoint loads it with weights_only=True)."""
+        return {str(prompt): [float(reward) for reward in buffer] for prompt, buffer in self.stats.items()}
 
     def load_state_dict(self, state: dict) -> None:
         self.stats = {prompt: deque(values, maxlen=self.buffer_size) for prompt, values in state.items()}
@@ -506,11 +513,13 @@ class DDPOTrainer:
         self.config, self.reward_fn, self.prompt_fn = config, reward_function, prompt_function
         self.sd_pipeline, self.image_samples_callback = sd_pipeline, image_samples_hook
         self.num_train_timesteps = int(config.sample_num_steps * config.train_timestep_fraction)
-        self.logdir = Path(config.logdir) if config.logdir else Path(config.output_dir) / "checkpoints"
+        self.logdir = ddpo_logdir(config)
+        if config.resume_from == "latest":  # (the command line has resolved it already, in check_ddpo_run)
+            checkpoints = complete_ddpo_checkpoints(self.logdir)
+            config.resume_from = str(checkpoints[-1]) if checkpoints else ""
         resume = resolve_checkpoint(config.resume_from) if config.resume_from else None
-        if resume is None and list(self.logdir.glob("checkpoint_*")):
-            raise ValueError(f"{self.logdir} already holds checkpoints of a previous run; pass --resume_from "
-                             f"{self.logdir} to continue it, or another --output_dir (or --logdir)")
+        refuse_previous_run(config)  # a fresh run never writes over a previous one
+        self.preemption = None  # set while train() runs: SIGTERM / SIGINT then end the run after the epoch
 
         # 1. Accelerator (several processes but no GPU: one gloo group on CPU, as every script here), seeds, dtypes.
         multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -547,12 +556,20 @@ class DDPOTrainer:
         self.log, self.tracker = open_ddpo_logs(config, accelerator, self.first_epoch, resumed=resume is not None)
 
     def train(self, epochs: int | None = None) -> int:
-        """Run the epochs from where a resumed run stopped (or 0) to `epochs` (default num_epochs)."""
+        """Run the epochs from where a resumed run stopped (or 0) to `epochs` (default num_epochs). Meanwhile SIGTERM
+        and SIGINT end the run after the epoch in progress, with a checkpoint of it (step() saves and exits)."""
         epochs = self.config.num_epochs if epochs is None else epochs
         progress = tqdm(range(self.first_epoch, epochs), initial=self.first_epoch, total=epochs, desc="ddpo",
                         disable=not self.accelerator.is_local_main_process)
-        for epoch in progress:
-            self.global_step = self.step(epoch, self.global_step)
+        handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+        self.preemption = DDPOPreemption()
+        try:
+            for epoch in progress:
+                self.global_step = self.step(epoch, self.global_step)
+        finally:  # from Python, the signals behave as before once training is over
+            self.preemption = None
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
         return self.global_step
 
     def step(self, epoch: int, global_step: int) -> int:
@@ -605,7 +622,8 @@ class DDPOTrainer:
                        for i in range(0, total, config.train_batch_size)]
             global_step = self._train_batched_samples(inner_epoch, epoch, global_step, batches, info)
 
-        # 5. Log the epoch; checkpoint every save_freq epochs.
+        # 5. Log the epoch; checkpoint every save_freq epochs, and after a SIGTERM / SIGINT (then stop). The signal is
+        #    taken at the end of the epoch: an epoch's samples are not part of a checkpoint.
         seconds = time.time() - start
         self.log({"epoch": epoch, "step": global_step, "images": len(all_rewards),
                   "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
@@ -613,8 +631,11 @@ class DDPOTrainer:
                   "images_per_second": len(all_rewards) / seconds, "time/sample": sample_seconds,
                   "time/reward": reward_seconds, "time/train": time.time() - train_start,
                   "peak_memory_mb": peak_memory_mb()}, all_rewards)
-        if (epoch + 1) % config.save_freq == 0 and epoch + 1 < config.num_epochs:
-            save_ddpo_checkpoint(self, epoch + 1, global_step)
+        signum = self.preemption.requested(accelerator) if self.preemption is not None else 0  # alike everywhere
+        if epoch + 1 < config.num_epochs and (signum or (epoch + 1) % config.save_freq == 0):
+            path = save_ddpo_checkpoint(self, epoch + 1, global_step)
+            if signum:
+                self.preemption.stop(accelerator, signum, path)
         return global_step
 
     def _generate_samples(self, iterations: int, batch_size: int) -> tuple[list[dict], list[list]]:
@@ -744,20 +765,14 @@ class DDPOTrainer:
 
 
 def main(config: DDPOConfig) -> None:
-    # 0. Check what can be checked before anything is loaded (and before anything is written).
+    # 0. Check what can be checked before anything is loaded (and before anything is written): the sizes; then the
+    #    learning rate, the pipeline path, output_dir and logdir, --resume_from (latest: the newest complete
+    #    checkpoint), and that a fresh run does not write over a previous one.
     try:
         config.check()
-        if config.resume_from:
-            resolve_checkpoint(config.resume_from)
     except ValueError as error:
-        fail(str(error))
-    pipeline_path = Path(config.pretrained_model)
-    if pipeline_path.exists() and not (pipeline_path / "model_index.json").exists():
-        fail(f"--pretrained_model {config.pretrained_model} is not a diffusers pipeline directory (no model_index.json "
-             "in it)")
-    if not pipeline_path.exists() and (config.pretrained_model.startswith((".", "/", "~"))
-                                       or config.pretrained_model.count("/") > 1):
-        fail(f"--pretrained_model {config.pretrained_model} does not exist: expected a pipeline directory or a Hub id")
+        fail(str(error), once=True)
+    check_ddpo_run(config)
     refuse_sharding()
 
     # 1. The pipeline (DDIM scheduler; LoRA adapters are added by the trainer), the reward and the prompts.
@@ -774,8 +789,9 @@ def main(config: DDPOConfig) -> None:
         fail(str(error))
     prompt_fn = animal_prompt if config.prompts == "animals" else fixed_prompt(config.prompt)
 
-    # 2. The trainer (it refuses to write over a previous run's checkpoints), then the epochs. A non-finite loss or a
-    #    reward of the wrong shape stops the run with one line that names the last checkpoint.
+    # 2. The trainer (resumed, or a fresh run: a default output_dir's previous run is moved beside it), then the
+    #    epochs. A non-finite loss or a reward of the wrong shape stops the run with one line that names the last
+    #    checkpoint; SIGTERM / SIGINT stop it after the epoch in progress, with a checkpoint (exit 128 + N).
     try:
         trainer = DDPOTrainer(config, reward_fn, prompt_fn, pipeline,
                               image_samples_hook=save_image_grid(Path(config.output_dir)))
@@ -784,7 +800,7 @@ def main(config: DDPOConfig) -> None:
     try:
         trainer.train()
     except (FloatingPointError, ValueError) as error:
-        checkpoints = sorted(trainer.logdir.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
+        checkpoints = complete_ddpo_checkpoints(trainer.logdir)
         kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
         fail(f"{error}; stopping ({kept})")
 
@@ -828,64 +844,161 @@ def refuse_sharding() -> None:
     if requested and not torch.cuda.is_available():
         fail(f"{requested[0]} was requested (accelerate config or --use_fsdp / --use_deepspeed) but this machine has "
              "no GPU, and FSDP and DeepSpeed shard over GPUs; for several CPU processes (gloo data parallelism) use "
-             "`accelerate launch --multi_gpu --num_processes N`")
+             "`accelerate launch --multi_gpu --num_processes N`", once=True)
     if requested == ["DeepSpeed"] and importlib.util.find_spec("deepspeed") is None:
         fail("DeepSpeed was requested (accelerate config or --use_deepspeed) but it is not installed: "
-             "`pip install deepspeed` (an optional dependency of these scripts)")
+             "`pip install deepspeed` (an optional dependency of these scripts)", once=True)
     if requested:
         fail(f"{Path(__file__).name} does not shard its UNet with {requested[0]}: the UNet (and its LoRA adapters) "
-             "fits one GPU, so train with data parallelism: accelerate_configs/multi_gpu.yaml")
+             "fits one GPU, so train with data parallelism: accelerate_configs/multi_gpu.yaml", once=True)
+
+
+FINAL_WEIGHTS = ("pytorch_lora_weights.safetensors", "model_index.json")  # what the final save writes (LoRA, pipeline)
+
+
+def ddpo_logdir(config: DDPOConfig) -> Path:
+    """Where the checkpoints go: --logdir, default output_dir/checkpoints."""
+    return Path(config.logdir) if config.logdir else Path(config.output_dir) / "checkpoints"
+
+
+def complete_ddpo_checkpoints(logdir: Path) -> list[Path]:
+    """The checkpoint_<epoch> directories of logdir, oldest first: whole, since save_ddpo_checkpoint renames a
+    checkpoint into place only once every file is written (a checkpoint_<epoch>.incomplete is never one)."""
+    found = [path for path in Path(logdir).glob("checkpoint_*")
+             if path.name.split("_")[-1].isdigit() and (path / "training_state.pt").exists()]
+    return sorted(found, key=lambda path: int(path.name.split("_")[-1]))
+
+
+def check_ddpo_run(config: DDPOConfig) -> None:
+    """check_run for ddpo.py, whose checkpoints are logdir/checkpoint_<epoch> and whose flag is the seed's
+    --resume_from; the same rules and messages. Before anything loads: the learning rate, --pretrained_model,
+    --output_dir and --logdir are checked (one line each). `--resume_from latest` becomes the newest complete
+    checkpoint in logdir (none: a fresh start; a finished run: nothing to do, exit 0). A fresh run never writes over a
+    previous one (refuse_previous_run; the default output_dir's is kept beside it by open_ddpo_logs)."""
+    def say(line: str) -> None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(line)
+    if not config.train_learning_rate > 0:
+        fail(f"--train_learning_rate must be positive, got {config.train_learning_rate}", once=True)
+    pipeline = Path(config.pretrained_model).expanduser()
+    if pipeline.exists() and not (pipeline / "model_index.json").exists():
+        fail(f"--pretrained_model {config.pretrained_model} is not a diffusers pipeline directory (no model_index.json "
+             "in it)", once=True)
+    if not pipeline.exists() and (config.pretrained_model.startswith((".", "/", "~"))
+                                  or config.pretrained_model.count("/") > 1):
+        fail(f"--pretrained_model {config.pretrained_model} does not exist: expected a pipeline directory or a Hub id",
+             once=True)
+    output_dir, logdir = Path(config.output_dir), ddpo_logdir(config)
+    for name, path in [("output_dir", output_dir), ("logdir", logdir)]:
+        if path.exists() and not path.is_dir():
+            fail(f"--{name} {path} is a file; expected a directory (or a path that does not exist yet)", once=True)
+    latest = config.resume_from == "latest"
+    if latest:
+        if any((output_dir / name).exists() for name in FINAL_WEIGHTS):  # written by the final save only
+            say(f"{output_dir} holds a finished run: nothing to resume")
+            sys.exit(0)
+        checkpoints = complete_ddpo_checkpoints(logdir)
+        config.resume_from = str(checkpoints[-1]) if checkpoints else ""
+        say(f"resuming from the latest checkpoint, {checkpoints[-1]}" if checkpoints else
+            f"no complete checkpoint in {logdir}: starting fresh")
+    try:
+        if config.resume_from:
+            resolve_checkpoint(config.resume_from)
+        refuse_previous_run(config, latest)
+    except ValueError as error:
+        fail(str(error), once=True)
+
+
+def refuse_previous_run(config: DDPOConfig, latest: bool = False) -> None:
+    """A fresh run (no --resume_from, no --overwrite_output_dir) never writes over a previous one: a named output_dir
+    that holds anything, or a --logdir outside output_dir that holds checkpoints, is a ValueError that names the
+    options (latest: --resume_from latest found no checkpoint to continue). The default output_dir's previous run is
+    let through: open_ddpo_logs moves it beside."""
+    if config.resume_from or config.overwrite_output_dir:
+        return
+    output_dir, logdir = Path(config.output_dir), ddpo_logdir(config)
+    held = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
+    named = config.output_dir != DDPOConfig.__dataclass_fields__["output_dir"].default
+    if held and named:
+        raise ValueError(f"--output_dir {output_dir} holds a previous run ({', '.join(held[:4])}"
+                         f"{', ...' * (len(held) > 4)}); " + (
+                             "it has no complete checkpoint to continue from: pass " if latest else
+                             "pass --resume_from latest to continue it, ") +
+                         "--overwrite_output_dir to replace it, or another --output_dir")
+    inside = output_dir.resolve() in logdir.resolve().parents  # then it moves with output_dir
+    if not inside and list(logdir.glob("checkpoint_*")):
+        raise ValueError(f"--logdir {logdir} holds checkpoints of a previous run; pass --resume_from latest to "
+                         "continue it, --overwrite_output_dir to replace them, or another --logdir")
 
 
 def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint_<epoch> directory, or the latest one inside the given directory."""
+    """A complete checkpoint_<epoch> directory, or the newest complete one inside the given directory."""
     path = Path(os.path.expanduser(path))
-    if path.name.startswith("checkpoint_") and (path / "training_state.pt").exists():
+    if path in complete_ddpo_checkpoints(path.parent):
         return path
-    found = sorted(path.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1])) if path.is_dir() else []
-    found = [p for p in found if (p / "training_state.pt").exists()]
+    found = complete_ddpo_checkpoints(path) if path.is_dir() else []
     if not found:
-        raise ValueError(f"resume_from {path} is neither a checkpoint_<epoch> directory of this script nor a "
+        raise ValueError(f"resume_from {path} is neither a complete checkpoint_<epoch> directory of this script nor a "
                          "directory holding one")
     return found[-1]
 
 
-def save_ddpo_checkpoint(trainer: DDPOTrainer, epoch: int, global_step: int) -> None:
+def save_ddpo_checkpoint(trainer: DDPOTrainer, epoch: int, global_step: int) -> Path:
     """logdir/checkpoint_<epoch>: the trained weights (adapter or UNet), optimizer, counters, prompt statistics and
-    every process's RNG; then the oldest checkpoints beyond num_checkpoint_limit are deleted."""
+    every process's RNG, all loadable with weights_only=True. Written under <path>.incomplete and renamed once whole
+    (a same-named checkpoint of an earlier attempt is replaced); then only the newest num_checkpoint_limit are kept."""
     accelerator, path = trainer.accelerator, trainer.logdir / f"checkpoint_{epoch}"
+    partial = path.with_name(path.name + ".incomplete")
     if accelerator.is_main_process:
-        path.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
+        partial.mkdir(parents=True)
         if trainer.sd_pipeline.use_lora:
-            trainer.sd_pipeline.save_pretrained(path)
+            trainer.sd_pipeline.save_pretrained(partial)
         else:
-            accelerator.unwrap_model(trainer.unet).save_pretrained(path / "unet")
+            accelerator.unwrap_model(trainer.unet).save_pretrained(partial / "unet")
         torch.save({"epoch": epoch, "global_step": global_step, "optimizer": trainer.optimizer.state_dict(),
                     "stat_tracker": trainer.stat_tracker.state_dict() if trainer.stat_tracker else None},
-                   path / "training_state.pt")
+                   partial / "training_state.pt")
     accelerator.wait_for_everyone()
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save(rng, path / f"rng_state_{accelerator.process_index}.pt")
+    name, keys, position, has_gauss, gauss = np.random.get_state()  # numpy's array as a tensor: weights_only loads it
+    torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
+                "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               partial / f"rng_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        checkpoints = sorted(trainer.logdir.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
-        for old in checkpoints[: -trainer.config.num_checkpoint_limit]:
+        if path.exists():
+            shutil.rmtree(path)
+        partial.rename(path)
+        for old in complete_ddpo_checkpoints(trainer.logdir)[: -trainer.config.num_checkpoint_limit]:
             shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return path
 
 
 def load_ddpo_checkpoint(trainer: DDPOTrainer, path: Path) -> tuple[int, int]:
-    """A checkpoint of save_ddpo_checkpoint back into the trainer; returns (epochs done, optimizer steps done)."""
+    """A checkpoint of save_ddpo_checkpoint back into the trainer (torch.load with weights_only=True: a checkpoint
+    cannot run code); returns (epochs done, optimizer steps done)."""
+    def load(file: Path):
+        try:
+            return torch.load(file, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as error:  # e.g. an older ddpo.py's pickles
+            reason = (str(error).strip().splitlines() or [""])[0][:200]
+            hint = ("; a checkpoint of an older ddpo.py holds pickled numpy objects, which it refuses"
+                    if isinstance(error, pickle.UnpicklingError) else "")
+            raise ValueError(f"could not load {file} with weights_only=True ({type(error).__name__}: {reason}){hint}") \
+                from None
     trainer.sd_pipeline.load_checkpoint(path)
     for parameter in trainer.trainable_layers:  # adapters stay float32
         parameter.data = parameter.data.float()
-    state = torch.load(path / "training_state.pt", weights_only=False)
+    state = load(path / "training_state.pt")
     trainer.optimizer.load_state_dict(state["optimizer"])
     if trainer.stat_tracker is not None and state["stat_tracker"] is not None:
         trainer.stat_tracker.load_state_dict(state["stat_tracker"])
-    rng = torch.load(path / f"rng_state_{trainer.accelerator.process_index}.pt", weights_only=False)
+    rng = load(path / f"rng_state_{trainer.accelerator.process_index}.pt")
     random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    name, keys, position, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -895,18 +1008,34 @@ def load_ddpo_checkpoint(trainer: DDPOTrainer, path: Path) -> tuple[int, int]:
 
 def open_ddpo_logs(config: DDPOConfig, accelerator, first_epoch: int, resumed: bool):
     """output_dir with config.json, metrics.jsonl (resumed: its rows before first_epoch kept) and wandb under --track.
-    Returns (log(row, rewards), tracker): log writes a console line, a metrics.jsonl row and a wandb point with the
-    rewards' histogram, from the main process; tracker is the wandb module under --track, else None."""
+    A fresh run's previous run in output_dir (refuse_previous_run let it through) is moved to <output_dir>-<its
+    time>, or deleted with a --logdir's checkpoints under --overwrite_output_dir, as open_logs does. Returns
+    (log(row, rewards), tracker): log writes a console line, a strict-JSON metrics.jsonl row and a wandb point with
+    the rewards' histogram, from the main process; tracker is the wandb module under --track, else None."""
     output_dir, tracker = Path(config.output_dir), None
     if accelerator.is_main_process:
+        if not resumed and config.overwrite_output_dir:
+            for old in ddpo_logdir(config).glob("checkpoint_*"):
+                if old.is_dir():
+                    shutil.rmtree(old)
+        if not resumed and output_dir.is_dir() and any(output_dir.iterdir()):
+            if config.overwrite_output_dir:
+                shutil.rmtree(output_dir)
+                print(f"--overwrite_output_dir: removed the previous run in {output_dir}")
+            else:
+                stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(output_dir.stat().st_mtime))
+                kept = next(path for n in range(1000) if not (path := output_dir.with_name(
+                    f"{output_dir.name}-{stamp}" + (f"-{n}" if n else ""))).exists())
+                output_dir.rename(kept)
+                print(f"{output_dir} held a previous run: kept as {kept} (--overwrite_output_dir replaces it)")
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
         metrics = output_dir / "metrics.jsonl"
         if not resumed:
             metrics.unlink(missing_ok=True)
         elif metrics.exists():  # keep what was logged before the checkpoint, and append
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["epoch"] < first_epoch]
-            metrics.write_text("".join(line + "\n" for line in kept))
+            logged = [line for line in metrics.read_text().splitlines() if json.loads(line)["epoch"] < first_epoch]
+            metrics.write_text("".join(line + "\n" for line in logged))
         if config.track:
             import wandb
 
@@ -917,11 +1046,53 @@ def open_ddpo_logs(config: DDPOConfig, accelerator, first_epoch: int, resumed: b
     def log(row: dict, rewards: np.ndarray) -> None:
         if accelerator.is_main_process:
             tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-            with open(output_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            with open(output_dir / "metrics.jsonl", "a") as f:  # NaN and infinity are not JSON: null
+                f.write(json.dumps({key: None if isinstance(value, float) and not math.isfinite(value) else value
+                                    for key, value in row.items()}) + "\n")
             if tracker is not None:
                 tracker.log({**row, "reward": tracker.Histogram(rewards)}, step=row["step"])
+    accelerator.wait_for_everyone()  # no process writes into output_dir before it is ready
     return log, tracker
+
+
+class Preemption:
+    """SIGTERM (what Slurm and Kubernetes send before a kill) and SIGINT set a flag instead of killing: the loop ends
+    the step in progress, asks requested() (all-reduced: every process stops at the same step), saves and calls
+    stop(). Signals during the save are only noted; a checkpoint appears under its name only once whole."""
+
+    def __init__(self):
+        self.signum = 0
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.note)
+
+    def note(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def requested(self, accelerator) -> int:
+        if accelerator.num_processes == 1:
+            return self.signum
+        return int(accelerator.reduce(torch.tensor(self.signum, device=accelerator.device), "max"))
+
+    def stop(self, accelerator, signum: int, checkpoint: Path) -> NoReturn:
+        flag = "--resume_from_checkpoint"
+        argv = [arg for i, arg in enumerate(sys.argv) if not arg.startswith(flag) and sys.argv[i - 1] != flag]
+        launcher = "the same `accelerate launch ...` and" if accelerator.num_processes > 1 else "python"
+        accelerator.print(f"stopped by {signal.Signals(signum).name}: saved {checkpoint}; resume with: {launcher} "
+                          f"{' '.join(argv)} --resume_from_checkpoint latest")
+        sys.exit(128 + signum)
+
+
+class DDPOPreemption(Preemption):
+    """Preemption whose resume line names ddpo.py's flag, the seed's --resume_from (the shared stop() names
+    --resume_from_checkpoint); the signal is taken at the end of the epoch in progress."""
+
+    def stop(self, accelerator, signum: int, checkpoint: Path) -> NoReturn:
+        flags = ("--resume_from", "--resume-from")
+        argv = [arg for i, arg in enumerate(sys.argv) if not arg.startswith(flags) and sys.argv[i - 1] not in flags]
+        launcher = "the same `accelerate launch ...` and" if accelerator.num_processes > 1 else "python"
+        accelerator.print(f"stopped by {signal.Signals(signum).name}: saved {checkpoint}; resume with: {launcher} "
+                          f"{' '.join(argv)} --resume_from latest")
+        sys.exit(128 + signum)
 
 
 def save_image_grid(output_dir: Path, columns: int = 8):

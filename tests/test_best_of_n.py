@@ -1,17 +1,20 @@
-"""best_of_n.py: the seed's BestOfNSampler API, batching that changes nothing but speed, checked scores, and the
-command line's comparison of n = 1 ... sample_size whose chosen completions sft.py trains on."""
+"""best_of_n.py: the seed's BestOfNSampler API, batching that changes nothing but speed, checked scores, the
+command line's comparison of n = 1 ... sample_size whose chosen completions sft.py trains on, and a previous run that
+is never overwritten (issue 24)."""
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import (ASSETS, TWO_PROCESSES, assert_each_fails_with_one_line, error_line, read_metrics,
                       run_main_in_process, run_ok, run_script)
+from test_runs import snapshot
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from best_of_n import BestOfNSampler, LengthSampler, as_query_list, load_reward_function
+from best_of_n import Args, BestOfNSampler, LengthSampler, as_query_list, load_reward_function, main
 
 TINY = ASSETS / "tiny-gpt2"
 
@@ -261,3 +264,48 @@ def test_help_shows_the_flags_as_users_type_them_and_both_spellings_parse(monkey
     assert "--sample-size" not in text
     line = run_main_in_process(monkeypatch, "best_of_n.py", "--sample-size", 2, "--n_candidates", 3)
     assert "--n_candidates 3 cannot exceed --sample_size 2" in line, line
+
+
+def test_a_named_output_dir_with_a_previous_run_and_bad_inputs_are_one_line_that_leaves_it(monkeypatch, tmp_path):
+    """Before any model loads: a named output_dir that holds a run, a missing model, an output_dir that is a file;
+    each one line, nothing written, every file of the previous run as it was."""
+    previous = tmp_path / "out"
+    (previous / "completions").mkdir(parents=True)
+    (previous / "completions" / "train.jsonl").write_text('{"prompt": "a", "completion": "b", "score": 1.0}\n')
+    (previous / "metrics.jsonl").write_text('{"step": 1, "n": 1}\n')
+    (previous / "results.json").write_text("{}")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    before = snapshot(tmp_path)
+    line = run_main_in_process(monkeypatch, "best_of_n.py", "--output_dir", previous)
+    assert line == (f"best_of_n.py: error: --output_dir {previous} holds a previous run (completions, metrics.jsonl, "
+                    "results.json); pass --overwrite_output_dir to replace it, or another --output_dir"), line
+    new = tmp_path / "new"
+    for args, message in [(["--model_name_or_path", tmp_path / "missing", "--output_dir", new],
+                           f"--model_name_or_path {tmp_path / 'missing'} does not exist: expected a model directory "
+                           "or a Hub id"),
+                          (["--output_dir", a_file], f"--output_dir {a_file} is a file; expected a directory")]:
+        line = run_main_in_process(monkeypatch, "best_of_n.py", *args)
+        assert line.startswith(f"best_of_n.py: error: {message}") and "\n" not in line, line
+    assert not new.exists() and snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_a_repeated_default_run_keeps_the_first_run_and_overwrite_replaces_it(monkeypatch, tmp_path, capsys):
+    """`python best_of_n.py` twice from one directory: the second run moves the first beside it, byte for byte;
+    --overwrite_output_dir replaces a named run. metrics.jsonl is strict JSON."""
+    monkeypatch.chdir(tmp_path)
+    small = {"num_prompts": 4, "sample_size": 2, "output_max_length": 10}
+    main(Args(**small))
+    first = snapshot(tmp_path / "runs" / "best_of_n")
+    assert {"metrics.jsonl", "samples.jsonl", "results.json", "best_of_n.png", "completions/train.jsonl"} <= set(first)
+    for line in first["metrics.jsonl"].decode().splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+    capsys.readouterr()
+    main(Args(**small, seed=7))
+    (kept,) = [path for path in (tmp_path / "runs").iterdir() if path.name.startswith("best_of_n-")]
+    assert f"held a previous run: kept as {Path('runs') / kept.name}" in capsys.readouterr().out
+    assert snapshot(kept) == first and snapshot(tmp_path / "runs" / "best_of_n") != first
+    main(Args(**small, seed=7, output_dir=str(kept), overwrite_output_dir=True))
+    assert f"--overwrite_output_dir: removed the previous run in {kept}" in capsys.readouterr().out
+    assert json.loads((kept / "args.json").read_text())["seed"] == 7 and len(list((tmp_path / "runs").iterdir())) == 2

@@ -1,18 +1,28 @@
 """ddpo.py: the DDIM step's log-probability against diffusers and a hand-written Gaussian, the clipped loss and the
-per-prompt statistics by hand, ratio 1 on the first pass, bad input, and DDPO learning on the tiny pipeline."""
+per-prompt statistics by hand, ratio 1 on the first pass, bad input, DDPO learning on the tiny pipeline, and never
+losing a run (issue 24): SIGTERM then --resume_from latest, atomic checkpoints, weights_only loading, no overwrite."""
 
+import json
 import math
+import random
 import shutil
+import signal
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import (ASSETS, TWO_PROCESSES, assert_each_fails_with_one_line, error_line, read_metrics,
+from conftest import (ASSETS, REPO, TWO_PROCESSES, assert_each_fails_with_one_line, error_line, read_metrics,
                       run_main_in_process, run_ok, run_script)
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from safetensors.torch import load_file
+from test_runs import signal_at_step, snapshot
 
-from ddpo import (DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline, PerPromptStatTracker, brightness,
-                  ddim_step_with_logprob, ddpo_loss, fixed_prompt, jpeg_compressibility, jpeg_sizes_kb)
+from ddpo import (DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline, PerPromptStatTracker, animal_prompt,
+                  brightness, check_ddpo_run, complete_ddpo_checkpoints, ddim_step_with_logprob, ddpo_loss,
+                  fixed_prompt, jpeg_compressibility, jpeg_sizes_kb, open_ddpo_logs, resolve_checkpoint,
+                  save_ddpo_checkpoint)
 
 TINY_SD = ASSETS / "tiny-sd"
 
@@ -255,7 +265,7 @@ def test_bad_command_lines_fail_with_one_clear_line(tmp_path, monkeypatch):
     assert_each_fails_with_one_line(monkeypatch, "ddpo.py", cases, tmp_path / "elsewhere")
     # a fresh run into a directory that holds a previous run's checkpoints refuses, and leaves them as they were
     line = error_line(run_script("ddpo.py", "--output_dir", tmp_path / "out"))
-    assert line.startswith("ddpo.py: error:") and "already holds checkpoints of a previous run" in line, line
+    assert line.startswith(f"ddpo.py: error: --output_dir {tmp_path / 'out'} holds a previous run (checkpoints)"), line
     assert (previous / "training_state.pt").read_bytes() == b"a previous run"
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["checkpoints"]
 
@@ -270,3 +280,181 @@ def test_help_shows_the_flags_as_users_type_them_and_both_spellings_parse(monkey
     assert "--sample-num-steps" not in text
     line = run_main_in_process(monkeypatch, "ddpo.py", "--sample-batch-size", 6, "--train_batch_size", 4)
     assert line == "ddpo.py: error: sample_batch_size (6) must be a multiple of train_batch_size (4)", line
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Never lose a run (issue 24)
+# ----------------------------------------------------------------------------------------------------------------------
+DDPO_RUN = ["--num_epochs", 8, "--save_freq", 100, "--sample_num_steps", 4, "--sample_batch_size", 4,
+            "--train_batch_size", 4, "--sample_num_batches_per_epoch", 1, "--per_prompt_stat_tracking",
+            "--per_prompt_stat_tracking_min_count", 2]  # one optimizer step per epoch; no periodic checkpoint
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_epoch_in_progress_and_latest_resumes_to_the_uninterrupted_adapter(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """SIGTERM after the first epoch: the run finishes the epoch in progress, writes its checkpoint, says so in one
+    line and exits 143; the same command with --resume_from latest ends on the uninterrupted run's adapter, bit for
+    bit, with the same metrics; once finished, latest has nothing to do."""
+    run = tmp_path / "run"
+    interrupted = signal_at_step("ddpo.py", DDPO_RUN, run, step=1)
+    assert interrupted.returncode == 128 + signal.SIGTERM, interrupted.stderr[-2000:]
+    lines = [line for line in interrupted.stdout.splitlines() if line.startswith("stopped by")]
+    assert len(lines) == 1 and lines[0].startswith("stopped by SIGTERM: saved "), interrupted.stdout[-2000:]
+    assert lines[0].endswith(" --resume_from latest") and "--output_dir" in lines[0]
+    (checkpoint,) = complete_ddpo_checkpoints(run / "checkpoints")
+    assert 1 <= int(checkpoint.name.split("_")[1]) < 8 and not list((run / "checkpoints").glob("*.incomplete"))
+    assert f"saved {checkpoint};" in lines[0]
+    resumed = run_ok("ddpo.py", *DDPO_RUN, "--output_dir", run, "--resume_from", "latest")
+    assert f"resuming from the latest checkpoint, {checkpoint}" in resumed.stdout
+    run_ok("ddpo.py", *DDPO_RUN, "--output_dir", tmp_path / "whole")
+    ours, theirs = (load_file(path / "pytorch_lora_weights.safetensors") for path in (run, tmp_path / "whole"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in ours)
+    keys = ("epoch", "step", "reward_mean", "reward_std", "loss", "approx_kl", "clipfrac")
+    assert [[row[key] for key in keys] for row in read_metrics(run)] == \
+           [[row[key] for key in keys] for row in read_metrics(tmp_path / "whole")]
+    capsys.readouterr()
+    assert run_main_in_process(monkeypatch, "ddpo.py", *DDPO_RUN, "--output_dir", run, "--resume_from", "latest") == "0"
+    assert f"{run} holds a finished run: nothing to resume" in capsys.readouterr().out
+
+
+class Killed(BaseException):
+    """What a kill between two files of a checkpoint looks like to the code that writes it."""
+
+
+def test_a_checkpoint_interrupted_mid_write_is_never_taken_by_latest(trainer, monkeypatch):
+    logdir = trainer.logdir
+    first = save_ddpo_checkpoint(trainer, 1, 2)
+    save = torch.save
+
+    def killed_before_the_rng_state(obj, file, *args, **kwargs):
+        if "rng_state" in str(file):
+            raise Killed
+        return save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", killed_before_the_rng_state)
+    with pytest.raises(Killed):
+        save_ddpo_checkpoint(trainer, 2, 4)
+    monkeypatch.setattr(torch, "save", save)
+    # the weights and training_state.pt of checkpoint 2 exist, but only under the temporary name
+    assert (logdir / "checkpoint_2.incomplete" / "training_state.pt").exists()
+    assert not (logdir / "checkpoint_2").exists()
+    (logdir / "checkpoint_3").mkdir()  # and a directory that never got its training state
+    assert complete_ddpo_checkpoints(logdir) == [first]
+    assert resolve_checkpoint(str(logdir)) == first
+    config = DDPOConfig(output_dir=trainer.config.output_dir, resume_from="latest")
+    check_ddpo_run(config)
+    assert config.resume_from == str(first)
+    with pytest.raises(ValueError, match="neither a complete checkpoint_<epoch> directory"):
+        resolve_checkpoint(str(logdir / "checkpoint_2.incomplete"))
+    # the next save of that epoch replaces the partial one; num_checkpoint_limit keeps the newest complete ones
+    trainer.config.num_checkpoint_limit = 1
+    assert save_ddpo_checkpoint(trainer, 2, 4) == logdir / "checkpoint_2"
+    assert complete_ddpo_checkpoints(logdir) == [logdir / "checkpoint_2"]
+    assert not list(logdir.glob("*.incomplete"))
+
+
+def test_checkpoints_load_with_weights_only_and_restore_the_whole_state(tmp_path):
+    """Prompt statistics (numpy strings and floats while training), Adam's state and every RNG go into files that
+    torch.load(weights_only=True) reads, and a new trainer resumed from them holds exactly that state."""
+    settings = {"per_prompt_stat_tracking": True, "per_prompt_stat_tracking_min_count": 2}
+    trainer = DDPOTrainer(small_config(tmp_path, **settings), brightness(), animal_prompt,
+                          DefaultDDPOStableDiffusionPipeline(str(TINY_SD)))
+    trainer.train()
+    assert trainer.stat_tracker.stats and trainer.optimizer.state_dict()["state"]
+    path = save_ddpo_checkpoint(trainer, 1, trainer.global_step)
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    for file in ["training_state.pt", "rng_state_0.pt"]:
+        torch.load(path / file, weights_only=True)
+    resumed = DDPOTrainer(small_config(tmp_path, **settings, output_dir=str(tmp_path / "resumed"),
+                                       resume_from=str(path)),
+                          brightness(), animal_prompt, DefaultDDPOStableDiffusionPipeline(str(TINY_SD)))
+    assert (resumed.first_epoch, resumed.global_step) == (1, trainer.global_step)
+    assert random.getstate() == rng[0] and torch.equal(torch.get_rng_state(), rng[2])
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), rng[1]))
+    assert {k: list(v) for k, v in resumed.stat_tracker.stats.items()} == \
+           {k: list(v) for k, v in trainer.stat_tracker.stats.items()}
+    ours, theirs = resumed.optimizer.state_dict()["state"], trainer.optimizer.state_dict()["state"]
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[i][key], theirs[i][key])
+                                                for i in ours for key in ours[i])
+    assert all(torch.equal(a, b) for a, b in zip(resumed.trainable_layers, trainer.trainable_layers))
+    assert "weights_only=False" not in (REPO / "ddpo.py").read_text()
+
+
+def test_a_fresh_run_never_writes_over_a_previous_one_and_bad_inputs_leave_it(monkeypatch, tmp_path):
+    """Before anything loads: a named output_dir holding a run, a --logdir holding checkpoints, a bad learning rate,
+    pipeline, output_dir, logdir or checkpoint are each one line, and every file of the previous run stays as it
+    was; --resume_from latest on a finished run has nothing to do."""
+    previous = tmp_path / "out"
+    (previous / "images").mkdir(parents=True)
+    (previous / "images" / "step_2.png").write_bytes(b"an image")
+    (previous / "metrics.jsonl").write_text('{"epoch": 0, "step": 2}\n')
+    (previous / "pytorch_lora_weights.safetensors").write_bytes(b"trained weights")
+    logdir = tmp_path / "elsewhere" / "checkpoints"
+    (logdir / "checkpoint_4").mkdir(parents=True)
+    (logdir / "checkpoint_4" / "training_state.pt").write_bytes(b"a previous run")
+    stopped = tmp_path / "stopped"  # a run stopped before its first checkpoint
+    (stopped / "checkpoints" / "checkpoint_1.incomplete").mkdir(parents=True)
+    (stopped / "metrics.jsonl").write_text('{"epoch": 0, "step": 2}\n')
+    before = snapshot(tmp_path)
+    line = run_main_in_process(monkeypatch, "ddpo.py", "--output_dir", previous)
+    assert line == (f"ddpo.py: error: --output_dir {previous} holds a previous run (images, metrics.jsonl, "
+                    "pytorch_lora_weights.safetensors); pass --resume_from latest to continue it, "
+                    "--overwrite_output_dir to replace it, or another --output_dir"), line
+    assert run_main_in_process(monkeypatch, "ddpo.py", "--output_dir", previous, "--resume_from", "latest") == "0"
+    new, a_file = tmp_path / "new", tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    before[a_file.name] = a_file.read_bytes()
+    cases = [(["--logdir", logdir], f"--logdir {logdir} holds checkpoints of a previous run; pass --resume_from latest "
+                                    "to continue it, --overwrite_output_dir to replace them, or another --logdir"),
+             (["--output_dir", stopped, "--resume_from", "latest"],
+              f"--output_dir {stopped} holds a previous run (checkpoints, metrics.jsonl); it has no complete "
+              "checkpoint to continue from: pass --overwrite_output_dir to replace it, or another --output_dir"),
+             (["--train_learning_rate", -1e-5], "--train_learning_rate must be positive, got -1e-05"),
+             (["--pretrained_model", tmp_path / "missing"], f"--pretrained_model {tmp_path / 'missing'} does not "
+                                                            "exist: expected a pipeline directory or a Hub id"),
+             (["--output_dir", a_file], f"--output_dir {a_file} is a file; expected a directory"),
+             (["--logdir", a_file], f"--logdir {a_file} is a file; expected a directory"),
+             (["--resume_from", previous], f"resume_from {previous} is neither a complete checkpoint_<epoch> "
+                                           "directory of this script nor a directory holding one")]
+    for args, message in cases:
+        output = ["--output_dir", new] if "--output_dir" not in args else []
+        line = run_main_in_process(monkeypatch, "ddpo.py", *args, *output)
+        assert line.startswith(f"ddpo.py: error: {message}") and "\n" not in line, line
+    assert not new.exists() and snapshot(tmp_path) == before
+
+
+def test_the_default_output_dirs_previous_run_is_kept_beside_it_and_overwrite_replaces_a_run(monkeypatch, tmp_path,
+                                                                                             capsys):
+    monkeypatch.chdir(tmp_path)
+    previous = tmp_path / "runs" / "ddpo"
+    (previous / "checkpoints" / "checkpoint_4").mkdir(parents=True)
+    (previous / "checkpoints" / "checkpoint_4" / "training_state.pt").write_bytes(b"a previous run")
+    (previous / "metrics.jsonl").write_text('{"epoch": 0, "step": 2}\n')
+    first = snapshot(previous)
+    settings = {"sample_num_steps": 4, "sample_batch_size": 4, "sample_num_batches_per_epoch": 1,
+                "train_batch_size": 4, "num_epochs": 1}
+    DDPOTrainer(DDPOConfig(**settings), brightness(), fixed_prompt("cat"),
+                DefaultDDPOStableDiffusionPipeline(str(TINY_SD)))
+    (kept,) = [path for path in (tmp_path / "runs").iterdir() if path.name.startswith("ddpo-")]
+    assert f"held a previous run: kept as {Path('runs') / kept.name}" in capsys.readouterr().out
+    assert snapshot(kept) == first and sorted(p.name for p in previous.iterdir()) == ["config.json"]
+    # a named output_dir: refused from Python too, replaced (with a --logdir's checkpoints) when asked
+    logdir = tmp_path / "elsewhere"
+    (logdir / "checkpoint_2").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds a previous run"):
+        DDPOTrainer(DDPOConfig(**settings, output_dir=str(kept), logdir=str(logdir)), brightness(),
+                    fixed_prompt("cat"), DefaultDDPOStableDiffusionPipeline(str(TINY_SD)))
+    assert snapshot(kept) == first
+    DDPOTrainer(DDPOConfig(**settings, output_dir=str(kept), logdir=str(logdir), overwrite_output_dir=True),
+                brightness(), fixed_prompt("cat"), DefaultDDPOStableDiffusionPipeline(str(TINY_SD)))
+    assert sorted(p.name for p in kept.iterdir()) == ["config.json"] and not list(logdir.iterdir())
+
+
+def test_metrics_are_strict_json(tmp_path):
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    log, _ = open_ddpo_logs(DDPOConfig(output_dir=str(tmp_path)), accelerator, 0, resumed=False)
+    log({"epoch": 0, "step": 1, "loss": float("nan"), "approx_kl": float("inf"), "reward_mean": 0.5}, np.zeros(2))
+    (row,) = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+              for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert row == {"epoch": 0, "step": 1, "loss": None, "approx_kl": None, "reward_mean": 0.5}
