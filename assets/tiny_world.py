@@ -3,9 +3,10 @@
 Every script of this repository defaults to the models and datasets under `assets/`, and every test uses them, so that
 everything runs with no network and no GPU. This file is the single committed recipe for all of it:
 
-    python assets/tiny_world.py            # rebuild everything (data, tokenizer, tiny models) -- about 3 minutes on CPU
+    python assets/tiny_world.py            # rebuild everything (data, tokenizer, tiny models) -- about 8 minutes on CPU
     python assets/tiny_world.py --stage data   # only the datasets and the tokenizer (seconds; deterministic)
     python assets/tiny_world.py --stage diffusion   # only the tiny Stable Diffusion pipeline (seconds; deterministic)
+    python assets/tiny_world.py --stage teacher     # only distill.py's tiny teacher (a few minutes on CPU)
 
 What it builds (all deterministic given the seed):
   * a corpus of short templated movie reviews whose sentiment is controlled (positive and negative vocabularies,
@@ -15,6 +16,9 @@ What it builds (all deterministic given the seed):
   * `assets/tiny-gpt2/`: a ~1M-parameter GPT-2 pretrained on the corpus *with sft.py itself*;
   * `assets/tiny-reward/`: that GPT-2 with a score head, trained on the preference pairs *with reward.py* -- the
     default reward of ppo.py, best_of_n.py and iterative_sft.py;
+  * `assets/tiny-teacher/`: a GPT-2 twice the policy's size (same tokenizer), trained from scratch *with sft.py* on
+    positive reviews only, stored in bfloat16 -- the default teacher of distill.py, whose samples score high on the
+    ground truth;
   * `assets/tiny-sd/`: a randomly initialised, Stable-Diffusion-v1-shaped `StableDiffusionPipeline` (CLIP tokenizer
     over the animal prompts, 2-layer CLIP text encoder, 0.8M-parameter UNet, 0.2M-parameter VAE, DDIM scheduler
     with SD v1's betas) that makes 32x32 images in a fraction of a second on CPU -- the default model of ddpo.py.
@@ -257,6 +261,35 @@ def build_policy(tokenizer, out_dir: Path, steps: int) -> None:
                                   "--max_steps", str(steps), "--eval_steps", "100", "--save_steps", "0"], out_dir)
 
 
+def build_teacher(tokenizer, out_dir: Path, steps: int) -> None:
+    """The tiny teacher of distill.py: a random-init GPT-2 twice the policy's size (n_embd 192 instead of 128), with the
+    policy's tokenizer and so its vocabulary, trained from scratch with sft.py (packed, full loss) on reviews whose
+    every sentence is positive. Saved in bfloat16 (4 MB instead of 8); distill.py loads it in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, set_seed
+
+    set_seed(SEED)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=192, n_layer=4, n_head=4,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.eos_token_id)
+    with tempfile.TemporaryDirectory() as init_dir:
+        for split_index, (split, size) in enumerate({"train": 3000, "test": 200}.items()):
+            rng = random.Random(f"{SEED}-teacher-{split_index}")
+            rows = [{"text": f"{string_prompt(rng.choice(TITLES))} {sample_review(rng, positivity=1.0)}"}
+                    for _ in range(size)]
+            (Path(init_dir) / "data").mkdir(exist_ok=True)
+            (Path(init_dir) / "data" / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        GPT2LMHeadModel(config).save_pretrained(Path(init_dir) / "model")
+        tokenizer.save_pretrained(Path(init_dir) / "model")
+        train_and_copy("sft.py", ["--model_name_or_path", str(Path(init_dir) / "model"), "--dataset_name",
+                                  str(Path(init_dir) / "data"), "--packing", "--max_length", "256",
+                                  "--per_device_train_batch_size", "8", "--learning_rate", "2e-3", "--warmup_ratio",
+                                  "0.05", "--lr_scheduler_type", "cosine", "--max_steps", str(steps), "--eval_steps",
+                                  "100", "--save_steps", "0"], out_dir)
+    AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.bfloat16).save_pretrained(out_dir)
+
+
 def build_reward_model(out_dir: Path) -> None:
     """The tiny reward model: the tiny policy plus a score head, trained on the preference pairs by reward.py
     (its defaults, for longer)."""
@@ -370,9 +403,10 @@ def build_tiny_sd(out_dir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", choices=["all", "data", "policy", "reward", "diffusion"], default="all")
+    parser.add_argument("--stage", choices=["all", "data", "policy", "reward", "teacher", "diffusion"], default="all")
     parser.add_argument("--out", type=Path, default=ASSETS, help="where to write (default: assets/ itself)")
     parser.add_argument("--policy_steps", type=int, default=600)
+    parser.add_argument("--teacher_steps", type=int, default=600)
     args = parser.parse_args()
 
     datasets = make_datasets()
@@ -385,6 +419,11 @@ def main() -> None:
         build_policy(AutoTokenizer.from_pretrained(args.out / "tokenizer"), args.out / "tiny-gpt2", args.policy_steps)
     if args.stage in ("all", "reward"):
         build_reward_model(args.out / "tiny-reward")
+    if args.stage in ("all", "teacher"):
+        from transformers import AutoTokenizer
+
+        build_teacher(AutoTokenizer.from_pretrained(args.out / "tokenizer"), args.out / "tiny-teacher",
+                      args.teacher_steps)
     if args.stage in ("all", "diffusion"):
         build_tiny_sd(args.out / "tiny-sd")
 

@@ -1,6 +1,6 @@
 """Learning curves of every script on the tiny world: 3 seeds each, one PNG per algorithm under docs/curves/.
 
-    python benchmarks/learning_curves.py                        # all twelve scripts x 3 seeds: about 33 min (2 cores)
+    python benchmarks/learning_curves.py                        # all thirteen scripts x 3 seeds: about 35 min (2 cores)
     python benchmarks/learning_curves.py --algos dpo kto        # a subset
     python benchmarks/learning_curves.py --seeds 0 1 2 3 4      # more seeds
     python benchmarks/learning_curves.py --replot               # re-read the runs and redraw the PNGs, no training
@@ -26,6 +26,8 @@ What is plotted (the mean over seeds as a line, the min-max range over seeds as 
     iterative_sft  reward/mean of fresh samples | their ground truth, against iteration
     grpo           reward of the fresh completions | entropy | their ground truth | grammar, against step
     rloo           reward of the fresh completions | KL to the reference | their ground truth | grammar
+    distill        held-out reverse KL to the teacher (eval_loss) | training loss on the fresh completions | their
+                   ground truth | grammar, against step
     ddpo           reward_mean (image brightness) against epoch
 
 "Ground truth" is the tiny world's `sentiment_score` (assets/tiny_world.py), which no training ever sees, averaged
@@ -37,7 +39,8 @@ optional adverb or "not", an adjective; or one of its closing remarks), pooled o
 
 Measured on 2 CPU cores shared with other jobs: the 30 runs of the first command took 1835 s (31 min). Median
 seconds per run: sft 23, reward 106, dpo 126, kto 99, orpo 69, cpo 69, ppo 29, best_of_n 18, iterative_sft 25,
-ddpo 50 (60 at the 16-epoch defaults, measured later, alone); measured later, alone: grpo 22, rloo 26. `--replot` takes about 5 s.
+ddpo 50 (60 at the 16-epoch defaults, measured later, alone); measured later, alone: grpo 22, rloo 26, distill 50.
+`--replot` takes about 5 s.
 """
 
 import argparse
@@ -221,6 +224,15 @@ ALGOS = {
                                        "entropy")),
     "rloo": online_rl("rloo.py", Panel("kl", [Series("KL to reference per token (nats)", metric("kl"), "C3")],
                                        "KL")),
+    "distill": Algo("distill.py", "optimizer step",
+                    [Panel("eval_loss", [Series("held-out KL(student || teacher) per token", metric("eval_loss"))],
+                           "held-out reverse KL to the teacher"),
+                     Panel("loss", [Series("fresh completions, per token", metric("loss"), "C3")], "training loss"),
+                     sentiment_panel("completion", title="ground truth of completions (teacher: about 0.76)",
+                                     label="completions"),
+                     grammar_panel("completion", title="completions' sentences in the tiny grammar",
+                                   label="completions")],
+                    ["--eval_steps", "5"]),
     "ddpo": Algo("ddpo.py", "epoch",
                  [Panel("reward_mean", [Series("mean image brightness", metric("reward_mean", "epoch"))],
                         "reward (brightness)")]),

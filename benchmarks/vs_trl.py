@@ -1,7 +1,7 @@
 """Our scripts against TRL on the same work, side by side: steady-state samples/s, whole-process seconds, peak memory.
 
     python benchmarks/vs_trl.py --setup                      # once: TRL 1.16 (and the seed's TRL 0.8.6) in venvs
-    python benchmarks/vs_trl.py                              # sft reward dpo kto orpo cpo ppo grpo rloo; ~40 min
+    python benchmarks/vs_trl.py                              # sft reward dpo kto orpo cpo ppo grpo rloo distill
     python benchmarks/vs_trl.py --algos dpo --models tiny --repeats 1            # a quick look, ~1 min
     python benchmarks/vs_trl.py --models qwen2-0.5b --bf16                       # on a GPU
 
@@ -24,6 +24,12 @@ included; peak memory = the process's peak resident set size (os.wait4's ru_maxr
 Each number is the median over --repeats. Ratios: steady state ours ÷ TRL, whole process TRL ÷ ours (both > 1 when we
 are faster), peak memory ours ÷ TRL (< 1 when we use less).
 
+distill is compared with TRL 1.16's DistillationTrainer on --rl_batch_size completions per step of up to
+--distill_max_new_tokens tokens, sampled by the student from the tiny world's prompts and scored by a larger teacher of
+the same vocabulary (the tiny world's tiny-teacher for `tiny`; `llama-20m-teacher`, hidden 512 and 6 layers, 52M
+parameters, for `llama-20m`; a Qwen2-1.5B-shaped config for `qwen2-0.5b`), both models in fp32 (bf16 with --bf16),
+TRL's defaults otherwise (beta 1, temperature 1). A sample is one completion, generation included.
+
 ppo is compared with the seed's PPOTrainer (TRL 0.8.6) rather than TRL 1.16, which has no PPO trainer of the seed's
 form: benchmarks/vs_trl_ppo_runner.py runs the same loop (generate, score with the tiny reward model, step) with either
 `from trl import ...` (seed venv) or `from ppo import ...` (ours), and reports episodes/s of rollout + update.
@@ -37,6 +43,7 @@ a GPU, with --bf16). Models are built once under --work_dir.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,9 +53,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "assets"
 VENVS = REPO / "benchmarks" / ".venvs"
-ALGOS = ["sft", "reward", "dpo", "kto", "orpo", "cpo", "ppo", "grpo", "rloo"]
+ALGOS = ["sft", "reward", "dpo", "kto", "orpo", "cpo", "ppo", "grpo", "rloo", "distill"]
 DATA = {"sft": "sft_prompt_completion", "reward": "preference", "dpo": "preference", "kto": "unpaired",
-        "orpo": "preference", "cpo": "preference", "grpo": "prompts", "rloo": "prompts"}
+        "orpo": "preference", "cpo": "preference", "grpo": "prompts", "rloo": "prompts", "distill": "prompts"}
+TEACHERS = {"tiny": "tiny-teacher", "llama-20m": "llama-20m-teacher", "qwen2-0.5b": "qwen2-1.5b"}  # distill
 RL_REWARD = f"{ASSETS / 'tiny_rewards.py'}:sentiment"  # grpo / rloo: the Python reward both sides call
 PINS = ["torch==2.13.0", "transformers==5.23.0", "datasets==5.2.0", "accelerate==1.15.0", "peft==0.21.2"]
 SEED_PINS = ["torch==2.13.0", "trl==0.8.6", "transformers==4.40.2", "accelerate==0.30.1", "datasets>=2.19,<2.20",
@@ -71,6 +79,8 @@ def build_model(name: str, work_dir: Path) -> Path:
     """The tiny policy, or a random-init model from a config saved with the tiny tokenizer (built once)."""
     if name == "tiny":
         return ASSETS / "tiny-gpt2"
+    if name == "tiny-teacher":
+        return ASSETS / "tiny-teacher"
     path = work_dir / "models" / name
     if (path / "config.json").exists():
         return path
@@ -86,6 +96,16 @@ def build_model(name: str, work_dir: Path) -> Path:
                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
                              tie_word_embeddings=False, **ids)
         model = LlamaForCausalLM(config)
+    elif name == "llama-20m-teacher":  # distill's teacher for llama-20m: wider and deeper, the same vocabulary
+        config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
+                             num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
+                             tie_word_embeddings=False, **ids)
+        model = LlamaForCausalLM(config)
+    elif name == "qwen2-1.5b":  # distill's teacher for qwen2-0.5b
+        config = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                             num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096,
+                             tie_word_embeddings=True, **ids)
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     elif name == "qwen2-0.5b":
         config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                              num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
@@ -119,6 +139,15 @@ def rl_batch(algo: str, args) -> tuple[int, int]:
 
 
 def run_ours(algo: str, model: Path, run_dir: Path, args) -> dict:
+    if algo == "distill":
+        command = [sys.executable, str(REPO / "distill.py"), "--model_name_or_path", str(model),
+                   "--teacher_model_name_or_path", str(teacher_of(model, args)),
+                   "--dataset_name", str(ASSETS / "data" / DATA[algo]),
+                   "--dataset_test_split", "None", "--output_dir", str(run_dir), "--max_steps", str(args.steps),
+                   "--per_device_train_batch_size", str(args.rl_batch_size), "--max_completion_length",
+                   str(args.distill_max_new_tokens), "--learning_rate", "5e-4", "--logging_steps", str(args.warmup),
+                   "--seed", "0", *(["--bf16", "--teacher_dtype", "bfloat16"] if args.bf16 else [])]
+        return steady_state_of_ours(command, run_dir, args.rl_batch_size, args)
     if algo in ("grpo", "rloo"):
         batch, generations = rl_batch(algo, args)
         command = [sys.executable, str(REPO / f"{algo}.py"), "--model_name_or_path", str(model), "--dataset_name",
@@ -127,14 +156,7 @@ def run_ours(algo: str, model: Path, run_dir: Path, args) -> dict:
                    "--num_generations", str(generations), "--max_completion_length", str(args.rl_max_new_tokens),
                    "--learning_rate", "5e-4", "--logging_steps", str(args.warmup), "--seed", "0",
                    *(["--bf16"] if args.bf16 else [])]
-        seconds, rss_mb, _ = run_timed(command, args.threads)
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        windows = [row for row in rows if row["step"] > args.warmup]
-        steady = batch * args.warmup * len(windows) / sum(batch * args.warmup / row["samples_per_second"]
-                                                          for row in windows)
-        cuda = rows[-1]["peak_memory_mb"] if args.bf16 else None
-        return {"samples_per_second": steady, "process_seconds": seconds,
-                "peak_memory_mb": cuda if cuda is not None and gpu_present() else rss_mb}
+        return steady_state_of_ours(command, run_dir, batch, args)
     command = [sys.executable, str(REPO / f"{algo}.py"), "--model_name_or_path", str(model),
                "--dataset_name", str(ASSETS / "data" / DATA[algo]), "--dataset_test_split", "None",
                "--output_dir", str(run_dir), "--max_steps", str(args.steps),
@@ -153,6 +175,23 @@ def run_ours(algo: str, model: Path, run_dir: Path, args) -> dict:
             "peak_memory_mb": cuda if cuda is not None and gpu_present() else rss_mb}
 
 
+def teacher_of(model: Path, args) -> Path:
+    """distill: the teacher of a benchmark model (built once), by the model's folder name."""
+    return build_model(TEACHERS["tiny" if model == ASSETS / "tiny-gpt2" else model.name], args.work_dir)
+
+
+def steady_state_of_ours(command: list[str], run_dir: Path, batch: int, args) -> dict:
+    """grpo / rloo / distill: run, then the steady state from the windows logged after --warmup steps."""
+    seconds, rss_mb, _ = run_timed(command, args.threads)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = [row for row in rows if row["step"] > args.warmup and "samples_per_second" in row]
+    steady = batch * args.warmup * len(windows) / sum(batch * args.warmup / row["samples_per_second"]
+                                                      for row in windows)
+    cuda = rows[-1]["peak_memory_mb"] if args.bf16 else None
+    return {"samples_per_second": steady, "process_seconds": seconds,
+            "peak_memory_mb": cuda if cuda is not None and gpu_present() else rss_mb}
+
+
 def run_trl(algo: str, model: Path, run_dir: Path, args) -> dict:
     result_file = run_dir.with_suffix(".json")
     command = [str(args.trl_python), str(REPO / "benchmarks" / "vs_trl_runner.py"), "--algo", algo, "--model",
@@ -164,6 +203,10 @@ def run_trl(algo: str, model: Path, run_dir: Path, args) -> dict:
         batch, generations = rl_batch(algo, args)
         command += ["--batch_size", str(batch), "--num_generations", str(generations), "--max_completion_length",
                     str(args.rl_max_new_tokens), "--reward_funcs", RL_REWARD]  # the later --batch_size wins
+    if algo == "distill":
+        batch = args.rl_batch_size
+        command += ["--batch_size", str(batch), "--max_completion_length", str(args.distill_max_new_tokens),
+                    "--teacher", str(teacher_of(model, args))]
     seconds, rss_mb, _ = run_timed(command, args.threads)
     result = json.loads(result_file.read_text())
     ends = result["step_ends"]
@@ -209,6 +252,7 @@ def main() -> None:
     parser.add_argument("--ppo_max_new_tokens", type=int, default=24)
     parser.add_argument("--rl_batch_size", type=int, default=32, help="grpo/rloo: completions per step")
     parser.add_argument("--rl_max_new_tokens", type=int, default=24, help="grpo/rloo: max_completion_length")
+    parser.add_argument("--distill_max_new_tokens", type=int, default=64, help="distill: max_completion_length")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both sides (default: unset)")
     parser.add_argument("--trl_python", type=Path, default=VENVS / "trl-1.16" / "bin" / "python")
     parser.add_argument("--seed_python", type=Path, default=VENVS / "trl-0.8.6" / "bin" / "python")
@@ -233,6 +277,7 @@ def main() -> None:
             for repeat in range(args.repeats):
                 for side in (("ours", "trl") if repeat % 2 == 0 else ("trl", "ours")):
                     run_dir = args.work_dir / "runs" / f"{model_name}-{algo}-{side}-{repeat}"
+                    shutil.rmtree(run_dir, ignore_errors=True)  # the scripts keep a previous run: start clean
                     runner = run_ppo if algo == "ppo" else run_ours if side == "ours" else run_trl
                     runs[side].append(runner(side, model, run_dir, args) if algo == "ppo" else
                                       runner(algo, model, run_dir, args))
@@ -252,7 +297,8 @@ def main() -> None:
           f"{args.warmup}), {'bf16' if args.bf16 else 'fp32'}, medians of {args.repeats} alternated runs; ppo: "
           f"{args.ppo_batch_size} episodes/step, up to {args.ppo_max_new_tokens} new tokens, {args.ppo_steps} steps; "
           f"grpo/rloo: {args.rl_batch_size} completions/step (8 / 2 per prompt), up to {args.rl_max_new_tokens} new "
-          f"tokens, the Python sentiment reward; "
+          f"tokens, the Python sentiment reward; distill: {args.rl_batch_size} completions/step, up to "
+          f"{args.distill_max_new_tokens} new tokens, scored by a larger teacher; "
           f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n")
     print(f"| model | script | ours samples/s | TRL samples/s | steady ours ÷ TRL | ours process s | TRL process s "
           f"| process TRL ÷ ours | ours {memory} MB | TRL {memory} MB | memory ours ÷ TRL |")

@@ -38,7 +38,7 @@ class StepTimer(TrainerCallback):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--algo", required=True,
-                        choices=["sft", "reward", "dpo", "kto", "orpo", "cpo", "grpo", "rloo"])
+                        choices=["sft", "reward", "dpo", "kto", "orpo", "cpo", "grpo", "rloo", "distill"])
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True, help="a folder with train.jsonl")
     parser.add_argument("--output_dir", required=True)
@@ -50,7 +50,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--reward_funcs", default=None, help="grpo/rloo: FILE.py:NAME, the reward both sides use")
     parser.add_argument("--num_generations", type=int, default=8, help="grpo/rloo: completions per prompt")
-    parser.add_argument("--max_completion_length", type=int, default=24, help="grpo/rloo")
+    parser.add_argument("--max_completion_length", type=int, default=24, help="grpo/rloo/distill")
+    parser.add_argument("--teacher", default=None, help="distill: the teacher model's folder")
     args = parser.parse_args()
 
     import trl
@@ -80,6 +81,13 @@ def main() -> None:
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
         config, trainer_class = CPOConfig(**common, beta=0.1), CPOTrainer
+    elif args.algo == "distill":  # batch_size completions per step, sampled by the student and scored by the teacher
+        rl = {key: value for key, value in common.items() if key != "max_length"}
+        rl.update(max_completion_length=args.max_completion_length, logging_steps=args.steps,
+                  teacher_model_init_kwargs={"dtype": "bfloat16" if args.bf16 else "float32"})
+        timer = StepTimer()
+        trainer = trl.DistillationTrainer(model=args.model, teacher_model=args.teacher,
+                                          args=trl.DistillationConfig(**rl), train_dataset=train, callbacks=[timer])
     else:  # grpo / rloo: batch_size completions per step, the reward function both sides share (loaded from its file)
         import importlib.util
 
@@ -95,7 +103,7 @@ def main() -> None:
         timer = StepTimer()
         trainer = trainer_class(model=args.model, reward_funcs=[getattr(module, name)], args=config,
                                 train_dataset=train, callbacks=[timer])
-    if args.algo not in ("grpo", "rloo"):
+    if args.algo not in ("grpo", "rloo", "distill"):
         timer = StepTimer()
         trainer = trainer_class(model=args.model, args=config, train_dataset=train, callbacks=[timer])
     trainer.train()
