@@ -7,7 +7,6 @@ Usage: torchrun --nproc_per_node 2 tests/fsdp_blocks_worker.py OUT_DIR SCRIPT [S
 import copy
 import importlib
 import sys
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 

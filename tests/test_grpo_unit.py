@@ -117,6 +117,7 @@ def test_without_old_log_probs_the_ratio_is_one_and_the_gradient_is_the_policy_g
 def test_sequence_level_importance_sampling_uses_the_mean_log_ratio_of_each_sequence():
     r0, r1 = math.exp((0.1 + 0.0 - 0.5) / 3), math.exp((0.0 - 0.5) / 2)  # 0.875, 0.779
     # row 0 (A = 1): -r0 on each of 3 tokens; row 1 (A = -2): r1 clipped to 0.8 -> 1.6 on each of 2 tokens
+    assert r1 < 0.8  # below 1 - epsilon with a negative advantage: the clipped term wins
     loss, metrics = grpo_loss(logp(), OLD, None, ADV, MASK, importance_sampling_level="sequence")
     close(loss, (-r0 * 3 + 1.6 * 2) / 5)
     close(metrics["clip_ratio/low_mean"], 0.5)  # per sequence: row 1 of 2

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 
 ALL_SCRIPTS = ["sft.py", "reward.py", "dpo.py", "kto.py", "orpo.py", "cpo.py", "ppo.py", "iterative_sft.py",
-               "best_of_n.py", "ddpo.py", "grpo.py", "rloo.py"]
+               "best_of_n.py", "ddpo.py", "grpo.py", "rloo.py", "distill.py"]
 TRAINERS = [script for script in ALL_SCRIPTS if script not in ("best_of_n.py", "ddpo.py")]
 BANNER = "# " + "=" * 118
 

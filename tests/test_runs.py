@@ -4,7 +4,6 @@ run never writes over a previous one, bad inputs are one line before any model l
 weights_only=True, and metrics.jsonl stays strict JSON."""
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -15,12 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import (ASSETS, OFFLINE_ENV, REPO, TWO_PROCESSES, error_line, read_metrics, run_main_in_process,
-                      run_ok, run_script)
+from conftest import OFFLINE_ENV, REPO, TWO_PROCESSES, read_metrics, run_main_in_process, run_ok
 from safetensors.torch import load_file
 
-TRAINERS = ["sft.py", "reward.py", "dpo.py", "kto.py", "orpo.py", "cpo.py", "ppo.py", "iterative_sft.py", "grpo.py",
-            "rloo.py"]
 
 
 def signal_at_step(script: str, args: list, output_dir: Path, step: int, signum=signal.SIGTERM,
@@ -117,7 +113,7 @@ def test_checkpoints_are_whole_limited_and_load_without_pickled_code(tmp_path):
     assert empty.resume_from_checkpoint is None  # nothing to resume: a fresh start
 
 
-WIRED = ["sft.py", "reward.py", "dpo.py", "kto.py", "orpo.py", "cpo.py", "grpo.py", "rloo.py"]
+WIRED = ["sft.py", "reward.py", "dpo.py", "kto.py", "orpo.py", "cpo.py", "grpo.py", "rloo.py", "distill.py"]
 
 
 @pytest.mark.parametrize("script", WIRED + ["ppo.py", "iterative_sft.py"])

@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO, OFFLINE_ENV, run_main_in_process
 
 ALL_SCRIPTS = ["sft.py", "reward.py", "dpo.py", "kto.py", "orpo.py", "cpo.py", "ppo.py", "iterative_sft.py",
-               "best_of_n.py", "ddpo.py", "grpo.py", "rloo.py"]
+               "best_of_n.py", "ddpo.py", "grpo.py", "rloo.py", "distill.py"]
 CONFIGS = REPO / "accelerate_configs"
 
 
