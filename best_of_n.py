@@ -105,7 +105,7 @@ class Args:
     temperature: float = 1.0
     """sampling temperature (pure sampling otherwise: top_k 0, top_p 1, as the seed's examples)"""
     batch_size: int = 16
-    """prompts per generate call (each contributes sample_size rows)"""
+    """prompts per generate call (each contributes n rows for best-of-n, at most sample_size)"""
 
     # read by the shared plumbing below the banner: sampling runs in --dtype (no autocast), and a run is never resumed
     # (nothing is trained, so there is no checkpoint: a run stopped by a signal is simply run again)
@@ -471,8 +471,9 @@ def main(args: Args) -> None:
 
 
 # ======================================================================================================================
-# The plumbing: launch checks, runs and checkpoints, data and model loading, sharded saving, logging. Nothing below is
-# specific to one algorithm; each function is byte-identical in every script that has it (tests/test_layout.py).
+# The plumbing: launch checks, runs and checkpoints, data and model loading, sharded saving, logging. Apart from
+# check_sampling_run (best_of_n.py's own), each function is byte-identical in every script that has it
+# (tests/test_layout.py).
 # ======================================================================================================================
 def fail(message: str, once: bool = False) -> NoReturn:
     """Stop with one line, `<script>: error: <message>`, exit status 1. once: every process meets the same error, so
@@ -549,7 +550,7 @@ def load_tokenizer(args, eos_purpose: str):
 
 def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("metrics.jsonl",)):
     """output_dir with args.json, fresh log files (resuming: the rows up to start_step kept), wandb under --track. A
-    previous run in output_dir (check_run let it through) is moved to <output_dir>-<its time>, or deleted under
+    previous run in output_dir (the run checks let it through) is moved to <output_dir>-<its time>, or deleted under
     --overwrite_output_dir. Returns log(metrics): a console line, a strict-JSON metrics.jsonl row, a wandb point."""
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -628,7 +629,7 @@ def load_reward_function(spec: str, device, max_length: int = 1024) -> Callable[
     A sequence-classification model scores prompt + response the way reward.py trained it: message-list prompts
     rendered with the chat template and the response as the assistant turn, string prompts concatenated; EOS
     appended, the start kept when too long, right padding; the score read where plain transformers reads it. A
-    pipeline (such as sentiment-analysis:lvwerra/distilbert-imdb, the seed's PPO example) scores prompt + response,
+    pipeline (such as sentiment-analysis:lvwerra/distilbert-imdb, TRL's PPO example) scores prompt + response,
     and the reward is the raw score (logit) of the pipeline's last label, e.g. POSITIVE for a sentiment classifier.
     """
     task, name = parse_reward_spec(spec)
@@ -681,7 +682,7 @@ def load_reward_function(spec: str, device, max_length: int = 1024) -> Callable[
 
 
 class LengthSampler:
-    """The seed's LengthSampler: a uniformly random integer in [min_value, max_value), from numpy's global RNG."""
+    """TRL's LengthSampler (trl.core): a uniformly random integer in [min_value, max_value), from numpy's global RNG."""
 
     def __init__(self, min_value: int, max_value: int):
         self.values = list(range(min_value, max_value))

@@ -90,7 +90,7 @@ class DDPOConfig:
     wandb_entity: str | None = None
     """the wandb entity (team)"""
     push_to_hub: bool = False
-    """push the final weights to the Hub under the name of output_dir"""
+    """push output_dir (weights, config.json, metrics.jsonl, images/; not checkpoints/) to the Hub under its name"""
 
     # --- model ---
     pretrained_model: str = str(ASSETS / "tiny-sd")
@@ -104,7 +104,7 @@ class DDPOConfig:
     lora_alpha: int = 4
     """LoRA scaling numerator (the reference's 4)"""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """precision of the frozen weights and autocast (seed: fp16, a GPU setting; LoRA weights stay float32)"""
+    """precision of the frozen weights and autocast (seed: fp16, a GPU setting; trained weights stay float32)"""
     allow_tf32: bool = True
     """allow TF32 matrix products on Ampere and newer GPUs"""
 
@@ -122,7 +122,7 @@ class DDPOConfig:
     sample_num_steps: int = 10
     """DDIM steps per image (seed: 50)"""
     sample_eta: float = 1.0
-    """DDIM eta: 0 is deterministic (no policy gradient), 1 is DDPM-like noise"""
+    """DDIM eta, > 0 (0 would be deterministic: no log-probability to train); 1 is DDPM-like noise"""
     sample_guidance_scale: float = 5.0
     """classifier-free guidance weight"""
     sample_batch_size: int = 8
@@ -301,8 +301,8 @@ class DefaultDDPOStableDiffusionPipeline:
     """The seed's pipeline wrapper: a diffusers StableDiffusionPipeline with a DDIM scheduler, frozen VAE and text
     encoder, and either LoRA adapters on the UNet's attention (use_lora, the reference's r=4 on to_q, to_k, to_v,
     to_out.0, Gaussian init) or the whole UNet trainable. Calling it samples with log-probs (sample_with_logprob);
-    `scheduler_step` is ddim_step_with_logprob. A pipeline directory that holds pytorch_lora_weights.safetensors
-    (an earlier run's output) starts from those adapters, as in the seed."""
+    `scheduler_step` is ddim_step_with_logprob. A pipeline directory that also holds pytorch_lora_weights.safetensors
+    (a base pipeline with an earlier run's adapters copied in) starts from those adapters under use_lora."""
 
     def __init__(self, pretrained_model_name: str, *, pretrained_model_revision: str = "main", use_lora: bool = True,
                  lora_r: int = 4, lora_alpha: int = 4):
@@ -496,8 +496,9 @@ def ddpo_loss(advantages: torch.Tensor, clip_range: float, ratio: torch.Tensor) 
     return torch.maximum(unclipped, clipped).mean()
 
 
-
-
+# ----------------------------------------------------------------------------------------------------------------------
+# The trainer: sample trajectories, score, normalise into advantages, clipped PPO over the stored timesteps
+# ----------------------------------------------------------------------------------------------------------------------
 class DDPOTrainer:
     """The seed's DDPOTrainer. reward_function(images, prompts, metadata) -> (rewards, metadata) with images
     (B, 3, H, W) in [0, 1] and one reward per image; prompt_function() -> (prompt, metadata); sd_pipeline a
@@ -532,9 +533,13 @@ class DDPOTrainer:
         set_seed(config.seed, device_specific=True)  # seed + process index: each process its own prompts and noise
         if config.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
+        # Only what is frozen goes to half precision: the VAE, the text encoder, and the UNet under LoRA (its adapters
+        # stay float32). The seed casts a fully trained UNet too, whose half-precision gradients the fp16 GradScaler
+        # then refuses ("Attempting to unscale FP16 gradients"); here it stays float32 and trains under autocast.
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
         for module in (sd_pipeline.vae, sd_pipeline.text_encoder, sd_pipeline.unet):
-            module.to(accelerator.device, **({"dtype": dtype} if dtype != torch.float32 else {}))
+            cast = dtype != torch.float32 and (module is not sd_pipeline.unet or sd_pipeline.use_lora)
+            module.to(accelerator.device, **({"dtype": dtype} if cast else {}))
         sd_pipeline.sd_pipeline.set_progress_bar_config(disable=True)
 
         # 2. Trainable weights (LoRA adapters in float32, or the UNet), AdamW, the negative prompt's embedding.
@@ -546,7 +551,7 @@ class DDPOTrainer:
         self.stat_tracker = (PerPromptStatTracker(config.per_prompt_stat_tracking_buffer_size,
                                                   config.per_prompt_stat_tracking_min_count)
                              if config.per_prompt_stat_tracking else None)
-        # frozen weights in half precision are run as they are under LoRA; a full UNet trains under autocast
+        # frozen weights in half precision are run as they are under LoRA; a full (float32) UNet trains under autocast
         self.autocast = nullcontext if sd_pipeline.use_lora else accelerator.autocast
         self.unet, self.optimizer = accelerator.prepare(sd_pipeline.unet, optimizer)  # DDP-wrapped for training
         self.executor = futures.ThreadPoolExecutor(config.max_workers) if config.async_reward_computation else None
@@ -767,7 +772,7 @@ class DDPOTrainer:
 def main(config: DDPOConfig) -> None:
     # 0. Check what can be checked before anything is loaded (and before anything is written): the sizes; then the
     #    learning rate, the pipeline path, output_dir and logdir, --resume_from (latest: the newest complete
-    #    checkpoint), and that a fresh run does not write over a previous one.
+    #    checkpoint), that a fresh run does not write over a previous one, and that no FSDP / DeepSpeed was asked for.
     try:
         config.check()
     except ValueError as error:
@@ -819,8 +824,9 @@ def main(config: DDPOConfig) -> None:
 
 
 # ======================================================================================================================
-# The plumbing: launch checks, runs and checkpoints, data and model loading, sharded saving, logging. Nothing below is
-# specific to one algorithm; each function is byte-identical in every script that has it (tests/test_layout.py).
+# The plumbing: launch checks, runs and checkpoints, logging. The ddpo_* run and checkpoint helpers, refuse_sharding,
+# DDPOPreemption and save_image_grid are ddpo.py's own; every other function is byte-identical in every script that
+# has it (tests/test_layout.py).
 # ======================================================================================================================
 def fail(message: str, once: bool = False) -> NoReturn:
     """Stop with one line, `<script>: error: <message>`, exit status 1. once: every process meets the same error, so

@@ -126,7 +126,7 @@ class Args:
     max_steps: int = 40
     """optimizer steps to take"""
     warmup_ratio: float = 0.0
-    """fraction of the steps during which the learning rate ramps up linearly from 0"""
+    """fraction of the steps during which the learning rate ramps up linearly from 0 (not under constant)"""
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     """the learning-rate schedule after warm-up"""
     max_grad_norm: float = 1.0
@@ -138,7 +138,7 @@ class Args:
     eval_steps: int = 20
     """evaluate every this many optimizer steps (also before the first and after the last)"""
     save_steps: int = 0
-    """write a resumable checkpoint every this many optimizer steps (0: never; SIGTERM / SIGINT always write one)"""
+    """write a resumable checkpoint every this many optimizer steps (0: only when stopped by SIGTERM / SIGINT)"""
     save_total_limit: int | None = None
     """keep only the newest this many checkpoints (None: all)"""
     resume_from_checkpoint: str | None = None
@@ -209,7 +209,7 @@ def tokenize_row(example: dict, tokenizer, max_completion_length: int
         return prompt_ids, None, prompt
     if isinstance(completion, list):
         full = tokenizer.apply_chat_template(prompt + completion, tokenize=False) if isinstance(prompt, list) else ""
-        if not full.startswith(text):
+        if not isinstance(prompt, list) or not full.startswith(text):
             raise ValueError("a conversational completion needs a conversational prompt that the chat template "
                              "renders as a prefix of prompt + completion")
         completion_ids = list(tokenizer(full[len(text) :], add_special_tokens=False)["input_ids"])
@@ -954,7 +954,7 @@ def stop_if_not_finite(loss, grad_norm, step: int, output_dir: Path) -> None:
 
 def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("metrics.jsonl",)):
     """output_dir with args.json, fresh log files (resuming: the rows up to start_step kept), wandb under --track. A
-    previous run in output_dir (check_run let it through) is moved to <output_dir>-<its time>, or deleted under
+    previous run in output_dir (the run checks let it through) is moved to <output_dir>-<its time>, or deleted under
     --overwrite_output_dir. Returns log(metrics): a console line, a strict-JSON metrics.jsonl row, a wandb point."""
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -1120,16 +1120,16 @@ def save_final_model(args, accelerator, model, tokenizer, model_class, **kwargs)
 
 
 def disable_dropout_in_model(model: torch.nn.Module) -> None:
-    """Dropout off (p = 0) in every module, as the seed does for the policy and the reference."""
+    """Dropout off (p = 0) in every module, as the seed does for the policy (and the reference, where there is one)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
 
 
 def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """A model that is only evaluated (a reference): eval mode, no gradients. Under FSDP it is sharded as the policy is
-    (each transformer block, then the root); under ZeRO-3 by a DeepSpeed engine without an optimizer (as TRL's
-    prepare_deepspeed); otherwise replicated on each process's device."""
+    """A model that is only evaluated (a reference, a teacher): eval mode, no gradients. Under FSDP it is sharded as
+    the policy is (each transformer block, then the root); under ZeRO-3 by a DeepSpeed engine without an optimizer (as
+    TRL's prepare_deepspeed); otherwise replicated on each process's device."""
     model.eval().requires_grad_(False)
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.fsdp import fully_shard

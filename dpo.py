@@ -128,7 +128,7 @@ class Args:
     max_steps: int = -1
     """optimizer steps to take (-1: as many as num_train_epochs needs)"""
     warmup_ratio: float = 0.0
-    """fraction of the steps during which the learning rate ramps up linearly from 0"""
+    """fraction of the steps during which the learning rate ramps up linearly from 0 (not under constant)"""
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     """the learning-rate schedule after warm-up"""
     max_grad_norm: float = 1.0
@@ -140,7 +140,7 @@ class Args:
     eval_steps: int = 100
     """evaluate every this many optimizer steps (also before the first and after the last)"""
     save_steps: int = 500
-    """write a resumable checkpoint every this many optimizer steps (0: never)"""
+    """write a resumable checkpoint every this many optimizer steps (0: only when stopped by SIGTERM / SIGINT)"""
     save_total_limit: int | None = None
     """keep only the newest this many checkpoints (None: all)"""
     resume_from_checkpoint: str | None = None
@@ -160,7 +160,7 @@ class Args:
     disable_dropout: bool = True
     """turn dropout off in the policy and the reference, as the seed does"""
     generate_during_eval: bool = False
-    """at each evaluation, sample answers to a few eval prompts from the policy and the reference (samples.jsonl)"""
+    """at each evaluation, sample answers to a few eval prompts (samples.jsonl): policy and reference (if held)"""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -306,7 +306,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
       ipo:      (logits - 1 / (2 * beta))^2                                                (IPO eq. 17)
       kto_pair: 1 - sigmoid(beta * (chosen ratio - rejected KL)) and
                 1 - sigmoid(beta * (chosen KL - rejected ratio)), KLs the batch means clamped at 0 (HALOs eq. 7)
-    Rewards are beta * (policy - reference), detached. reference_free: a uniform reference (ref log-ratio 0).
+    Rewards are beta * (policy - reference), detached. reference_free: the reference log-ratio is 0 in the
+    logits (main also passes zero reference log-probs, so the rewards and kto_pair see a uniform reference).
     """
     pi_logratios = policy_chosen_logps - policy_rejected_logps
     ref_logratios = 0.0 if reference_free else reference_chosen_logps - reference_rejected_logps
@@ -914,7 +915,7 @@ def stop_if_not_finite(loss, grad_norm, step: int, output_dir: Path) -> None:
 
 def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("metrics.jsonl",)):
     """output_dir with args.json, fresh log files (resuming: the rows up to start_step kept), wandb under --track. A
-    previous run in output_dir (check_run let it through) is moved to <output_dir>-<its time>, or deleted under
+    previous run in output_dir (the run checks let it through) is moved to <output_dir>-<its time>, or deleted under
     --overwrite_output_dir. Returns log(metrics): a console line, a strict-JSON metrics.jsonl row, a wandb point."""
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -1085,16 +1086,16 @@ def save_final_model(args, accelerator, model, tokenizer, model_class, **kwargs)
 
 
 def disable_dropout_in_model(model: torch.nn.Module) -> None:
-    """Dropout off (p = 0) in every module, as the seed does for the policy and the reference."""
+    """Dropout off (p = 0) in every module, as the seed does for the policy (and the reference, where there is one)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
 
 
 def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """A model that is only evaluated (a reference): eval mode, no gradients. Under FSDP it is sharded as the policy is
-    (each transformer block, then the root); under ZeRO-3 by a DeepSpeed engine without an optimizer (as TRL's
-    prepare_deepspeed); otherwise replicated on each process's device."""
+    """A model that is only evaluated (a reference, a teacher): eval mode, no gradients. Under FSDP it is sharded as
+    the policy is (each transformer block, then the root); under ZeRO-3 by a DeepSpeed engine without an optimizer (as
+    TRL's prepare_deepspeed); otherwise replicated on each process's device."""
     model.eval().requires_grad_(False)
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.fsdp import fully_shard

@@ -123,7 +123,7 @@ class Args:
     max_steps: int = 40
     """optimizer steps to take"""
     warmup_ratio: float = 0.0
-    """fraction of the steps during which the learning rate ramps up linearly from 0"""
+    """fraction of the steps during which the learning rate ramps up linearly from 0 (not under constant)"""
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     """the learning-rate schedule after warm-up"""
     max_grad_norm: float = 1.0
@@ -133,7 +133,7 @@ class Args:
     optim: Literal["adamw_torch_fused", "adamw_torch"] = "adamw_torch_fused"
     """AdamW kernels: fused, one pass over all parameters (transformers' default), or torch's per-tensor loop"""
     save_steps: int = 0
-    """write a resumable checkpoint every this many optimizer steps (0: never), where a generation batch is used up"""
+    """checkpoint every this many optimizer steps, where a generation batch is used up (0: only on SIGTERM / SIGINT)"""
     save_total_limit: int | None = None
     """keep only the newest this many checkpoints (None: all)"""
     resume_from_checkpoint: str | None = None
@@ -177,7 +177,7 @@ class Args:
     importance_sampling_level: Literal["token", "sequence"] = "token"
     """token: one ratio per token; sequence: one per completion, of its mean log-ratio (GSPO)"""
     scale_rewards: Literal["group", "batch", "none"] = "group"
-    """divide the centred rewards by the std of their group, of the whole batch, or not at all (Dr. GRPO)"""
+    """divide the centred rewards by the std of their group, the batch, or nothing (Dr. GRPO; sum_then_normalize)"""
     multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
     """with several rewards: sum, then normalise in the group; or normalise each in the group, then sum"""
     loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"] = "dapo"
@@ -189,7 +189,7 @@ class Args:
     top_entropy_quantile: float = 1.0
     """train only on the tokens whose entropy is in this top fraction of the micro-batch's (1: all)"""
     sync_ref_model: bool = False
-    """every ref_model_sync_steps steps, move the reference towards the policy (TR-DPO style); needs beta > 0"""
+    """every ref_model_sync_steps steps, move the reference towards the policy (TR-DPO); needs beta > 0, no LoRA"""
     ref_model_mixup_alpha: float = 0.6
     """reference <- alpha * policy + (1 - alpha) * reference at each sync"""
     ref_model_sync_steps: int = 512
@@ -416,7 +416,7 @@ def grpo_loss(per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor |
     dapo and cispo divide the token sum by (default: this batch's completion tokens). Each variant's per-token loss
     and normaliser are the steps below (docs/grpo.md has them as a table); gradient accumulation scaling is the
     caller's. Returns (loss, metrics): kl (with beta), entropy (with entropies), clip_ratio/low_mean|high_mean|
-    region_mean (or cispo_clip_ratio), means over this batch."""
+    region_mean (cispo: cispo_clip_ratio; sapo: none), means over this batch."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
     if importance_sampling_level not in ("token", "sequence"):
@@ -508,6 +508,9 @@ def main(args: Args) -> None:
         fail(f"--top_entropy_quantile must be in (0, 1], got {args.top_entropy_quantile}")
     if args.sync_ref_model and args.beta == 0.0:
         fail("--sync_ref_model needs a reference model, and --beta 0 loads none; set --beta > 0")
+    if args.sync_ref_model and args.use_peft:
+        fail("--sync_ref_model moves a separate reference model, and --use_peft has none (the policy with its "
+             "adapters off is the reference); drop one of the two")
     check_run(args, ["model_name_or_path"])  # learning rate, model path, output_dir, --resume_from_checkpoint latest
     reward_models = list(args.reward_model) or ([] if args.reward_funcs else [str(ASSETS / "tiny-reward")])
     try:
@@ -606,7 +609,7 @@ def main(args: Args) -> None:
             disable_dropout_in_model(module)
 
     # 5. Optimizer, schedule and resumed state (the schedule is stepped once per optimizer step), then the reference,
-    #    sharded like the policy under FSDP / ZeRO-3.
+    #    sharded like the policy under FSDP (ZeRO-3 is refused at launch; under ZeRO-2 it is replicated).
     model, optimizer, scheduler, state = prepare_training(args, accelerator, model.to(accelerator.device),
                                                           args.max_steps)
     start_step = state["step"]
@@ -856,7 +859,8 @@ def main(args: Args) -> None:
                                                           rows=[list(s.values()) for s in samples])}, step=done)
             running, running_steps, train_seconds, running_completions = {}, 0, 0.0, 0
         signum = preemption.requested(accelerator)  # the same answer on every process
-        # checkpoints only where a generation batch is used up (a resume generates anew); by default, every step
+        # checkpoints only where a generation batch is used up (a resume generates anew): at every step when
+        # steps_per_generation = gradient_accumulation_steps and num_iterations = 1 (the defaults)
         used_up = done * args.gradient_accumulation_steps % micro_steps_per_generation == 0
         if done < args.max_steps and used_up and (signum or args.save_steps > 0 and done % args.save_steps == 0):
             save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, model, tokenizer, optimizer, scheduler,
@@ -1094,7 +1098,7 @@ def stop_if_not_finite(loss, grad_norm, step: int, output_dir: Path) -> None:
 
 def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("metrics.jsonl",)):
     """output_dir with args.json, fresh log files (resuming: the rows up to start_step kept), wandb under --track. A
-    previous run in output_dir (check_run let it through) is moved to <output_dir>-<its time>, or deleted under
+    previous run in output_dir (the run checks let it through) is moved to <output_dir>-<its time>, or deleted under
     --overwrite_output_dir. Returns log(metrics): a console line, a strict-JSON metrics.jsonl row, a wandb point."""
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -1260,16 +1264,16 @@ def save_final_model(args, accelerator, model, tokenizer, model_class, **kwargs)
 
 
 def disable_dropout_in_model(model: torch.nn.Module) -> None:
-    """Dropout off (p = 0) in every module, as the seed does for the policy and the reference."""
+    """Dropout off (p = 0) in every module, as the seed does for the policy (and the reference, where there is one)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
 
 
 def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """A model that is only evaluated (a reference): eval mode, no gradients. Under FSDP it is sharded as the policy is
-    (each transformer block, then the root); under ZeRO-3 by a DeepSpeed engine without an optimizer (as TRL's
-    prepare_deepspeed); otherwise replicated on each process's device."""
+    """A model that is only evaluated (a reference, a teacher): eval mode, no gradients. Under FSDP it is sharded as
+    the policy is (each transformer block, then the root); under ZeRO-3 by a DeepSpeed engine without an optimizer (as
+    TRL's prepare_deepspeed); otherwise replicated on each process's device."""
     model.eval().requires_grad_(False)
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.fsdp import fully_shard
@@ -1358,7 +1362,7 @@ def load_reward_function(spec: str, device, max_length: int = 1024) -> Callable[
     A sequence-classification model scores prompt + response the way reward.py trained it: message-list prompts
     rendered with the chat template and the response as the assistant turn, string prompts concatenated; EOS
     appended, the start kept when too long, right padding; the score read where plain transformers reads it. A
-    pipeline (such as sentiment-analysis:lvwerra/distilbert-imdb, the seed's PPO example) scores prompt + response,
+    pipeline (such as sentiment-analysis:lvwerra/distilbert-imdb, TRL's PPO example) scores prompt + response,
     and the reward is the raw score (logit) of the pipeline's last label, e.g. POSITIVE for a sentiment classifier.
     """
     task, name = parse_reward_spec(spec)

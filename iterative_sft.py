@@ -138,7 +138,7 @@ class Args:
     weight_decay: float = 0.0
     """AdamW weight decay"""
     save_steps: int = 0
-    """write a resumable checkpoint every this many iterations (0: never; SIGTERM / SIGINT always write one)"""
+    """write a resumable checkpoint every this many iterations (0: only when stopped by SIGTERM / SIGINT)"""
     save_total_limit: int | None = None
     """keep only the newest this many checkpoints (None: all)"""
     resume_from_checkpoint: str | None = None
@@ -173,8 +173,8 @@ def sample_responses(model, queries: list[torch.Tensor], num_samples: int, max_n
                      pad_token_id: int, eos_token_ids: list[int], **generation_kwargs) -> list[list[torch.Tensor]]:
     """num_samples responses to each of the (1-D token-id) queries, all in ONE `generate` call with the KV cache.
 
-    Queries are left-padded (decoder-only) and each row repeated num_samples times, contiguously, as the seed's
-    `query.repeat` (so the same samples are drawn; `num_return_sequences` refuses greedy decoding). Query i's
+    Queries are left-padded (decoder-only) and each row repeated num_samples times, contiguously, as TRL's
+    BestOfNSampler's `query.repeat` (`num_return_sequences` would refuse greedy decoding). Query i's
     responses are cut to max_new_tokens[i] tokens and after their first EOS (kept). Returns per query a list of
     num_samples 1-D response tensors (on the CPU, padding stripped, at least one token each)."""
     device = next(model.parameters()).device
@@ -865,7 +865,7 @@ def accumulating(accelerator, model, last: bool):
 
 def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("metrics.jsonl",)):
     """output_dir with args.json, fresh log files (resuming: the rows up to start_step kept), wandb under --track. A
-    previous run in output_dir (check_run let it through) is moved to <output_dir>-<its time>, or deleted under
+    previous run in output_dir (the run checks let it through) is moved to <output_dir>-<its time>, or deleted under
     --overwrite_output_dir. Returns log(metrics): a console line, a strict-JSON metrics.jsonl row, a wandb point."""
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -1078,7 +1078,7 @@ def load_reward_function(spec: str, device, max_length: int = 1024) -> Callable[
     A sequence-classification model scores prompt + response the way reward.py trained it: message-list prompts
     rendered with the chat template and the response as the assistant turn, string prompts concatenated; EOS
     appended, the start kept when too long, right padding; the score read where plain transformers reads it. A
-    pipeline (such as sentiment-analysis:lvwerra/distilbert-imdb, the seed's PPO example) scores prompt + response,
+    pipeline (such as sentiment-analysis:lvwerra/distilbert-imdb, TRL's PPO example) scores prompt + response,
     and the reward is the raw score (logit) of the pipeline's last label, e.g. POSITIVE for a sentiment classifier.
     """
     task, name = parse_reward_spec(spec)
@@ -1131,7 +1131,7 @@ def load_reward_function(spec: str, device, max_length: int = 1024) -> Callable[
 
 
 class LengthSampler:
-    """The seed's LengthSampler: a uniformly random integer in [min_value, max_value), from numpy's global RNG."""
+    """TRL's LengthSampler (trl.core): a uniformly random integer in [min_value, max_value), from numpy's global RNG."""
 
     def __init__(self, min_value: int, max_value: int):
         self.values = list(range(min_value, max_value))

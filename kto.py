@@ -130,7 +130,7 @@ class Args:
     max_steps: int = -1
     """optimizer steps to take (-1: as many as num_train_epochs needs)"""
     warmup_ratio: float = 0.0
-    """fraction of the steps during which the learning rate ramps up linearly from 0"""
+    """fraction of the steps during which the learning rate ramps up linearly from 0 (not under constant)"""
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     """the learning-rate schedule after warm-up"""
     max_grad_norm: float = 1.0
@@ -142,7 +142,7 @@ class Args:
     eval_steps: int = 100
     """evaluate every this many optimizer steps (also before the first and after the last)"""
     save_steps: int = 500
-    """write a resumable checkpoint every this many optimizer steps (0: never)"""
+    """write a resumable checkpoint every this many optimizer steps (0: only when stopped by SIGTERM / SIGINT)"""
     save_total_limit: int | None = None
     """keep only the newest this many checkpoints (None: all)"""
     resume_from_checkpoint: str | None = None
@@ -160,7 +160,7 @@ class Args:
     disable_dropout: bool = True
     """turn dropout off in the policy and the reference, as the seed does"""
     generate_during_eval: bool = False
-    """at each evaluation, sample answers to a few eval prompts from the policy and the reference (samples.jsonl)"""
+    """at each evaluation, sample answers to a few eval prompts (samples.jsonl): policy and reference (if held)"""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -413,8 +413,8 @@ def main(args: Args) -> None:
     if isinstance(first.get("completion", first.get("chosen")), list) and tokenizer.chat_template is None:
         fail(f"the rows are conversations but the tokenizer of {args.model_name_or_path} has no chat template")
 
-    # 4. Tokenise every row (prompt masked); count truncations; unroll pairs into a desirable and an undesirable
-    #    example, dropping pairs whose answers are identical.
+    # 4. Tokenise every row (prompt and completion apart; the prompt is masked when collated); count truncations;
+    #    unroll pairs into a desirable and an undesirable example, dropping pairs whose answers are identical.
     try:
         with accelerator.main_process_first():  # the main process fills the datasets cache first
             tokenized = {
@@ -470,7 +470,9 @@ def main(args: Args) -> None:
     # how the split is sharded over processes or batched.
     eval_partners = kl_partners([tuple(row["prompt_ids"]) for row in eval_rows]) if eval_rows else []
     eval_kl_rows = [mismatched_example(row, eval_rows[j], max_length) for row, j in zip(eval_rows, eval_partners)]
-    eval_pairs = [k for k, row in enumerate(eval_rows) if row["pair"] >= 0 and row["desirable"]]  # rejected: k + 1
+    # a pair's chosen example k has its rejected one at k + 1 (unless the sharded share cut the split between them)
+    eval_pairs = [k for k, row in enumerate(eval_rows[:-1]) if row["pair"] >= 0 and row["desirable"]
+                  and eval_rows[k + 1]["pair"] == row["pair"]]
     accelerator.print(f"KTO data: {len(train_rows)} train examples ({n_desirable} desirable, {n_undesirable} "
                       f"undesirable) / {len(eval_rows)} eval; {total_steps} steps of {global_batch_size}")
 
@@ -1023,7 +1025,7 @@ def stop_if_not_finite(loss, grad_norm, step: int, output_dir: Path) -> None:
 
 def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("metrics.jsonl",)):
     """output_dir with args.json, fresh log files (resuming: the rows up to start_step kept), wandb under --track. A
-    previous run in output_dir (check_run let it through) is moved to <output_dir>-<its time>, or deleted under
+    previous run in output_dir (the run checks let it through) is moved to <output_dir>-<its time>, or deleted under
     --overwrite_output_dir. Returns log(metrics): a console line, a strict-JSON metrics.jsonl row, a wandb point."""
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -1194,16 +1196,16 @@ def save_final_model(args, accelerator, model, tokenizer, model_class, **kwargs)
 
 
 def disable_dropout_in_model(model: torch.nn.Module) -> None:
-    """Dropout off (p = 0) in every module, as the seed does for the policy and the reference."""
+    """Dropout off (p = 0) in every module, as the seed does for the policy (and the reference, where there is one)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
 
 
 def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """A model that is only evaluated (a reference): eval mode, no gradients. Under FSDP it is sharded as the policy is
-    (each transformer block, then the root); under ZeRO-3 by a DeepSpeed engine without an optimizer (as TRL's
-    prepare_deepspeed); otherwise replicated on each process's device."""
+    """A model that is only evaluated (a reference, a teacher): eval mode, no gradients. Under FSDP it is sharded as
+    the policy is (each transformer block, then the root); under ZeRO-3 by a DeepSpeed engine without an optimizer (as
+    TRL's prepare_deepspeed); otherwise replicated on each process's device."""
     model.eval().requires_grad_(False)
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.fsdp import fully_shard

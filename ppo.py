@@ -157,7 +157,7 @@ class PPOConfig:
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
     """the learning-rate schedule over the `steps` PPO steps of `python ppo.py` (the seed keeps it constant)"""
     save_steps: int = 0
-    """write a resumable checkpoint every this many PPO steps (0: never; SIGTERM / SIGINT always write one)"""
+    """write a resumable checkpoint every this many PPO steps (0: only when stopped by SIGTERM / SIGINT)"""
     save_total_limit: int | None = None
     """keep only the newest this many checkpoints (None: all)"""
     resume_from_checkpoint: str | None = None
@@ -1124,7 +1124,8 @@ def main(args: Args) -> None:
                       "per PPO step")
     output_dir = Path(args.output_dir)
 
-    # 2. Data: the prompts, loaded and checked before any model is (ppo.py has no test split, so not load_splits).
+    # 2. Data: the prompts, loaded and checked before any model is (ppo.py has no test split: not the other scripts'
+    #    load_splits).
     try:
         raw = load_any_dataset(args.query_dataset, args.dataset_config)
     except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
@@ -1199,7 +1200,7 @@ def main(args: Args) -> None:
         ref_model = wrapper.from_pretrained(args.model_name, revision=args.revision, dtype=dtype)
 
     # 5. The trainer (reference, the seed's Adam, accelerate's preparation) and the learning-rate schedule, stepped
-    #    once per PPO step over --steps: transformers' get_scheduler multipliers, whose import costs 0.8 s of start-up.
+    #    once per PPO step over --steps: get_scheduler's multipliers written out (importing it costs 0.8 s of start-up).
     trainer = PPOTrainer(args, model, ref_model, tokenizer)
 
     def lr_multiplier(step: int) -> float:
@@ -1527,7 +1528,7 @@ def accumulating(accelerator, model, last: bool):
 
 def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("metrics.jsonl",)):
     """output_dir with args.json, fresh log files (resuming: the rows up to start_step kept), wandb under --track. A
-    previous run in output_dir (check_run let it through) is moved to <output_dir>-<its time>, or deleted under
+    previous run in output_dir (the run checks let it through) is moved to <output_dir>-<its time>, or deleted under
     --overwrite_output_dir. Returns log(metrics): a console line, a strict-JSON metrics.jsonl row, a wandb point."""
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -1693,16 +1694,16 @@ def save_final_model(args, accelerator, model, tokenizer, model_class, **kwargs)
 
 
 def disable_dropout_in_model(model: torch.nn.Module) -> None:
-    """Dropout off (p = 0) in every module, as the seed does for the policy and the reference."""
+    """Dropout off (p = 0) in every module, as the seed does for the policy (and the reference, where there is one)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
 
 
 def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """A model that is only evaluated (a reference): eval mode, no gradients. Under FSDP it is sharded as the policy is
-    (each transformer block, then the root); under ZeRO-3 by a DeepSpeed engine without an optimizer (as TRL's
-    prepare_deepspeed); otherwise replicated on each process's device."""
+    """A model that is only evaluated (a reference, a teacher): eval mode, no gradients. Under FSDP it is sharded as
+    the policy is (each transformer block, then the root); under ZeRO-3 by a DeepSpeed engine without an optimizer (as
+    TRL's prepare_deepspeed); otherwise replicated on each process's device."""
     model.eval().requires_grad_(False)
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.fsdp import fully_shard
@@ -1791,7 +1792,7 @@ def load_reward_function(spec: str, device, max_length: int = 1024) -> Callable[
     A sequence-classification model scores prompt + response the way reward.py trained it: message-list prompts
     rendered with the chat template and the response as the assistant turn, string prompts concatenated; EOS
     appended, the start kept when too long, right padding; the score read where plain transformers reads it. A
-    pipeline (such as sentiment-analysis:lvwerra/distilbert-imdb, the seed's PPO example) scores prompt + response,
+    pipeline (such as sentiment-analysis:lvwerra/distilbert-imdb, TRL's PPO example) scores prompt + response,
     and the reward is the raw score (logit) of the pipeline's last label, e.g. POSITIVE for a sentiment classifier.
     """
     task, name = parse_reward_spec(spec)
@@ -1844,7 +1845,7 @@ def load_reward_function(spec: str, device, max_length: int = 1024) -> Callable[
 
 
 class LengthSampler:
-    """The seed's LengthSampler: a uniformly random integer in [min_value, max_value), from numpy's global RNG."""
+    """TRL's LengthSampler (trl.core): a uniformly random integer in [min_value, max_value), from numpy's global RNG."""
 
     def __init__(self, min_value: int, max_value: int):
         self.values = list(range(min_value, max_value))

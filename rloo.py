@@ -121,7 +121,7 @@ class Args:
     max_steps: int = 40
     """optimizer steps to take"""
     warmup_ratio: float = 0.0
-    """fraction of the steps during which the learning rate ramps up linearly from 0"""
+    """fraction of the steps during which the learning rate ramps up linearly from 0 (not under constant)"""
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     """the learning-rate schedule after warm-up"""
     max_grad_norm: float = 1.0
@@ -131,7 +131,7 @@ class Args:
     optim: Literal["adamw_torch_fused", "adamw_torch"] = "adamw_torch_fused"
     """AdamW kernels: fused, one pass over all parameters (transformers' default), or torch's per-tensor loop"""
     save_steps: int = 0
-    """write a resumable checkpoint every this many optimizer steps (0: never), where a generation batch is used up"""
+    """checkpoint every this many optimizer steps, where a generation batch is used up (0: only on SIGTERM / SIGINT)"""
     save_total_limit: int | None = None
     """keep only the newest this many checkpoints (None: all)"""
     resume_from_checkpoint: str | None = None
@@ -493,7 +493,7 @@ def main(args: Args) -> None:
             disable_dropout_in_model(module)
 
     # 5. Optimizer, schedule and resumed state (the schedule is stepped once per optimizer step), then the reference,
-    #    sharded like the policy under FSDP / ZeRO-3.
+    #    sharded like the policy under FSDP (ZeRO-3 is refused at launch; under ZeRO-2 it is replicated).
     model, optimizer, scheduler, state = prepare_training(args, accelerator, model.to(accelerator.device),
                                                           args.max_steps)
     start_step = state["step"]
@@ -650,7 +650,7 @@ def main(args: Args) -> None:
                                   **{f"reward/{name}": (None if math.isnan(v) else v)
                                      for name, v in zip(reward_names, rewards_per_func[i].tolist())},
                                   "advantage": my_advantages[i].item()} for i in range(per_process)])
-        if torch.isnan(all_rewards).all():  # advantages are all 0: the batch moves nothing (the KL term aside)
+        if torch.isnan(all_rewards).all():  # advantages are all 0: the batch moves nothing
             if unscored_generations + 1 >= unscored_limit:
                 batches = (f"{unscored_limit} generation batches in a row" if unscored_limit == MAX_UNSCORED_GENERATIONS
                            else f"any of the run's {unscored_limit} generation batches")
@@ -734,7 +734,8 @@ def main(args: Args) -> None:
                                                           rows=[list(s.values()) for s in samples])}, step=done)
             running, running_steps, train_seconds, running_completions = {}, 0, 0.0, 0
         signum = preemption.requested(accelerator)  # the same answer on every process
-        # checkpoints only where a generation batch is used up (a resume generates anew); by default, every step
+        # checkpoints only where a generation batch is used up (a resume generates anew): at every step when
+        # steps_per_generation = gradient_accumulation_steps and num_iterations = 1 (the defaults)
         used_up = done * args.gradient_accumulation_steps % micro_steps_per_generation == 0
         if done < args.max_steps and used_up and (signum or args.save_steps > 0 and done % args.save_steps == 0):
             save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, model, tokenizer, optimizer, scheduler,
@@ -972,7 +973,7 @@ def stop_if_not_finite(loss, grad_norm, step: int, output_dir: Path) -> None:
 
 def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("metrics.jsonl",)):
     """output_dir with args.json, fresh log files (resuming: the rows up to start_step kept), wandb under --track. A
-    previous run in output_dir (check_run let it through) is moved to <output_dir>-<its time>, or deleted under
+    previous run in output_dir (the run checks let it through) is moved to <output_dir>-<its time>, or deleted under
     --overwrite_output_dir. Returns log(metrics): a console line, a strict-JSON metrics.jsonl row, a wandb point."""
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -1138,16 +1139,16 @@ def save_final_model(args, accelerator, model, tokenizer, model_class, **kwargs)
 
 
 def disable_dropout_in_model(model: torch.nn.Module) -> None:
-    """Dropout off (p = 0) in every module, as the seed does for the policy and the reference."""
+    """Dropout off (p = 0) in every module, as the seed does for the policy (and the reference, where there is one)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
 
 
 def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """A model that is only evaluated (a reference): eval mode, no gradients. Under FSDP it is sharded as the policy is
-    (each transformer block, then the root); under ZeRO-3 by a DeepSpeed engine without an optimizer (as TRL's
-    prepare_deepspeed); otherwise replicated on each process's device."""
+    """A model that is only evaluated (a reference, a teacher): eval mode, no gradients. Under FSDP it is sharded as
+    the policy is (each transformer block, then the root); under ZeRO-3 by a DeepSpeed engine without an optimizer (as
+    TRL's prepare_deepspeed); otherwise replicated on each process's device."""
     model.eval().requires_grad_(False)
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.fsdp import fully_shard
@@ -1236,7 +1237,7 @@ def load_reward_function(spec: str, device, max_length: int = 1024) -> Callable[
     A sequence-classification model scores prompt + response the way reward.py trained it: message-list prompts
     rendered with the chat template and the response as the assistant turn, string prompts concatenated; EOS
     appended, the start kept when too long, right padding; the score read where plain transformers reads it. A
-    pipeline (such as sentiment-analysis:lvwerra/distilbert-imdb, the seed's PPO example) scores prompt + response,
+    pipeline (such as sentiment-analysis:lvwerra/distilbert-imdb, TRL's PPO example) scores prompt + response,
     and the reward is the raw score (logit) of the pipeline's last label, e.g. POSITIVE for a sentiment classifier.
     """
     task, name = parse_reward_spec(spec)

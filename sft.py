@@ -56,7 +56,7 @@ class Args:
     seed: int = 42
     """seed of the experiment: data order, initialisation of new weights, sampling noise"""
     output_dir: str = "runs/sft"
-    """where the model, metrics.jsonl, args.json and checkpoints go (a previous run there is never overwritten)"""
+    """where the model, metrics.jsonl, args.json and checkpoints go"""
     overwrite_output_dir: bool = False
     """replace a previous run in output_dir (by default it is kept: a named output_dir is refused)"""
     track: bool = False
@@ -126,7 +126,7 @@ class Args:
     max_steps: int = -1
     """optimizer steps to take (-1: as many as num_train_epochs needs)"""
     warmup_ratio: float = 0.0
-    """fraction of the steps during which the learning rate ramps up linearly from 0"""
+    """fraction of the steps during which the learning rate ramps up linearly from 0 (not under constant)"""
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     """the learning-rate schedule after warm-up"""
     max_grad_norm: float = 1.0
@@ -138,7 +138,7 @@ class Args:
     eval_steps: int = 100
     """evaluate every this many optimizer steps (also before the first and after the last)"""
     save_steps: int = 500
-    """write a resumable checkpoint every this many optimizer steps (0: never; SIGTERM / SIGINT always write one)"""
+    """write a resumable checkpoint every this many optimizer steps (0: only when stopped by SIGTERM / SIGINT)"""
     save_total_limit: int | None = None
     """keep only the newest this many checkpoints (None: all)"""
     resume_from_checkpoint: str | None = None
@@ -770,7 +770,7 @@ def stop_if_not_finite(loss, grad_norm, step: int, output_dir: Path) -> None:
 
 def open_logs(args, accelerator, start_step: int, files: tuple[str, ...] = ("metrics.jsonl",)):
     """output_dir with args.json, fresh log files (resuming: the rows up to start_step kept), wandb under --track. A
-    previous run in output_dir (check_run let it through) is moved to <output_dir>-<its time>, or deleted under
+    previous run in output_dir (the run checks let it through) is moved to <output_dir>-<its time>, or deleted under
     --overwrite_output_dir. Returns log(metrics): a console line, a strict-JSON metrics.jsonl row, a wandb point."""
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:

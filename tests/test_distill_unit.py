@@ -208,6 +208,8 @@ def test_rows_become_prompts_and_completions_in_every_format():
     assert tokenize_row({"prompt": user, "completion": answer}, tokenizer, 32)[:2] == (prompt_ids, completion_ids)
     with pytest.raises(ValueError, match="the last turn of a 'messages' row must be the assistant's"):
         tokenize_row({"messages": user}, tokenizer, 32)
+    with pytest.raises(ValueError, match="a conversational completion needs a conversational prompt"):
+        tokenize_row({"prompt": "Review of Wild River:", "completion": answer}, tokenizer, 32)
     assert detect_format(["prompt"]) == "prompt" and detect_format(["prompt", "completion"]) == "prompt-completion"
     assert detect_format(["messages", "x"]) == "messages"
     with pytest.raises(ValueError, match="expected a 'prompt' column .* found columns \\['text'\\]"):

@@ -313,6 +313,8 @@ def test_bad_command_lines_fail_with_one_clear_line_before_the_model_loads(tmp_p
         (["--reward_funcs", "rewards"], "expected FILE.py:NAME"),
         (["--reward_weights", 1.0, 2.0], "--reward_weights has 2 values but there are 1 rewards"),
         (["--sync_ref_model"], "--sync_ref_model needs a reference model, and --beta 0 loads none"),
+        (["--sync_ref_model", "--beta", 0.04, "--use_peft"], "--sync_ref_model moves a separate reference model, and "
+                                                            "--use_peft has none"),
         (["--dataset_name", tmp_path / "no_prompt.jsonl"], "expected a 'prompt' or 'query' column"),
         (["--top_entropy_quantile", 0], "--top_entropy_quantile must be in (0, 1]"),
         (["--num_iterations", 2, "--save_steps", 1], "--save_steps 1 must be a multiple of the optimizer steps"),
