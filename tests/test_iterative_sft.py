@@ -428,44 +428,5 @@ def test_sigint_saves_the_iteration_and_latest_resumes_to_the_uninterrupted_weig
     assert "holds a finished run: nothing to resume" in again.stdout
 
 
-def test_a_fresh_run_into_a_named_output_dir_that_holds_a_run_is_refused(monkeypatch, tmp_path):
-    from conftest import run_main_in_process
-    from test_runs import snapshot
-
-    previous = tmp_path / "out"
-    (previous / "checkpoint-3").mkdir(parents=True)
-    (previous / "metrics.jsonl").write_text('{"step": 2}\n')
-    before = snapshot(previous)
-    line = run_main_in_process(monkeypatch, "iterative_sft.py", "--output_dir", previous)
-    assert line == (f"iterative_sft.py: error: --output_dir {previous} holds a previous run (checkpoint-3, "
-                    "metrics.jsonl); pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to "
-                    "replace it, or another --output_dir")
-    assert snapshot(previous) == before
-
-
-def test_bad_inputs_are_one_line_before_any_model_loads_and_leave_the_previous_run(monkeypatch, tmp_path, capsys):
-    from conftest import run_main_in_process
-    from test_runs import snapshot
-
-    previous = tmp_path / "previous"
-    previous.mkdir()
-    (previous / "metrics.jsonl").write_text('{"step": 1}\n')
-    before = snapshot(previous)
-    a_file = tmp_path / "a_file"
-    a_file.write_text("not a directory")
-    cases = [(["--learning_rate", 0], "--learning_rate must be positive, got 0"),
-             (["--model_name_or_path", tmp_path / "missing"], f"--model_name_or_path {tmp_path / 'missing'} does "
-                                                              "not exist: expected a model directory or a Hub id"),
-             (["--output_dir", a_file], f"--output_dir {a_file} is a file"),
-             (["--output_dir", previous, "--resume_from_checkpoint", tmp_path],
-              f"--resume_from_checkpoint {tmp_path} is not a checkpoint directory")]
-    for args, message in cases:
-        output = ["--output_dir", tmp_path / "out"] if "--output_dir" not in args else []
-        line = run_main_in_process(monkeypatch, "iterative_sft.py", *args, *output)
-        assert line.startswith(f"iterative_sft.py: error: {message}") and "\n" not in line, line
-    assert not (tmp_path / "out").exists() and snapshot(previous) == before
-    assert "parameters," not in capsys.readouterr().out  # no model was loaded
-
-
 def test_no_checkpoint_is_loaded_with_pickled_code():
     assert "weights_only=False" not in (REPO / "iterative_sft.py").read_text()

@@ -121,11 +121,12 @@ def test_a_fresh_run_into_a_named_output_dir_that_holds_a_run_is_refused(monkeyp
     previous = tmp_path / "out"
     (previous / "checkpoint-4").mkdir(parents=True)
     (previous / "metrics.jsonl").write_text('{"step": 4}\n')
+    (previous / "samples.jsonl").write_text('{"step": 4, "reward": 1.0}\n')
     before = snapshot(previous)
     line = run_main_in_process(monkeypatch, script, "--output_dir", previous)
-    assert line == (f"{script}: error: --output_dir {previous} holds a previous run (checkpoint-4, metrics.jsonl); "
-                    "pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or "
-                    "another --output_dir")
+    assert line == (f"{script}: error: --output_dir {previous} holds a previous run (checkpoint-4, metrics.jsonl, "
+                    "samples.jsonl); pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to "
+                    "replace it, or another --output_dir")
     assert snapshot(previous) == before
 
 
@@ -143,8 +144,10 @@ def test_a_repeated_quickstart_keeps_the_first_run_and_overwrite_replaces_it(tmp
     assert len(list((tmp_path / "runs").iterdir())) == 2 and snapshot(kept) != first
 
 
-@pytest.mark.parametrize("script", WIRED)
-def test_bad_inputs_are_one_line_before_any_model_loads_and_leave_the_previous_run(monkeypatch, tmp_path, script):
+@pytest.mark.parametrize("script", WIRED + ["ppo.py", "iterative_sft.py"])
+def test_bad_inputs_are_one_line_before_any_model_loads_and_leave_the_previous_run(monkeypatch, tmp_path, capsys,
+                                                                                   script):
+    model = "--model_name" if script == "ppo.py" else "--model_name_or_path"  # ppo.py keeps the seed's PPOConfig name
     previous = tmp_path / "previous"
     previous.mkdir()
     (previous / "metrics.jsonl").write_text('{"step": 1}\n')
@@ -152,14 +155,18 @@ def test_bad_inputs_are_one_line_before_any_model_loads_and_leave_the_previous_r
     a_file = tmp_path / "a_file"
     a_file.write_text("not a directory")
     cases = [(["--learning_rate", -1e-5], "--learning_rate must be positive, got -1e-05"),
-             (["--model_name_or_path", tmp_path / "missing"], f"--model_name_or_path {tmp_path / 'missing'} does "
-                                                              "not exist: expected a model directory or a Hub id"),
-             (["--output_dir", a_file], f"--output_dir {a_file} is a file")]
+             (["--learning_rate", 0], "--learning_rate must be positive, got 0"),
+             ([model, tmp_path / "missing"], f"{model} {tmp_path / 'missing'} does not exist: expected a model "
+                                             "directory or a Hub id"),
+             (["--output_dir", a_file], f"--output_dir {a_file} is a file"),
+             (["--output_dir", previous, "--resume_from_checkpoint", tmp_path],
+              f"--resume_from_checkpoint {tmp_path} is not a checkpoint directory")]
     for args, message in cases:
         output = ["--output_dir", tmp_path / "out"] if "--output_dir" not in args else []
         line = run_main_in_process(monkeypatch, script, *args, *output)
         assert line.startswith(f"{script}: error: {message}") and "\n" not in line, line
     assert not (tmp_path / "out").exists() and snapshot(previous) == before
+    assert "parameters" not in capsys.readouterr().out  # no model was loaded (each script prints its size)
 
 
 def test_metrics_are_strict_json(tmp_path):
