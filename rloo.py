@@ -650,7 +650,7 @@ def main(args: Args) -> None:
                                   **{f"reward/{name}": (None if math.isnan(v) else v)
                                      for name, v in zip(reward_names, rewards_per_func[i].tolist())},
                                   "advantage": my_advantages[i].item()} for i in range(per_process)])
-        if torch.isnan(all_rewards).all():  # advantages are all 0: the batch moves nothing
+        if torch.isnan(all_rewards).all():  # advantages are all 0: only a KL term in the loss moves the batch
             if unscored_generations + 1 >= unscored_limit:
                 batches = (f"{unscored_limit} generation batches in a row" if unscored_limit == MAX_UNSCORED_GENERATIONS
                            else f"any of the run's {unscored_limit} generation batches")
