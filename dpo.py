@@ -653,8 +653,10 @@ def main(args: Args) -> None:
 # ======================================================================================================================
 def fail(message: str, once: bool = False) -> NoReturn:
     """Stop with one line, `<script>: error: <message>`, exit status 1. once: every process meets the same error, so
-    only the first one prints it."""
+    only the first one prints it; the others wait for it to exit (the launcher then stops them), because a launcher
+    that sees any process fail kills the rest, and the first one could be killed before it printed."""
     if once and int(os.environ.get("RANK", "0")) > 0:
+        time.sleep(60)
         sys.exit(1)
     sys.exit(f"{Path(__file__).name}: error: {message}")
 
