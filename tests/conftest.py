@@ -19,6 +19,11 @@ sys.path.insert(0, str(ASSETS))
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 os.environ.update(OFFLINE_ENV)
+# The suite runs as two pytest workers (README: `-n 2`) on two cores, so each torch process gets one thread: two
+# processes with two threads each thrash, and on the tiny world a second thread saves almost nothing (ddpo.py: 65 s
+# with two, 67 s with one). Set before torch is imported here; every script a test starts inherits it, so runs that
+# are compared bit for bit always use the same thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def run_script(script: str, *args, cwd: Path | None = None, launcher: list[str] | None = None,
@@ -37,7 +42,8 @@ def run_ok(script: str, *args, **kwargs) -> subprocess.CompletedProcess:
 
 
 TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                 "--main_process_port", "0"]  # a free port: the other pytest worker may be running two processes too
 
 
 def run_main_in_process(monkeypatch, script: str, *args) -> str:

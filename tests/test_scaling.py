@@ -111,7 +111,8 @@ def test_the_fsdp_config_on_a_cpu_machine_stops_with_the_line_and_multi_gpu_trai
     """What a user runs: `accelerate launch --config_file accelerate_configs/<config>.yaml sft.py` on this CPU
     machine. FSDP stops with the one line (it used to train plain DDP without a word); multi_gpu.yaml trains two
     gloo processes."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--mixed_precision", "no"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--mixed_precision", "no",
+              "--main_process_port", "0"]
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*launch, "--config_file", str(CONFIGS / "fsdp.yaml"), str(REPO / "sft.py"),
                              "--output_dir", str(tmp_path / "fsdp")], cwd=REPO, capture_output=True, text=True,
