@@ -183,8 +183,8 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
 
 @pytest.mark.slow
 def test_lora_trains_adapters_and_the_full_score_head(tmp_path):
-    run_ok("reward.py", "--use_peft", "--learning_rate", 1e-2, "--max_steps", 150, "--eval_steps", 150,
-           "--output_dir", tmp_path)
+    # the default learning rate: 0.485 -> 0.66 with 1 thread and with 2 (1e-2, used here before, diverges: 0.545)
+    run_ok("reward.py", "--use_peft", "--max_steps", 150, "--eval_steps", 150, "--output_dir", tmp_path)
     accuracies = metric_series(tmp_path, "eval_accuracy")
     assert accuracies[-1] > accuracies[0] + 0.1, accuracies
     adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
