@@ -165,6 +165,14 @@ class Args:
     mask_truncated_completions: bool = False
     """completions that reach max_completion_length without an EOS take no part in the loss (DAPO)"""
 
+    # --- tools: multi-turn rollouts (conversational prompts; the tokenizer needs a response_template) ---
+    tools: tuple[str, ...] = ()
+    """functions the policy may call, FILE.py:NAME[,NAME...], each with type hints and a Google-style docstring"""
+    environment_factory: str | None = None
+    """FILE.py:CLASS: one instance per rollout, reset(**row) before it; its public methods are tools (TRL's interface)"""
+    max_tool_calling_iterations: int | None = None
+    """rounds of tool calls per rollout (None: until a turn calls nothing or max_completion_length is used up)"""
+
     # --- GRPO ---
     beta: float = 0.0
     """KL coefficient (k3 estimator, per token, added to the loss); 0 loads no reference model"""
@@ -197,52 +205,159 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The algorithm: prompts -> sampled completions -> rewards -> group-relative advantages -> clipped surrogate loss
+# The algorithm: prompts -> rollouts (sampled turns, tool calls and their results) -> rewards -> group-relative
+# advantages -> clipped surrogate loss on the sampled tokens only
 # ----------------------------------------------------------------------------------------------------------------------
-def format_query(prompt, tokenizer) -> tuple[str, bool]:
-    """THE place to change how a prompt becomes text: a message list is rendered with the chat template and the
-    generation prompt (then the text holds its own special tokens: templated=True); a string is used as it is."""
+def format_query(prompt, tokenizer, tools: list[dict] | None = None) -> tuple[str, bool]:
+    """THE place to change how a prompt becomes text: a message list is rendered with the chat template, the tool
+    schemas (when the policy has tools) and the generation prompt (then the text holds its own special tokens:
+    templated=True); a string is used as it is."""
     if isinstance(prompt, list):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), True
+        return tokenizer.apply_chat_template(prompt, tools=tools or None, tokenize=False,
+                                             add_generation_prompt=True), True
     return prompt, False
+
+
+def import_from_file(flag: str, spec: str, kind: str = "function") -> list[tuple[str, object]]:
+    """'FILE.py:NAME[,NAME...]' -> [(NAME, what FILE.py defines as NAME), ...]. Raises ValueError, one line naming the
+    flag, when the spec, the file or a name is missing."""
+    path, sep, names = spec.rpartition(":")
+    if not sep or not path.endswith(".py") or not names:
+        raise ValueError(f"{flag} {spec!r}: expected FILE.py:NAME")
+    if not Path(path).is_file():
+        raise ValueError(f"{flag} {spec}: there is no file {path}")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    found = []
+    for name in names.split(","):
+        value = getattr(module, name, None)
+        if not callable(value):
+            raise ValueError(f"{flag} {spec}: {path} defines no {kind} {name}")
+        found.append((name, value))
+    return found
 
 
 def load_python_reward(spec: str) -> tuple[str, Callable]:
     """'FILE.py:NAME' -> (NAME, the function NAME defined in FILE.py), which must take TRL's keywords prompts,
     completions, completion_ids (check_reward_signature). Raises ValueError naming what is missing."""
-    path, sep, name = spec.rpartition(":")
-    if not sep or not path.endswith(".py") or not name:
-        raise ValueError(f"--reward_funcs {spec!r}: expected FILE.py:NAME")
-    if not Path(path).is_file():
-        raise ValueError(f"--reward_funcs {spec}: there is no file {path}")
-    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise ValueError(f"--reward_funcs {spec}: {path} defines no function {name}")
+    if "," in spec.rpartition(":")[2]:
+        raise ValueError(f"--reward_funcs {spec!r}: expected FILE.py:NAME (one function; repeat the flag's values "
+                         "for more)")
+    name, function = import_from_file("--reward_funcs", spec)[0]
     check_reward_signature(spec, function)
     return name, function
 
 
-def check_reward_signature(spec: str, function: Callable, columns: list[str] | None = None) -> None:
+def check_reward_signature(spec: str, function: Callable, columns: list[str] | None = None,
+                           environments: bool = False) -> None:
     """Raise ValueError (one line: what the function must accept, and what it has) unless `function` takes the call
     score_completions makes, TRL's keyword convention f(prompts=, completions=, completion_ids=, **columns), with
-    `columns` the dataset's other columns: each keyword by name, or **kwargs. columns None (not known yet): only
-    prompts, completions and completion_ids are checked, and a parameter they leave out may be a column."""
+    `columns` the dataset's other columns (and environments= under --environment_factory): each keyword by name, or
+    **kwargs. columns None (not known yet): only prompts, completions and completion_ids are checked, and a parameter
+    they leave out may be a column."""
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):  # no signature to read (some builtins): its first call tells
         return
-    keywords = dict.fromkeys(["prompts", "completions", "completion_ids", *(columns or [])])
+    extra = ["environments"] if environments else []
+    keywords = dict.fromkeys(["prompts", "completions", "completion_ids", *extra, *(columns or [])])
     try:
         signature.bind_partial(**keywords) if columns is None else signature.bind(**keywords)
     except TypeError as error:
         name = spec.rpartition(":")[2]
         others = f" and the dataset's other columns ({', '.join(columns)})" if columns else ""
         raise ValueError(f"--reward_funcs {spec}: reward function {name} must accept the keyword arguments prompts, "
-                         f"completions, completion_ids{others}, as TRL calls it (or take **kwargs); it has "
-                         f"{name}{signature}: {error}") from None
+                         f"completions, completion_ids{', environments' if environments else ''}{others}, as TRL "
+                         f"calls it (or take **kwargs); it has {name}{signature}: {error}") from None
+
+
+def tool_schema(flag: str, spec: str, name: str, tool: Callable) -> dict:
+    """The JSON schema the chat template shows the model for a tool (transformers' get_json_schema, as TRL): its name,
+    docstring and typed arguments. Raises ValueError naming the tool and what it lacks (a type hint, a docstring, an
+    argument's line under Args:)."""
+    from transformers.utils import get_json_schema
+
+    try:
+        return get_json_schema(tool)
+    except Exception as error:  # TypeHintParsingException, DocstringParsingException: say which tool, and what
+        raise ValueError(f"{flag} {spec}: tool {name} cannot be described to the model: {error} (a tool needs a type "
+                         "hint on every argument and a Google-style docstring with an Args: line for each)") from None
+
+
+def environment_tools(environment) -> dict[str, Callable]:
+    """An environment's tools, as TRL finds them: the public methods of its class, except reset and get_reward."""
+    return {name: getattr(environment, name) for name, _ in inspect.getmembers(type(environment), inspect.isfunction)
+            if not name.startswith("_") and name not in ("reset", "get_reward")}
+
+
+def load_environment_factory(spec: str) -> tuple[str, Callable, object]:
+    """'FILE.py:CLASS' -> (CLASS, the factory, a probe instance). The factory is called without arguments (TRL's
+    contract); the instance must have reset(**row) and its tools must be describable (tool_schema). Raises ValueError,
+    one line, naming what is missing."""
+    name, factory = import_from_file("--environment_factory", spec, kind="class")[0]
+    try:
+        probe = factory()
+    except Exception as error:  # the user's constructor: one line, not a traceback
+        raise ValueError(f"--environment_factory {spec}: {name}() raised {type(error).__name__}: {error} (the factory "
+                         "is called without arguments)") from None
+    if not callable(getattr(probe, "reset", None)):
+        raise ValueError(f"--environment_factory {spec}: {name} has no reset method; an environment defines "
+                         "reset(**row), called with the dataset row's columns before every rollout")
+    for tool_name, tool in environment_tools(probe).items():
+        tool_schema("--environment_factory", spec, tool_name, tool)
+    return name, factory, probe
+
+
+def reset_environments(environments: list, rows: list[dict], prompts: list[list[dict]]) -> list[list[dict]]:
+    """Reset environment i with row i's columns, reset(**row) (TRL's), before rollout i. A string it returns is an
+    observation, appended to the prompt's last message (a new list: the dataset's prompt is left as it is). Returns
+    the prompts the rollouts start from. An exception in reset raises ValueError, one line naming where it came from."""
+    started = []
+    for environment, row, prompt in zip(environments, rows, prompts):
+        try:
+            observation = environment.reset(**row)
+        except Exception as error:  # the user's environment: one line instead of its traceback
+            frame = traceback.extract_tb(error.__traceback__)[-1]
+            raise ValueError(f"{type(environment).__name__}.reset raised {type(error).__name__}: "
+                             f"{' '.join(str(error).split())[:500]} ({Path(frame.filename).name}, line "
+                             f"{frame.lineno})") from error
+        if isinstance(observation, str):
+            prompt = prompt[:-1] + [{**prompt[-1], "content": prompt[-1]["content"] + observation}]
+        started.append(prompt)
+    return started
+
+
+def check_tool_template(tokenizer) -> None:
+    """TRL 1.16's checks of a tokenizer before multi-turn training, as ValueError: its chat template renders a whole
+    tool-calling exchange (a call's name, argument key and value, and the tool's result all appear: some templates
+    drop one silently); it is prefix-preserving (rendering a tool turn only appends tokens to the conversation before
+    it, which tool_suffix_ids relies on); and it has a response_template, which parse_response reads calls with."""
+    if tokenizer.chat_template is None:
+        raise ValueError("tools need a chat template that renders tool calls, and the tokenizer has none")
+    call = {"type": "function", "function": {"name": "tool_name_a8f3", "arguments": {"arg_key_b9d4": "arg_value_d6e7"}}}
+    exchange = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "name": "tool_name_a8f3", "content": "tool_result_c4f9"}]
+    try:
+        rendered = tokenizer.apply_chat_template(exchange, tokenize=False)
+    except Exception as error:  # jinja2's TemplateError and friends: a template that rejects the tool roles
+        rendered = f"{type(error).__name__}: {error}"
+    missing = [part for part in ("tool_name_a8f3", "arg_key_b9d4", "arg_value_d6e7", "tool_result_c4f9")
+               if part not in rendered]
+    if missing:
+        raise ValueError(f"the chat template cannot render tool calls (a call and a tool result rendered without "
+                         f"{', '.join(missing)}); use a tokenizer whose template supports tools")
+    empty_call = [{"type": "function", "function": {"name": "dummy", "arguments": {}}}]
+    before = [{"role": "user", "content": "dummy"}, {"role": "assistant", "content": "", "tool_calls": empty_call}]
+    after = before + [{"role": "tool", "name": "dummy", "content": "dummy"}]
+    ids_before = tokenizer.apply_chat_template(before, tokenize=True, return_dict=False)
+    ids_after = tokenizer.apply_chat_template(after, tokenize=True, return_dict=False, add_generation_prompt=True)
+    if ids_after[: len(ids_before)] != ids_before:
+        raise ValueError("the chat template is not prefix-preserving (a conversation rendered with a tool result does "
+                         "not start with its rendering without it), so a tool turn cannot be appended token by token")
+    if getattr(tokenizer, "response_template", None) is None:
+        raise ValueError("tools need a tokenizer with a response_template (transformers' parse_response reads the "
+                         "tool calls of a sampled turn with it); set tokenizer.response_template and save it")
 
 
 MAX_UNSCORED_GENERATIONS = 3  # generation batches in a row in which no reward scores anything: the run stops
@@ -250,10 +365,11 @@ MAX_UNSCORED_GENERATIONS = 3  # generation batches in a row in which no reward s
 
 def score_completions(reward_funcs: list[tuple[str, Callable]], prompts: list, completions: list,
                       completion_ids: list[list[int]], columns: dict[str, list]) -> torch.Tensor:
-    """(n, F) rewards of n completions (strings, or [{"role": "assistant", ...}] for conversational prompts) under F
-    reward functions, each called with TRL's signature f(prompts=, completions=, completion_ids=, **columns); None
-    becomes NaN ("does not apply"). A function that raises, returns the wrong number of values, or returns something
-    that is not a number raises ValueError, one line naming it (and where an exception came from)."""
+    """(n, F) rewards of n completions (strings, or message lists for conversational prompts: the parsed turns and the
+    tool results) under F reward functions, each called with TRL's signature f(prompts=, completions=,
+    completion_ids=, **columns) (columns include environments= under --environment_factory); None becomes NaN ("does
+    not apply"). A function that raises, returns the wrong number of values, or returns something that is not a number
+    raises ValueError, one line naming it (and where an exception came from)."""
     scores = torch.full((len(completions), len(reward_funcs)), float("nan"))
     for f, (name, function) in enumerate(reward_funcs):
         try:
@@ -300,18 +416,167 @@ def sample_completions(model, queries: list[list[int]], max_new_tokens: int, pad
     return completions, ended
 
 
-def collate_rollouts(queries: list[list[int]], completions: list[list[int]], pad_token_id: int,
+def parse_turn(tokenizer, turn: list[int], context: list[int], tools: list[dict] | None) -> dict:
+    """A sampled turn as a message, {"role": "assistant", "content": ..., "tool_calls": [...]}: transformers'
+    tokenizer.parse_response with the tokenizer's response_template, `context` (the tokens before the turn) as its
+    prefix and the tool schemas to type the arguments (TRL's parse_response). A turn it cannot parse (a malformed
+    call) falls back to its plain text, so a broken call ends the rollout instead of the run."""
+    try:
+        message = tokenizer.parse_response(turn, prefix=context, tools=tools)
+        if message is None:  # a turn cut so short that nothing is left
+            raise ValueError("nothing parsed")
+        for call in message.get("tool_calls") or []:  # what the template and call_tools need of every call
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise ValueError(f"malformed tool call {call!r}")
+            if function.get("arguments") is None:
+                function["arguments"] = {}
+        if isinstance(message.get("content"), str):
+            message["content"] = message["content"].removesuffix(tokenizer.eos_token)
+        message["content"] = message.get("content") or ""
+    except (ValueError, TypeError, AttributeError):
+        message = {"role": "assistant", "content": tokenizer.decode(turn, skip_special_tokens=True)}
+    return message
+
+
+def call_tools(tool_calls: list[dict], tools: dict[str, Callable]) -> tuple[list[dict], int]:
+    """Run one turn's tool calls. Returns the tool messages, {"role": "tool", "name": ..., "content": str(result)}, in
+    the order of the calls, and how many failed: an unknown tool, arguments it does not take, an exception, or a
+    result that cannot be printed each become the result {"error": "..."} (TRL's), never a crash."""
+    messages, failures = [], 0
+    for call in tool_calls:
+        name, arguments = call["function"]["name"], call["function"].get("arguments") or {}
+        try:
+            if call.get("type", "function") != "function":
+                raise ValueError(f"Unsupported tool call type: {call.get('type')}")
+            if name not in tools:
+                raise ValueError(f"Tool {name} not found.")
+            if not isinstance(arguments, dict):
+                raise ValueError(f"Tool {name} got arguments {arguments!r}, expected a mapping")
+            result = tools[name](**arguments)
+            if inspect.isawaitable(result):  # an async tool: run it to completion here
+                import asyncio
+
+                result = asyncio.run(result)
+            content = str(result)
+        except Exception as error:  # the tool's own failure is the model's to see, as TRL's {"error": ...}
+            failures += 1
+            try:
+                content = str({"error": str(error)})
+            except Exception:  # an exception whose message cannot be printed
+                content = str({"error": type(error).__name__})
+        messages.append({"role": "tool", "name": name, "content": content})
+    return messages, failures
+
+
+def tool_suffix_ids(tokenizer, tool_messages: list[dict]) -> list[int]:
+    """The tokens the chat template writes after an assistant turn that called tools: the tool results and the header
+    of the next assistant turn (TRL's _get_tool_suffix_ids). Rendered once with a dummy conversation ending in a call
+    and once with the tool messages and the generation prompt added; the difference is the suffix. The dummy's
+    rendering is cut after its last EOS first: some templates write a newline after the end of a turn, which the
+    sampled turn (cut at its EOS) does not hold."""
+    call = [{"type": "function", "function": {"name": tool_messages[0]["name"], "arguments": {}}}]
+    dummy = [{"role": "user", "content": "dummy"}, {"role": "assistant", "content": "", "tool_calls": call}]
+    before = tokenizer.apply_chat_template(dummy, tokenize=True, return_dict=False)
+    after = tokenizer.apply_chat_template(dummy + tool_messages, tokenize=True, return_dict=False,
+                                          add_generation_prompt=True)
+    if tokenizer.eos_token_id in before:
+        before = before[: len(before) - before[::-1].index(tokenizer.eos_token_id)]
+    if after[: len(before)] != before:
+        raise ValueError("the chat template is not prefix-preserving: a conversation rendered with its tool results "
+                         "does not start with its rendering without them")
+    return after[len(before) :]
+
+
+@dataclass
+class Rollout:
+    """One multi-turn completion, token-in/token-out: `completion` holds every sampled token and every token the
+    template wrote for the tools, in order, exactly as the model saw them (past turns are never decoded and encoded
+    again); `tool_mask` is 1 on sampled tokens (each turn's EOS included) and 0 on tool results and headers."""
+    completion: list[int]
+    tool_mask: list[int]
+    messages: list[dict]  # the parsed turns and the tool messages (what conversational reward functions receive)
+    ended: bool = False  # the last token is an EOS (False: cut by max_completion_length)
+    calls: int = 0
+    failures: int = 0
+
+
+def roll_out(model, tokenizer, queries: list[list[int]], max_completion_length: int, seed: int,
+             tools: list[dict[str, Callable]] | None = None, tool_schemas: list[dict] | None = None,
+             max_tool_calling_iterations: int | None = None, max_length: int | None = None, parse: bool = False,
+             **generation_kwargs) -> list[Rollout]:
+    """One rollout per query (token ids of the rendered prompt). Without tools: one sampled turn each, in one
+    `generate` call. With tools (tools[i]: rollout i's functions by name), a loop over turns:
+      1. sample the next turn of every open rollout, all in one left-padded `generate` call (the turn ends at EOS);
+      2. parse it (parse_turn); a rollout whose turn calls no tool, or that has used max_tool_calling_iterations
+         rounds, is done;
+      3. run the calls (call_tools) and append the tool turn's tokens (tool_suffix_ids; tool_mask 0);
+      4. a tool turn that would overflow the budget (max_completion_length for the whole completion, tool tokens
+         included) or the model's max_length is dropped: the rollout ends as it is, with its last turn's calls;
+      5. go on with what is left of each budget (a turn that reaches it is cut, and ends its rollout).
+    parse: turns become messages with parse_turn (conversational prompts and a response_template, as TRL), else with
+    their plain text. Turn t's sampling noise is seeded by seed + 100_003 t."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    rollouts = [Rollout([], [], []) for _ in queries]
+    contexts = [list(query) for query in queries]  # prompt + completion so far: what the next turn is sampled from
+    waiting = list(range(len(queries)))  # the rollouts that sample a turn in this round
+    for turn_index in range(sys.maxsize):
+        budgets = [max_completion_length - len(rollouts[i].completion) for i in waiting]
+        turns, _ = sample_completions(model, [contexts[i] for i in waiting], max(budgets), pad, eos,
+                                      seed=seed + 100_003 * turn_index, **generation_kwargs)
+        calling = []
+        for i, turn, budget in zip(waiting, turns, budgets):
+            turn = turn[:budget]  # one generate call for all: each rollout keeps only its own budget
+            rollout = rollouts[i]
+            if parse:
+                message = parse_turn(tokenizer, turn, contexts[i], tool_schemas)
+            else:
+                message = {"role": "assistant", "content": tokenizer.decode(turn, skip_special_tokens=True)}
+            rollout.completion += turn
+            rollout.tool_mask += [1] * len(turn)
+            rollout.messages.append(message)
+            rollout.ended = bool(turn) and turn[-1] == eos
+            contexts[i] += turn
+            rounds_left = max_tool_calling_iterations is None or turn_index < max_tool_calling_iterations
+            if tools is not None and message.get("tool_calls") and rounds_left:
+                calling.append(i)
+        waiting = []
+        for i in calling:
+            rollout = rollouts[i]
+            results, failures = call_tools(rollout.messages[-1]["tool_calls"], tools[i])
+            rollout.calls += len(results)
+            rollout.failures += failures
+            suffix = tool_suffix_ids(tokenizer, results)
+            too_long = max_length is not None and len(contexts[i]) + len(suffix) >= max_length
+            if len(rollout.completion) + len(suffix) > max_completion_length or too_long:
+                continue  # the results are dropped: the rollout ends with its call
+            rollout.messages += results
+            rollout.completion += suffix
+            rollout.tool_mask += [0] * len(suffix)
+            rollout.ended = False
+            contexts[i] += suffix
+            if len(rollout.completion) < max_completion_length:  # no budget left: it ends on the tool turn
+                waiting.append(i)
+        if not waiting:
+            return rollouts
+
+
+def collate_rollouts(queries: list[list[int]], rollouts: list[Rollout], pad_token_id: int,
                      train_mask: list[bool]) -> dict[str, torch.Tensor]:
     """Right-padded prompt + completion sequences for the training forward: input_ids and attention_mask (B, T), and
-    completion_mask (B, T-1), 1 at the shifted positions t whose next token t+1 is a completion token that is trained
-    on (all of a row's are 0 when train_mask says so: a truncated completion under mask_truncated_completions)."""
-    sequences = [torch.tensor(query + completion) for query, completion in zip(queries, completions)]
+    completion_mask (B, T-1), at each shifted position t the tool_mask of token t+1 when it is a completion token
+    (1: sampled, trained on; 0: written by a tool, context only), 0 elsewhere. The mask is built from lengths and the
+    tool mask, never from EOS or pad ids: a multi-turn completion holds an EOS per turn. A row whose train_mask is
+    False (truncated, under mask_truncated_completions) is all 0."""
+    sequences = [torch.tensor(query + rollout.completion) for query, rollout in zip(queries, rollouts)]
     input_ids = pad_sequence(sequences, batch_first=True, padding_value=pad_token_id)
     attention_mask = pad_sequence([torch.ones_like(sequence) for sequence in sequences], batch_first=True)
     completion_mask = torch.zeros(len(sequences), input_ids.shape[1] - 1)
-    for i, (query, completion) in enumerate(zip(queries, completions)):
+    for i, (query, rollout) in enumerate(zip(queries, rollouts)):
         if train_mask[i]:
-            completion_mask[i, len(query) - 1 : len(query) - 1 + len(completion)] = 1
+            start = len(query) - 1
+            completion_mask[i, start : start + len(rollout.completion)] = torch.tensor(rollout.tool_mask,
+                                                                                       dtype=torch.float)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
@@ -391,6 +656,29 @@ def grpo_advantages(rewards_per_func: torch.Tensor, reward_weights: torch.Tensor
         raise ValueError(f"multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum', got "
                          f"{multi_objective_aggregation!r}")
     return torch.nan_to_num(advantages, nan=0.0)
+
+
+def rollout_metrics(all_rewards: torch.Tensor, reward_weights: torch.Tensor, reward_names: list[str],
+                    num_generations: int, rollouts: list[tuple[int, bool, int, int]], tools: bool = False) -> dict:
+    """A generation batch's metrics with TRL's names. all_rewards: (N, F) of every process's completions; rollouts:
+    (sampled tokens, ended with EOS, tool calls, failed calls) of each. Lengths count sampled tokens only (tool
+    results are not the policy's); with tools, tools/call_frequency is calls per rollout and tools/failure_frequency
+    failed calls per call."""
+    weighted = (all_rewards * reward_weights.unsqueeze(0)).nansum(dim=1)
+    weighted[torch.isnan(all_rewards).all(dim=1)] = float("nan")
+    grouped_std = nanstd(weighted.view(-1, num_generations), dim=1)
+    lengths, ended, calls, failures = (torch.tensor(column, dtype=torch.float) for column in zip(*rollouts))
+    metrics = {"reward": torch.nanmean(weighted).item(), "reward_std": nanstd(weighted).item(),
+               "frac_reward_zero_std": torch.isclose(grouped_std, torch.zeros_like(grouped_std)).float().mean().item(),
+               "completions/mean_length": lengths.mean().item(),
+               "completions/clipped_ratio": (1 - ended).mean().item()}
+    for f, name in enumerate(reward_names):
+        metrics[f"rewards/{name}/mean"] = torch.nanmean(all_rewards[:, f]).item()
+        metrics[f"rewards/{name}/std"] = nanstd(all_rewards[:, f]).item()
+    if tools:
+        metrics["tools/call_frequency"] = calls.mean().item()
+        metrics["tools/failure_frequency"] = (failures.sum() / calls.sum()).item() if calls.sum() > 0 else 0.0
+    return metrics
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -494,7 +782,8 @@ def grpo_loss(per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor |
 
 
 def main(args: Args) -> None:
-    # 0. Check what can be checked before anything is loaded: sizes, the rewards (files, functions, signatures).
+    # 0. Check what can be checked before anything is loaded: sizes, the rewards (files, functions, signatures), the
+    #    tools and the environment (files, classes, reset, schemas).
     for name in ["num_generations", "max_completion_length", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "num_iterations", "max_steps", "logging_steps", "ref_model_sync_steps"]:
         if getattr(args, name) <= 0:
@@ -511,19 +800,33 @@ def main(args: Args) -> None:
     if args.sync_ref_model and args.use_peft:
         fail("--sync_ref_model moves a separate reference model, and --use_peft has none (the policy with its "
              "adapters off is the reference); drop one of the two")
+    if args.max_tool_calling_iterations is not None and args.max_tool_calling_iterations < 0:
+        fail(f"--max_tool_calling_iterations must be None or >= 0, got {args.max_tool_calling_iterations}")
     check_run(args, ["model_name_or_path"])  # learning rate, model path, output_dir, --resume_from_checkpoint latest
-    reward_models = list(args.reward_model) or ([] if args.reward_funcs else [str(ASSETS / "tiny-reward")])
     try:
+        tool_specs = [(spec, name, tool) for spec in args.tools for name, tool in import_from_file("--tools", spec)]
+        standalone_tools = {name: tool for _, name, tool in tool_specs}
+        tool_schemas = [tool_schema("--tools", spec, name, tool) for spec, name, tool in tool_specs]
+        environment = load_environment_factory(args.environment_factory) if args.environment_factory else None
+        reward_models = list(args.reward_model)
+        environment_reward = environment is not None and callable(getattr(environment[2], "get_reward", None))
+        if not (reward_models or args.reward_funcs or environment_reward):
+            reward_models = [str(ASSETS / "tiny-reward")]  # the tiny world's reward model, the default reward
         for spec in reward_models:
             parse_reward_spec(spec)
         python_rewards = [load_python_reward(spec) for spec in args.reward_funcs]
     except ValueError as error:
         fail(str(error))
+    if environment is not None:  # its tools come after the standalone ones (TRL's order), by name
+        tool_schemas += [tool_schema("--environment_factory", args.environment_factory, name, tool)
+                         for name, tool in environment_tools(environment[2]).items() if name not in standalone_tools]
+    use_tools = bool(tool_schemas)
     num_rewards = len(reward_models) + len(python_rewards)
     if args.reward_weights is not None and len(args.reward_weights) != num_rewards:
         fail(f"--reward_weights has {len(args.reward_weights)} values but there are {num_rewards} rewards "
              f"({len(reward_models)} models, {len(python_rewards)} functions)")
-    reward_weights = torch.tensor(args.reward_weights or [1.0] * num_rewards)
+    # an environment's get_reward is one more reward, weight 1, named after its class (TRL's)
+    reward_weights = torch.tensor((args.reward_weights or [1.0] * num_rewards) + [1.0] * environment_reward)
 
     # 1. Accelerator (checks how the run was launched; seeds every RNG), and TRL's schedule: a generation batch serves
     #    steps_per_generation micro-batches, num_iterations times over; checkpoints fall only where one is used up.
@@ -575,19 +878,29 @@ def main(args: Args) -> None:
     other_columns = {name: split[name] for name in split.column_names if name != query_column}
     try:  # the Python reward functions against the call they will get, which passes these columns too (as TRL's)
         for spec, (_, function) in zip(args.reward_funcs, python_rewards):
-            check_reward_signature(spec, function, list(other_columns))
+            check_reward_signature(spec, function, list(other_columns), environments=environment is not None)
     except ValueError as error:
         fail(str(error))
+    if use_tools and not isinstance(prompts[0], list):
+        fail(f"tools need conversational prompts (message lists, rendered with the chat template and the tool "
+             f"schemas); column '{query_column}' holds {type(prompts[0]).__name__}s")
 
-    # 3. Tokenizer and tokenised prompts (empty ones skipped). Without a pad token, EOS pads (padding is masked).
+    # 3. Tokenizer and tokenised prompts (empty ones skipped; rendered with the tool schemas when there are tools).
+    #    Without a pad token, EOS pads (padding is masked). Tools: the template must render calls, prefix-preserving,
+    #    and the tokenizer must parse them (TRL's checks).
     tokenizer = load_tokenizer(args, "to end completions")
     if isinstance(prompts[0], list) and tokenizer.chat_template is None:
         fail(f"the prompts are conversations but the tokenizer of {args.model_name_or_path} has no chat template")
+    if use_tools:
+        try:
+            check_tool_template(tokenizer)
+        except ValueError as error:
+            fail(f"--tools / --environment_factory with the tokenizer of {args.model_name_or_path}: {error}")
     queries, rows = [], []  # token ids, and the dataset row each comes from
     for row, prompt in enumerate(prompts):
         if not isinstance(prompt, (str, list)):
             fail(f"prompts must be strings or message lists; column '{query_column}' holds {type(prompt).__name__}")
-        text, templated = format_query(prompt, tokenizer)
+        text, templated = format_query(prompt, tokenizer, tool_schemas)
         ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
         if ids:
             queries.append(ids)
@@ -621,21 +934,26 @@ def main(args: Args) -> None:
                       f"{len(queries)} prompts; {args.max_steps} steps; a generation batch of {prompts_per_generation} "
                       f"prompts x {args.num_generations} completions serves {micro_steps_per_generation} micro-batches")
 
-    # 6. The rewards, all as functions with TRL's signature: models (and pipelines) first, then Python functions.
+    # 6. The rewards, all as functions with TRL's signature: models (and pipelines) first, scoring the last assistant
+    #    turn's text, then Python functions, then the environment's get_reward (named after its class).
     reward_funcs = []
     try:
         for spec in reward_models:
             score = load_reward_function(spec, accelerator.device)
             reward_funcs.append((Path(spec).name or spec, lambda prompts, completions, score=score, **_: score(
-                prompts, [c if isinstance(c, str) else c[0]["content"] for c in completions])))
+                prompts, [c if isinstance(c, str) else [m for m in c if m["role"] == "assistant"][-1]["content"]
+                          for c in completions])))
     except (OSError, ValueError) as error:
         fail(f"could not load reward model {spec}: {' '.join(str(error).split())[:500]}")
     reward_funcs += python_rewards
+    if environment_reward:
+        reward_funcs.append((environment[0], lambda environments, **_: [e.get_reward() for e in environments]))
     reward_names = [name for name, _ in reward_funcs]
 
     # 7. Logs: metrics.jsonl and samples.jsonl always, wandb with --track; then one generation batch, rolled out. A
-    #    batch that cannot be used (a reward function failed, on any process; or no reward scored anything in
-    #    MAX_UNSCORED_GENERATIONS batches in a row, or in the whole run when it is shorter) stops every process.
+    #    batch that cannot be used (a reward function or an environment's reset failed, on any process; or no reward
+    #    scored anything in MAX_UNSCORED_GENERATIONS batches in a row, or in the whole run when it is shorter) stops
+    #    every process.
     log = open_logs(args, accelerator, start_step, files=("metrics.jsonl", "samples.jsonl"))
     unscored_generations = state.get("unscored_generations", 0)  # the latest batches no reward scored, in a row
     unscored_limit = min(MAX_UNSCORED_GENERATIONS,
@@ -658,9 +976,23 @@ def main(args: Args) -> None:
             kept = "nothing was saved (no step was completed)"
         fail(f"at step {completed + 1}: {problem}; {kept}", once=True)
 
+    def stop_if_any(generation: int, problem: str | None) -> None:
+        """Every process learns here whether any of them met a problem, before a collective would wait for it."""
+        problems = [message for message in gather_object([problem]) if message is not None]
+        if problems:
+            stop_at_generation(generation, problems[0])
+
     generation_kwargs = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                          "min_p": args.min_p, "repetition_penalty": args.repetition_penalty}
     per_process = args.per_device_train_batch_size * steps_per_generation  # completions per process per generation
+    # The environments, one per completion of this process, made once and reset before every rollout (TRL's pool);
+    # each rollout's tools are the standalone ones and its environment's methods. parse: turns become messages with
+    # the tokenizer's response_template (conversational prompts; TRL's rule), else their text.
+    environments = [environment[2]] + [environment[1]() for _ in range(per_process - 1)] if environment else None
+    rollout_tools = None if not use_tools else [{**standalone_tools, **environment_tools(env)} for env in environments] \
+        if environments else [standalone_tools] * per_process
+    parse = isinstance(prompts[0], list) and getattr(tokenizer, "response_template", None) is not None
+    max_length = getattr(accelerator.unwrap_model(model).config, "max_position_embeddings", None)
 
     def generate_and_score(generation: int) -> tuple[list[dict], dict, list[dict]]:
         """One generation batch: this process's micro-batches (steps_per_generation of them), the batch's reward
@@ -668,54 +1000,62 @@ def main(args: Args) -> None:
         nonlocal unscored_generations
         # a. The prompts: a seeded permutation per epoch (the order depends on the generation index alone, so
         #    resuming is exact), each repeated num_generations times; process p takes the p-th contiguous slice, so
-        #    a group may span processes, as in TRL.
+        #    a group may span processes, as in TRL. Environments are reset with their rows, and may add to a prompt.
         indices = step_indices(generation, len(queries), prompts_per_generation, args.seed)
         everyone = [i for i in indices for _ in range(args.num_generations)]
         mine = everyone[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
+        my_prompts, my_queries = [prompts[rows[i]] for i in mine], [queries[i] for i in mine]
+        columns = {name: [values[rows[i]] for i in mine] for name, values in other_columns.items()}
+        if environments:
+            try:
+                my_prompts, problem = reset_environments(environments, [split[rows[i]] for i in mine], my_prompts), None
+            except ValueError as error:
+                problem = str(error)
+            stop_if_any(generation, problem)
+            my_queries = [tokenizer(format_query(prompt, tokenizer, tool_schemas)[0], add_special_tokens=False)
+                          ["input_ids"] for prompt in my_prompts]
+            columns["environments"] = environments
 
-        # b. Sample, one micro-batch of rows per generate call, each seeded by its place in the whole batch: the
-        #    samples do not depend on how many processes share the batch, and a resumed run draws the same ones.
-        completions, ended = [], []
+        # b. Roll out, one micro-batch of rows at a time (a generate call per turn), each seeded by its place in the
+        #    whole batch: the samples do not depend on how many processes share the batch, and a resumed run draws
+        #    the same ones.
+        rollouts = []
         with gathered_for_generation(accelerator, model) as policy:  # whole weights for these calls only
             policy.eval()  # for generate only: under gradient checkpointing, train mode would switch the KV cache off
             for start in range(0, per_process, args.per_device_train_batch_size):
-                chunk = mine[start : start + args.per_device_train_batch_size]
+                part = slice(start, start + args.per_device_train_batch_size)
                 place = accelerator.process_index * per_process + start
-                new, done = sample_completions(policy, [queries[i] for i in chunk], args.max_completion_length,
-                                               tokenizer.pad_token_id, tokenizer.eos_token_id,
-                                               seed=args.seed * 1_000_003 + generation * 10_007 + place,
-                                               **generation_kwargs)
-                completions += new
-                ended += done
+                rollouts += roll_out(policy, tokenizer, my_queries[part], args.max_completion_length,
+                                     seed=args.seed * 1_000_003 + generation * 10_007 + place,
+                                     tools=rollout_tools[part] if rollout_tools else None, tool_schemas=tool_schemas,
+                                     max_tool_calling_iterations=args.max_tool_calling_iterations,
+                                     max_length=max_length, parse=parse, **generation_kwargs)
             policy.train()
 
-        # c. Score with every reward function (TRL's signature, with the dataset's other columns). A function that
-        #    fails on any process stops them all: every process learns of it here, before a collective would wait.
-        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        prompts_of_rows = [prompts[rows[i]] for i in mine]
-        columns = {name: [values[rows[i]] for i in mine] for name, values in other_columns.items()}
-        # conversational prompts get conversational completions, as TRL passes them: [{"role": "assistant", ...}]
-        shown = [[{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
-                 for prompt, text in zip(prompts_of_rows, texts)]
+        # c. Score with every reward function (TRL's signature, with the dataset's other columns; conversational
+        #    prompts get message lists: the parsed turns and the tool results). A function that fails on any process
+        #    stops them all.
+        shown = [rollout.messages if isinstance(prompt, list) else rollout.messages[0]["content"]
+                 for prompt, rollout in zip(my_prompts, rollouts)]
         try:
-            rewards_per_func = score_completions(reward_funcs, prompts_of_rows, shown, completions, columns)
+            rewards_per_func = score_completions(reward_funcs, my_prompts, shown, [r.completion for r in rollouts],
+                                                 columns)
             problem = None
         except ValueError as error:
             rewards_per_func, problem = None, str(error)
-        problems = [message for message in gather_object([problem]) if message is not None]
-        if problems:
-            stop_at_generation(generation, problems[0])
+        stop_if_any(generation, problem)
 
         # d. Training tensors, one dict per micro-batch; the reference's log-probs when beta > 0; and the old ones
         #    when the policy moves before the batch is used up: when gradient_accumulation_steps is not a multiple of
         #    steps_per_generation x num_iterations (TRL's rule). Otherwise the samples come from the current policy.
-        train_mask = [done or not args.mask_truncated_completions for done in ended]
+        #    The completion mask is 0 on tool tokens: they are context, never trained on, in the loss, the KL and
+        #    every aggregate.
+        train_mask = [rollout.ended or not args.mask_truncated_completions for rollout in rollouts]
         need_old = args.gradient_accumulation_steps % micro_steps_per_generation != 0
         micro_batches = []
         for start in range(0, per_process, args.per_device_train_batch_size):
             part = slice(start, start + args.per_device_train_batch_size)
-            batch = collate_rollouts([queries[i] for i in mine[part]], completions[part], tokenizer.pad_token_id,
-                                     train_mask[part])
+            batch = collate_rollouts(my_queries[part], rollouts[part], tokenizer.pad_token_id, train_mask[part])
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
             with torch.no_grad():
                 if need_old:
@@ -746,19 +1086,11 @@ def main(args: Args) -> None:
             batch["advantages"] = my_advantages[start : start + args.per_device_train_batch_size].to(accelerator.device)
 
         # f. Metrics of the batch, with TRL's names, over every process's completions.
-        weighted = (all_rewards * reward_weights.unsqueeze(0)).nansum(dim=1)
-        weighted[torch.isnan(all_rewards).all(dim=1)] = float("nan")
-        grouped_std = nanstd(weighted.view(-1, args.num_generations), dim=1)
-        lengths = torch.tensor(gather_object([float(len(c)) for c in completions]))
-        clipped = torch.tensor(gather_object([float(not done) for done in ended]))
-        metrics = {"reward": torch.nanmean(weighted).item(), "reward_std": nanstd(weighted).item(),
-                   "frac_reward_zero_std": torch.isclose(grouped_std, torch.zeros_like(grouped_std)).float().mean()
-                   .item(), "completions/mean_length": lengths.mean().item(),
-                   "completions/clipped_ratio": clipped.mean().item()}
-        for f, name in enumerate(reward_names):
-            metrics[f"rewards/{name}/mean"] = torch.nanmean(all_rewards[:, f]).item()
-            metrics[f"rewards/{name}/std"] = nanstd(all_rewards[:, f]).item()
-        samples = gather_object([{"prompt": prompts_of_rows[i], "completion": texts[i],
+        metrics = rollout_metrics(all_rewards, reward_weights, reward_names, args.num_generations,
+                                  gather_object([(sum(r.tool_mask), r.ended, r.calls, r.failures) for r in rollouts]),
+                                  tools=use_tools)
+        texts = [tokenizer.decode(r.completion, skip_special_tokens=not use_tools) for r in rollouts]
+        samples = gather_object([{"prompt": my_prompts[i], "completion": texts[i],
                                   **{f"reward/{name}": (None if math.isnan(v) else v)
                                      for name, v in zip(reward_names, rewards_per_func[i].tolist())},
                                   "advantage": my_advantages[i].item()} for i in range(per_process)])

@@ -164,20 +164,42 @@ def detect_format(column_names: list[str]) -> Literal["messages", "prompt-comple
                      f"found columns {column_names}")
 
 
-def render_chat(messages: list[dict], tokenizer, trainable_from: int = 0) -> tuple[str, list[tuple[int, int]], bool]:
-    """Render a conversation with the chat template and find the character span of every assistant turn.
+def row_tools(example: dict) -> list[dict] | None:
+    """The tool schemas of a row's optional 'tools' column (TRL's format: a list of JSON schemas, or that list as a
+    JSON string), for the chat template; None when the row has none. Raises ValueError when it is neither."""
+    tools = example.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"the 'tools' column holds a string that is not JSON ({error}); expected a list of tool "
+                             "schemas or that list as a JSON string") from None
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(tool, dict) for tool in tools)):
+        raise ValueError(f"the 'tools' column must hold a list of tool schemas (dicts), found {type(tools).__name__}")
+    return tools or None  # [] as None: some templates render tool boilerplate for an empty list
+
+
+def render_chat(messages: list[dict], tokenizer, trainable_from: int = 0, tools: list[dict] | None = None
+                ) -> tuple[str, list[tuple[int, int]], bool]:
+    """Render a conversation with the chat template (and the row's tool schemas) and find the character span of every
+    assistant turn.
 
     An assistant turn i spans from the end of render(messages[:i], generation prompt) to the end of
-    render(messages[:i+1]): exactly what the model produces when it answers, end-of-turn token included. Only turns
-    at index >= trainable_from are returned (a conversational prompt-completion row learns only its completion).
+    render(messages[:i+1]): exactly what the model produces when it answers, end-of-turn token included; a turn that
+    calls tools holds the calls as the template writes them. Tool results ('tool' messages) and every header are
+    outside the spans, so they are context, never targets. Only turns at index >= trainable_from are returned (a
+    conversational prompt-completion row learns only its completion).
     """
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    def render(part: list[dict], add_generation_prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(part, tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+
+    text = render(messages)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i < trainable_from:
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before, through = render(messages[:i], add_generation_prompt=True), render(messages[: i + 1])
         if not (text.startswith(before) and text.startswith(through)):
             raise ValueError("the chat template does not render conversations incrementally (a rendered prefix of the "
                              "conversation is not a prefix of its text), so assistant turns cannot be located; "
@@ -191,14 +213,15 @@ def format_example(example: dict, tokenizer) -> tuple[str, list[tuple[int, int]]
 
     Returns (text, completion_spans, templated): the full training text; the [start, end) character spans that carry
     the loss when completion-only loss is on; and whether the chat template rendered the text (then it already holds
-    its special tokens, else the tokenizer adds BOS if it has one and EOS is appended).
+    its special tokens, else the tokenizer adds BOS if it has one and EOS is appended). Conversations are rendered
+    with the row's tool schemas (an optional 'tools' column, as TRL's SFTTrainer).
     """
     if "messages" in example:
-        return render_chat(example["messages"], tokenizer)
+        return render_chat(example["messages"], tokenizer, tools=row_tools(example))
     if "prompt" in example and "completion" in example:
         prompt, completion = example["prompt"], example["completion"]
         if isinstance(prompt, list):  # conversational prompt-completion: the completion's turns carry the loss
-            return render_chat(prompt + completion, tokenizer, trainable_from=len(prompt))
+            return render_chat(prompt + completion, tokenizer, trainable_from=len(prompt), tools=row_tools(example))
         return prompt + completion, [(len(prompt), len(prompt) + len(completion))], False
     return example["text"], [(0, len(example["text"]))], False
 

@@ -169,7 +169,45 @@ def make_datasets(seed: int = SEED) -> dict[str, dict[str, list[dict]]]:
 
     # Prompts only (PPO, best-of-n).
     build("prompts", lambda rng: {"prompt": string_prompt(rng.choice(TITLES))}, {"train": 500, "test": 100})
+
+    # Tool use (assets/tiny_tools.py): demonstrations that call `lookup` and repeat its answer, in TRL's format
+    # (assistant turns with tool_calls, 'tool' messages, the tool schemas as a JSON string in a 'tools' column), for
+    # sft.py; and the questions alone, with the film's title for the environment's reset, for grpo.py / rloo.py.
+    tools = json.dumps(tool_schemas())
+    build("tool_calls", lambda rng: {"messages": tool_demonstration(rng.choice(TITLES), rng), "tools": tools},
+          {"train": 2000, "test": 200})
+    build("tool_prompts", lambda rng: {"prompt": question(title := rng.choice(TITLES), rng), "title": title},
+          {"train": 500, "test": 100})
     return datasets
+
+
+# The tool world's questions; every one names the film, whose title the policy copies into its call.
+QUESTIONS = ["How was {}?", "What did the critics say about {}?", "Is {} worth seeing?", "Tell me how {} was rated."]
+
+
+def question(title: str, rng: random.Random) -> list[dict]:
+    return [{"role": "user", "content": rng.choice(QUESTIONS).format(title)}]
+
+
+def tool_schemas() -> list[dict]:
+    """The JSON schemas of the tiny tool world's tools (what grpo.py shows the model for MovieRatings)."""
+    from transformers.utils import get_json_schema
+
+    from tiny_tools import MovieRatings
+
+    return [get_json_schema(MovieRatings().lookup)]
+
+
+def tool_demonstration(title: str, rng: random.Random) -> list[dict]:
+    """A question, the call of `lookup` with the title as written, its answer (a random rating), and the answer
+    repeated: the behaviour the warm start teaches."""
+    from tiny_tools import RATINGS
+
+    rating = rng.choice(RATINGS)
+    call = {"type": "function", "function": {"name": "lookup", "arguments": {"title": title}}}
+    return question(title, rng) + [{"role": "assistant", "content": "", "tool_calls": [call]},
+                                   {"role": "tool", "name": "lookup", "content": rating},
+                                   {"role": "assistant", "content": rating}]
 
 
 def write_datasets(datasets: dict, root: Path) -> None:
@@ -220,6 +258,58 @@ def corpus_texts(datasets: dict) -> list[str]:
     texts = [row["text"] for row in datasets["sft_text"]["train"]]
     texts += [message["content"] for row in datasets["sft_messages"]["train"] for message in row["messages"]]
     return texts
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The tool-capable tokenizer: the tiny tokenizer with four added special tokens, a compact tool template, and a
+# response_template that transformers' parse_response reads tool calls back with
+# ----------------------------------------------------------------------------------------------------------------------
+TOOL_SPECIAL = ["<|tool|>", "<|end|>", "<call>", "</call>"]
+# "<|system|> tools: lookup<|end|><|user|> How was Golden River?<|end|><|assistant|><call>lookup\ntitle: Golden
+# River</call><|end|><|tool|> great<|end|><|assistant|> great<|end|>". Every turn ends with <|end|>, the EOS, so
+# generation stops after each turn. Argument values and contents follow a space, so a title copied into a call or a
+# result copied into an answer is the same tokens as where it came from (" Golden", " River"). Prefix-preserving: a
+# conversation renders as the renderings of its messages, one after the other.
+TOOL_CHAT_TEMPLATE = (
+    "{%- if tools %}{{ '<|system|> tools:' }}{% for tool in tools %}"
+    "{{ ' ' + (tool.function.name if tool.function is defined else tool.name) }}{% endfor %}{{ eos_token }}"
+    "{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}{{ '<|assistant|>' }}"
+    "{%- if message.content %}{{ ' ' + message.content }}{% endif %}"
+    "{%- for call in message.tool_calls or [] %}"
+    "{%- set function = call.function if call.function is defined else call %}{{ '<call>' + function.name }}"
+    "{%- if function.arguments is mapping %}"
+    "{%- for key, value in function.arguments.items() if value is not none %}{{ '\n' + key + ': ' + value | string }}"
+    "{%- endfor %}"
+    "{%- elif function.arguments %}{{ '\n' + function.arguments | string }}{% endif %}{{ '</call>' }}"
+    "{%- endfor %}{{ eos_token }}"
+    "{%- else %}{{ '<|' + message.role + '|> ' + (message.content or '') | string + eos_token }}{% endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+# How transformers' tokenizer.parse_response reads a generated turn back into a message: "<call>NAME" opens a tool
+# call whose "key: value" lines are its arguments, "</call>" closes it; the rest up to <|end|> is the content.
+TOOL_RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": "<|assistant|>",
+    "fields": {
+        "tool_calls": {"open_pattern": r"<call>(?P<name>\w+)", "close": "</call>", "repeats": True,
+                       "content": "kv-lines",
+                       "transform": {"type": "function", "function": {"name": "{name}", "arguments": "{content}"}}},
+        "content": {"close": "<|end|>", "content": "text"},
+    },
+}
+
+
+def build_tool_tokenizer(tokenizer):
+    """The tiny tokenizer made tool-capable: <|end|> is the EOS (the pad stays <|endoftext|>, so a test can tell them
+    apart), the tool template and the response template."""
+    tokenizer.add_special_tokens({"extra_special_tokens": TOOL_SPECIAL})
+    tokenizer.eos_token = "<|end|>"
+    tokenizer.chat_template = TOOL_CHAT_TEMPLATE
+    tokenizer.response_template = TOOL_RESPONSE_TEMPLATE
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -288,6 +378,49 @@ def build_teacher(tokenizer, out_dir: Path, steps: int) -> None:
                                   "0.05", "--lr_scheduler_type", "cosine", "--max_steps", str(steps), "--eval_steps",
                                   "100", "--save_steps", "0"], out_dir)
     AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.bfloat16).save_pretrained(out_dir)
+
+
+def build_tool_policy(tokenizer, out_dir: Path, demo_steps: int, mix_steps: int, guess_fraction: float) -> None:
+    """The tiny tool policy: a random-init Llama (RoPE: copying a title from anywhere in the question is a relative
+    position pattern; the GPT-2 of the tiny world learned the call format but never to copy), trained with sft.py in
+    two stages: `demo_steps` on the tool_calls demonstrations (call lookup with the title, repeat the result), then
+    `mix_steps` at a lower learning rate on demonstrations mixed with guesses (the answer, a random rating, without a
+    call; `guess_fraction` of the rows), so that the warm start calls the tool only sometimes and GRPO has something
+    to learn: calling beats guessing (always right vs one time in four)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, set_seed
+
+    from tiny_tools import RATINGS
+
+    set_seed(SEED)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    tools = json.dumps(tool_schemas())
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        for split_index, (split, size) in enumerate({"train": 2000, "test": 200}.items()):
+            rng = random.Random(f"{SEED}-tool-mix-{split_index}")
+            rows = []
+            for _ in range(size):
+                title = rng.choice(TITLES)
+                if rng.random() < guess_fraction:
+                    messages = question(title, rng) + [{"role": "assistant", "content": rng.choice(RATINGS)}]
+                else:
+                    messages = tool_demonstration(title, rng)
+                rows.append({"messages": messages, "tools": tools})
+            (work / "mix").mkdir(exist_ok=True)
+            (work / "mix" / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        LlamaForCausalLM(config).save_pretrained(work / "init")
+        tokenizer.save_pretrained(work / "init")
+        common = ["--per_device_train_batch_size", "32", "--lr_scheduler_type", "cosine", "--eval_steps", "200",
+                  "--save_steps", "0"]
+        train_and_copy("sft.py", ["--model_name_or_path", str(work / "init"), "--dataset_name",
+                                  str(ASSETS / "data" / "tool_calls"), "--learning_rate", "3e-3", "--warmup_ratio",
+                                  "0.05", "--max_steps", str(demo_steps), *common], work / "demos")
+        train_and_copy("sft.py", ["--model_name_or_path", str(work / "demos"), "--dataset_name", str(work / "mix"),
+                                  "--learning_rate", "1e-3", "--max_steps", str(mix_steps), *common], out_dir)
+    (out_dir / "generation_config.json").unlink(missing_ok=True)  # sampling settings come from the scripts' flags
 
 
 def build_reward_model(out_dir: Path) -> None:
@@ -403,10 +536,14 @@ def build_tiny_sd(out_dir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", choices=["all", "data", "policy", "reward", "teacher", "diffusion"], default="all")
+    parser.add_argument("--stage", choices=["all", "data", "policy", "reward", "teacher", "tools", "diffusion"],
+                        default="all")
     parser.add_argument("--out", type=Path, default=ASSETS, help="where to write (default: assets/ itself)")
     parser.add_argument("--policy_steps", type=int, default=600)
     parser.add_argument("--teacher_steps", type=int, default=600)
+    parser.add_argument("--tool_demo_steps", type=int, default=1000)
+    parser.add_argument("--tool_mix_steps", type=int, default=100)
+    parser.add_argument("--tool_guess_fraction", type=float, default=0.8)
     args = parser.parse_args()
 
     datasets = make_datasets()
@@ -424,6 +561,12 @@ def main() -> None:
 
         build_teacher(AutoTokenizer.from_pretrained(args.out / "tokenizer"), args.out / "tiny-teacher",
                       args.teacher_steps)
+    if args.stage in ("all", "tools"):
+        from transformers import AutoTokenizer
+
+        tokenizer = build_tool_tokenizer(AutoTokenizer.from_pretrained(args.out / "tokenizer"))
+        build_tool_policy(tokenizer, args.out / "tiny-tools", args.tool_demo_steps, args.tool_mix_steps,
+                          args.tool_guess_fraction)
     if args.stage in ("all", "diffusion"):
         build_tiny_sd(args.out / "tiny-sd")
 

@@ -62,3 +62,4 @@ def test_importing_a_script_has_no_side_effects():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == "", result.stdout[:500]
+

@@ -80,13 +80,15 @@ def test_the_blocks_grpo_and_rloo_share_are_the_same_text():
 
     grpo, rloo = functions(texts["grpo.py"]), functions(texts["rloo.py"])
     shared = {"nanstd", "score_completions", "load_python_reward", "sample_completions", "collate_rollouts",
-              "completion_log_probs", "load_reward_function", "save_checkpoint", "gathered_for_generation"}
+              "completion_log_probs", "load_reward_function", "save_checkpoint", "gathered_for_generation",
+              "roll_out", "parse_turn", "call_tools", "tool_suffix_ids", "check_tool_template", "reset_environments",
+              "load_environment_factory", "rollout_metrics"}  # the rollout, with tools or without, is the same code
     assert shared <= set(grpo) & set(rloo)
     for name in set(grpo) & set(rloo) - {"main"}:
         assert grpo[name] == rloo[name], name
     for start, end in [("    # 1. Accelerator", "        # d. Training tensors"),
-                       ("        # f. Metrics", '                   "completions/clipped_ratio"'),
-                       ("        for f, name in enumerate(reward_names):", "    progress = tqdm("),
+                       ("        # f. Metrics", "        if "),
+                       ("        if torch.isnan(all_rewards).all()", "    progress = tqdm("),
                        ("    for step in progress:", "            # 8b. Loss and backward"),
                        ("        # 8d. Log", "\n\n\n")]:
         grpo_block, rloo_block = (text[text.index(start) : text.index(end, text.index(start))]
