@@ -226,6 +226,20 @@ def format_example(example: dict, tokenizer) -> tuple[str, list[tuple[int, int]]
     return example["text"], [(0, len(example["text"]))], False
 
 
+def renders_tool_calls(tokenizer) -> bool:
+    """Whether the chat template writes a tool-calling exchange out in full: a call's name, argument key and value, and
+    the tool's result (TRL's check; some templates drop calls or results silently, and their rows would train the
+    model on empty turns)."""
+    call = {"type": "function", "function": {"name": "tool_name_a8f3", "arguments": {"arg_key_b9d4": "arg_value_d6e7"}}}
+    exchange = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "name": "tool_name_a8f3", "content": "tool_result_c4f9"}]
+    try:
+        rendered = tokenizer.apply_chat_template(exchange, tokenize=False)
+    except Exception:  # jinja2's TemplateError and friends: a template that rejects the tool roles
+        return False
+    return all(part in rendered for part in ("tool_name_a8f3", "arg_key_b9d4", "arg_value_d6e7", "tool_result_c4f9"))
+
+
 def tokenize_example(example: dict, tokenizer, max_length: int, completion_only_loss: bool) -> dict:
     """One row -> {"input_ids", "labels"} (lists of length <= max_length); labels are -100 where no loss is taken.
 
@@ -379,6 +393,12 @@ def main(args: Args) -> None:
     first_row = raw[args.dataset_train_split][0]
     if (data_format == "messages" or isinstance(first_row.get("prompt"), list)) and tokenizer.chat_template is None:
         fail(f"the rows are conversations but the tokenizer of {args.model_name_or_path} has no chat template")
+    conversation = first_row["messages"] if data_format == "messages" else first_row["prompt"] + \
+        first_row["completion"] if isinstance(first_row.get("prompt"), list) else []
+    calls_tools = "tools" in first_row or any(m.get("tool_calls") or m.get("role") == "tool" for m in conversation)
+    if calls_tools and not renders_tool_calls(tokenizer):
+        fail(f"the rows call tools but the chat template of {args.model_name_or_path} does not render tool calls and "
+             "results (they would train on empty turns); use a tokenizer whose template supports tools")
 
     # 4. Tokenise (labels -100 outside completions), drop rows left with no target, then optionally pack.
     try:

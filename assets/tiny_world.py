@@ -382,8 +382,9 @@ def build_teacher(tokenizer, out_dir: Path, steps: int) -> None:
 
 def build_tool_policy(tokenizer, out_dir: Path, demo_steps: int, mix_steps: int, guess_fraction: float) -> None:
     """The tiny tool policy: a random-init Llama (RoPE: copying a title from anywhere in the question is a relative
-    position pattern; the GPT-2 of the tiny world learned the call format but never to copy), trained with sft.py in
-    two stages: `demo_steps` on the tool_calls demonstrations (call lookup with the title, repeat the result), then
+    position pattern; the GPT-2 of the tiny world learned the call format but never to copy) with an output layer of
+    its own (tied to the input embeddings, some title words stayed confused with others: 82% of titles copied after
+    3,000 steps, against 100% after 500 untied), trained with sft.py in two stages: `demo_steps` on the tool_calls demonstrations (call lookup with the title, repeat the result), then
     `mix_steps` at a lower learning rate on demonstrations mixed with guesses (the answer, a random rating, without a
     call; `guess_fraction` of the rows), so that the warm start calls the tool only sometimes and GRPO has something
     to learn: calling beats guessing (always right vs one time in four)."""
@@ -394,7 +395,7 @@ def build_tool_policy(tokenizer, out_dir: Path, demo_steps: int, mix_steps: int,
     set_seed(SEED)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     tools = json.dumps(tool_schemas())
     with tempfile.TemporaryDirectory() as work:
@@ -541,7 +542,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ASSETS, help="where to write (default: assets/ itself)")
     parser.add_argument("--policy_steps", type=int, default=600)
     parser.add_argument("--teacher_steps", type=int, default=600)
-    parser.add_argument("--tool_demo_steps", type=int, default=1000)
+    parser.add_argument("--tool_demo_steps", type=int, default=600)
     parser.add_argument("--tool_mix_steps", type=int, default=100)
     parser.add_argument("--tool_guess_fraction", type=float, default=0.8)
     args = parser.parse_args()

@@ -1,7 +1,7 @@
 """Our scripts against TRL on the same work, side by side: steady-state samples/s, whole-process seconds, peak memory.
 
     python benchmarks/vs_trl.py --setup                      # once: TRL 1.16 (and the seed's TRL 0.8.6) in venvs
-    python benchmarks/vs_trl.py                              # sft reward dpo kto orpo cpo ppo grpo rloo distill
+    python benchmarks/vs_trl.py                  # sft reward dpo kto orpo cpo ppo grpo rloo grpo_tools distill
     python benchmarks/vs_trl.py --algos dpo --models tiny --repeats 1            # a quick look, ~1 min
     python benchmarks/vs_trl.py --models qwen2-0.5b --bf16                       # on a GPU
 
@@ -30,6 +30,16 @@ the same vocabulary (the tiny world's tiny-teacher for `tiny`; `llama-20m-teache
 parameters, for `llama-20m`; a Qwen2-1.5B-shaped config for `qwen2-0.5b`), both models in fp32 (bf16 with --bf16),
 TRL's defaults otherwise (beta 1, temperature 1). A sample is one completion, generation included.
 
+grpo_tools is grpo.py with tools against TRL 1.16's GRPOTrainer(environment_factory=...) on the tiny tool world: the
+tiny-tools model (always: --models does not apply, it is one run per repeat under the model name `tiny-tools`), the
+tool_prompts rows, assets/tiny_tools.py's MovieRatings environment (its `lookup` tool) and `correct` reward, loaded from
+that file by path on both sides, --rl_batch_size completions per step (8 per prompt), up to --tools_max_new_tokens
+tokens per completion (sampled turns and tool results together), learning rate 2e-4 with linear decay, TRL's defaults
+for the tool loop (no limit on tool-calling rounds). A sample is one multi-turn completion, its generation and tool
+calls included. Both sides log every step, and besides speed each side's learning is reported: the mean reward and
+tools/call_frequency (tool calls per completion) over the first and the last 5 steps (ours from metrics.jsonl, TRL's
+from trainer.state.log_history), so that a faster side is seen to do the same learning.
+
 ppo is compared with the seed's PPOTrainer (TRL 0.8.6) rather than TRL 1.16, which has no PPO trainer of the seed's
 form: benchmarks/vs_trl_ppo_runner.py runs the same loop (generate, score with the tiny reward model, step) with either
 `from trl import ...` (seed venv) or `from ppo import ...` (ours), and reports episodes/s of rollout + update.
@@ -53,11 +63,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "assets"
 VENVS = REPO / "benchmarks" / ".venvs"
-ALGOS = ["sft", "reward", "dpo", "kto", "orpo", "cpo", "ppo", "grpo", "rloo", "distill"]
+ALGOS = ["sft", "reward", "dpo", "kto", "orpo", "cpo", "ppo", "grpo", "rloo", "grpo_tools", "distill"]
 DATA = {"sft": "sft_prompt_completion", "reward": "preference", "dpo": "preference", "kto": "unpaired",
-        "orpo": "preference", "cpo": "preference", "grpo": "prompts", "rloo": "prompts", "distill": "prompts"}
+        "orpo": "preference", "cpo": "preference", "grpo": "prompts", "rloo": "prompts", "grpo_tools": "tool_prompts",
+        "distill": "prompts"}
 TEACHERS = {"tiny": "tiny-teacher", "llama-20m": "llama-20m-teacher", "qwen2-0.5b": "qwen2-1.5b"}  # distill
 RL_REWARD = f"{ASSETS / 'tiny_rewards.py'}:sentiment"  # grpo / rloo: the Python reward both sides call
+TOOLS_MODEL = ASSETS / "tiny-tools"  # grpo_tools: the tool world's model, environment, reward and learning rate
+TOOLS_ENVIRONMENT = f"{ASSETS / 'tiny_tools.py'}:MovieRatings"
+TOOLS_REWARD = f"{ASSETS / 'tiny_tools.py'}:correct"
+TOOLS_LEARNING_RATE = "2e-4"
+LEARNING_STEPS = 5  # grpo_tools: the learning is the mean over the first and the last this many steps
 PINS = ["torch==2.13.0", "transformers==5.23.0", "datasets==5.2.0", "accelerate==1.15.0", "peft==0.21.2"]
 SEED_PINS = ["torch==2.13.0", "trl==0.8.6", "transformers==4.40.2", "accelerate==0.30.1", "datasets>=2.19,<2.20",
              "peft==0.10.0", "numpy<2", "pyarrow<17", "pandas<2.3", "rich"]
@@ -79,6 +95,8 @@ def build_model(name: str, work_dir: Path) -> Path:
     """The tiny policy, or a random-init model from a config saved with the tiny tokenizer (built once)."""
     if name == "tiny":
         return ASSETS / "tiny-gpt2"
+    if name == "tiny-tools":
+        return TOOLS_MODEL
     if name == "tiny-teacher":
         return ASSETS / "tiny-teacher"
     path = work_dir / "models" / name
@@ -134,8 +152,8 @@ def run_timed(command: list[str], threads: int | None) -> tuple[float, float, st
 
 
 def rl_batch(algo: str, args) -> tuple[int, int]:
-    """grpo / rloo: (completions per step, completions per prompt): TRL's num_generations, 8 and 2."""
-    return args.rl_batch_size, (8 if algo == "grpo" else 2)
+    """grpo / rloo / grpo_tools: (completions per step, completions per prompt): TRL's num_generations, 8 and 2."""
+    return args.rl_batch_size, (2 if algo == "rloo" else 8)
 
 
 def run_ours(algo: str, model: Path, run_dir: Path, args) -> dict:
@@ -157,6 +175,17 @@ def run_ours(algo: str, model: Path, run_dir: Path, args) -> dict:
                    "--learning_rate", "5e-4", "--logging_steps", str(args.warmup), "--seed", "0",
                    *(["--bf16"] if args.bf16 else [])]
         return steady_state_of_ours(command, run_dir, batch, args)
+    if algo == "grpo_tools":  # every step logged: the learning curve
+        batch, generations = rl_batch(algo, args)
+        command = [sys.executable, str(REPO / "grpo.py"), "--model_name_or_path", str(model), "--dataset_name",
+                   str(ASSETS / "data" / DATA[algo]), "--environment_factory", TOOLS_ENVIRONMENT, "--reward_funcs",
+                   TOOLS_REWARD, "--output_dir", str(run_dir), "--max_steps", str(args.steps),
+                   "--per_device_train_batch_size", str(batch), "--num_generations", str(generations),
+                   "--max_completion_length", str(args.tools_max_new_tokens), "--learning_rate", TOOLS_LEARNING_RATE,
+                   "--logging_steps", "1", "--seed", "0", *(["--bf16"] if args.bf16 else [])]
+        result = steady_state_of_ours(command, run_dir, batch, args)
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {**result, **learning({row["step"]: row for row in rows if "reward" in row}, args.steps)}
     command = [sys.executable, str(REPO / f"{algo}.py"), "--model_name_or_path", str(model),
                "--dataset_name", str(ASSETS / "data" / DATA[algo]), "--dataset_test_split", "None",
                "--output_dir", str(run_dir), "--max_steps", str(args.steps),
@@ -181,15 +210,32 @@ def teacher_of(model: Path, args) -> Path:
 
 
 def steady_state_of_ours(command: list[str], run_dir: Path, batch: int, args) -> dict:
-    """grpo / rloo / distill: run, then the steady state from the windows logged after --warmup steps."""
+    """grpo / rloo / grpo_tools / distill: run, then the steady state from the windows logged after --warmup steps (a
+    window is the steps since the previous logged one: --warmup of them, or 1 for grpo_tools, which logs every step)."""
     seconds, rss_mb, _ = run_timed(command, args.threads)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    windows = [row for row in rows if row["step"] > args.warmup and "samples_per_second" in row]
-    steady = batch * args.warmup * len(windows) / sum(batch * args.warmup / row["samples_per_second"]
-                                                      for row in windows)
+    logged = [row for row in rows if "samples_per_second" in row]
+    windows = [(row["step"] - previous, row["samples_per_second"])  # (steps, samples/s) of each window after warmup
+               for previous, row in zip([0] + [row["step"] for row in logged], logged) if previous >= args.warmup]
+    steady = sum(batch * steps for steps, _ in windows) / sum(batch * steps / speed for steps, speed in windows)
     cuda = rows[-1]["peak_memory_mb"] if args.bf16 else None
     return {"samples_per_second": steady, "process_seconds": seconds,
             "peak_memory_mb": cuda if cuda is not None and gpu_present() else rss_mb}
+
+
+def learning(per_step: dict[int, dict], steps: int) -> dict:
+    """grpo_tools: a side's learning from its per-step metrics (step -> {"reward": ..., "tools/call_frequency": ...}):
+    the means over the first and the last LEARNING_STEPS steps, and the whole curve."""
+    missing = sorted(set(range(1, steps + 1)) - set(per_step))
+    if missing:
+        raise RuntimeError(f"no reward logged for steps {missing}: every step must be logged")
+    curve = {step: {"reward": per_step[step]["reward"], "calls": per_step[step]["tools/call_frequency"]}
+             for step in range(1, steps + 1)}
+    first, last = list(curve.values())[:LEARNING_STEPS], list(curve.values())[-LEARNING_STEPS:]
+    return {"reward_first": statistics.mean(row["reward"] for row in first),
+            "reward_last": statistics.mean(row["reward"] for row in last),
+            "calls_first": statistics.mean(row["calls"] for row in first),
+            "calls_last": statistics.mean(row["calls"] for row in last), "curve": curve}
 
 
 def run_trl(algo: str, model: Path, run_dir: Path, args) -> dict:
@@ -203,6 +249,11 @@ def run_trl(algo: str, model: Path, run_dir: Path, args) -> dict:
         batch, generations = rl_batch(algo, args)
         command += ["--batch_size", str(batch), "--num_generations", str(generations), "--max_completion_length",
                     str(args.rl_max_new_tokens), "--reward_funcs", RL_REWARD]  # the later --batch_size wins
+    if algo == "grpo_tools":
+        batch, generations = rl_batch(algo, args)
+        command += ["--batch_size", str(batch), "--num_generations", str(generations), "--max_completion_length",
+                    str(args.tools_max_new_tokens), "--reward_funcs", TOOLS_REWARD, "--environment_factory",
+                    TOOLS_ENVIRONMENT, "--learning_rate", TOOLS_LEARNING_RATE]
     if algo == "distill":
         batch = args.rl_batch_size
         command += ["--batch_size", str(batch), "--max_completion_length", str(args.distill_max_new_tokens),
@@ -211,8 +262,11 @@ def run_trl(algo: str, model: Path, run_dir: Path, args) -> dict:
     result = json.loads(result_file.read_text())
     ends = result["step_ends"]
     steady = batch * (args.steps - args.warmup) / (ends[-1] - ends[args.warmup - 1])
-    return {"samples_per_second": steady, "process_seconds": seconds,
-            "peak_memory_mb": result["cuda_peak_mb"] if result["cuda_peak_mb"] is not None else rss_mb}
+    measured = {"samples_per_second": steady, "process_seconds": seconds,
+                "peak_memory_mb": result["cuda_peak_mb"] if result["cuda_peak_mb"] is not None else rss_mb}
+    if algo == "grpo_tools":  # the runner logs every step: the learning curve from the trainer's log history
+        measured.update(learning({row["step"]: row for row in result["log_history"] if "reward" in row}, args.steps))
+    return measured
 
 
 def run_ppo(side: str, model: Path, run_dir: Path, args) -> dict:
@@ -252,6 +306,8 @@ def main() -> None:
     parser.add_argument("--ppo_max_new_tokens", type=int, default=24)
     parser.add_argument("--rl_batch_size", type=int, default=32, help="grpo/rloo: completions per step")
     parser.add_argument("--rl_max_new_tokens", type=int, default=24, help="grpo/rloo: max_completion_length")
+    parser.add_argument("--tools_max_new_tokens", type=int, default=48,
+                        help="grpo_tools: max_completion_length (sampled turns and tool results together)")
     parser.add_argument("--distill_max_new_tokens", type=int, default=64, help="distill: max_completion_length")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both sides (default: unset)")
     parser.add_argument("--trl_python", type=Path, default=VENVS / "trl-1.16" / "bin" / "python")
@@ -269,28 +325,31 @@ def main() -> None:
     if not 0 < args.warmup < args.steps or args.steps % args.warmup:
         raise SystemExit(f"vs_trl.py: error: --warmup {args.warmup} must divide --steps {args.steps} and be smaller")
 
+    jobs = [(model_name, algo) for model_name in args.models for algo in args.algos if algo != "grpo_tools"]
+    if "grpo_tools" in args.algos:  # the tool world has its own model: one job, whatever --models says
+        jobs.append(("tiny-tools", "grpo_tools"))
     results, load_before = [], os.getloadavg()[0]
-    for model_name in args.models:
+    for model_name, algo in jobs:
         model = build_model(model_name, args.work_dir)
-        for algo in args.algos:
-            runs = {"ours": [], "trl": []}
-            for repeat in range(args.repeats):
-                for side in (("ours", "trl") if repeat % 2 == 0 else ("trl", "ours")):
-                    run_dir = args.work_dir / "runs" / f"{model_name}-{algo}-{side}-{repeat}"
-                    shutil.rmtree(run_dir, ignore_errors=True)  # the scripts keep a previous run: start clean
-                    runner = run_ppo if algo == "ppo" else run_ours if side == "ours" else run_trl
-                    runs[side].append(runner(side, model, run_dir, args) if algo == "ppo" else
-                                      runner(algo, model, run_dir, args))
-                    print(f"{model_name} {algo} {side} repeat {repeat}: {runs[side][-1]}", file=sys.stderr,
-                          flush=True)
-            row = {"model": model_name, "algo": algo, "runs": runs}
-            for side in runs:
-                for key in ("samples_per_second", "process_seconds", "peak_memory_mb"):
-                    row[f"{side}_{key}"] = statistics.median(run[key] for run in runs[side])
-            row["steady_ratio"] = row["ours_samples_per_second"] / row["trl_samples_per_second"]
-            row["process_ratio"] = row["trl_process_seconds"] / row["ours_process_seconds"]
-            row["memory_ratio"] = row["ours_peak_memory_mb"] / row["trl_peak_memory_mb"]
-            results.append(row)
+        runs = {"ours": [], "trl": []}
+        for repeat in range(args.repeats):
+            for side in (("ours", "trl") if repeat % 2 == 0 else ("trl", "ours")):
+                run_dir = args.work_dir / "runs" / f"{model_name}-{algo}-{side}-{repeat}"
+                shutil.rmtree(run_dir, ignore_errors=True)  # the scripts keep a previous run: start clean
+                runner = run_ppo if algo == "ppo" else run_ours if side == "ours" else run_trl
+                runs[side].append(runner(side, model, run_dir, args) if algo == "ppo" else
+                                  runner(algo, model, run_dir, args))
+                shown = {key: value for key, value in runs[side][-1].items() if key != "curve"}
+                print(f"{model_name} {algo} {side} repeat {repeat}: {shown}", file=sys.stderr, flush=True)
+        row = {"model": model_name, "algo": algo, "runs": runs}
+        learned = ("reward_first", "reward_last", "calls_first", "calls_last") if algo == "grpo_tools" else ()
+        for side in runs:
+            for key in ("samples_per_second", "process_seconds", "peak_memory_mb", *learned):
+                row[f"{side}_{key}"] = statistics.median(run[key] for run in runs[side])
+        row["steady_ratio"] = row["ours_samples_per_second"] / row["trl_samples_per_second"]
+        row["process_ratio"] = row["trl_process_seconds"] / row["ours_process_seconds"]
+        row["memory_ratio"] = row["ours_peak_memory_mb"] / row["trl_peak_memory_mb"]
+        results.append(row)
 
     memory = "CUDA peak" if gpu_present() else "peak RSS"
     print(f"\n{args.batch_size} samples/step, max_length {args.max_length}, {args.steps} steps (steady state after "
@@ -298,7 +357,9 @@ def main() -> None:
           f"{args.ppo_batch_size} episodes/step, up to {args.ppo_max_new_tokens} new tokens, {args.ppo_steps} steps; "
           f"grpo/rloo: {args.rl_batch_size} completions/step (8 / 2 per prompt), up to {args.rl_max_new_tokens} new "
           f"tokens, the Python sentiment reward; distill: {args.rl_batch_size} completions/step, up to "
-          f"{args.distill_max_new_tokens} new tokens, scored by a larger teacher; "
+          f"{args.distill_max_new_tokens} new tokens, scored by a larger teacher; grpo_tools: the tiny tool world, "
+          f"{args.rl_batch_size} completions/step (8 per prompt), up to {args.tools_max_new_tokens} tokens with the "
+          f"tool results, learning rate {TOOLS_LEARNING_RATE}, every step logged; "
           f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n")
     print(f"| model | script | ours samples/s | TRL samples/s | steady ours ÷ TRL | ours process s | TRL process s "
           f"| process TRL ÷ ours | ours {memory} MB | TRL {memory} MB | memory ours ÷ TRL |")
@@ -309,6 +370,17 @@ def main() -> None:
               f"| {r['trl_samples_per_second']:.1f} | **{r['steady_ratio']:.2f}** | {r['ours_process_seconds']:.1f} "
               f"| {r['trl_process_seconds']:.1f} | **{r['process_ratio']:.2f}** | {r['ours_peak_memory_mb']:.0f} "
               f"| {r['trl_peak_memory_mb']:.0f} | **{r['memory_ratio']:.2f}** |")
+    tools = [r for r in results if r["algo"] == "grpo_tools"]
+    if tools:  # the same learning: reward and tool calls per completion, first steps -> last steps (medians)
+        print(f"\n| model | script | ours reward, first {LEARNING_STEPS} → last {LEARNING_STEPS} steps | TRL reward "
+              f"| ours tool calls per completion | TRL tool calls per completion |")
+        print("|---|---|---:|---:|---:|---:|")
+        for r in tools:
+            print(f"| {r['model']} | grpo_tools (vs TRL 1.16) "
+                  f"| {r['ours_reward_first']:.2f} → {r['ours_reward_last']:.2f} "
+                  f"| {r['trl_reward_first']:.2f} → {r['trl_reward_last']:.2f} "
+                  f"| {r['ours_calls_first']:.2f} → {r['ours_calls_last']:.2f} "
+                  f"| {r['trl_calls_first']:.2f} → {r['trl_calls_last']:.2f} |")
     output = args.output or args.work_dir / "results.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "rows": results,

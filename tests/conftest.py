@@ -297,3 +297,45 @@ def assert_online_rl_learns(script: str, reward_args: list, metric: str, rise: f
     after = mean_sentiment_of_samples(output_dir, prompts, n_tokens=24)
     assert after > before + ground_truth_rise, (before, after)
     return output_dir
+
+
+# The tiny tool world (assets/tiny_tools.py): the warm-started policy, its questions, the environment and the reward.
+TOOL_WORLD = ["--model_name_or_path", ASSETS / "tiny-tools", "--dataset_name", ASSETS / "data" / "tool_prompts",
+              "--environment_factory", f"{ASSETS / 'tiny_tools.py'}:MovieRatings", "--reward_funcs",
+              f"{ASSETS / 'tiny_tools.py'}:correct", "--max_completion_length", 48]
+
+
+def tool_world_scores(model_dir, environment: str = "MovieRatings", n: int = 128) -> dict[str, float]:
+    """Roll out a saved policy on the tool world's held-out questions with grpo.py's roll_out, under the environment
+    class `environment` of assets/tiny_tools.py (the real one, or one whose tool is broken), sampling at temperature
+    1 with a fixed seed: the fraction of rollouts that call the tool, the accuracy of the answers against the
+    episode's rating, and how often the answer repeats what the tool said (of the rollouts that called it)."""
+    import random
+
+    import tiny_tools
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpo import environment_tools, format_query, roll_out, tool_schema
+
+    random.seed(0)  # the episodes' ratings
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = [json.loads(line) for line in (ASSETS / "data" / "tool_prompts" / "test.jsonl").read_text().splitlines()]
+    rows = (rows * (n // len(rows) + 1))[:n]
+    environments = [getattr(tiny_tools, environment)() for _ in rows]
+    for environment_, row in zip(environments, rows):
+        environment_.reset(**row)
+    schemas = [tool_schema("", "", name, tool) for name, tool in environment_tools(environments[0]).items()]
+    queries = [tokenizer(format_query(row["prompt"], tokenizer, schemas)[0], add_special_tokens=False)["input_ids"]
+               for row in rows]
+    rollouts = []
+    for start in range(0, n, 64):
+        part = slice(start, start + 64)
+        rollouts += roll_out(model, tokenizer, queries[part], 48, seed=start, tools=[
+            environment_tools(environment_) for environment_ in environments[part]], tool_schemas=schemas,
+            max_length=256, parse=True, do_sample=True, temperature=1.0, top_k=0)
+    completions = [rollout.messages for rollout in rollouts]
+    followed = [value for value in tiny_tools.follows_tool(None, completions, environments) if value is not None]
+    return {"calls": sum(rollout.calls > 0 for rollout in rollouts) / n,
+            "accuracy": sum(tiny_tools.correct(None, completions, environments)) / n,
+            "follows_tool": sum(followed) / max(1, len(followed))}

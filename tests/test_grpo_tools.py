@@ -6,7 +6,8 @@ tokens carry no gradient. rloo.py's copies of these functions are the same code 
 
 import pytest
 import torch
-from conftest import ASSETS, run_main_in_process
+from conftest import (ASSETS, TOOL_WORLD, metric_series, read_metrics, run_main_in_process, run_ok,
+                      tool_world_scores)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo import (Rollout, call_tools, check_tool_template, collate_rollouts, completion_log_probs, environment_tools,
@@ -333,3 +334,28 @@ def test_tools_on_the_command_line_are_checked_before_any_model_loads(tmp_path, 
         line = run_main_in_process(monkeypatch, "grpo.py", *args, "--output_dir", tmp_path / "out")
         assert line.startswith("grpo.py: error:") and message in line and "\n" not in line, line
     assert "parameters," not in capsys.readouterr().out and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_tool_world_learns_to_call_and_what_it_learns_depends_on_the_tool(tmp_path):
+    """GRPO with the environment and its reward (TOOL_WORLD, 40 steps, about 40 s): calls per rollout and the reward
+    rise from the warm start's (it calls about one time in five and otherwise guesses: right one time in four) to
+    nearly always. The saved policy, rolled out here independently of the run: nearly always right with the real tool;
+    with a tool that knows nothing, right only by chance; with a lying tool, it repeats the lie."""
+    output_dir = tmp_path / "out"
+    run_ok("grpo.py", *TOOL_WORLD, "--learning_rate", 2e-4, "--output_dir", output_dir)
+    calls, reward = (metric_series(output_dir, key) for key in ("tools/call_frequency", "reward"))
+    assert sum(calls[:5]) / 5 < 0.5 and sum(calls[-5:]) / 5 > 0.85, calls
+    assert sum(reward[:5]) / 5 < 0.6 and sum(reward[-5:]) / 5 > 0.85, reward
+    row = read_metrics(output_dir)[-1]
+    assert row["tools/failure_frequency"] < 0.2 and row["completions/mean_length"] > 15  # call + answer tokens
+    samples = (output_dir / "samples.jsonl").read_text()
+    assert "<call>lookup" in samples and "<|tool|>" in samples  # the completions as the model saw them
+
+    before, real = tool_world_scores(TOOLS), tool_world_scores(output_dir)
+    assert before["calls"] < 0.5 and real["calls"] > 0.9 and real["accuracy"] > before["accuracy"] + 0.4, (before,
+                                                                                                          real)
+    unknown = tool_world_scores(output_dir, "UnknownRatings")
+    assert unknown["accuracy"] < 0.45, unknown  # chance is 0.25
+    lying = tool_world_scores(output_dir, "LyingRatings")
+    assert lying["accuracy"] < 0.15 and lying["follows_tool"] > 0.85, lying

@@ -181,3 +181,33 @@ def test_packing_isolation_check_accepts_gpt2_and_rejects_a_leaky_model():
 
     with pytest.raises(ValueError, match="lets packed documents attend to each other"):
         check_packing_isolation(Leaky(), torch.device("cpu"))
+
+
+def tool_conversation(title="Golden River", rating="dull"):
+    call = {"type": "function", "function": {"name": "lookup", "arguments": {"title": title}}}
+    return [{"role": "user", "content": f"How was {title}?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "name": "lookup", "content": rating}, {"role": "assistant", "content": rating}]
+
+
+def test_tool_conversations_learn_the_calls_and_answers_but_not_the_tool_results():
+    """TRL's tool format: assistant turns with tool_calls, 'tool' messages, the schemas in a 'tools' column (a list,
+    or that list as a JSON string). The template renders the tools; the calls and the answer (each with its end of
+    turn) are targets, the tool's result and the headers are not."""
+    import json
+
+    from sft import renders_tool_calls
+    from tiny_world import tool_schemas
+
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tiny-tools")
+    schemas = tool_schemas()
+    row = tokenize_example({"messages": tool_conversation(), "tools": json.dumps(schemas)}, tokenizer, 256, True)
+    assert targets(tokenizer, row) == "<call>lookup\ntitle: Golden River</call><|end|> dull<|end|>"
+    assert tokenizer.decode(row["input_ids"]).startswith("<|system|> tools: lookup<|end|><|user|> How was")
+    assert tokenize_example({"messages": tool_conversation(), "tools": schemas}, tokenizer, 256, True) == row
+    assert "<|system|>" not in tokenizer.decode(tokenize_example({"messages": tool_conversation()}, tokenizer, 256,
+                                                                 True)["input_ids"])  # no tools column: none shown
+    with pytest.raises(ValueError, match="'tools' column holds a string that is not JSON"):
+        tokenize_example({"messages": tool_conversation(), "tools": "[{"}, tokenizer, 256, True)
+    with pytest.raises(ValueError, match="'tools' column must hold a list of tool schemas"):
+        tokenize_example({"messages": tool_conversation(), "tools": {"name": "lookup"}}, tokenizer, 256, True)
+    assert renders_tool_calls(tokenizer) and not renders_tool_calls(AutoTokenizer.from_pretrained(ASSETS / "tokenizer"))

@@ -42,7 +42,8 @@ def test_every_format_has_train_and_test_with_the_expected_columns():
     expected = {"sft_text": {"text"}, "sft_prompt_completion": {"prompt", "completion"}, "sft_messages": {"messages"},
                 "preference": {"prompt", "chosen", "rejected"},
                 "preference_conversational": {"prompt", "chosen", "rejected"},
-                "unpaired": {"prompt", "completion", "label"}, "prompts": {"prompt"}}
+                "unpaired": {"prompt", "completion", "label"}, "prompts": {"prompt"},
+                "tool_calls": {"messages", "tools"}, "tool_prompts": {"prompt", "title"}}
     for name, columns in expected.items():
         for split in ["train", "test"]:
             rows = read_jsonl(ASSETS / "data" / name / f"{split}.jsonl")
@@ -129,3 +130,39 @@ def test_tiny_sd_loads_and_generates_images_that_vary_with_the_noise():
         assert 0 <= images.min() and images.max() <= 1 and images.std() > 0.05  # not constant
         brightness.append(images.mean(dim=(1, 2, 3)))
     assert (brightness[0] - brightness[1]).abs().min() > 1e-3, brightness
+
+
+def test_the_tool_tokenizer_is_rebuilt_exactly_and_parses_what_its_template_writes(tmp_path):
+    from tiny_world import build_tool_tokenizer
+
+    build_tool_tokenizer(AutoTokenizer.from_pretrained(ASSETS / "tokenizer")).save_pretrained(tmp_path)
+    for name in ["tokenizer.json", "chat_template.jinja"]:
+        assert (tmp_path / name).read_bytes() == (ASSETS / "tiny-tools" / name).read_bytes(), name
+    configs = [json.loads((folder / "tokenizer_config.json").read_text()) for folder in (tmp_path, ASSETS / "tiny-tools")]
+    for config in configs:
+        config.pop("local_files_only")  # how it was loaded: offline here, not in the builder
+    assert configs[0] == configs[1]
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tiny-tools")
+    assert tokenizer.eos_token == "<|end|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    row = read_jsonl(ASSETS / "data" / "tool_calls" / "train.jsonl")[0]
+    text = tokenizer.apply_chat_template(row["messages"], tools=json.loads(row["tools"]), tokenize=False)
+    call_turn = row["messages"][1]
+    prefix = tokenizer.apply_chat_template(row["messages"][:1], tools=json.loads(row["tools"]), tokenize=False,
+                                           add_generation_prompt=True)
+    written = tokenizer.apply_chat_template(row["messages"][:2], tools=json.loads(row["tools"]), tokenize=False)
+    assert text.startswith(written) and written.startswith(prefix)
+    parsed = tokenizer.parse_response(written[len(prefix):], prefix=prefix)
+    assert parsed == {"role": "assistant", "tool_calls": call_turn["tool_calls"]}
+
+
+@pytest.mark.slow
+def test_the_tool_policy_calls_sometimes_and_repeats_the_tool_when_it_does():
+    """The warm start of the tool world (what GRPO needs to learn from): it calls the tool in a minority of rollouts,
+    guesses otherwise, and when it calls, it copies the title and repeats the result, so calling beats guessing."""
+    from conftest import tool_world_scores
+
+    model = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-tools")
+    assert 0.3e6 < model.num_parameters() < 1e6 and model.config.model_type == "llama"
+    scores = tool_world_scores(ASSETS / "tiny-tools", n=256)
+    assert 0.1 <= scores["calls"] <= 0.4 and scores["follows_tool"] > 0.9, scores
+    assert 0.25 < scores["accuracy"] < 0.6, scores
