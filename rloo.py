@@ -167,7 +167,7 @@ class Args:
     tools: tuple[str, ...] = ()
     """functions the policy may call, FILE.py:NAME[,NAME...], each with type hints and a Google-style docstring"""
     environment_factory: str | None = None
-    """FILE.py:CLASS: one instance per rollout, reset(**row) before it; its public methods are tools (TRL's interface)"""
+    """FILE.py:CLASS: an instance per rollout, reset(**row) before it; its public methods are tools (TRL's interface)"""
     max_tool_calling_iterations: int | None = None
     """rounds of tool calls per rollout (None: until a turn calls nothing or max_completion_length is used up)"""
 
@@ -873,8 +873,10 @@ def main(args: Args) -> None:
     # each rollout's tools are the standalone ones and its environment's methods. parse: turns become messages with
     # the tokenizer's response_template (conversational prompts; TRL's rule), else their text.
     environments = [environment[2]] + [environment[1]() for _ in range(per_process - 1)] if environment else None
-    rollout_tools = None if not use_tools else [{**standalone_tools, **environment_tools(env)} for env in environments] \
-        if environments else [standalone_tools] * per_process
+    rollout_tools = None
+    if use_tools:
+        rollout_tools = ([{**standalone_tools, **environment_tools(env)} for env in environments] if environments
+                         else [standalone_tools] * per_process)
     parse = isinstance(prompts[0], list) and getattr(tokenizer, "response_template", None) is not None
     max_length = getattr(accelerator.unwrap_model(model).config, "max_position_embeddings", None)
 

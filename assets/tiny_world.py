@@ -384,7 +384,8 @@ def build_tool_policy(tokenizer, out_dir: Path, demo_steps: int, mix_steps: int,
     """The tiny tool policy: a random-init Llama (RoPE: copying a title from anywhere in the question is a relative
     position pattern; the GPT-2 of the tiny world learned the call format but never to copy) with an output layer of
     its own (tied to the input embeddings, some title words stayed confused with others: 82% of titles copied after
-    3,000 steps, against 100% after 500 untied), trained with sft.py in two stages: `demo_steps` on the tool_calls demonstrations (call lookup with the title, repeat the result), then
+    3,000 steps, against 100% after 500 untied), trained with sft.py in two stages: `demo_steps` on the tool_calls
+    demonstrations (call lookup with the title, repeat the result), then
     `mix_steps` at a lower learning rate on demonstrations mixed with guesses (the answer, a random rating, without a
     call; `guess_fraction` of the rows), so that the warm start calls the tool only sometimes and GRPO has something
     to learn: calling beats guessing (always right vs one time in four)."""

@@ -25,6 +25,8 @@ What is plotted (the mean over seeds as a line, the min-max range over seeds as 
     best_of_n      mean reward of the chosen sample against n (results.json) | ground truth of the chosen sample
     iterative_sft  reward/mean of fresh samples | their ground truth, against iteration
     grpo           reward of the fresh completions | entropy | their ground truth | grammar, against step
+    grpo_tools     grpo.py on the tool world (assets/tiny_tools.py): reward (answers right) | tool calls per
+                   rollout | failed calls per call, against step
     rloo           reward of the fresh completions | KL to the reference | their ground truth | grammar
     distill        held-out reverse KL to the teacher (eval_loss) | training loss on the fresh completions | their
                    ground truth | grammar, against step
@@ -147,7 +149,7 @@ class Algo:
     script: str
     xlabel: str
     panels: list[Panel]
-    extra_args: list[str] = field(default_factory=list)  # flags that only add logging; training is the default one
+    extra_args: list[str] = field(default_factory=list)  # flags that only add logging (grpo_tools: its world)
     logx: bool = False
 
 
@@ -224,6 +226,20 @@ ALGOS = {
                                        "entropy")),
     "rloo": online_rl("rloo.py", Panel("kl", [Series("KL to reference per token (nats)", metric("kl"), "C3")],
                                        "KL")),
+    # the tool world (assets/tiny_tools.py): the reward is the ground truth itself (the answer is the episode's rating)
+    "grpo_tools": Algo("grpo.py", "optimizer step",
+                       [Panel("reward", [Series("answers right (correct)", metric("reward"))], "reward",
+                              ylim=(0.0, 1.05)),
+                        Panel("calls per rollout", [Series("tools/call_frequency", metric("tools/call_frequency"),
+                                                           "C3")], "tool calls"),
+                        Panel("failed / calls", [Series("tools/failure_frequency",
+                                                        metric("tools/failure_frequency"), "C4")],
+                              "failed calls (wrong title: 'unknown')", ylim=(0.0, 1.05))],
+                       ["--model_name_or_path", str(REPO / "assets" / "tiny-tools"), "--dataset_name",
+                        str(REPO / "assets" / "data" / "tool_prompts"), "--environment_factory",
+                        f"{REPO / 'assets' / 'tiny_tools.py'}:MovieRatings", "--reward_funcs",
+                        f"{REPO / 'assets' / 'tiny_tools.py'}:correct", "--max_completion_length", "48",
+                        "--learning_rate", "2e-4"]),
     "distill": Algo("distill.py", "optimizer step",
                     [Panel("eval_loss", [Series("held-out KL(student || teacher) per token", metric("eval_loss"))],
                            "held-out reverse KL to the teacher"),

@@ -293,7 +293,7 @@ def main() -> None:
     parser.add_argument("--setup", action="store_true", help="create the TRL virtualenvs, then exit")
     parser.add_argument("--algos", nargs="*", default=ALGOS, choices=ALGOS)
     parser.add_argument("--models", nargs="*", default=["llama-20m", "tiny"],
-                        choices=["tiny", "llama-20m", "qwen2-0.5b"])
+                        choices=["tiny", "llama-20m", "qwen2-0.5b"], help="grpo_tools always runs tiny-tools, once")
     parser.add_argument("--repeats", type=int, default=2, help="alternated runs of each side; medians are reported")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10, help="first steps left out of the steady state")
@@ -304,7 +304,7 @@ def main() -> None:
     parser.add_argument("--ppo_warmup", type=int, default=1)
     parser.add_argument("--ppo_batch_size", type=int, default=64, help="episodes per PPO step")
     parser.add_argument("--ppo_max_new_tokens", type=int, default=24)
-    parser.add_argument("--rl_batch_size", type=int, default=32, help="grpo/rloo: completions per step")
+    parser.add_argument("--rl_batch_size", type=int, default=32, help="grpo/rloo/grpo_tools: completions per step")
     parser.add_argument("--rl_max_new_tokens", type=int, default=24, help="grpo/rloo: max_completion_length")
     parser.add_argument("--tools_max_new_tokens", type=int, default=48,
                         help="grpo_tools: max_completion_length (sampled turns and tool results together)")

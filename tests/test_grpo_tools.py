@@ -147,7 +147,8 @@ def test_rollouts_of_a_batch_share_one_generate_call_per_turn(tokenizer):
     first, env_a, tools_a, schemas = episode(tokenizer, "Golden River")
     second, env_b, tools_b, _ = episode(tokenizer, "Paper Mirror", "Is {} worth seeing?")
     call = ids(tokenizer, "<call>lookup\ntitle: Paper Mirror</call><|end|>")
-    model = Scripted({tuple(first): [ids(tokenizer, " great<|end|>")], tuple(second): [call, ids(tokenizer, " dull<|end|>")]})
+    model = Scripted({tuple(first): [ids(tokenizer, " great<|end|>")],
+                      tuple(second): [call, ids(tokenizer, " dull<|end|>")]})
     a, b = roll_out(model, tokenizer, [first, second], 64, seed=0, tools=[tools_a, tools_b], tool_schemas=schemas,
                     parse=True)
     assert model.batch_sizes == [2, 1]  # the second turn is sampled only for the rollout that called
@@ -214,8 +215,8 @@ def test_the_chat_template_checks(tokenizer, tmp_path):
 
 def test_tools_and_environments_are_checked_with_one_line_each(tmp_path):
     (tmp_path / "envs.py").write_text(
-        "class NoReset:\n    def look(self, x: int) -> int:\n        '''Look.\n\n        Args:\n            x: a number\n"
-        "        '''\n        return x\n\n"
+        "class NoReset:\n    def look(self, x: int) -> int:\n        '''Look.\n\n        Args:\n"
+        "            x: a number\n        '''\n        return x\n\n"
         "class Broken:\n    def __init__(self):\n        raise OSError('no database')\n\n"
         "class Undocumented:\n    def reset(self, **row):\n        pass\n\n    def look(self, x: int) -> int:\n"
         "        return x\n")

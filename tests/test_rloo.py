@@ -6,8 +6,8 @@ and rloo.py share are the same text."""
 import ast
 
 import pytest
-from conftest import (ASSETS, ONLINE_RL_SMALL, REPO, assert_each_fails_with_one_line, assert_online_rl_learns,
-                      assert_online_rl_two_processes_match_one,
+from conftest import (ASSETS, ONLINE_RL_SMALL, REPO, TOOL_WORLD, assert_each_fails_with_one_line,
+                      assert_online_rl_learns, assert_online_rl_two_processes_match_one,
                       assert_resumed_run_ends_where_the_uninterrupted_run_ends, metric_series, run_ok)
 from test_grpo import (assert_a_raising_reward_function_saves_the_last_step_and_latest_resumes,
                        assert_a_run_no_reward_scores_stops_with_strict_json_metrics,
@@ -94,3 +94,14 @@ def test_the_blocks_grpo_and_rloo_share_are_the_same_text():
         grpo_block, rloo_block = (text[text.index(start) : text.index(end, text.index(start))]
                                   for text in texts.values())
         assert grpo_block == rloo_block, start
+
+
+@pytest.mark.slow
+def test_the_tool_world_learns_with_the_same_rollout(tmp_path):
+    """rloo.py rolls out with grpo.py's functions: on the tool world (TRL 1.16's RLOOTrainer has no tools) the calls
+    and the reward rise from the warm start's in 20 steps, and the KL to the reference is over the sampled tokens."""
+    run_ok("rloo.py", *TOOL_WORLD, "--learning_rate", 2e-4, "--max_steps", 20, "--output_dir", tmp_path / "out")
+    calls, reward, kl = (metric_series(tmp_path / "out", key) for key in ("tools/call_frequency", "reward", "kl"))
+    assert sum(calls[:3]) / 3 < 0.5 and sum(calls[-3:]) / 3 > 0.8, calls
+    assert sum(reward[:3]) / 3 < 0.6 and sum(reward[-3:]) / 3 > 0.8, reward
+    assert kl[0] == 0.0 and 0 < kl[-1] < 1, kl

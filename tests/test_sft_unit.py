@@ -185,7 +185,8 @@ def test_packing_isolation_check_accepts_gpt2_and_rejects_a_leaky_model():
 
 def tool_conversation(title="Golden River", rating="dull"):
     call = {"type": "function", "function": {"name": "lookup", "arguments": {"title": title}}}
-    return [{"role": "user", "content": f"How was {title}?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+    return [{"role": "user", "content": f"How was {title}?"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
             {"role": "tool", "name": "lookup", "content": rating}, {"role": "assistant", "content": rating}]
 
 

@@ -138,7 +138,8 @@ def test_the_tool_tokenizer_is_rebuilt_exactly_and_parses_what_its_template_writ
     build_tool_tokenizer(AutoTokenizer.from_pretrained(ASSETS / "tokenizer")).save_pretrained(tmp_path)
     for name in ["tokenizer.json", "chat_template.jinja"]:
         assert (tmp_path / name).read_bytes() == (ASSETS / "tiny-tools" / name).read_bytes(), name
-    configs = [json.loads((folder / "tokenizer_config.json").read_text()) for folder in (tmp_path, ASSETS / "tiny-tools")]
+    configs = [json.loads((folder / "tokenizer_config.json").read_text())
+               for folder in (tmp_path, ASSETS / "tiny-tools")]
     for config in configs:
         config.pop("local_files_only")  # how it was loaded: offline here, not in the builder
     assert configs[0] == configs[1]
