@@ -7,6 +7,7 @@ everything runs with no network and no GPU. This file is the single committed re
     python assets/tiny_world.py --stage data   # only the datasets and the tokenizer (seconds; deterministic)
     python assets/tiny_world.py --stage diffusion   # only the tiny Stable Diffusion pipeline (seconds; deterministic)
     python assets/tiny_world.py --stage teacher     # only distill.py's tiny teacher (a few minutes on CPU)
+    python assets/tiny_world.py --stage tools       # only the tool world's policy and tokenizer (about 4 minutes)
 
 What it builds (all deterministic given the seed):
   * a corpus of short templated movie reviews whose sentiment is controlled (positive and negative vocabularies,
@@ -19,6 +20,10 @@ What it builds (all deterministic given the seed):
   * `assets/tiny-teacher/`: a GPT-2 twice the policy's size (same tokenizer), trained from scratch *with sft.py* on
     positive reviews only, stored in bfloat16 -- the default teacher of distill.py, whose samples score high on the
     ground truth;
+  * `assets/tiny-tools/`: the tool world of grpo.py / rloo.py (assets/tiny_tools.py: an environment whose lookup tool
+    knows what the policy cannot): the tiny tokenizer with four added special tokens, a compact tool template and a
+    response_template; a 0.5M-parameter Llama warm-started *with sft.py* on `data/tool_calls` (TRL's tool-calling
+    format) to call the tool some of the time;
   * `assets/tiny-sd/`: a randomly initialised, Stable-Diffusion-v1-shaped `StableDiffusionPipeline` (CLIP tokenizer
     over the animal prompts, 2-layer CLIP text encoder, 0.8M-parameter UNet, 0.2M-parameter VAE, DDIM scheduler
     with SD v1's betas) that makes 32x32 images in a fraction of a second on CPU -- the default model of ddpo.py.
