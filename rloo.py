@@ -16,6 +16,7 @@ The behaviour matched is TRL 1.16's RLOOTrainer (see docs/rloo.md).
     accelerate launch --multi_gpu --num_processes 8 rloo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --bf16
 """
 
+import asyncio
 import copy
 import gc
 import importlib.util
@@ -28,6 +29,7 @@ import resource
 import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager, nullcontext
@@ -170,6 +172,8 @@ class Args:
     """FILE.py:CLASS: an instance per rollout, reset(**row) before it; its public methods are tools (TRL's interface)"""
     max_tool_calling_iterations: int | None = None
     """rounds of tool calls per rollout (None: until a turn calls nothing or max_completion_length is used up)"""
+    tool_timeout: float | None = None
+    """seconds a tool call may take before it becomes an error result (None: no limit; TRL has none)"""
 
     # --- RLOO ---
     beta: float = 0.05
@@ -419,10 +423,41 @@ def parse_turn(tokenizer, turn: list[int], context: list[int], tools: list[dict]
     return message
 
 
-def call_tools(tool_calls: list[dict], tools: dict[str, Callable]) -> tuple[list[dict], int]:
-    """Run one turn's tool calls. Returns the tool messages, {"role": "tool", "name": ..., "content": str(result)}, in
-    the order of the calls, and how many failed: an unknown tool, arguments it does not take, an exception, or a
-    result that cannot be printed each become the result {"error": "..."} (TRL's), never a crash."""
+def run_tool(tool: Callable, arguments: dict, timeout: float | None = None):
+    """tool(**arguments); an async tool is run to completion. With a timeout in seconds (beyond TRL), the call runs in
+    a daemon thread and raises TimeoutError when it has not returned by then: the rollout gets an error result and
+    goes on. A thread cannot be stopped, so the abandoned call may still finish in the background; a tool with side
+    effects should bound its own work too."""
+    def call():
+        result = tool(**arguments)
+        return asyncio.run(result) if inspect.isawaitable(result) else result
+
+    if timeout is None:
+        return call()
+    outcome = {}
+
+    def target():
+        try:
+            outcome["result"] = call()
+        except Exception as error:  # raised again below, in the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"no result after {timeout} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def call_tools(tool_calls: list[dict], tools: dict[str, Callable], timeout: float | None = None
+               ) -> tuple[list[dict], int]:
+    """Run one turn's tool calls (run_tool). Returns the tool messages, {"role": "tool", "name": ..., "content":
+    str(result)}, in the order of the calls, and how many failed: an unknown tool, arguments it does not take, an
+    exception, a call past the timeout or a result that cannot be printed each become the result {"error": "..."}
+    (TRL's), never a crash."""
     messages, failures = [], 0
     for call in tool_calls:
         name, arguments = call["function"]["name"], call["function"].get("arguments") or {}
@@ -433,12 +468,7 @@ def call_tools(tool_calls: list[dict], tools: dict[str, Callable]) -> tuple[list
                 raise ValueError(f"Tool {name} not found.")
             if not isinstance(arguments, dict):
                 raise ValueError(f"Tool {name} got arguments {arguments!r}, expected a mapping")
-            result = tools[name](**arguments)
-            if inspect.isawaitable(result):  # an async tool: run it to completion here
-                import asyncio
-
-                result = asyncio.run(result)
-            content = str(result)
+            content = str(run_tool(tools[name], arguments, timeout))
         except Exception as error:  # the tool's own failure is the model's to see, as TRL's {"error": ...}
             failures += 1
             try:
@@ -484,13 +514,14 @@ class Rollout:
 def roll_out(model, tokenizer, queries: list[list[int]], max_completion_length: int, seed: int,
              tools: list[dict[str, Callable]] | None = None, tool_schemas: list[dict] | None = None,
              max_tool_calling_iterations: int | None = None, max_length: int | None = None, parse: bool = False,
-             **generation_kwargs) -> list[Rollout]:
+             tool_timeout: float | None = None, **generation_kwargs) -> list[Rollout]:
     """One rollout per query (token ids of the rendered prompt). Without tools: one sampled turn each, in one
     `generate` call. With tools (tools[i]: rollout i's functions by name), a loop over turns:
       1. sample the next turn of every open rollout, all in one left-padded `generate` call (the turn ends at EOS);
       2. parse it (parse_turn); a rollout whose turn calls no tool, or that has used max_tool_calling_iterations
          rounds, is done;
-      3. run the calls (call_tools) and append the tool turn's tokens (tool_suffix_ids; tool_mask 0);
+      3. run the calls (call_tools; tool_timeout seconds each) and append the tool turn's tokens (tool_suffix_ids;
+         tool_mask 0);
       4. a tool turn that would overflow the budget (max_completion_length for the whole completion, tool tokens
          included) or the model's max_length is dropped: the rollout ends as it is, with its last turn's calls;
       5. go on with what is left of each budget (a turn that reaches it is cut, and ends its rollout).
@@ -523,7 +554,7 @@ def roll_out(model, tokenizer, queries: list[list[int]], max_completion_length: 
         waiting = []
         for i in calling:
             rollout = rollouts[i]
-            results, failures = call_tools(rollout.messages[-1]["tool_calls"], tools[i])
+            results, failures = call_tools(rollout.messages[-1]["tool_calls"], tools[i], tool_timeout)
             rollout.calls += len(results)
             rollout.failures += failures
             suffix = tool_suffix_ids(tokenizer, results)
@@ -687,6 +718,8 @@ def main(args: Args) -> None:
         fail(f"--reward_clip_range must be LOW HIGH with LOW < HIGH, got {args.reward_clip_range}")
     if args.max_tool_calling_iterations is not None and args.max_tool_calling_iterations < 0:
         fail(f"--max_tool_calling_iterations must be None or >= 0, got {args.max_tool_calling_iterations}")
+    if args.tool_timeout is not None and not args.tool_timeout > 0:
+        fail(f"--tool_timeout must be None or a positive number of seconds, got {args.tool_timeout}")
     check_run(args, ["model_name_or_path"])  # learning rate, model path, output_dir, --resume_from_checkpoint latest
     try:
         tool_specs = [(spec, name, tool) for spec in args.tools for name, tool in import_from_file("--tools", spec)]
@@ -919,7 +952,8 @@ def main(args: Args) -> None:
                                      seed=args.seed * 1_000_003 + generation * 10_007 + place,
                                      tools=rollout_tools[part] if rollout_tools else None, tool_schemas=tool_schemas,
                                      max_tool_calling_iterations=args.max_tool_calling_iterations,
-                                     max_length=max_length, parse=parse, **generation_kwargs)
+                                     max_length=max_length, parse=parse, tool_timeout=args.tool_timeout,
+                                     **generation_kwargs)
             policy.train()
 
         # c. Score with every reward function (TRL's signature, with the dataset's other columns; conversational

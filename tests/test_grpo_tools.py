@@ -2,7 +2,11 @@
 trained on are the tokens sampled (token-in/token-out), the tool turn's tokens are the template's and masked, a
 completion holds an EOS per turn, the budget drops an overflowing tool result, max_tool_calling_iterations stops the
 loop, failing tools are results; the template checks, the tool and environment loaders (one line each), and that tool
-tokens carry no gradient. rloo.py's copies of these functions are the same code (tests/test_layout.py)."""
+tokens carry no gradient. Then whole runs: the tool world learns and what it learns depends on the tool; standalone
+tools, an observation and get_reward reach the run. rloo.py's copies of these functions are the same code
+(tests/test_rloo.py checks it)."""
+
+import json
 
 import pytest
 import torch
@@ -177,6 +181,24 @@ def test_failing_tools_become_error_results_and_are_counted():
     assert "expected a mapping" in contents[4] and contents[5:] == ["3", "2"]
 
 
+def test_a_tool_past_the_timeout_is_an_error_result_and_the_rollout_goes_on():
+    import time
+
+    def slow(seconds: float) -> str:
+        time.sleep(seconds)
+        return "done"
+
+    calls = [{"type": "function", "function": {"name": "slow", "arguments": {"seconds": seconds}}}
+             for seconds in (5.0, 0.0)]
+    start = time.time()
+    messages, failures = call_tools(calls, {"slow": slow, "boom": lambda: 1 / 0}, timeout=0.2)
+    assert time.time() - start < 2 and failures == 1
+    assert [m["content"] for m in messages] == ["{'error': 'no result after 0.2 s'}", "done"]
+    boom = [{"type": "function", "function": {"name": "boom", "arguments": {}}}]
+    assert call_tools(boom, {"boom": lambda: 1 / 0}, timeout=1.0) == (
+        [{"role": "tool", "name": "boom", "content": "{'error': 'division by zero'}"}], 1)  # raised in the thread
+
+
 def test_a_turn_without_a_parsable_call_is_plain_text(tokenizer):
     prefix = ids(tokenizer, "<|user|> hi<|end|><|assistant|>")
     # no tool name after <call>: the response template finds no call, and the turn is its text
@@ -330,6 +352,7 @@ def test_tools_on_the_command_line_are_checked_before_any_model_loads(tmp_path, 
           f"{tmp_path / 'rewards.py'}:strict", *conversational], "must accept the keyword arguments prompts, "
          "completions, completion_ids, environments and the dataset's other columns (title)"),
         (["--max_tool_calling_iterations", -1], "--max_tool_calling_iterations must be None or >= 0"),
+        (["--tool_timeout", 0], "--tool_timeout must be None or a positive number of seconds"),
     ]
     for args, message in cases:
         line = run_main_in_process(monkeypatch, "grpo.py", *args, "--output_dir", tmp_path / "out")
@@ -360,3 +383,55 @@ def test_the_tool_world_learns_to_call_and_what_it_learns_depends_on_the_tool(tm
     assert unknown["accuracy"] < 0.45, unknown  # chance is 0.25
     lying = tool_world_scores(output_dir, "LyingRatings")
     assert lying["accuracy"] < 0.15 and lying["follows_tool"] > 0.85, lying
+
+
+@pytest.mark.slow
+def test_standalone_tools_an_observation_and_get_reward_reach_the_run(tmp_path):
+    """--tools and --environment_factory together, as TRL combines them: the standalone tool and the environment's
+    method are both shown and callable; reset's string is appended to the prompt; get_reward is a reward column named
+    after the class, next to a reward function that receives environments= and message-list completions."""
+    (tmp_path / "world.py").write_text('''
+def shout(text: str) -> str:
+    """Repeat a text in capitals.
+
+    Args:
+        text: what to repeat
+    """
+    return text.upper()
+
+
+class Counter:
+    def __init__(self):
+        self.title = None
+
+    def reset(self, title, **row):
+        self.title = title
+        return " (be brief)"
+
+    def lookup(self, title: str) -> str:
+        """Look a film up.
+
+        Args:
+            title: the film
+        """
+        return "great"
+
+    def get_reward(self):
+        return float(self.title is not None)
+
+
+def shape(prompts, completions, completion_ids, environments, **columns):
+    assert all(p[-1]["content"].endswith(" (be brief)") for p in prompts), prompts[0]
+    assert all(isinstance(c, list) and c[0]["role"] == "assistant" for c in completions)
+    assert all(type(e).__name__ == "Counter" and e.title for e in environments)
+    return [float(len(ids)) for ids in completion_ids]
+''')
+    output_dir = tmp_path / "out"
+    run_ok("grpo.py", "--model_name_or_path", TOOLS, "--dataset_name", ASSETS / "data" / "tool_prompts", "--tools",
+           f"{tmp_path / 'world.py'}:shout", "--environment_factory", f"{tmp_path / 'world.py'}:Counter",
+           "--reward_funcs", f"{tmp_path / 'world.py'}:shape", "--max_steps", 2, "--per_device_train_batch_size", 16,
+           "--max_completion_length", 48, "--output_dir", output_dir)
+    row = read_metrics(output_dir)[-1]
+    assert row["rewards/Counter/mean"] == 1.0 and row["rewards/shape/mean"] > 1 and "tools/call_frequency" in row
+    sample = json.loads((output_dir / "samples.jsonl").read_text().splitlines()[0])
+    assert sample["prompt"][-1]["content"].endswith(" (be brief)") and "reward/Counter" in sample
