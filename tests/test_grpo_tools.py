@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import (ASSETS, TOOL_WORLD, metric_series, read_metrics, run_main_in_process, run_ok,
+from conftest import (ASSETS, TOOL_WORLD, TWO_PROCESSES, metric_series, read_metrics, run_main_in_process, run_ok,
                       tool_world_scores)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -435,3 +435,17 @@ def shape(prompts, completions, completion_ids, environments, **columns):
     assert row["rewards/Counter/mean"] == 1.0 and row["rewards/shape/mean"] > 1 and "tools/call_frequency" in row
     sample = json.loads((output_dir / "samples.jsonl").read_text().splitlines()[0])
     assert sample["prompt"][-1]["content"].endswith(" (be brief)") and "reward/Counter" in sample
+
+
+@pytest.mark.slow
+def test_two_processes_roll_out_with_their_own_environments_and_report_every_rollout(tmp_path):
+    """Each process resets and calls its own environments; the rollouts' metrics and samples cover both processes'
+    completions (gathered), and no collective waits on a process that has none to run."""
+    output_dir = tmp_path / "out"
+    run_ok("grpo.py", *TOOL_WORLD, "--max_steps", 2, "--per_device_train_batch_size", 16, "--output_dir", output_dir,
+           launcher=TWO_PROCESSES)
+    rows = read_metrics(output_dir)
+    assert len(rows) == 2 and all(0 < row["tools/call_frequency"] and row["completions/mean_length"] > 0
+                                  for row in rows), rows
+    samples = [json.loads(line) for line in (output_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 32 and sum("<call>lookup" in sample["completion"] for sample in samples) > 0
