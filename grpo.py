@@ -5,12 +5,18 @@ CISPO (MiniMax-M1, https://arxiv.org/abs/2506.13585) and SAPO (https://arxiv.org
 num_generations completions; a completion's advantage is its reward relative to the other completions of its prompt,
 so no value model is needed. The policy is trained with a clipped, importance-sampled surrogate on those advantages,
 optionally with a KL penalty to a frozen reference. Rewards come from reward models and/or Python functions with
-TRL's signature. The behaviour matched is TRL 1.16's GRPOTrainer (see docs/grpo.md).
+TRL's signature. With tools or an environment, a completion is a multi-turn rollout: the policy's turns, its tool
+calls and their results, trained on its own tokens only. The behaviour matched is TRL 1.16's GRPOTrainer (see
+docs/grpo.md).
 
     # offline quickstart: the tiny world (assets/), CPU: the tiny policy learns to write positive reviews
     python grpo.py
     # a Python reward function (TRL's signature) instead of, or next to, reward models
     python grpo.py --reward_funcs assets/tiny_rewards.py:sentiment
+    # tools: the tiny tool world, where the policy learns to call a lookup tool whose answer it cannot know otherwise
+    python grpo.py --model_name_or_path assets/tiny-tools --dataset_name assets/data/tool_prompts \
+        --environment_factory assets/tiny_tools.py:MovieRatings --reward_funcs assets/tiny_tools.py:correct \
+        --max_completion_length 48 --learning_rate 2e-4
     # a real model, a reward model and TRL's defaults
     python grpo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/tldr \
         --reward_model path/to/reward_model --learning_rate 1e-6 --max_completion_length 512 --bf16
@@ -553,9 +559,11 @@ def roll_out(model, tokenizer, queries: list[list[int]], max_completion_length: 
     contexts = [list(query) for query in queries]  # prompt + completion so far: what the next turn is sampled from
     waiting = list(range(len(queries)))  # the rollouts that sample a turn in this round
     for turn_index in range(sys.maxsize):
+        # 1. the next turn of every waiting rollout, one generate call for all, each with what is left of its budget
         budgets = [max_completion_length - len(rollouts[i].completion) for i in waiting]
         turns, _ = sample_completions(model, [contexts[i] for i in waiting], max(budgets), pad, eos,
                                       seed=seed + 100_003 * turn_index, **generation_kwargs)
+        # 2. each turn appended as sampled (mask 1) and parsed; those that call a tool, with rounds left, go on
         calling = []
         for i, turn, budget in zip(waiting, turns, budgets):
             turn = turn[:budget]  # one generate call for all: each rollout keeps only its own budget
@@ -572,6 +580,7 @@ def roll_out(model, tokenizer, queries: list[list[int]], max_completion_length: 
             rounds_left = max_tool_calling_iterations is None or turn_index < max_tool_calling_iterations
             if tools is not None and message.get("tool_calls") and rounds_left:
                 calling.append(i)
+        # 3. the calls run; 4. their results appended as the template writes them (mask 0), unless they overflow
         waiting = []
         for i in calling:
             rollout = rollouts[i]
@@ -588,7 +597,7 @@ def roll_out(model, tokenizer, queries: list[list[int]], max_completion_length: 
             rollout.ended = False
             contexts[i] += suffix
             if len(rollout.completion) < max_completion_length:  # no budget left: it ends on the tool turn
-                waiting.append(i)
+                waiting.append(i)  # 5. another turn
         if not waiting:
             return rollouts
 

@@ -3,12 +3,17 @@ with TRL 1.16's RLOOTrainer semantics. Each prompt gets num_generations completi
 times its KL to the reference summed over its tokens, is compared with the mean reward of the OTHER completions of the
 same prompt (the leave-one-out baseline), so no value model is needed. The policy is trained with a PPO-style clipped
 ratio of whole-sequence probabilities. Rewards come from reward models and/or Python functions with TRL's signature.
-The behaviour matched is TRL 1.16's RLOOTrainer (see docs/rloo.md).
+The behaviour matched is TRL 1.16's RLOOTrainer (see docs/rloo.md); beyond it, grpo.py's multi-turn rollouts with
+tools and environments (which TRL 1.16 gives GRPO only).
 
     # offline quickstart: the tiny world (assets/), CPU: the tiny policy learns to write positive reviews
     python rloo.py
     # a Python reward function (TRL's signature) instead of, or next to, reward models
     python rloo.py --reward_funcs assets/tiny_rewards.py:sentiment
+    # tools: the tiny tool world (a lookup tool the policy learns to call; docs/grpo.md)
+    python rloo.py --model_name_or_path assets/tiny-tools --dataset_name assets/data/tool_prompts \
+        --environment_factory assets/tiny_tools.py:MovieRatings --reward_funcs assets/tiny_tools.py:correct \
+        --max_completion_length 48 --learning_rate 2e-4
     # a real model, a reward model and TRL's defaults
     python rloo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/tldr \
         --reward_model path/to/reward_model --learning_rate 1e-6 --max_completion_length 512 --bf16
@@ -532,9 +537,11 @@ def roll_out(model, tokenizer, queries: list[list[int]], max_completion_length: 
     contexts = [list(query) for query in queries]  # prompt + completion so far: what the next turn is sampled from
     waiting = list(range(len(queries)))  # the rollouts that sample a turn in this round
     for turn_index in range(sys.maxsize):
+        # 1. the next turn of every waiting rollout, one generate call for all, each with what is left of its budget
         budgets = [max_completion_length - len(rollouts[i].completion) for i in waiting]
         turns, _ = sample_completions(model, [contexts[i] for i in waiting], max(budgets), pad, eos,
                                       seed=seed + 100_003 * turn_index, **generation_kwargs)
+        # 2. each turn appended as sampled (mask 1) and parsed; those that call a tool, with rounds left, go on
         calling = []
         for i, turn, budget in zip(waiting, turns, budgets):
             turn = turn[:budget]  # one generate call for all: each rollout keeps only its own budget
@@ -551,6 +558,7 @@ def roll_out(model, tokenizer, queries: list[list[int]], max_completion_length: 
             rounds_left = max_tool_calling_iterations is None or turn_index < max_tool_calling_iterations
             if tools is not None and message.get("tool_calls") and rounds_left:
                 calling.append(i)
+        # 3. the calls run; 4. their results appended as the template writes them (mask 0), unless they overflow
         waiting = []
         for i in calling:
             rollout = rollouts[i]
@@ -567,7 +575,7 @@ def roll_out(model, tokenizer, queries: list[list[int]], max_completion_length: 
             rollout.ended = False
             contexts[i] += suffix
             if len(rollout.completion) < max_completion_length:  # no budget left: it ends on the tool turn
-                waiting.append(i)
+                waiting.append(i)  # 5. another turn
         if not waiting:
             return rollouts
 
