@@ -297,6 +297,21 @@ def load_environment_factory(spec: str) -> tuple[str, Callable, object]:
     return name, factory, probe
 
 
+def load_tools(tool_specs: tuple[str, ...], environment_spec: str | None
+               ) -> tuple[dict[str, Callable], list[dict], tuple[str, Callable, object] | None]:
+    """--tools and --environment_factory, loaded and checked (ValueError, one line). Returns the standalone tools by
+    name; the schemas the chat template shows, the standalone tools' then the environment's methods' (TRL's order;
+    a method named like a standalone tool replaces it); and the environment's (CLASS, factory, probe), or None."""
+    loaded = [(spec, name, tool) for spec in tool_specs for name, tool in import_from_file("--tools", spec)]
+    standalone = {name: tool for _, name, tool in loaded}
+    schemas = {name: tool_schema("--tools", spec, name, tool) for spec, name, tool in loaded}
+    environment = load_environment_factory(environment_spec) if environment_spec else None
+    if environment is not None:
+        schemas.update({name: tool_schema("--environment_factory", environment_spec, name, tool)
+                        for name, tool in environment_tools(environment[2]).items()})
+    return standalone, list(schemas.values()), environment
+
+
 def reset_environments(environments: list, rows: list[dict], prompts: list[list[dict]]) -> list[list[dict]]:
     """Reset environment i with row i's columns, reset(**row) (TRL's), before rollout i. A string it returns is an
     observation, appended to the prompt's last message (a new list: the dataset's prompt is left as it is). Returns
@@ -730,10 +745,7 @@ def main(args: Args) -> None:
         fail(f"--tool_timeout must be None or a positive number of seconds, got {args.tool_timeout}")
     check_run(args, ["model_name_or_path"])  # learning rate, model path, output_dir, --resume_from_checkpoint latest
     try:
-        tool_specs = [(spec, name, tool) for spec in args.tools for name, tool in import_from_file("--tools", spec)]
-        standalone_tools = {name: tool for _, name, tool in tool_specs}
-        tool_schemas = [tool_schema("--tools", spec, name, tool) for spec, name, tool in tool_specs]
-        environment = load_environment_factory(args.environment_factory) if args.environment_factory else None
+        standalone_tools, tool_schemas, environment = load_tools(args.tools, args.environment_factory)
         reward_models = list(args.reward_model)
         environment_reward = environment is not None and callable(getattr(environment[2], "get_reward", None))
         if not (reward_models or args.reward_funcs or environment_reward):
@@ -743,9 +755,6 @@ def main(args: Args) -> None:
         python_rewards = [load_python_reward(spec) for spec in args.reward_funcs]
     except ValueError as error:
         fail(str(error))
-    if environment is not None:  # its tools come after the standalone ones (TRL's order), by name
-        tool_schemas += [tool_schema("--environment_factory", args.environment_factory, name, tool)
-                         for name, tool in environment_tools(environment[2]).items() if name not in standalone_tools]
     use_tools = bool(tool_schemas)
     num_rewards = len(reward_models) + len(python_rewards)
     if args.reward_weights is not None and len(args.reward_weights) != num_rewards:
