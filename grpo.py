@@ -383,7 +383,8 @@ def check_tool_template(tokenizer) -> None:
                          "not start with its rendering without it), so a tool turn cannot be appended token by token")
     if getattr(tokenizer, "response_template", None) is None:
         raise ValueError("tools need a tokenizer with a response_template (transformers' parse_response reads the "
-                         "tool calls of a sampled turn with it); set tokenizer.response_template and save it")
+                         "tool calls of a sampled turn with it); set tokenizer.response_template (TRL's "
+                         "add_response_schema does for the templates it knows) and save the tokenizer")
 
 
 MAX_UNSCORED_GENERATIONS = 3  # generation batches in a row in which no reward scores anything: the run stops
