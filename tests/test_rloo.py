@@ -82,7 +82,7 @@ def test_the_blocks_grpo_and_rloo_share_are_the_same_text():
     shared = {"nanstd", "score_completions", "load_python_reward", "sample_completions", "collate_rollouts",
               "completion_log_probs", "load_reward_function", "save_checkpoint", "gathered_for_generation",
               "roll_out", "parse_turn", "call_tools", "tool_suffix_ids", "check_tool_template", "reset_environments",
-              "load_environment_factory", "rollout_metrics"}  # the rollout, with tools or without, is the same code
+              "load_environment_factory", "load_tools", "run_tool", "rollout_metrics"}  # the rollout, tools or not
     assert shared <= set(grpo) & set(rloo)
     for name in set(grpo) & set(rloo) - {"main"}:
         assert grpo[name] == rloo[name], name
