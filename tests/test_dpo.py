@@ -12,7 +12,8 @@ from conftest import (ASSETS, assert_resumed_run_ends_where_the_uninterrupted_ru
                       metric_series, read_metrics, run_main_in_process, run_ok, run_script)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo import Args, collate_pairs, dpo_loss, get_batch_logps, split_implicit_prompt, tokenize_pair
+from dpo import (Args, collate_pairs, dpo_loss, label_log_probs, sequence_log_probs, split_implicit_prompt,
+                 tokenize_pair)
 
 PREFERENCE = ASSETS / "data" / "preference"
 SHORT = ["--max_steps", 12, "--eval_steps", 6, "--logging_steps", 2]
@@ -71,7 +72,7 @@ def test_reference_free_ignores_the_reference_in_the_loss():
 
 
 @pytest.mark.parametrize("average", [False, True])
-def test_get_batch_logps_matches_a_naive_log_softmax(average):
+def test_label_and_sequence_log_probs_match_a_naive_log_softmax(average):
     torch.manual_seed(0)
     logits = torch.randn(3, 6, 11)
     labels = torch.randint(0, 11, (3, 6))
@@ -82,7 +83,10 @@ def test_get_batch_logps_matches_a_naive_log_softmax(average):
     for b in range(3):
         values = [naive[b, t - 1, labels[b, t]].item() for t in range(1, 6) if labels[b, t] != -100]
         expected.append(sum(values) / len(values) if average else sum(values))
-    assert get_batch_logps(logits, labels, average_log_prob=average).tolist() == pytest.approx(expected, abs=1e-5)
+    targets = labels[:, 1:] != -100
+    per_token = torch.zeros(targets.shape).masked_scatter(
+        targets, label_log_probs(logits[:, :-1][targets], labels[:, 1:][targets])["log_probs"])
+    assert sequence_log_probs(per_token, labels, average_log_prob=average).tolist() == pytest.approx(expected, abs=1e-5)
 
 
 def test_string_rows_prompt_is_a_true_prefix_and_answers_end_with_eos(tokenizer):
