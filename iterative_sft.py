@@ -52,8 +52,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
 from datasets import DatasetDict, load_dataset, load_from_disk
 from tqdm.auto import tqdm
+from torch.utils.checkpoint import checkpoint
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
                           AutoTokenizer, PreTrainedTokenizerBase)
+from transformers.utils import ModelOutput
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -93,6 +95,9 @@ class Args:
     """bf16 mixed precision (autocast) through accelerate"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, about a third more compute"""
+    chunk_size: int = 1024
+    """log-probs computed this many scored positions at a time from the last hidden states, never the whole (tokens x
+    vocabulary) logits (chunked_log_probs); 0: the plain path, the model's logits at once (encoder-decoder: always)"""
     use_peft: bool = False
     """train LoRA adapters instead of all weights"""
     lora_r: int = 16
@@ -213,6 +218,105 @@ def keep_best(rewards: list[float], num_samples: int, keep: int) -> list[int]:
     return kept
 
 
+# Token log-probs without ever holding the (tokens x vocabulary) logits: the same block in sft, iterative_sft, dpo, kto,
+# orpo, cpo, ppo, grpo and rloo (tests/test_chunked_log_probs.py compares them and checks it against the plain path)
+@dataclass
+class TokenLogProbs(ModelOutput):
+    """What a forward returns inside chunked_log_probs, in place of logits: per-token float32 values (B, T-1), position
+    t for label t+1, 0 where that label is not scored (-100). log_probs carries the gradient; entropy and mean_logits
+    (the mean logit over the vocabulary), present when asked for, have none. hidden_states: the model's, if asked."""
+
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits a model computes from its last hidden states, (n, H) -> (n, V): its output layer (bias, LoRA and
+    all), then the scaling and soft-capping some architectures apply after it (Cohere's logit_scale, Gemma's
+    final_logit_softcapping, Granite's logits_scaling)."""
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config.get_text_config()
+    if getattr(config, "logit_scale", None) is not None:
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None) is not None:
+        logits = logits / config.logits_scaling
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        logits = config.final_logit_softcapping * torch.tanh(logits / config.final_logit_softcapping)
+    return logits
+
+
+def label_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                    extras: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """(n, V) logits and (n,) labels -> {"log_probs": (n,) float32, and any of "entropy", "mean_logits" in extras}.
+    log p(label) = logit[label] - logsumexp(logits): no log-softmax over the vocabulary is ever materialised."""
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
+    log_normalizer = torch.logsumexp(logits, dim=-1)
+    values = {"log_probs": logits.gather(1, labels.unsqueeze(1)).squeeze(1) - log_normalizer}
+    with torch.no_grad():  # last: a chunk's recompute in the backward stops before them (checkpoint's early stop)
+        if "entropy" in extras:
+            values["entropy"] = log_normalizer - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        if "mean_logits" in extras:
+            values["mean_logits"] = logits.mean(-1)
+    return values
+
+
+def chunked_label_log_probs(model, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int,
+                            temperature: float = 1.0, extras: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """label_log_probs of n positions from their (n, H) last hidden states, chunk_size positions at a time, so that
+    at most one chunk's (chunk_size, V) logits exist at once. With gradients each chunk runs under
+    torch.utils.checkpoint: its logits are freed after the forward and recomputed, one chunk at a time, in the
+    backward (the output layer's matmul once more). n <= chunk_size (or chunk_size 0): one chunk, nothing recomputed,
+    the plain computation."""
+    def one_chunk(hidden: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return label_log_probs(output_logits(model, hidden), labels, temperature, extras)
+
+    if chunk_size == 0 or len(labels) <= chunk_size:
+        return one_chunk(hidden, labels)
+    parts = []
+    for start in range(0, len(labels), chunk_size):
+        part = (hidden[start : start + chunk_size], labels[start : start + chunk_size])
+        parts.append(checkpoint(one_chunk, *part, use_reentrant=False) if torch.is_grad_enabled()
+                     else one_chunk(*part))
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+
+@contextmanager
+def chunked_log_probs(model: torch.nn.Module, labels: torch.Tensor, chunk_size: int, temperature: float = 1.0,
+                      extras: tuple[str, ...] = ()):
+    """Inside the block, one forward of `model` (the unwrapped model; call it through its DDP / FSDP / DeepSpeed
+    wrapper as usual) returns TokenLogProbs of `labels` ((B, T), -100 where not scored) instead of (B, T, V) logits.
+
+    Its output layer projects nothing in the forward: a pre-hook keeps its inputs at the N scored positions, (N, H);
+    a hook at the end of the model's forward, still inside it (prepended, so before FSDP's post-forward reshards the
+    weights), projects them chunk_size at a time (chunked_label_log_probs). The values are the forward's outputs, so
+    the sharding wrappers gather the output layer again for the backward's recompute as for any backward."""
+    targets = labels[:, 1:] != -100  # (B, T-1): position t is scored when label t+1 is
+    positions = F.pad(targets, (0, 1), value=False)  # (B, T)
+    captured = []
+
+    def keep_scored_inputs(module, inputs):
+        captured.append(inputs[0][positions])  # (N, H)
+        capture_handle.remove()  # the chunks' own calls of the output layer project as usual
+        return (captured[-1][:0], *inputs[1:])
+
+    def project_in_chunks(module, args, output):
+        values = chunked_label_log_probs(model, captured.pop(), labels[:, 1:][targets], chunk_size, temperature,
+                                         extras)
+        zeros = torch.zeros(targets.shape, dtype=torch.float32, device=labels.device)
+        return TokenLogProbs(**{name: zeros.masked_scatter(targets, value) for name, value in values.items()},
+                             hidden_states=getattr(output, "hidden_states", None))
+
+    capture_handle = model.get_output_embeddings().register_forward_pre_hook(keep_scored_inputs)
+    project_handle = model.register_forward_hook(project_in_chunks, prepend=True)
+    try:
+        yield
+    finally:
+        capture_handle.remove()
+        project_handle.remove()
+
+
 def selective_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each next-token label: (B, T, V) logits, (B, T) labels -> ((B, T-1) log-probs, (B, T-1) mask).
 
@@ -227,11 +331,22 @@ def selective_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     return log_probs * mask, mask
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor) -> torch.Tensor:
+def token_log_probs(model, unwrapped, batch: dict, chunk_size: int) -> torch.Tensor:
+    """Per-token log-probs (B, T-1) of a collated batch's labels under a causal LM `model` (as the trainer calls it:
+    wrapped for DDP, FSDP or DeepSpeed; `unwrapped` is the model underneath), 0 where not scored. chunk_size > 0:
+    chunked_log_probs. 0: the plain path, the model's (B, T, V) logits, then selective_log_probs."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if chunk_size:
+        with chunked_log_probs(unwrapped, batch["labels"], chunk_size):
+            return model(**inputs).log_probs
+    return selective_log_probs(model(**inputs).logits, batch["labels"])[0]
+
+
+def sft_loss(log_probs: torch.Tensor, num_items_in_batch: int | torch.Tensor) -> torch.Tensor:
     """Summed next-token negative log-likelihood of a micro-batch, divided by num_items_in_batch: the number of target
     tokens in the whole optimizer step (all micro-batches, all processes). Summing these over micro-batches gives
-    the exact per-token mean of the step, however it is split. (B, T, V), (B, T) -> scalar."""
-    log_probs, _ = selective_log_probs(logits, labels)
+    the exact per-token mean of the step, however it is split. (B, T-1) per-token log-probs (0 where not scored) ->
+    scalar."""
     return -log_probs.sum() / num_items_in_batch
 
 
@@ -242,14 +357,15 @@ class IterativeSFTTrainer:
     AdamW over the trainable parameters unless `optimizers` holds an optimizer, and a constant schedule unless it holds
     a scheduler (the seed demanded max_steps then); model and optimizer are prepared with the given accelerator or a
     new one. Causal LMs and encoder-decoder models (AutoModelForSeq2SeqLM: labels are the decoder's targets, not
-    shifted) are supported.
+    shifted) are supported. A causal LM's log-probs are computed chunk_size scored positions at a time from its last
+    hidden states (chunked_log_probs; 0: from its whole logits); an encoder-decoder's always from its logits.
     """
 
     def __init__(self, model=None, tokenizer=None, optimizers=(None, None), learning_rate: float = 1e-5,
                  per_device_train_batch_size: int = 8, gradient_accumulation_steps: int = 1,
                  max_grad_norm: float | None = 1.0, weight_decay: float = 0.0, max_length: int | None = None,
                  truncation_mode: str = "keep_end", seed: int = 0, accelerator: Accelerator | None = None,
-                 bf16: bool = False):
+                 bf16: bool = False, chunk_size: int = 1024):
         # 0. Check the arguments, with what was found.
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise ValueError(f"tokenizer must be a transformers tokenizer (PreTrainedTokenizerBase), got "
@@ -264,6 +380,9 @@ class IterativeSFTTrainer:
                             ("max_length", 1 if max_length is None else max_length)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(chunk_size, int) or chunk_size < 0:
+            raise ValueError(f"chunk_size must be 0 (the plain path) or a positive number of positions, got "
+                             f"{chunk_size!r}")
         if learning_rate < 0 or weight_decay < 0 or (max_grad_norm is not None and max_grad_norm < 0):
             raise ValueError(f"learning_rate, weight_decay and max_grad_norm must not be negative, got "
                              f"{learning_rate}, {weight_decay} and {max_grad_norm}")
@@ -276,7 +395,7 @@ class IterativeSFTTrainer:
         self.per_device_train_batch_size = per_device_train_batch_size
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.max_grad_norm, self.max_length, self.truncation_mode = max_grad_norm, max_length, truncation_mode
-        self.seed = seed
+        self.seed, self.chunk_size = seed, chunk_size
         self.calls = 0  # step() calls so far: the shuffle of call k is seeded with seed + k
         self.optimizer_steps = 0
 
@@ -379,18 +498,20 @@ class IterativeSFTTrainer:
         return examples
 
     def _loss(self, batch: dict, num_items_in_batch: torch.Tensor) -> torch.Tensor:
-        """sft_loss of one micro-batch. A decoder-only model's logits at t predict label t+1 (sft_loss shifts); an
-        encoder-decoder's logits at t predict label t, so one ignored label in front and one logit row at the end
-        line them up for sft_loss."""
+        """sft_loss of one micro-batch. A decoder-only model's logits at t predict label t+1: token_log_probs, chunked
+        (chunk_size) under autocast, since the chunked output layer runs in a hook outside the autocast accelerate
+        wraps the forward in. An encoder-decoder's logits at t predict label t: the plain path, with one ignored
+        label in front and one logit row at the end to line them up for selective_log_probs."""
         with self.accelerator.autocast():
             if not self.is_encoder_decoder:
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    use_cache=False).logits
-                return sft_loss(logits, batch["labels"], num_items_in_batch)
+                log_probs = token_log_probs(self.model, self.accelerator.unwrap_model(self.model), batch,
+                                            self.chunk_size)
+                return sft_loss(log_probs, num_items_in_batch)
             # the model builds the decoder's inputs from the labels (shifted right, -100 -> pad), as in the seed
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                 labels=batch["labels"], use_cache=False).logits
-        return sft_loss(F.pad(logits, (0, 0, 0, 1)), F.pad(batch["labels"], (1, 0), value=-100), num_items_in_batch)
+        log_probs, _ = selective_log_probs(F.pad(logits, (0, 0, 0, 1)), F.pad(batch["labels"], (1, 0), value=-100))
+        return sft_loss(log_probs, num_items_in_batch)
 
     def step(self, input_ids: list[torch.Tensor] | None = None, attention_mask: list[torch.Tensor] | None = None,
              labels: list[torch.Tensor] | None = None, texts: list[str] | None = None,
@@ -462,6 +583,8 @@ def main(args: Args) -> None:
                  "output_min_length"]:
         if getattr(args, name) <= 0:
             fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.chunk_size < 0:
+        fail(f"--chunk_size must be 0 (the plain path) or a positive number of positions, got {args.chunk_size}")
     if not 0 < args.keep_fraction <= 1:
         fail(f"--keep_fraction must be in (0, 1] (the fraction of each prompt's samples trained on), got "
              f"{args.keep_fraction}")
@@ -545,7 +668,7 @@ def main(args: Args) -> None:
                                   gradient_accumulation_steps=args.gradient_accumulation_steps,
                                   max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay,
                                   max_length=args.max_length, truncation_mode=args.truncation_mode, seed=args.seed,
-                                  accelerator=accelerator)
+                                  accelerator=accelerator, chunk_size=args.chunk_size)
     torch.manual_seed(args.seed + accelerator.process_index)  # each process samples its own responses
     num_params = sum(p.numel() for p in model.parameters())
     num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

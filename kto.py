@@ -47,7 +47,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
 from datasets import DatasetDict, load_dataset, load_from_disk
 from tqdm.auto import tqdm
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import ModelOutput
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -87,8 +89,11 @@ class Args:
     """bf16 mixed precision (autocast) through accelerate"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, about a third more compute"""
+    chunk_size: int = 1024
+    """log-probs computed this many scored positions at a time from the last hidden states, never the whole (tokens x
+    vocabulary) logits (chunked_log_probs); 0: the plain path, the model's logits at once"""
     lm_head_only_at_labels: bool = True
-    """apply the output layer only where a token is scored (off: at every position, as the seed)"""
+    """with --chunk_size 0: apply the output layer only where a token is scored (off: at every position, as the seed)"""
     use_peft: bool = False
     """train LoRA adapters instead of all weights"""
     lora_r: int = 16
@@ -317,23 +322,130 @@ def collate_examples(rows: list[dict], pad_token_id: int) -> dict[str, torch.Ten
     return batch
 
 
-def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob: bool = False,
-                    label_pad_token_id: int = -100) -> torch.Tensor:
-    """(B, T, V) logits, or the (N, V) logits of the N scored positions only (lm_head_only_at), and (B, T) labels ->
-    (B,) float32 sum (or per-token mean) of the labels' log-probs.
+# Token log-probs without ever holding the (tokens x vocabulary) logits: the same block in sft, iterative_sft, dpo, kto,
+# orpo, cpo, ppo, grpo and rloo (tests/test_chunked_log_probs.py compares them and checks it against the plain path)
+@dataclass
+class TokenLogProbs(ModelOutput):
+    """What a forward returns inside chunked_log_probs, in place of logits: per-token float32 values (B, T-1), position
+    t for label t+1, 0 where that label is not scored (-100). log_probs carries the gradient; entropy and mean_logits
+    (the mean logit over the vocabulary), present when asked for, have none. hidden_states: the model's, if asked."""
 
-    Position t predicts label t+1; labels equal to label_pad_token_id (prompt, padding) are skipped. Each log-prob is
-    logit[label] - logsumexp(logits), which never materialises a log-softmax over the vocabulary.
-    """
-    mask = labels[:, 1:] != label_pad_token_id
-    if logits.dim() == 3:
-        logits = logits[:, :-1][mask]  # (N, V): the scored positions
-    label_logits = logits.gather(1, labels[:, 1:][mask].unsqueeze(1)).squeeze(1).float()
-    per_token_logps = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device).masked_scatter(
-        mask, label_logits - torch.logsumexp(logits.float(), dim=-1))  # (B, T-1), 0 where not scored
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits a model computes from its last hidden states, (n, H) -> (n, V): its output layer (bias, LoRA and
+    all), then the scaling and soft-capping some architectures apply after it (Cohere's logit_scale, Gemma's
+    final_logit_softcapping, Granite's logits_scaling)."""
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config.get_text_config()
+    if getattr(config, "logit_scale", None) is not None:
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None) is not None:
+        logits = logits / config.logits_scaling
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        logits = config.final_logit_softcapping * torch.tanh(logits / config.final_logit_softcapping)
+    return logits
+
+
+def label_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                    extras: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """(n, V) logits and (n,) labels -> {"log_probs": (n,) float32, and any of "entropy", "mean_logits" in extras}.
+    log p(label) = logit[label] - logsumexp(logits): no log-softmax over the vocabulary is ever materialised."""
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
+    log_normalizer = torch.logsumexp(logits, dim=-1)
+    values = {"log_probs": logits.gather(1, labels.unsqueeze(1)).squeeze(1) - log_normalizer}
+    with torch.no_grad():  # last: a chunk's recompute in the backward stops before them (checkpoint's early stop)
+        if "entropy" in extras:
+            values["entropy"] = log_normalizer - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        if "mean_logits" in extras:
+            values["mean_logits"] = logits.mean(-1)
+    return values
+
+
+def chunked_label_log_probs(model, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int,
+                            temperature: float = 1.0, extras: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """label_log_probs of n positions from their (n, H) last hidden states, chunk_size positions at a time, so that
+    at most one chunk's (chunk_size, V) logits exist at once. With gradients each chunk runs under
+    torch.utils.checkpoint: its logits are freed after the forward and recomputed, one chunk at a time, in the
+    backward (the output layer's matmul once more). n <= chunk_size (or chunk_size 0): one chunk, nothing recomputed,
+    the plain computation."""
+    def one_chunk(hidden: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return label_log_probs(output_logits(model, hidden), labels, temperature, extras)
+
+    if chunk_size == 0 or len(labels) <= chunk_size:
+        return one_chunk(hidden, labels)
+    parts = []
+    for start in range(0, len(labels), chunk_size):
+        part = (hidden[start : start + chunk_size], labels[start : start + chunk_size])
+        parts.append(checkpoint(one_chunk, *part, use_reentrant=False) if torch.is_grad_enabled()
+                     else one_chunk(*part))
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+
+@contextmanager
+def chunked_log_probs(model: torch.nn.Module, labels: torch.Tensor, chunk_size: int, temperature: float = 1.0,
+                      extras: tuple[str, ...] = ()):
+    """Inside the block, one forward of `model` (the unwrapped model; call it through its DDP / FSDP / DeepSpeed
+    wrapper as usual) returns TokenLogProbs of `labels` ((B, T), -100 where not scored) instead of (B, T, V) logits.
+
+    Its output layer projects nothing in the forward: a pre-hook keeps its inputs at the N scored positions, (N, H);
+    a hook at the end of the model's forward, still inside it (prepended, so before FSDP's post-forward reshards the
+    weights), projects them chunk_size at a time (chunked_label_log_probs). The values are the forward's outputs, so
+    the sharding wrappers gather the output layer again for the backward's recompute as for any backward."""
+    targets = labels[:, 1:] != -100  # (B, T-1): position t is scored when label t+1 is
+    positions = F.pad(targets, (0, 1), value=False)  # (B, T)
+    captured = []
+
+    def keep_scored_inputs(module, inputs):
+        captured.append(inputs[0][positions])  # (N, H)
+        capture_handle.remove()  # the chunks' own calls of the output layer project as usual
+        return (captured[-1][:0], *inputs[1:])
+
+    def project_in_chunks(module, args, output):
+        values = chunked_label_log_probs(model, captured.pop(), labels[:, 1:][targets], chunk_size, temperature,
+                                         extras)
+        zeros = torch.zeros(targets.shape, dtype=torch.float32, device=labels.device)
+        return TokenLogProbs(**{name: zeros.masked_scatter(targets, value) for name, value in values.items()},
+                             hidden_states=getattr(output, "hidden_states", None))
+
+    capture_handle = model.get_output_embeddings().register_forward_pre_hook(keep_scored_inputs)
+    project_handle = model.register_forward_hook(project_in_chunks, prepend=True)
+    try:
+        yield
+    finally:
+        capture_handle.remove()
+        project_handle.remove()
+
+
+def token_log_probs(model, unwrapped, batch: dict, chunk_size: int, lm_head_only_at_labels: bool = True,
+                    extras: tuple[str, ...] = ()) -> TokenLogProbs:
+    """Per-token log-probs (B, T-1) of a collated batch's labels under `model` (as the loop calls it: wrapped for DDP,
+    FSDP or DeepSpeed; `unwrapped` is the model underneath), and the extras asked for. chunk_size > 0:
+    chunked_log_probs. 0: the plain path, the model's own logits at the scored positions (at every position with
+    lm_head_only_at_labels off), then label_log_probs on them."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if chunk_size:
+        with chunked_log_probs(unwrapped, batch["labels"], chunk_size, extras=extras):
+            return model(**inputs)
+    targets = batch["labels"][:, 1:] != -100
+    with lm_head_only_at(unwrapped, scored_positions(batch["labels"]) if lm_head_only_at_labels else None):
+        logits = model(**inputs).logits  # (N, V), or (B, T, V) at every position
+    values = label_log_probs(logits if logits.dim() == 2 else logits[:, :-1][targets], batch["labels"][:, 1:][targets],
+                             extras=extras)
+    zeros = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
+    return TokenLogProbs(**{name: zeros.masked_scatter(targets, value) for name, value in values.items()})
+
+
+def sequence_log_probs(token_logps: torch.Tensor, labels: torch.Tensor, average_log_prob: bool = False) -> torch.Tensor:
+    """(B, T-1) per-token log-probs (0 where not scored) and (B, T) labels -> (B,) their sum over each answer, or
+    their mean per scored token (average_log_prob: IPO's, as the seed)."""
     if average_log_prob:
-        return per_token_logps.sum(-1) / mask.sum(-1).clamp(min=1)
-    return per_token_logps.sum(-1)
+        return token_logps.sum(-1) / (labels[:, 1:] != -100).sum(-1).clamp(min=1)
+    return token_logps.sum(-1)
 
 
 def kto_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, policy_KL_logps: torch.Tensor,
@@ -365,6 +477,8 @@ def main(args: Args) -> None:
                  "max_length", "logging_steps", "eval_steps"]:
         if getattr(args, name) <= 0:
             fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.chunk_size < 0:
+        fail(f"--chunk_size must be >= 0 (0: the plain path, the model's logits at once), got {args.chunk_size}")
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
         fail(f"need --max_steps > 0 or --num_train_epochs > 0, got {args.max_steps} and {args.num_train_epochs}")
     check_run(args, ["model_name_or_path"])  # learning rate, model path, output_dir, --resume_from_checkpoint latest
@@ -495,18 +609,15 @@ def main(args: Args) -> None:
 
     def reference_logps(batch: dict) -> torch.Tensor:
         """(n,) reference log-probs of a collated batch (on the device), at the policy's precision under --bf16."""
-        positions = scored_positions(batch["labels"]) if args.lm_head_only_at_labels else None
         with torch.no_grad(), accelerator.autocast():
             if reference_model is not None:
-                with lm_head_only_at(reference_model, positions):
-                    logits = reference_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                             use_cache=False).logits
+                out = token_log_probs(reference_model, accelerator.unwrap_model(reference_model), batch,
+                                      args.chunk_size, args.lm_head_only_at_labels)
             else:  # LoRA: the reference is the base model, i.e. the policy with its adapters off
-                policy_model = accelerator.unwrap_model(model)
-                with policy_model.disable_adapter(), lm_head_only_at(policy_model, positions):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   use_cache=False).logits
-            return get_batch_logps(logits, batch["labels"])
+                with accelerator.unwrap_model(model).disable_adapter():
+                    out = token_log_probs(model, accelerator.unwrap_model(model), batch, args.chunk_size,
+                                          args.lm_head_only_at_labels)
+            return sequence_log_probs(out.log_probs, batch["labels"])
 
     # 5a. --precompute_ref_log_probs: before the policy is loaded, so the two never share memory, for every example
     #     and every KL pair (the training KL pairs of each step are known in advance: the data order is a function of
@@ -565,12 +676,12 @@ def main(args: Args) -> None:
     def forward(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy and reference log-probs (n,) of a batch of examples, desirable and undesirable together: ONE
         policy forward (with gradient unless the caller turned it off), and one reference forward unless the
-        reference log-probs were precomputed. The output layer runs only at the completions' positions
-        (--lm_head_only_at_labels): logits are (N, V) then."""
-        positions = scored_positions(batch["labels"]) if args.lm_head_only_at_labels else None
-        with lm_head_only_at(accelerator.unwrap_model(model), positions):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        policy = get_batch_logps(logits, batch["labels"])
+        reference log-probs were precomputed. The KL pairs (mismatched prompt and completion) take the same path. No
+        (tokens x vocabulary) logits are held whole (--chunk_size; 0: the model's logits at the completions)."""
+        with accelerator.autocast():
+            out = token_log_probs(model, accelerator.unwrap_model(model), batch, args.chunk_size,
+                                  args.lm_head_only_at_labels)
+        policy = sequence_log_probs(out.log_probs, batch["labels"])
         return policy, batch["reference_logps"] if "reference_logps" in batch else reference_logps(batch)
 
     def compute_loss(policy, reference, desirable, policy_kl, reference_kl):

@@ -50,8 +50,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
 from datasets import DatasetDict, load_dataset, load_from_disk
 from torch.nn.utils.rnn import pad_sequence
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import ModelOutput
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -91,6 +93,9 @@ class Args:
     """bf16 mixed precision (autocast) through accelerate"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, about a third more compute"""
+    chunk_size: int = 1024
+    """log-probs computed this many completion positions at a time from the last hidden states, never the whole
+    (tokens x vocabulary) logits (chunked_log_probs); 0: the plain path, all completion positions' logits at once"""
     disable_dropout: bool = False
     """switch dropout off in the policy and the reference (TRL's default keeps it)"""
     use_peft: bool = False
@@ -615,21 +620,126 @@ def collate_rollouts(queries: list[list[int]], rollouts: list[Rollout], pad_toke
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
-def completion_log_probs(model, batch: dict, temperature: float, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+# Token log-probs without ever holding the (tokens x vocabulary) logits: the same block in sft, iterative_sft, dpo, kto,
+# orpo, cpo, ppo, grpo and rloo (tests/test_chunked_log_probs.py compares them and checks it against the plain path)
+@dataclass
+class TokenLogProbs(ModelOutput):
+    """What a forward returns inside chunked_log_probs, in place of logits: per-token float32 values (B, T-1), position
+    t for label t+1, 0 where that label is not scored (-100). log_probs carries the gradient; entropy and mean_logits
+    (the mean logit over the vocabulary), present when asked for, have none. hidden_states: the model's, if asked."""
+
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits a model computes from its last hidden states, (n, H) -> (n, V): its output layer (bias, LoRA and
+    all), then the scaling and soft-capping some architectures apply after it (Cohere's logit_scale, Gemma's
+    final_logit_softcapping, Granite's logits_scaling)."""
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config.get_text_config()
+    if getattr(config, "logit_scale", None) is not None:
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None) is not None:
+        logits = logits / config.logits_scaling
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        logits = config.final_logit_softcapping * torch.tanh(logits / config.final_logit_softcapping)
+    return logits
+
+
+def label_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                    extras: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """(n, V) logits and (n,) labels -> {"log_probs": (n,) float32, and any of "entropy", "mean_logits" in extras}.
+    log p(label) = logit[label] - logsumexp(logits): no log-softmax over the vocabulary is ever materialised."""
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
+    log_normalizer = torch.logsumexp(logits, dim=-1)
+    values = {"log_probs": logits.gather(1, labels.unsqueeze(1)).squeeze(1) - log_normalizer}
+    with torch.no_grad():  # last: a chunk's recompute in the backward stops before them (checkpoint's early stop)
+        if "entropy" in extras:
+            values["entropy"] = log_normalizer - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        if "mean_logits" in extras:
+            values["mean_logits"] = logits.mean(-1)
+    return values
+
+
+def chunked_label_log_probs(model, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int,
+                            temperature: float = 1.0, extras: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """label_log_probs of n positions from their (n, H) last hidden states, chunk_size positions at a time, so that
+    at most one chunk's (chunk_size, V) logits exist at once. With gradients each chunk runs under
+    torch.utils.checkpoint: its logits are freed after the forward and recomputed, one chunk at a time, in the
+    backward (the output layer's matmul once more). n <= chunk_size (or chunk_size 0): one chunk, nothing recomputed,
+    the plain computation."""
+    def one_chunk(hidden: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return label_log_probs(output_logits(model, hidden), labels, temperature, extras)
+
+    if chunk_size == 0 or len(labels) <= chunk_size:
+        return one_chunk(hidden, labels)
+    parts = []
+    for start in range(0, len(labels), chunk_size):
+        part = (hidden[start : start + chunk_size], labels[start : start + chunk_size])
+        parts.append(checkpoint(one_chunk, *part, use_reentrant=False) if torch.is_grad_enabled()
+                     else one_chunk(*part))
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+
+@contextmanager
+def chunked_log_probs(model: torch.nn.Module, labels: torch.Tensor, chunk_size: int, temperature: float = 1.0,
+                      extras: tuple[str, ...] = ()):
+    """Inside the block, one forward of `model` (the unwrapped model; call it through its DDP / FSDP / DeepSpeed
+    wrapper as usual) returns TokenLogProbs of `labels` ((B, T), -100 where not scored) instead of (B, T, V) logits.
+
+    Its output layer projects nothing in the forward: a pre-hook keeps its inputs at the N scored positions, (N, H);
+    a hook at the end of the model's forward, still inside it (prepended, so before FSDP's post-forward reshards the
+    weights), projects them chunk_size at a time (chunked_label_log_probs). The values are the forward's outputs, so
+    the sharding wrappers gather the output layer again for the backward's recompute as for any backward."""
+    targets = labels[:, 1:] != -100  # (B, T-1): position t is scored when label t+1 is
+    positions = F.pad(targets, (0, 1), value=False)  # (B, T)
+    captured = []
+
+    def keep_scored_inputs(module, inputs):
+        captured.append(inputs[0][positions])  # (N, H)
+        capture_handle.remove()  # the chunks' own calls of the output layer project as usual
+        return (captured[-1][:0], *inputs[1:])
+
+    def project_in_chunks(module, args, output):
+        values = chunked_label_log_probs(model, captured.pop(), labels[:, 1:][targets], chunk_size, temperature,
+                                         extras)
+        zeros = torch.zeros(targets.shape, dtype=torch.float32, device=labels.device)
+        return TokenLogProbs(**{name: zeros.masked_scatter(targets, value) for name, value in values.items()},
+                             hidden_states=getattr(output, "hidden_states", None))
+
+    capture_handle = model.get_output_embeddings().register_forward_pre_hook(keep_scored_inputs)
+    project_handle = model.register_forward_hook(project_in_chunks, prepend=True)
+    try:
+        yield
+    finally:
+        capture_handle.remove()
+        project_handle.remove()
+
+
+def completion_log_probs(model, batch: dict, temperature: float, accelerator,
+                         chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies (both (B, T-1), 0 off the completion mask) of the completion tokens under
-    `model`, the logits divided by the sampling temperature (as TRL does). The output layer runs only at the masked
-    positions and the log-prob is logit - logsumexp: no (B, T, V) logits, no log-softmax. Entropies have no gradient."""
+    `model`, the logits divided by the sampling temperature (as TRL does); entropies have no gradient. chunk_size > 0:
+    chunked_log_probs, its labels the tokens on the mask (-100 on the prompt, tool results and padding), so that no
+    (tokens x vocabulary) logits are ever held whole. 0: the plain path, the model's logits at the masked positions
+    only (lm_head_only_at), then label_log_probs: logit - logsumexp, no log-softmax."""
     mask = batch["completion_mask"].bool()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if chunk_size:
+        labels = batch["input_ids"].masked_fill(~F.pad(mask, (1, 0), value=False), -100)  # token t+1, scored at t
+        with accelerator.autocast(), chunked_log_probs(accelerator.unwrap_model(model), labels, chunk_size,
+                                                       temperature, extras=("entropy",)):
+            out = model(**inputs)
+        return out.log_probs, out.entropy
     positions = F.pad(mask, (0, 1), value=False)  # position t scores token t + 1
     with accelerator.autocast(), lm_head_only_at(accelerator.unwrap_model(model), positions):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logits = logits.float() / temperature  # (N, V)
-    log_normalizer = torch.logsumexp(logits, dim=-1)
-    label_logps = logits.gather(1, batch["input_ids"][:, 1:][mask].unsqueeze(1)).squeeze(1) - log_normalizer
-    with torch.no_grad():
-        entropy = log_normalizer - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        logits = model(**inputs).logits  # (N, V)
+    values = label_log_probs(logits, batch["input_ids"][:, 1:][mask], temperature, extras=("entropy",))
     zeros = torch.zeros(mask.shape, device=logits.device)
-    return zeros.masked_scatter(mask, label_logps), zeros.masked_scatter(mask, entropy)
+    return zeros.masked_scatter(mask, values["log_probs"]), zeros.masked_scatter(mask, values["entropy"])
 
 
 def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
@@ -738,6 +848,8 @@ def main(args: Args) -> None:
              f"prompt), got {args.num_generations}")
     if args.temperature <= 0:
         fail(f"--temperature must be positive, got {args.temperature}")
+    if args.chunk_size < 0:
+        fail(f"--chunk_size must be >= 0 (0: the plain path), got {args.chunk_size}")
     if args.reward_clip_range is not None and not args.reward_clip_range[0] < args.reward_clip_range[1]:
         fail(f"--reward_clip_range must be LOW HIGH with LOW < HIGH, got {args.reward_clip_range}")
     if args.max_tool_calling_iterations is not None and args.max_tool_calling_iterations < 0:
@@ -997,15 +1109,16 @@ def main(args: Args) -> None:
             batch = collate_rollouts(my_queries[part], rollouts[part], tokenizer.pad_token_id, train_mask[part])
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
             with torch.no_grad():
-                batch["old_per_token_logps"] = completion_log_probs(model, batch, args.temperature, accelerator)[0]
+                batch["old_per_token_logps"] = completion_log_probs(model, batch, args.temperature, accelerator,
+                                                                    args.chunk_size)[0]
                 if args.beta != 0.0:
                     if reference_model is not None:
                         batch["ref_per_token_logps"] = completion_log_probs(reference_model, batch, args.temperature,
-                                                                            accelerator)[0]
+                                                                            accelerator, args.chunk_size)[0]
                     else:
                         with accelerator.unwrap_model(model).disable_adapter():
                             batch["ref_per_token_logps"] = completion_log_probs(model, batch, args.temperature,
-                                                                                accelerator)[0]
+                                                                                accelerator, args.chunk_size)[0]
             batch["old_logps"] = (batch["old_per_token_logps"] * batch["completion_mask"]).sum(1)
             micro_batches.append(batch)
 
@@ -1078,7 +1191,8 @@ def main(args: Args) -> None:
             # 8b. Loss and backward: the clipped ratio of whole-sequence probabilities, averaged over the micro-batch's
             #     completions, divided by the accumulation steps; DDP averages the gradients over processes.
             with accumulating(accelerator, model, last=j == args.gradient_accumulation_steps - 1):
-                per_token_logps, entropies = completion_log_probs(model, batch, args.temperature, accelerator)
+                per_token_logps, entropies = completion_log_probs(model, batch, args.temperature, accelerator,
+                                                                  args.chunk_size)
                 loss, metrics = rloo_loss(per_token_logps, batch["old_logps"], batch["advantages"],
                                           batch["completion_mask"], epsilon=args.epsilon,
                                           epsilon_high=args.epsilon_high)

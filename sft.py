@@ -43,7 +43,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from datasets import DatasetDict, load_dataset, load_from_disk
 from tqdm.auto import tqdm
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import ModelOutput
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -83,8 +85,11 @@ class Args:
     """bf16 mixed precision (autocast) through accelerate"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, about a third more compute"""
+    chunk_size: int = 1024
+    """log-probs computed this many scored positions at a time from the last hidden states, never the whole (tokens x
+    vocabulary) logits (chunked_log_probs); 0: the plain path, the model's logits at once"""
     lm_head_only_at_labels: bool = True
-    """apply the output layer only where a token is scored (off: at every position, as the seed)"""
+    """with --chunk_size 0: apply the output layer only where a token is scored (off: at every position, as the seed)"""
     use_peft: bool = False
     """train LoRA adapters instead of all weights"""
     lora_r: int = 16
@@ -313,6 +318,105 @@ def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
 
 
+# Token log-probs without ever holding the (tokens x vocabulary) logits: the same block in sft, iterative_sft, dpo, kto,
+# orpo, cpo, ppo, grpo and rloo (tests/test_chunked_log_probs.py compares them and checks it against the plain path)
+@dataclass
+class TokenLogProbs(ModelOutput):
+    """What a forward returns inside chunked_log_probs, in place of logits: per-token float32 values (B, T-1), position
+    t for label t+1, 0 where that label is not scored (-100). log_probs carries the gradient; entropy and mean_logits
+    (the mean logit over the vocabulary), present when asked for, have none. hidden_states: the model's, if asked."""
+
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits a model computes from its last hidden states, (n, H) -> (n, V): its output layer (bias, LoRA and
+    all), then the scaling and soft-capping some architectures apply after it (Cohere's logit_scale, Gemma's
+    final_logit_softcapping, Granite's logits_scaling)."""
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config.get_text_config()
+    if getattr(config, "logit_scale", None) is not None:
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None) is not None:
+        logits = logits / config.logits_scaling
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        logits = config.final_logit_softcapping * torch.tanh(logits / config.final_logit_softcapping)
+    return logits
+
+
+def label_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                    extras: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """(n, V) logits and (n,) labels -> {"log_probs": (n,) float32, and any of "entropy", "mean_logits" in extras}.
+    log p(label) = logit[label] - logsumexp(logits): no log-softmax over the vocabulary is ever materialised."""
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
+    log_normalizer = torch.logsumexp(logits, dim=-1)
+    values = {"log_probs": logits.gather(1, labels.unsqueeze(1)).squeeze(1) - log_normalizer}
+    with torch.no_grad():  # last: a chunk's recompute in the backward stops before them (checkpoint's early stop)
+        if "entropy" in extras:
+            values["entropy"] = log_normalizer - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        if "mean_logits" in extras:
+            values["mean_logits"] = logits.mean(-1)
+    return values
+
+
+def chunked_label_log_probs(model, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int,
+                            temperature: float = 1.0, extras: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """label_log_probs of n positions from their (n, H) last hidden states, chunk_size positions at a time, so that
+    at most one chunk's (chunk_size, V) logits exist at once. With gradients each chunk runs under
+    torch.utils.checkpoint: its logits are freed after the forward and recomputed, one chunk at a time, in the
+    backward (the output layer's matmul once more). n <= chunk_size (or chunk_size 0): one chunk, nothing recomputed,
+    the plain computation."""
+    def one_chunk(hidden: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return label_log_probs(output_logits(model, hidden), labels, temperature, extras)
+
+    if chunk_size == 0 or len(labels) <= chunk_size:
+        return one_chunk(hidden, labels)
+    parts = []
+    for start in range(0, len(labels), chunk_size):
+        part = (hidden[start : start + chunk_size], labels[start : start + chunk_size])
+        parts.append(checkpoint(one_chunk, *part, use_reentrant=False) if torch.is_grad_enabled()
+                     else one_chunk(*part))
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+
+@contextmanager
+def chunked_log_probs(model: torch.nn.Module, labels: torch.Tensor, chunk_size: int, temperature: float = 1.0,
+                      extras: tuple[str, ...] = ()):
+    """Inside the block, one forward of `model` (the unwrapped model; call it through its DDP / FSDP / DeepSpeed
+    wrapper as usual) returns TokenLogProbs of `labels` ((B, T), -100 where not scored) instead of (B, T, V) logits.
+
+    Its output layer projects nothing in the forward: a pre-hook keeps its inputs at the N scored positions, (N, H);
+    a hook at the end of the model's forward, still inside it (prepended, so before FSDP's post-forward reshards the
+    weights), projects them chunk_size at a time (chunked_label_log_probs). The values are the forward's outputs, so
+    the sharding wrappers gather the output layer again for the backward's recompute as for any backward."""
+    targets = labels[:, 1:] != -100  # (B, T-1): position t is scored when label t+1 is
+    positions = F.pad(targets, (0, 1), value=False)  # (B, T)
+    captured = []
+
+    def keep_scored_inputs(module, inputs):
+        captured.append(inputs[0][positions])  # (N, H)
+        capture_handle.remove()  # the chunks' own calls of the output layer project as usual
+        return (captured[-1][:0], *inputs[1:])
+
+    def project_in_chunks(module, args, output):
+        values = chunked_label_log_probs(model, captured.pop(), labels[:, 1:][targets], chunk_size, temperature,
+                                         extras)
+        zeros = torch.zeros(targets.shape, dtype=torch.float32, device=labels.device)
+        return TokenLogProbs(**{name: zeros.masked_scatter(targets, value) for name, value in values.items()},
+                             hidden_states=getattr(output, "hidden_states", None))
+
+    capture_handle = model.get_output_embeddings().register_forward_pre_hook(keep_scored_inputs)
+    project_handle = model.register_forward_hook(project_in_chunks, prepend=True)
+    try:
+        yield
+    finally:
+        capture_handle.remove()
+        project_handle.remove()
+
+
 def selective_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each next-token label: (B, T, V) logits, or the (N, V) logits of the N scored positions only
     (lm_head_only_at), and (B, T) labels -> ((B, T-1) log-probs, (B, T-1) mask).
@@ -329,11 +433,31 @@ def selective_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     return log_probs, mask
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor) -> torch.Tensor:
+def token_log_probs(model, unwrapped, batch: dict, chunk_size: int, lm_head_only_at_labels: bool = True,
+                    packing: bool = False) -> torch.Tensor:
+    """Per-token log-probs (B, T-1) of a collated batch's labels under `model` (as the loop calls it: wrapped for DDP,
+    FSDP or DeepSpeed; `unwrapped` is the model underneath), 0 where not scored. chunk_size > 0: chunked_log_probs.
+    0: the plain path, the model's own logits at the scored positions (at every position with lm_head_only_at_labels
+    off), then selective_log_probs. packing: no attention mask, attention follows the documents marked by position-id
+    resets. use_cache=False: a KV cache would also switch off transformers' packed-sequence detection."""
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if packing:
+        inputs["position_ids"] = batch["position_ids"]
+    else:
+        inputs["attention_mask"] = batch["attention_mask"]
+    if chunk_size:
+        with chunked_log_probs(unwrapped, batch["labels"], chunk_size):
+            return model(**inputs).log_probs
+    with lm_head_only_at(unwrapped, scored_positions(batch["labels"]) if lm_head_only_at_labels else None):
+        logits = model(**inputs).logits  # (N, V), or (B, T, V) at every position
+    return selective_log_probs(logits, batch["labels"])[0]
+
+
+def sft_loss(log_probs: torch.Tensor, num_items_in_batch: int | torch.Tensor) -> torch.Tensor:
     """Summed next-token negative log-likelihood of a micro-batch, divided by num_items_in_batch: the number of target
     tokens in the whole optimizer step (all micro-batches, all processes). Summing these over micro-batches gives
-    the exact per-token mean of the step, however it is split. (B, T, V) or (N, V) logits, (B, T) labels -> scalar."""
-    log_probs, _ = selective_log_probs(logits, labels)
+    the exact per-token mean of the step, however it is split. (B, T-1) per-token log-probs (0 where not scored, as
+    token_log_probs returns them) -> scalar."""
     return -log_probs.sum() / num_items_in_batch
 
 
@@ -370,6 +494,8 @@ def main(args: Args) -> None:
                  "max_length", "logging_steps", "eval_steps"]:
         if getattr(args, name) <= 0:
             fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.chunk_size < 0:
+        fail(f"--chunk_size must be 0 (the plain path) or a positive number of positions, got {args.chunk_size}")
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
         fail(f"need --max_steps > 0 or --num_train_epochs > 0, got {args.max_steps} and {args.num_train_epochs}")
     check_run(args, ["model_name_or_path"])  # learning rate, model path, output_dir, --resume_from_checkpoint latest
@@ -454,14 +580,12 @@ def main(args: Args) -> None:
     log = open_logs(args, accelerator, start_step)
 
     def forward(batch: dict) -> torch.Tensor:
-        """Logits at the positions whose next token is a target, (N, V) (all positions, (B, T, V), with
-        --no-lm_head_only_at_labels). use_cache=False: a KV cache would also switch off transformers' packed-sequence
-        detection."""
-        positions = scored_positions(batch["labels"]) if args.lm_head_only_at_labels else None
-        with lm_head_only_at(accelerator.unwrap_model(model), positions):
-            if args.packing:  # no attention mask: attention follows the documents marked by position-id resets
-                return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        """(B, T-1) log-probs of a batch's targets (token_log_probs): no (tokens x vocabulary) logits are held whole
+        (--chunk_size; 0: the model's logits at the targets). Under autocast with --bf16: the chunked output layer runs
+        in a hook, outside the autocast accelerate wraps the model's forward in."""
+        with accelerator.autocast():
+            return token_log_probs(model, accelerator.unwrap_model(model), batch, args.chunk_size,
+                                   args.lm_head_only_at_labels, args.packing)
 
     def evaluate() -> float:
         """Mean next-token loss over every target token of the eval split (each process takes every N-th row)."""
@@ -472,9 +596,8 @@ def main(args: Args) -> None:
             for start in range(0, len(my_rows), args.per_device_eval_batch_size):
                 batch = collate(my_rows[start : start + args.per_device_eval_batch_size], tokenizer.pad_token_id)
                 batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-                log_probs, mask = selective_log_probs(forward(batch), batch["labels"])
-                loss_sum += -log_probs.sum()
-                count += mask.sum()
+                loss_sum += -forward(batch).sum()
+                count += (batch["labels"][:, 1:] != -100).sum()
         model.train()
         return (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(count, "sum")).item()
 
@@ -503,7 +626,7 @@ def main(args: Args) -> None:
         for j, batch in enumerate(micro_batches):
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
             with accumulating(accelerator, model, last=j == len(micro_batches) - 1):
-                loss = sft_loss(forward(batch), batch["labels"], num_items_in_batch)  # autocast under --bf16
+                loss = sft_loss(forward(batch), num_items_in_batch)
                 accelerator.backward(loss * world_size)
             step_loss += loss.detach()
         step_loss = accelerator.reduce(step_loss, "sum")
