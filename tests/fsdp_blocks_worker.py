@@ -28,11 +28,22 @@ def stand_in_accelerator(rank: int) -> SimpleNamespace:
                            wait_for_everyone=dist.barrier, unwrap_model=lambda model: model)
 
 
-def shard(model):
-    """What accelerate's FSDP2 preparation does with fsdp.yaml: each transformer block, then the root."""
+def shard(model, tail_group: bool = False):
+    """What accelerate's FSDP2 preparation does with fsdp.yaml: each transformer block, then the root. tail_group: as
+    accelerate 1.15 also does, the final norm and the output layer (with the input embeddings when tied) one more
+    group that stays gathered after the forward, and the untied input embeddings a group of their own."""
     for module in model.modules():
         if type(module).__name__ in model._no_split_modules:
-            fully_shard(module)
+            fully_shard(module, reshard_after_forward=True)
+    if tail_group:
+        language_model = getattr(model, "pretrained_model", model)
+        norm = language_model.get_decoder().norm if hasattr(language_model.get_decoder(), "norm") else \
+            language_model.get_decoder().ln_f
+        embeddings, head = language_model.get_input_embeddings(), language_model.get_output_embeddings()
+        tied = embeddings.weight is head.weight
+        if not tied:
+            fully_shard(embeddings, reshard_after_forward=True)
+        fully_shard([norm, embeddings, head] if tied else [norm, head], reshard_after_forward=False)
     fully_shard(model)
     return model
 
@@ -67,6 +78,26 @@ def fresh(module, name: str, path=TINY):
     if name == "ppo":
         return module.AutoModelForCausalLMWithValueHead.from_pretrained(path).eval()  # eval: no value-head dropout
     return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def chunked_values_and_grads(module, model, batch, labels, chunk_size: int):
+    """Per-token log-probs through the script's chunked_log_probs and every weight's (whole) gradient of a loss that
+    is not linear in them; ppo.py's value-head model through its language model, its values in the loss too."""
+    language_model = getattr(model, "pretrained_model", model)
+    with module.chunked_log_probs(language_model, labels, chunk_size, extras=("entropy",)):
+        out = model(**batch, use_cache=False)
+    log_probs = out.log_probs if hasattr(out, "log_probs") else out[0]
+    sums = log_probs.sum(-1)
+    loss = -torch.nn.functional.logsigmoid(sums[0] - sums[1]) + log_probs.pow(2).sum()
+    if isinstance(out, tuple):
+        loss = loss + out[2].float().pow(2).mean()
+    loss.backward()
+    grads = {}
+    for key, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            grad = parameter.grad
+            grads[key] = grad.full_tensor() if isinstance(grad, DTensor) else grad
+    return log_probs.detach(), grads
 
 
 def check(condition: bool, what: str) -> None:
@@ -161,6 +192,20 @@ def main(out: Path, scripts: list[str]) -> None:
             dist.barrier()
             reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY), out / name / "adapter")
             check(torch.allclose(logits(reloaded, batch), expected, atol=1e-5), f"{name}: the LoRA adapter")
+        # 7. The chunked log-probs (chunked_log_probs, chunks of 3 positions, recomputed in the backward) of a sharded
+        #    model, sharded as accelerate shards it and as above: the unsharded model's values and gradients.
+        if hasattr(module, "chunked_log_probs"):
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            labels[:, :2] = -100
+            want, want_grads = chunked_values_and_grads(module, fresh(module, name), batch, labels, 0)
+            for tail_group in [False, True]:
+                got, got_grads = chunked_values_and_grads(module, shard(fresh(module, name), tail_group), batch,
+                                                          labels, 3)
+                check(torch.allclose(got, want, atol=1e-5), f"{name}: sharded chunked log-probs ({tail_group})")
+                check(got_grads.keys() == want_grads.keys(), f"{name}: every weight has its gradient")
+                for key, grad in want_grads.items():
+                    check((got_grads[key] - grad).abs().max() <= 1e-4 * grad.abs().max(),
+                          f"{name}: sharded chunked gradient of {key} ({tail_group})")
         if rank == 0:
             print(f"{name}: ok", flush=True)
     dist.barrier()

@@ -152,14 +152,20 @@ def test_the_output_layer_runs_in_the_autocast_dtype_under_bf16():
     model = small_config("llama-untied")
     input_ids, labels = a_batch(model.config.vocab_size)
     dtypes = []
-    handle = model.lm_head.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+
+    class RecordingLinear(torch.nn.Linear):  # what the output layer's own forward computes in
+        def forward(self, hidden):
+            logits = super().forward(hidden)
+            dtypes.append(logits.dtype)
+            return logits
+
+    model.lm_head.__class__ = RecordingLinear
     results = {}
     for chunk_size in [0, 5]:
         with torch.autocast("cpu", dtype=torch.bfloat16), dpo.chunked_log_probs(model, labels, chunk_size):
             out = model(input_ids=input_ids, use_cache=False)
         loss_of(out.log_probs).backward()
         results[chunk_size] = (out.log_probs.detach(), gradients(model))
-    handle.remove()
     assert set(dtypes) == {torch.bfloat16} and out.log_probs.dtype == torch.float32
     torch.testing.assert_close(results[5][0], results[0][0], rtol=1e-2, atol=1e-2)
     for name, grad in results[0][1].items():
