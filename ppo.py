@@ -57,8 +57,10 @@ from accelerate.utils import DistributedType, gather_object, set_seed
 from datasets import DatasetDict, load_dataset, load_from_disk
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
+from torch.utils.checkpoint import checkpoint
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
                           AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase)
+from transformers.utils import ModelOutput
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -102,8 +104,13 @@ class PPOConfig:
     """bf16 mixed precision (autocast) through accelerate"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, about a third more compute"""
+    chunk_size: int = 1024
+    """log-probs computed this many response positions at a time from the last hidden states, never the whole (tokens
+    x vocabulary) logits (chunked_log_probs); 0: the plain path, the model's logits at once (kl_penalty full and
+    encoder-decoder models always take the plain path: they need whole distributions)"""
     lm_head_only_at_responses: bool = True
-    """apply the output layer only at the response tokens (off, and with kl_penalty full: everywhere, as the seed)"""
+    """plain path: apply the output layer only at the response tokens (off, and with kl_penalty full: everywhere, as
+    the seed)"""
     use_peft: bool = False
     """train LoRA adapters (and the value head in full); the reference is the policy with adapters off"""
     lora_r: int = 16
@@ -220,6 +227,8 @@ class PPOConfig:
         for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.chunk_size < 0:
+            raise ValueError(f"chunk_size must be >= 0 (0: the plain path), got {self.chunk_size}")
         if self.batch_size % self.backward_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
                              f"({self.mini_batch_size}) x gradient_accumulation_steps "
@@ -252,6 +261,112 @@ def format_query(prompt, tokenizer) -> tuple[str, bool]:
     if isinstance(prompt, list):
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), True
     return prompt, False
+
+
+# Token log-probs without ever holding the (tokens x vocabulary) logits: the same block in sft, iterative_sft, dpo, kto,
+# orpo, cpo, ppo, grpo and rloo (tests/test_chunked_log_probs.py compares them and checks it against the plain path)
+@dataclass
+class TokenLogProbs(ModelOutput):
+    """What a forward returns inside chunked_log_probs, in place of logits: per-token float32 values (B, T-1), position
+    t for label t+1, 0 where that label is not scored (-100). log_probs carries the gradient; entropy and mean_logits
+    (the mean logit over the vocabulary), present when asked for, have none. hidden_states: the model's, if asked."""
+
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def output_logits(project, config, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits a model computes from its last hidden states, (n, H) -> (n, V): project (its output layer's forward:
+    bias, LoRA and all), then the scaling and soft-capping some architectures apply after it (Cohere's logit_scale,
+    Granite's logits_scaling, Gemma's final_logit_softcapping; config: the model's)."""
+    logits = project(hidden)
+    config = config.get_text_config()
+    if getattr(config, "logit_scale", None) is not None:
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None) is not None:
+        logits = logits / config.logits_scaling
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        logits = config.final_logit_softcapping * torch.tanh(logits / config.final_logit_softcapping)
+    return logits
+
+
+def label_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                    extras: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """(n, V) logits and (n,) labels -> {"log_probs": (n,) float32, and any of "entropy", "mean_logits" in extras}.
+    log p(label) = logit[label] - logsumexp(logits): no log-softmax over the vocabulary is ever materialised."""
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
+    log_normalizer = torch.logsumexp(logits, dim=-1)
+    values = {"log_probs": logits.gather(1, labels.unsqueeze(1)).squeeze(1) - log_normalizer}
+    with torch.no_grad():  # last: a chunk's recompute in the backward stops before them (checkpoint's early stop)
+        if "entropy" in extras:
+            values["entropy"] = log_normalizer - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        if "mean_logits" in extras:
+            values["mean_logits"] = logits.mean(-1)
+    return values
+
+
+def chunked_label_log_probs(project, config, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int,
+                            temperature: float = 1.0, extras: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """label_log_probs of n positions from their (n, H) last hidden states (output_logits(project, config, ...)),
+    chunk_size positions at a time, so that at most one chunk's (chunk_size, V) logits exist at once. With gradients
+    each chunk runs under torch.utils.checkpoint: its logits are freed after the forward and recomputed, one chunk at
+    a time, in the backward (the output layer's matmul once more). n <= chunk_size (or chunk_size 0): one chunk,
+    nothing recomputed, the plain computation."""
+    def one_chunk(hidden: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return label_log_probs(output_logits(project, config, hidden), labels, temperature, extras)
+
+    if chunk_size == 0 or len(labels) <= chunk_size:
+        return one_chunk(hidden, labels)
+    parts = []
+    for start in range(0, len(labels), chunk_size):
+        part = (hidden[start : start + chunk_size], labels[start : start + chunk_size])
+        parts.append(checkpoint(one_chunk, *part, use_reentrant=False) if torch.is_grad_enabled()
+                     else one_chunk(*part))
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+
+@contextmanager
+def chunked_log_probs(model: torch.nn.Module, labels: torch.Tensor, chunk_size: int, temperature: float = 1.0,
+                      extras: tuple[str, ...] = ()):
+    """Inside the block, one forward of `model` (the unwrapped model; call it through its DDP / FSDP / DeepSpeed
+    wrapper as usual) returns TokenLogProbs of `labels` ((B, T), -100 where not scored) instead of (B, T, V) logits.
+
+    The model calls its output layer once, as always, but the layer's forward is replaced: it takes the last hidden
+    states at the N scored positions and returns their values, (N, 1 + len(extras)), computed chunk_size positions at
+    a time (chunked_label_log_probs). So whatever wraps the layer treats them as it treats logits: FSDP and ZeRO-3
+    gather its weights around that call, and again in the backward once the values' gradient arrives, when each chunk
+    is recomputed. A hook at the end of the model's forward returns them as TokenLogProbs."""
+    targets = labels[:, 1:] != -100  # (B, T-1): position t is scored when label t+1 is
+    positions = F.pad(targets, (0, 1), value=False)  # (B, T)
+    head = model.get_output_embeddings()
+    project = head.forward  # the layer's own forward, kept: the chunks project with it
+    names, outputs = ("log_probs", *extras), []
+
+    def values_at_scored_positions(hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (N, 1 + len(extras))
+        values = chunked_label_log_probs(project, model.config, hidden[positions], labels[:, 1:][targets],
+                                         chunk_size, temperature, extras)
+        return torch.stack([values[name] for name in names], dim=-1)
+
+    def keep_output(module, inputs, output):  # after the wrappers' own hooks on the layer: what they returned
+        outputs.append(output)
+
+    def as_token_log_probs(module, args, output):
+        zeros = torch.zeros(targets.shape, dtype=torch.float32, device=labels.device)
+        values = dict(zip(names, outputs.pop().unbind(-1)))  # the extras without gradient, as label_log_probs made them
+        return TokenLogProbs(**{name: zeros.masked_scatter(targets, value if name == "log_probs" else value.detach())
+                                for name, value in values.items()},
+                             hidden_states=getattr(output, "hidden_states", None))
+
+    head.forward = values_at_scored_positions
+    handles = [head.register_forward_hook(keep_output), model.register_forward_hook(as_token_log_probs, prepend=True)]
+    try:
+        yield
+    finally:
+        del head.forward  # the class's forward again
+        for handle in handles:
+            handle.remove()
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -613,6 +728,8 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper):
         output = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask,
                                        past_key_values=past_key_values, **kwargs)
         value = self.v_head(output.hidden_states[-1]).squeeze(-1)
+        if isinstance(output, TokenLogProbs):  # inside chunked_log_probs: per-token log-probs in place of the logits
+            return output, None, value
         return output.logits.float(), output.loss, value
 
 
@@ -660,6 +777,8 @@ class PPOTrainer:
         self.current_device = self.accelerator.device
         self.is_encoder_decoder = getattr(model, "is_encoder_decoder", False)
         self.is_peft_model = model.is_peft_model
+        # token log-probs chunk_size positions at a time (batched_forward_pass) unless whole distributions are needed
+        self.chunked = config.chunk_size > 0 and not self.is_encoder_decoder and config.kl_penalty != "full"
         # Dropout off, as in the seed, whose every forward pass runs in eval mode (value head, LoRA and model
         # dropout included). Here the probabilities are zeroed and the policy stays in train mode, which computes
         # the same numbers and lets gradient checkpointing (active only in train mode) work.
@@ -868,9 +987,10 @@ class PPOTrainer:
             order = np.random.permutation(bs)
             for start in range(0, bs, config.mini_batch_size):
                 i = order[start : start + config.mini_batch_size]
-                logprobs, logits, vpreds, _ = self.batched_forward_pass(
+                logprobs, logits_or_entropy, vpreds, _ = self.batched_forward_pass(
                     self.model, [queries[j] for j in i], [responses[j] for j in i],
-                    {key: value[i] for key, value in model_inputs.items()}, return_logits=True)
+                    {key: value[i] for key, value in model_inputs.items()}, return_logits=not self.chunked,
+                    return_entropy=self.chunked)
                 old, old_values, mask, adv, ret = old_logprobs[i], values[i], masks[i], advantages[i], returns[i]
 
                 # 5a. The clipped policy and value losses. A mini-batch whose mean ratio exceeds ratio_threshold has
@@ -883,8 +1003,12 @@ class PPOTrainer:
                     warnings.warn(f"The average ratio of batch ({avg_ratio:.2f}) exceeds threshold "
                                   f"{config.ratio_threshold:.2f}. Skipping batch.")
                     pg_loss, vf_loss, loss = pg_loss * 0.0, vf_loss * 0.0, loss * 0.0
-                with torch.no_grad():  # the seed's stats; the entropy needs the whole distribution, at the responses
-                    entropy = entropy_from_logits(logits if logits.dim() == 2 else logits[mask.bool()]).mean()
+                with torch.no_grad():  # the seed's stats; the entropy of the whole distribution, at the responses
+                    if self.chunked:  # per-token entropies, computed chunk by chunk with the log-probs
+                        entropy = logits_or_entropy[mask.bool()].mean()
+                    else:
+                        logits = logits_or_entropy
+                        entropy = entropy_from_logits(logits if logits.dim() == 2 else logits[mask.bool()]).mean()
                     all_stats.append({key: value.detach().float() for key, value in {
                         "loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss, "policy/entropy": entropy,
                         "policy/approxkl": 0.5 * masked_mean((logprobs - old) ** 2, mask),
@@ -954,10 +1078,13 @@ class PPOTrainer:
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def batched_forward_pass(self, model, queries, responses, model_inputs: dict, return_logits: bool = False,
-                             response_masks=None):
+                             response_masks=None, return_entropy: bool = False):
         """Log-probs (B, T-1) of every next token, logits (B, T-1, V) if asked, values (B, T-1) and the mask (B, T-1)
         of the response tokens, computed mini_batch_size rows at a time. With lm_head_only_at_responses the output
-        layer runs at the mask's N positions only: the log-probs are 0 elsewhere and the logits are (N, V).
+        layer runs at the mask's N positions only: the log-probs are 0 elsewhere and the logits are (N, V). Without
+        logits asked for, on the chunked path (chunk_size > 0, decoder-only, kl_penalty not full) no (N, V) logits
+        exist at once (chunked_log_probs); return_entropy there: the second value is the per-token entropy (B, T-1)
+        of the response tokens (0 elsewhere) instead of the logits.
 
         Position t holds log p(token t+1) and the value of the state before it; the mask is 1 on the response's
         tokens: t in [len(query) - 1, len(query) - 1 + len(response)) (encoder-decoder: the decoder positions from 1
@@ -987,11 +1114,24 @@ class PPOTrainer:
                     masks[j, begin:end] *= response_masks[start + j].to(masks.dtype)
             # the output layer only where a log-prob is used (the masked response positions): logits are (N, V) then
             scored = masks.bool()
+            language_model = self.accelerator.unwrap_model(model).pretrained_model
+            if self.chunked and not return_logits:  # the response tokens' log-probs (and entropies), chunk by chunk
+                labels = input_ids.masked_fill(~F.pad(scored, (1, 0), value=False), -100)  # label t+1 at position t
+                with self.accelerator.autocast(), chunked_log_probs(language_model, labels, self.config.chunk_size,
+                                                                    self.config.temperature,
+                                                                    ("entropy",) if return_entropy else ()):
+                    out, _, values = model(**chunk, use_cache=False)
+                pad = full_length - 1 - out.log_probs.shape[1]
+                all_logprobs.append(F.pad(out.log_probs, (0, pad)))
+                all_values.append(F.pad(values[:, :-1].float(), (0, pad)))
+                all_masks.append(F.pad(masks, (0, pad)))
+                if return_entropy:
+                    all_logits.append(F.pad(out.entropy, (0, pad)))
+                continue
             only_scored = (self.config.lm_head_only_at_responses and not self.is_encoder_decoder
                            and self.config.kl_penalty != "full")
             positions = F.pad(scored, (0, 1), value=False) if only_scored else None
-            with self.accelerator.autocast(), lm_head_only_at(
-                    self.accelerator.unwrap_model(model).pretrained_model, positions):
+            with self.accelerator.autocast(), lm_head_only_at(language_model, positions):
                 logits, _, values = model(**chunk, use_cache=False)
             logits = logits / self.config.temperature if self.config.temperature != 1.0 else logits
             if only_scored:  # 0 at the positions that are never used (queries, padding), as the masks say
@@ -1005,8 +1145,8 @@ class PPOTrainer:
             all_masks.append(F.pad(masks, (0, pad)))
             if return_logits:
                 all_logits.append(logits if only_scored else F.pad(logits[:, :-1], (0, 0, 0, pad)))
-        return (torch.cat(all_logprobs), torch.cat(all_logits) if return_logits else None, torch.cat(all_values),
-                torch.cat(all_masks))
+        return (torch.cat(all_logprobs), torch.cat(all_logits) if return_logits or return_entropy else None,
+                torch.cat(all_values), torch.cat(all_masks))
 
     def record_step_stats(self, kl_coef: float, **data) -> dict:
         """The seed's stats of a step: objective/*, ppo/* (means over the mini-batches) and tokens/*; scalars are

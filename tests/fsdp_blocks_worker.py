@@ -86,7 +86,7 @@ def chunked_values_and_grads(module, model, batch, labels, chunk_size: int):
     language_model = getattr(model, "pretrained_model", model)
     with module.chunked_log_probs(language_model, labels, chunk_size, extras=("entropy",)):
         out = model(**batch, use_cache=False)
-    log_probs = out.log_probs if hasattr(out, "log_probs") else out[0]
+    log_probs = (out[0] if isinstance(out, tuple) else out).log_probs
     sums = log_probs.sum(-1)
     loss = -torch.nn.functional.logsigmoid(sums[0] - sums[1]) + log_probs.pow(2).sum()
     if isinstance(out, tuple):

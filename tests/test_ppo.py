@@ -166,11 +166,13 @@ def test_one_step_by_hand():
 # ----------------------------------------------------------------------------------------------------------------------
 # The seed's numbers: outputs of the real TRL 0.8.6 PPOTrainer.step, stored in tests/data
 # ----------------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["A", "B", "C", "D"])
-def test_step_matches_the_seed(name):
+@pytest.mark.parametrize("name, chunk_size", [("A", None), ("B", None), ("C", None), ("D", None), ("A", 2), ("D", 0)])
+def test_step_matches_the_seed(name, chunk_size):
     """A: the seed's defaults (batch 8, mini-batch 4); B: kl_penalty full, accumulation, reward whitening, score
     scaling + norm + clip, max_grad_norm (clipped once, as the seed); C: abs, fixed KL, early stopping; D: mse, two
-    epochs, gamma / lam. Two consecutive steps each: every stat, the KL coefficient and each tensor's update."""
+    epochs, gamma / lam. Two consecutive steps each: every stat, the KL coefficient and each tensor's update. With our
+    default chunk_size (None: one chunk here), 2 (the chunked path's many chunks, recomputed in the backward) and 0
+    (the plain path)."""
     from transformers import AutoTokenizer
 
     case = json.loads((REPO / "tests" / "data" / "seed_ppo_steps.json").read_text())["configs"][name]
@@ -180,7 +182,8 @@ def test_step_matches_the_seed(name):
     initial = {key: value.clone() for key, value in model.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = PPOTrainer(PPOConfig(**case["config"]), model, None, AutoTokenizer.from_pretrained(TINY))
+        config = PPOConfig(**case["config"], **({} if chunk_size is None else {"chunk_size": chunk_size}))
+        trainer = PPOTrainer(config, model, None, AutoTokenizer.from_pretrained(TINY))
         queries = [torch.tensor(ids) for ids in case["query_ids"]]
         responses = [torch.tensor(ids) for ids in case["response_ids"]]
         for expected in case["steps"]:
@@ -555,6 +558,7 @@ def test_bad_input_gives_one_clear_line(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     cases = [
         (["--batch_size", 6, "--mini_batch_size", 4], "batch_size (6) must be a multiple of mini_batch_size (4)"),
+        (["--chunk_size", -1], "chunk_size must be >= 0 (0: the plain path), got -1"),
         (["--reward_model", "no-such-task:some/model"], "'no-such-task' is not a transformers pipeline task"),
         (["--reward_model", tmp_path / "missing"], "does not exist"),
         (["--query_dataset", tmp_path / "no_prompt.jsonl"], "expected a 'prompt' or 'query' column"),
