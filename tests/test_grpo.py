@@ -317,6 +317,7 @@ def test_bad_command_lines_fail_with_one_clear_line_before_the_model_loads(tmp_p
                                                             "--use_peft has none"),
         (["--dataset_name", tmp_path / "no_prompt.jsonl"], "expected a 'prompt' or 'query' column"),
         (["--top_entropy_quantile", 0], "--top_entropy_quantile must be in (0, 1]"),
+        (["--chunk_size", -1], "--chunk_size must be >= 0 (0: the plain path), got -1"),
         (["--num_iterations", 2, "--save_steps", 1], "--save_steps 1 must be a multiple of the optimizer steps"),
     ]
     assert_each_fails_with_one_line(monkeypatch, "grpo.py", cases, tmp_path / "out")

@@ -1,10 +1,10 @@
 """grpo.py's multi-turn rollout, piece by piece, with a scripted policy whose turns are written in advance: the tokens
 trained on are the tokens sampled (token-in/token-out), the tool turn's tokens are the template's and masked, a
 completion holds an EOS per turn, the budget drops an overflowing tool result, max_tool_calling_iterations stops the
-loop, failing tools are results; the template checks, the tool and environment loaders (one line each), and that tool
-tokens carry no gradient. Then whole runs: the tool world learns and what it learns depends on the tool; standalone
-tools, an observation and get_reward reach the run. rloo.py's copies of these functions are the same code
-(tests/test_rloo.py checks it)."""
+loop, failing tools are results; the template checks, the tool and environment loaders (one line each), that tool tokens
+carry no gradient, and that chunked log-probs (--chunk_size) are the plain path's. Then whole runs: the tool world
+learns and what it learns depends on the tool; standalone tools, an observation and get_reward reach the run. rloo.py's
+copies of these functions are the same code (tests/test_rloo.py checks it)."""
 
 import json
 
@@ -295,6 +295,18 @@ def test_rollout_metrics_count_sampled_tokens_calls_and_failures():
         rewards, torch.tensor([1.0]), ["correct"], 2, [(5, True, 0, 0)] * 4)
 
 
+class NoAccelerator:
+    """What completion_log_probs needs of an Accelerator, on one CPU process."""
+
+    @staticmethod
+    def autocast():
+        return torch.autocast("cpu", enabled=False)
+
+    @staticmethod
+    def unwrap_model(module):
+        return module
+
+
 def test_tool_tokens_carry_no_gradient_and_changing_their_log_probs_changes_nothing(tokenizer):
     """The tool result and the header after it are in the input (the model attends to them) but not in the mask: the
     loss's gradient with respect to their log-probs is 0, and other old / reference log-probs there change nothing
@@ -305,16 +317,6 @@ def test_tool_tokens_carry_no_gradient_and_changing_their_log_probs_changes_noth
     suffix = ids(tokenizer, "<|tool|> dull<|end|><|assistant|>")
     rollout = Rollout(call + suffix + ids(tokenizer, " dull<|end|>"), [1] * len(call) + [0] * len(suffix) + [1, 1], [])
     batch = collate_rollouts([query, query], [rollout, rollout], tokenizer.pad_token_id, [True, True])
-
-    class NoAccelerator:  # what completion_log_probs needs of an Accelerator
-        @staticmethod
-        def autocast():
-            return torch.autocast("cpu", enabled=False)
-
-        @staticmethod
-        def unwrap_model(module):
-            return module
-
     logps, _ = completion_log_probs(model, batch, 1.0, NoAccelerator())
     logps = logps.detach().requires_grad_()
     mask = batch["completion_mask"]
@@ -330,6 +332,39 @@ def test_tool_tokens_carry_no_gradient_and_changing_their_log_probs_changes_noth
     noisy_ref[tool_positions] -= 3.0
     loss_again, metrics_again = grpo_loss(logps, noisy_old, noisy_ref, torch.tensor([1.0, -1.0]), mask, beta=0.1)
     assert loss_again.item() == loss.item() and metrics_again["kl"].item() == metrics["kl"].item()
+
+
+@pytest.mark.parametrize("chunk_size", [3, 1024])
+def test_chunked_completion_log_probs_equal_the_plain_path_and_skip_the_tool_tokens(tokenizer, chunk_size):
+    """--chunk_size 3 (many chunks, each recomputed in the backward) and the default (one chunk) give the plain path's
+    (--chunk_size 0) log-probs, entropies and gradients on a tool rollout at temperature 0.7, Llama-style untied
+    output layer included; tool tokens and padding are 0 in both. One chunk is the plain computation exactly."""
+    model = AutoModelForCausalLM.from_pretrained(TOOLS).eval()
+    query, _, _, _ = episode(tokenizer)
+    call = ids(tokenizer, "<call>lookup\ntitle: Golden River</call><|end|>")
+    suffix = ids(tokenizer, "<|tool|> dull<|end|><|assistant|>")
+    answer = ids(tokenizer, " dull<|end|>")
+    rollouts = [Rollout(call + suffix + answer, [1] * len(call) + [0] * len(suffix) + [1] * len(answer), []),
+                Rollout(answer, [1] * len(answer), [])]  # shorter: padding after it
+    batch = collate_rollouts([query, query], rollouts, tokenizer.pad_token_id, [True, True])
+    mask = batch["completion_mask"].bool()
+
+    def values_and_grads(size):
+        model.zero_grad()
+        logps, entropies = completion_log_probs(model, batch, 0.7, NoAccelerator(), size)
+        (logps * torch.linspace(-1.0, 1.0, logps.shape[1])).sum().backward()
+        return logps.detach(), entropies, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    plain_logps, plain_entropies, plain_grads = values_and_grads(0)
+    logps, entropies, grads = values_and_grads(chunk_size)
+    assert (logps[~mask] == 0).all() and (entropies[~mask] == 0).all() and (logps[mask] <= 0).all()
+    assert not entropies.requires_grad and plain_logps[mask].min() < -1.0  # not all tokens are certain
+    exact = {"rtol": 0, "atol": 0} if chunk_size == 1024 else {}
+    torch.testing.assert_close(logps, plain_logps, **exact)
+    torch.testing.assert_close(entropies, plain_entropies, **exact)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, **(exact or {"rtol": 1e-4, "atol": 1e-4 * grad.abs().max()}),
+                                   msg=name)
 
 
 def test_tools_on_the_command_line_are_checked_before_any_model_loads(tmp_path, monkeypatch, capsys):

@@ -49,6 +49,7 @@ def test_bad_command_lines_fail_with_one_clear_line_before_the_model_loads(tmp_p
         (["--reward_funcs", tmp_path / "missing.py:exact"], f"there is no file {tmp_path / 'missing.py'}"),
         (["--reward_weights", 1.0, 2.0], "--reward_weights has 2 values but there are 1 rewards"),
         (["--reward_clip_range", 1.0, -1.0], "--reward_clip_range must be LOW HIGH with LOW < HIGH"),
+        (["--chunk_size", -1], "--chunk_size must be >= 0 (0: the plain path), got -1"),
     ]
     assert_each_fails_with_one_line(monkeypatch, "rloo.py", cases, tmp_path / "out")
     assert "parameters," not in capsys.readouterr().out  # no model was loaded
