@@ -129,6 +129,21 @@ def test_bug2_encoder_decoder_texts_labels_are_the_decoder_targets():
         trainer.step(texts=prompts)
 
 
+def test_chunked_log_probs_take_the_plain_paths_step():
+    """chunk_size 3 (many chunks, each recomputed in the backward) and the default (one chunk here) take the step the
+    plain path takes (chunk_size 0: the model's whole logits): the same loss, gradient norm and weights."""
+    trainers = {chunk_size: tiny_trainer(sgd=True, lr=0.1, chunk_size=chunk_size) for chunk_size in (0, 3, 1024)}
+    pairs = [prompt_and_response(trainers[0].tokenizer, p, r) for p, r in EXAMPLES]
+    stats = {chunk_size: trainer.step(input_ids=[ids for ids, _ in pairs], labels=[lab for _, lab in pairs])
+             for chunk_size, trainer in trainers.items()}
+    plain = weights(trainers[0])
+    for chunk_size in (3, 1024):
+        assert stats[chunk_size]["loss"] == pytest.approx(stats[0]["loss"], rel=1e-5)
+        assert stats[chunk_size]["grad_norm"] == pytest.approx(stats[0]["grad_norm"], rel=1e-4)
+        for name, value in weights(trainers[chunk_size]).items():
+            torch.testing.assert_close(value, plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_bug3_max_length_truncates_each_sequence_not_the_batch():
     """The seed sliced (B, T) tensors as v[-max_length:], keeping the last max_length *examples* whole."""
     ids = [torch.arange(10, 20) + 10 * i for i in range(3)]
@@ -294,6 +309,7 @@ def test_bad_input_raises_clear_value_errors():
         ({"model": model, "tokenizer": tokenizer, "truncation_mode": "middle"}, "truncation_mode must be"),
         ({"model": model, "tokenizer": tokenizer, "per_device_train_batch_size": 0}, "positive integer"),
         ({"model": model, "tokenizer": tokenizer, "max_length": 0}, "max_length must be a positive integer"),
+        ({"model": model, "tokenizer": tokenizer, "chunk_size": -1}, "chunk_size must be 0 \\(the plain path\\) or a"),
     ]
     for kwargs, message in init_cases:
         with pytest.raises(ValueError, match=message):
@@ -366,6 +382,7 @@ def test_bad_command_lines_fail_with_one_clear_line_before_the_model_loads(tmp_p
         (["--keep_fraction", 0], "--keep_fraction must be in (0, 1]"),
         (["--keep_fraction", 1.5], "--keep_fraction must be in (0, 1]"),
         (["--samples_per_prompt", 0], "--samples_per_prompt must be a positive integer, got 0"),
+        (["--chunk_size", -1], "--chunk_size must be 0 (the plain path) or a positive number of positions, got -1"),
         (["--dataset_name", tmp_path / "no_prompt.jsonl"], "expected a 'prompt' or 'query' column"),
         (["--dataset_name", tmp_path / "empty_prompts.jsonl"], "has 0 non-empty prompts but one iteration needs 32"),
         (["--dataset_name", tmp_path / "empty_split"], "(is a data file empty? every split needs at least one row)"),

@@ -148,7 +148,8 @@ def test_neftune_noises_training_only_and_gradient_checkpointing_changes_nothing
     assert metric_series(tmp_path / "checkpointed", "loss") == pytest.approx(plain, abs=1e-5)
     noisy = metric_series(tmp_path / "neftune", "loss")
     assert noisy[0] != pytest.approx(plain[0], abs=1e-4)  # training forward passes see noise...
-    plain_eval, noisy_eval = metric_series(tmp_path / "plain", "eval_loss"), metric_series(tmp_path / "neftune", "eval_loss")
+    plain_eval = metric_series(tmp_path / "plain", "eval_loss")
+    noisy_eval = metric_series(tmp_path / "neftune", "eval_loss")
     assert noisy_eval[0] == pytest.approx(plain_eval[0], abs=1e-6)  # ...evaluation does not
 
 
@@ -174,7 +175,8 @@ def write_jsonl(path, rows):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["columns", "empty", "file_type", "batch_size", "split", "no_eos", "tools"])
+@pytest.mark.parametrize("case", ["columns", "empty", "file_type", "batch_size", "chunk_size", "split", "no_eos",
+                                  "tools"])
 def test_bad_input_fails_with_one_clear_line_before_the_model_loads(tmp_path, case):
     args = ["--output_dir", tmp_path / "out"]
     if case == "columns":
@@ -195,6 +197,9 @@ def test_bad_input_fails_with_one_clear_line_before_the_model_loads(tmp_path, ca
     elif case == "batch_size":
         args += ["--per_device_train_batch_size", 0]
         expected = "--per_device_train_batch_size must be a positive integer, got 0"
+    elif case == "chunk_size":
+        args += ["--chunk_size", -1]
+        expected = "--chunk_size must be 0 (the plain path) or a positive number of positions, got -1"
     elif case == "split":
         args += ["--dataset_name", write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}]), "--dataset_test_split", "test"]
         expected = "has no split 'test'; found splits ['train']"  # named, so it must exist (by default: no evaluation)
@@ -238,5 +243,6 @@ def test_tool_use_conversations_train_a_fresh_model(tmp_path):
 @pytest.mark.slow
 def test_help_lists_the_arguments_with_their_docs():
     result = run_ok("sft.py", "--help")
-    for text in ["--learning_rate", "--packing", "--neftune_noise_alpha", "pack whole examples into blocks"]:
+    for text in ["--learning_rate", "--packing", "--neftune_noise_alpha", "pack whole examples into blocks",
+                 "--chunk_size"]:
         assert text in result.stdout

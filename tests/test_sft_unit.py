@@ -8,7 +8,7 @@ from conftest import ASSETS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sft import (add_neftune_noise, check_packing_isolation, collate, detect_format, load_any_dataset,
-                 pack_examples, selective_log_probs, sft_loss, step_indices, tokenize_example)
+                 pack_examples, selective_log_probs, sft_loss, step_indices, token_log_probs, tokenize_example)
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +142,10 @@ def test_sft_loss_is_summed_nll_over_the_steps_target_tokens():
     logits[0, 1] = torch.tensor([math.log(3.0), 0.0])  # p(token 0) = 3/4 at position 1
     labels = torch.tensor([[-100, 1, 0]])  # targets: token 1 at position 0 (p=1/2), token 0 at position 1 (p=3/4)
     expected_sum = -(math.log(0.5) + math.log(0.75))
-    assert sft_loss(logits, labels, num_items_in_batch=2).item() == pytest.approx(expected_sum / 2, abs=1e-6)
+    log_probs, _ = selective_log_probs(logits, labels)
+    assert sft_loss(log_probs, num_items_in_batch=2).item() == pytest.approx(expected_sum / 2, abs=1e-6)
     # normalised by the tokens of the whole step (e.g. 4 over two micro-batches), not of this micro-batch
-    assert sft_loss(logits, labels, num_items_in_batch=4).item() == pytest.approx(expected_sum / 4, abs=1e-6)
+    assert sft_loss(log_probs, num_items_in_batch=4).item() == pytest.approx(expected_sum / 4, abs=1e-6)
 
 
 def test_loss_is_invariant_to_how_a_step_is_split():
@@ -154,9 +155,47 @@ def test_loss_is_invariant_to_how_a_step_is_split():
     labels[0, 3:] = -100
     labels[2, :5] = -100
     n = int((labels[:, 1:] != -100).sum())
-    whole = sft_loss(logits, labels, n)
-    split = sft_loss(logits[:1], labels[:1], n) + sft_loss(logits[1:], labels[1:], n)
+    log_probs, _ = selective_log_probs(logits, labels)
+    whole = sft_loss(log_probs, n)
+    split = sft_loss(log_probs[:1], n) + sft_loss(log_probs[1:], n)
     assert whole.item() == pytest.approx(split.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("model_kind", ["tiny-gpt2", "llama"])
+def test_chunked_log_probs_give_the_plain_loss_and_gradients(tokenizer, model_kind, packing):
+    """--chunk_size 3 (many chunks, each recomputed in the backward) and the default (one chunk here) against the
+    plain path (--chunk_size 0: the model's logits at the targets): the same per-token log-probs, loss and gradient of
+    every parameter, on the tied GPT-2 and on a Llama-style model with its own output layer, rows padded (attention
+    mask) or packed (position ids)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if model_kind == "tiny-gpt2":
+        model = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-gpt2").eval()
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, tie_word_embeddings=False))
+    rows = [{"prompt": f"Review of Film {i}:", "completion": " The plot was dull." * (i + 1)} for i in range(5)]
+    examples = [tokenize_example(row, tokenizer, 64, completion_only_loss=True) for row in rows]
+    batch = collate(pack_examples(examples, 48) if packing else examples, tokenizer.eos_token_id)
+    n = int((batch["labels"][:, 1:] != -100).sum())
+
+    def loss_and_grads(chunk_size: int):
+        model.zero_grad(set_to_none=True)
+        log_probs = token_log_probs(model, model, batch, chunk_size, packing=packing)
+        sft_loss(log_probs, n).backward()
+        return log_probs.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    plain, plain_grads = loss_and_grads(0)
+    assert plain.shape == (batch["labels"].shape[0], batch["labels"].shape[1] - 1)
+    assert (plain[batch["labels"][:, 1:] == -100] == 0).all()
+    for chunk_size in (3, 1024):
+        chunked, grads = loss_and_grads(chunk_size)
+        torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+        for name, grad in plain_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert not model.get_output_embeddings()._forward_pre_hooks and not model._forward_hooks  # hooks removed
 
 
 def test_neftune_noise_is_bounded_by_alpha_over_sqrt_length_times_dim():
