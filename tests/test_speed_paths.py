@@ -1,5 +1,5 @@
-"""The fast paths compute what the plain ones compute: the output layer applied only at scored positions
-(--lm_head_only_at_labels) and fused Adam(W) (--optim), in every script that has them."""
+"""The fast paths compute what the plain ones compute: the chunked log-probs (--chunk_size), the output layer applied
+only at scored positions (--lm_head_only_at_labels) and fused Adam(W) (--optim), in every script that has them."""
 
 import importlib
 
@@ -31,33 +31,32 @@ def model(request, llama_dir):
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
-def log_probs_and_grads(model, module, input_ids, attention_mask, labels, only_at_labels: bool):
-    """(B,) summed log-probs and the gradient of their sum w.r.t. every parameter."""
+def log_probs_and_grads(model, module, input_ids, attention_mask, labels, chunk_size: int, only_at_labels: bool):
+    """(B,) summed log-probs through the script's token_log_probs and the gradient of a loss that is not linear in
+    them (as DPO's is not) w.r.t. every parameter."""
     model.zero_grad()
-    positions = module.scored_positions(labels) if only_at_labels else None
-    with module.lm_head_only_at(model, positions):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    if only_at_labels:
-        assert logits.shape == (int((labels[:, 1:] != -100).sum()), model.config.vocab_size)
-    if module.__name__ == "sft":
-        log_probs = module.selective_log_probs(logits, labels)[0].sum(-1)
-    else:
-        log_probs = module.get_batch_logps(logits, labels)
-    log_probs.sum().backward()
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    out = module.token_log_probs(model, model, batch, chunk_size, only_at_labels)
+    log_probs = (out.log_probs if hasattr(out, "log_probs") else out).sum(-1)
+    (log_probs.sum() + torch.nn.functional.logsigmoid(log_probs[0] - log_probs[1])).backward()
     return log_probs.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("script", ["sft", *PREFERENCE_SCRIPTS])
-def test_output_layer_at_scored_positions_gives_the_same_log_probs_and_gradients(script, model):
+def test_output_layer_at_scored_positions_and_chunks_give_the_same_log_probs_and_gradients(script, model):
+    """The seed's full logits, the plain path's output layer at the scored positions only, and the chunked path
+    (chunks of 3 positions, recomputed in the backward): the same log-probs and gradients."""
     module = importlib.import_module(script)
     batch = batch_with_prompts_and_padding(model.config.vocab_size)
-    full, full_grads = log_probs_and_grads(model, module, *batch, only_at_labels=False)
-    only, only_grads = log_probs_and_grads(model, module, *batch, only_at_labels=True)
-    torch.testing.assert_close(only, full, rtol=1e-5, atol=1e-5)
-    assert full_grads.keys() == only_grads.keys()
-    for name, grad in full_grads.items():
-        torch.testing.assert_close(only_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    # the hook is gone after the block: full logits again
+    full, full_grads = log_probs_and_grads(model, module, *batch, chunk_size=0, only_at_labels=False)
+    for chunk_size, only_at_labels in [(0, True), (3, True)]:
+        got, got_grads = log_probs_and_grads(model, module, *batch, chunk_size=chunk_size,
+                                             only_at_labels=only_at_labels)
+        torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+        assert full_grads.keys() == got_grads.keys()
+        for name, grad in full_grads.items():  # to float precision, relative to the tensor's largest entry
+            assert (got_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), (chunk_size, name)
+    # the hooks are gone after the block: full logits again
     assert model(input_ids=batch[0], use_cache=False).logits.shape == (*batch[0].shape, model.config.vocab_size)
 
 
