@@ -329,11 +329,12 @@ def token_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     return -advantage * torch.exp(logp - logp.detach()), entropy
 
 
-def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The logits a model computes from its last hidden states, (n, H) -> (n, V): its output layer, then the scaling
-    and soft-capping some architectures apply after it (Cohere's logit_scale, Gemma's final_logit_softcapping)."""
-    logits = model.get_output_embeddings()(hidden)
-    config = model.config.get_text_config()
+def output_logits(project: Callable, config, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits a model computes from its last hidden states, (n, H) -> (n, V): project (its output layer's forward:
+    bias, LoRA and all), then the scaling and soft-capping some architectures apply after it (Cohere's logit_scale,
+    Gemma's final_logit_softcapping; config: the model's)."""
+    logits = project(hidden)
+    config = config.get_text_config()
     if getattr(config, "logit_scale", None) is not None:
         logits = logits * config.logit_scale
     if getattr(config, "final_logit_softcapping", None) is not None:
@@ -342,19 +343,31 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def output_layer_inputs_at(model: torch.nn.Module, positions: torch.Tensor, captured: list):
-    """Inside the block the output layer of `model` (unwrapped) projects nothing: the hidden states it would project
-    at `positions` ((B, T) bool) are appended to `captured` as (N, H), in row-major order, and the forward returns
-    (0, V) logits. ChunkedDistillationLoss projects them a chunk at a time."""
-    def capture(module, inputs):
-        selected = inputs[0][positions]
-        captured.append(selected)
-        return (selected[:0], *inputs[1:])
-    handle = model.get_output_embeddings().register_forward_pre_hook(capture)
+def output_layer_replaced(model: torch.nn.Module, replacement: Callable):
+    """Inside the block one forward of `model` (unwrapped; call it through its DDP / FSDP / DeepSpeed wrapper as
+    usual) returns replacement(project, hidden) instead of its logits. The model calls its output layer once, as
+    always, but the layer's forward is replaced: it gets the layer's (B, T, H) input and project, the layer's own
+    forward (which projects without entering the module's hooks again). So FSDP and ZeRO-3 gather the layer's weights
+    around that call, and treat what it returns as they treat logits: their backward hooks on it gather the weights
+    again when its gradient arrives. A hook on the layer, registered last, keeps what the layer returned (after the
+    wrappers' hooks); a hook at the end of the model's forward returns it, whatever the model did with it after
+    (soft-capping, for one)."""
+    head = model.get_output_embeddings()
+    project = head.forward  # the layer's own forward, kept
+    outputs = []
+
+    def keep_output(module, inputs, output):
+        outputs.append(output)
+
+    head.forward = lambda hidden, *args, **kwargs: replacement(project, hidden)
+    handles = [head.register_forward_hook(keep_output),
+               model.register_forward_hook(lambda module, args, output: outputs.pop(), prepend=True)]
     try:
         yield
     finally:
-        handle.remove()
+        del head.forward  # the class's forward again
+        for handle in handles:
+            handle.remove()
 
 
 @torch.no_grad()
@@ -364,35 +377,99 @@ def output_logits_match(model) -> bool:
     was_training = model.training
     model.eval()
     input_ids = torch.arange(1, 9, device=model.get_output_embeddings().weight.device).unsqueeze(0)
-    hidden = []
-    with output_layer_inputs_at(model, torch.ones_like(input_ids, dtype=torch.bool), hidden):
-        model(input_ids=input_ids, use_cache=False)
-    expected = model(input_ids=input_ids, use_cache=False).logits[0].float()
+    with output_layer_replaced(model, lambda project, hidden: output_logits(project, model.config, hidden)):
+        rebuilt = model(input_ids=input_ids, use_cache=False)
+    expected = model(input_ids=input_ids, use_cache=False).logits
     model.train(was_training)
-    return torch.allclose(output_logits(model, hidden[0]).float(), expected, rtol=1e-3, atol=1e-3)
+    return torch.allclose(rebuilt.float(), expected.float(), rtol=1e-3, atol=1e-3)
+
+
+class _Projection(torch.nn.Module):
+    """An output layer's own forward behind a module with no hooks, for torch.func.functional_call: the parameters
+    are swapped on the layer (head.weight, ...) while its forward runs, and none of the layer's hooks (ZeRO-3's)
+    fire."""
+
+    def __init__(self, head: torch.nn.Module, project: Callable):
+        super().__init__()
+        self.head, self.project = head, project
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.project(hidden)
+
+
+@contextmanager
+def teacher_hidden_at(model: torch.nn.Module, positions: torch.Tensor, kept: dict, copy_weights: bool = False):
+    """Inside the block one forward of the teacher (`model` unwrapped, called through its wrapper, without gradients)
+    projects nothing: its output layer keeps its input at `positions` ((B, T) bool), kept["hidden"] (N, H) in
+    row-major order, and kept["logits"] becomes the teacher's logits function, (n, H) -> (n, V) (output_logits).
+    copy_weights (FSDP, ZeRO-3: the layer's weights are whole only during its own call): a detached copy of the
+    layer's parameters is taken in that call and the function projects with it (torch.func.functional_call);
+    otherwise with the layer's own forward, no copy."""
+    def keep(project: Callable, hidden: torch.Tensor) -> torch.Tensor:
+        kept["hidden"] = hidden[positions]
+        if copy_weights:
+            head = model.get_output_embeddings()
+            weights = {f"head.{name}": p.detach().clone() for name, p in head.named_parameters()}
+            module = _Projection(head, project)
+            project = lambda h: torch.func.functional_call(module, weights, (h,))  # noqa: E731
+        kept["logits"] = lambda h: output_logits(project, model.config, h)
+        return kept["hidden"]
+
+    with output_layer_replaced(model, keep):
+        yield
+
+
+@contextmanager
+def chunked_distillation_at(model: torch.nn.Module, positions: torch.Tensor, labels: torch.Tensor,
+                            token_loss: Callable, chunk_size: int, teacher_hidden: torch.Tensor,
+                            teacher_logits: Callable):
+    """Inside the block one forward of the student (`model` unwrapped, called through its wrapper) returns its
+    ChunkedDistillationLoss at `positions` ((B, T) bool; `labels` (N,) the tokens that follow them) against the
+    teacher's (teacher_hidden (N, H) and teacher_logits from teacher_hidden_at), computed inside its output layer's
+    call (output_layer_replaced): the layer's weights are gathered there under FSDP and ZeRO-3, where the loss takes
+    its chunks' gradients. The forward returns one (1 + 2N,) float32 tensor, unpack it with unpack_distillation:
+    the loss sum (the differentiable part), the per-token losses, the entropies."""
+    def loss_in_forward(project: Callable, hidden: torch.Tensor) -> torch.Tensor:
+        head_params = [p for p in model.get_output_embeddings().parameters() if p.requires_grad]  # as gathered here
+        total, per_token, entropy = ChunkedDistillationLoss.apply(
+            token_loss, lambda h: output_logits(project, model.config, h), teacher_logits, chunk_size,
+            hidden[positions], teacher_hidden, labels, *head_params)
+        return torch.cat([total.float().reshape(1), per_token.float(), entropy.float()])
+
+    with output_layer_replaced(model, loss_in_forward):
+        yield
+
+
+def unpack_distillation(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """chunked_distillation_at's (1 + 2N,) output -> (the loss sum, the per-token losses (N,), the entropies (N,))."""
+    n = (len(packed) - 1) // 2
+    return packed[0], packed[1 : 1 + n].detach(), packed[1 + n :].detach()
 
 
 class ChunkedDistillationLoss(torch.autograd.Function):
     """The per-token loss (token_losses) at n completion positions from both models' last hidden states, chunk_size
     positions at a time: returns (the loss summed over the positions, the per-token losses (n,), the entropies (n,)).
+    student_logits, teacher_logits: each model's (n, H) -> (n, V) logits (output_logits with its output layer).
 
     No (n, V) logits are ever held whole. The student's gradient is taken chunk by chunk in the forward pass (with
     autograd, through its output layer and output_logits) and only scaled by the incoming gradient in the backward, so
     each output layer projects every position once; TRL 1.16's kernel (trl/kernels/chunked_divergence.py) projects both
-    models again in the backward. head_params: the student's output-layer parameters that require a gradient."""
+    models again in the backward. head_params: the student's output-layer parameters that require a gradient. The
+    training path runs it inside the student's output-layer call (chunked_distillation_at)."""
 
     @staticmethod
-    def forward(ctx, token_loss: Callable, student, teacher, chunk_size: int, student_hidden: torch.Tensor,
-                teacher_hidden: torch.Tensor, labels: torch.Tensor, *head_params: torch.Tensor):
+    def forward(ctx, token_loss: Callable, student_logits: Callable, teacher_logits: Callable, chunk_size: int,
+                student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor,
+                *head_params: torch.Tensor):
         needs_grad = ctx.needs_input_grad[4]
         grads = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (student_hidden, *head_params)]
         losses, entropies = [], []
         for start in range(0, len(labels), chunk_size):
             part = slice(start, start + chunk_size)
-            teacher_logits = output_logits(teacher, teacher_hidden[part])
+            teacher_chunk = teacher_logits(teacher_hidden[part])
             with torch.enable_grad():
                 hidden = student_hidden[part].detach().requires_grad_(needs_grad)
-                loss, entropy = token_loss(output_logits(student, hidden), teacher_logits, labels[part])
+                loss, entropy = token_loss(student_logits(hidden), teacher_chunk, labels[part])
                 if needs_grad:
                     chunk_grads = torch.autograd.grad(loss.sum(), [hidden, *head_params], allow_unused=True)
                     grads[0][part] = chunk_grads[0]
@@ -433,11 +510,11 @@ def main(args: Args) -> None:
 
     # 1. Accelerator (checks how the run was launched; seeds every RNG). The global batch is computed here, once.
     accelerator = make_accelerator(args)
-    if args.chunk_size and (accelerator.distributed_type == DistributedType.FSDP or (
-            accelerator.distributed_type == DistributedType.DEEPSPEED and
-            accelerator.state.deepspeed_plugin.zero_stage == 3)):
-        fail("the chunked loss projects hidden states with the output layers' weights outside the forward, where FSDP "
-             "and ZeRO-3 have resharded them; use --chunk_size 0 under FSDP or ZeRO-3")
+    # FSDP and ZeRO-3 hold an output layer's weights whole only during its call (the chunked loss then copies the
+    # teacher's there: teacher_hidden_at)
+    sharded = accelerator.distributed_type == DistributedType.FSDP or (
+        accelerator.distributed_type == DistributedType.DEEPSPEED and
+        accelerator.state.deepspeed_plugin.zero_stage == 3)
     world_size = accelerator.num_processes
     per_process = args.per_device_train_batch_size * args.gradient_accumulation_steps
     global_batch_size = per_process * world_size
@@ -533,9 +610,11 @@ def main(args: Args) -> None:
 
     def distill(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(the loss summed over the completion tokens, the per-token losses (N,), the student's entropies (N,)) of a
-        micro-batch: both models read the same tokens; the teacher without gradients. Chunked: the two output layers
-        project the completion positions' hidden states chunk_size at a time. Plain (chunk_size 0): both models'
-        logits at every completion position at once (the output layer still skips the prompts and the padding)."""
+        micro-batch: both models read the same tokens; the teacher without gradients. Chunked: the teacher's output
+        layer keeps its completion positions' hidden states (and, sharded, a copy of its weights), then the student's
+        output layer computes the loss in its own call, projecting both chunk_size positions at a time. Plain
+        (chunk_size 0): both models' logits at every completion position at once (the output layer still skips the
+        prompts and the padding)."""
         mask = batch["completion_mask"]
         positions = F.pad(mask, (0, 1), value=False)  # position t scores token t + 1
         labels = batch["input_ids"][:, 1:][mask]
@@ -543,15 +622,13 @@ def main(args: Args) -> None:
         student, frozen = accelerator.unwrap_model(model), accelerator.unwrap_model(teacher)
         token_loss = lambda s, t, y: token_losses(s, t, y, args.loss_type, args.beta, args.temperature)  # noqa: E731
         if args.chunk_size:
-            student_hidden, teacher_hidden = [], []
+            kept = {}
             with accelerator.autocast():
-                with output_layer_inputs_at(student, positions, student_hidden):
-                    model(**inputs)
-                with torch.no_grad(), output_layer_inputs_at(frozen, positions, teacher_hidden):
+                with torch.no_grad(), teacher_hidden_at(frozen, positions, kept, copy_weights=sharded):
                     teacher(**inputs)
-                head_params = [p for p in student.get_output_embeddings().parameters() if p.requires_grad]
-                return ChunkedDistillationLoss.apply(token_loss, student, frozen, args.chunk_size, student_hidden[0],
-                                                     teacher_hidden[0], labels, *head_params)
+                with chunked_distillation_at(student, positions, labels, token_loss, args.chunk_size, kept["hidden"],
+                                             kept["logits"]):
+                    return unpack_distillation(model(**inputs))
         with accelerator.autocast():
             with lm_head_only_at(student, positions):
                 student_logits = model(**inputs).logits

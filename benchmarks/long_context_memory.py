@@ -152,7 +152,8 @@ def main() -> None:
                 f"ours ({size}) {row[f'ours_{size}']:,.0f} = {row[f'ours_{size}'] / row['trl']:.2f} of TRL"
                 for size in args.chunk_sizes), flush=True)
     if curve:
-        print(f"\nour sft's peak RSS (MB) against the sequence length, --chunk_size {' / '.join(map(str, args.chunk_sizes))}")
+        sizes = " / ".join(map(str, args.chunk_sizes))
+        print(f"\nour sft's peak RSS (MB) against the sequence length, --chunk_size {sizes}")
         for length in args.curve_lengths:
             data = build_data("sft", length, args.work_dir, rows=args.steps * 4)
             row = {size: ours("sft", length, model, data, args.work_dir / "runs" / f"curve-{length}-{size}", args,

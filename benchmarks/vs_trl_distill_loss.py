@@ -84,7 +84,7 @@ def main() -> None:
         token_loss = lambda s, t, y: token_losses(s, t, y, "jsd", beta, temperature)  # noqa: E731
         student_model, teacher_model = Head(student_weight), Head(teacher_weight)
         loss_sum, _, entropy = ChunkedDistillationLoss.apply(
-            token_loss, student_model, teacher_model, 64, student_hidden[mask], teacher_hidden[mask],
+            token_loss, student_model.lm_head, teacher_model.lm_head, 64, student_hidden[mask], teacher_hidden[mask],
             torch.zeros(int(mask.sum()), dtype=torch.long), student_model.lm_head.weight)
         ours = loss_sum / mask.sum()
         our_grads = torch.autograd.grad(ours, [student_hidden, student_model.lm_head.weight])

@@ -12,9 +12,9 @@ import tyro
 from conftest import ASSETS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill import (Args, ChunkedDistillationLoss, collate_completions, completion_source, detect_format,
-                     generalized_jsd, generalized_jsd_loss, lm_head_only_at, output_layer_inputs_at,
-                     output_logits_match, sample_completions, tokenize_row, token_losses)
+from distill import (Args, chunked_distillation_at, collate_completions, completion_source, detect_format,
+                     generalized_jsd, generalized_jsd_loss, lm_head_only_at, output_logits_match, sample_completions,
+                     teacher_hidden_at, tokenize_row, token_losses, unpack_distillation)
 
 BETAS = [0.0, 0.3, 0.5, 0.9, 1.0]
 
@@ -115,37 +115,82 @@ def models():
     return student, teacher.eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize("loss_type, beta", [("jsd", 0.0), ("jsd", 0.5), ("jsd", 1.0), ("reverse_kl_reward", 1.0)])
-def test_chunked_and_unchunked_give_the_same_loss_and_gradients(models, loss_type, beta):
-    """The training path (hidden states captured at the completion positions, projected in chunks, gradient taken in
-    the forward) against both models' full logits at those positions: the same loss and the same gradient of every
-    student weight, for chunks of 1, 7 and more than all the tokens."""
-    student, teacher = models
+def plain_and_chunked(student, teacher, token_loss, chunk_sizes, copy_weights=False):
+    """The plain path (both models' full logits at the completion positions, as --chunk_size 0) and the training
+    path (the teacher's hidden states kept in its output layer's call, the student's chunked loss computed inside its
+    own), each as (loss sum, per-token losses, entropies, every trainable student weight's gradient)."""
     batch = collate_completions([[5, 6, 7], [8, 9]], [[10, 11, 12, 0], [13, 14]], pad_token_id=0)
     positions = F.pad(batch["completion_mask"], (0, 1), value=False)
     labels = batch["input_ids"][:, 1:][batch["completion_mask"]]
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    token_loss = lambda s, t, y: token_losses(s, t, y, loss_type, beta, temperature=1.5)  # noqa: E731
+    trainable = [p for p in student.parameters() if p.requires_grad]
     with lm_head_only_at(student, positions):
         student_logits = student(**inputs).logits
     with torch.no_grad(), lm_head_only_at(teacher, positions):
         teacher_logits = teacher(**inputs).logits
-    loss, _ = token_loss(student_logits, teacher_logits, labels)
-    expected = torch.autograd.grad(loss.sum(), list(student.parameters()))
     assert student_logits.shape == (6, student.config.vocab_size)  # only the 6 completion positions were projected
-    for chunk_size in [1, 7, 100]:
-        student_hidden, teacher_hidden = [], []
-        with output_layer_inputs_at(student, positions, student_hidden):
-            assert student(**inputs).logits.shape[0] == 0  # the output layer projected nothing
-        with torch.no_grad(), output_layer_inputs_at(teacher, positions, teacher_hidden):
-            teacher(**inputs)
-        total, per_token, _ = ChunkedDistillationLoss.apply(token_loss, student, teacher, chunk_size, student_hidden[0],
-                                                            teacher_hidden[0], labels, *student.lm_head.parameters())
-        grads = torch.autograd.grad(total, list(student.parameters()))
-        assert total.item() == pytest.approx(loss.sum().item(), rel=1e-5)
-        assert torch.allclose(per_token, loss.detach(), atol=1e-6)
-        for (name, _), got, want in zip(student.named_parameters(), grads, expected):
-            assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (chunk_size, name)
+    loss, entropy = token_loss(student_logits, teacher_logits, labels)
+    plain = (loss.sum(), loss.detach(), entropy, torch.autograd.grad(loss.sum(), trainable))
+    chunked = {}
+    for chunk_size in chunk_sizes:
+        kept = {}
+        with torch.no_grad(), teacher_hidden_at(teacher, positions, kept, copy_weights):
+            assert teacher(**inputs).shape == (6, teacher.config.hidden_size)  # the output layer projected nothing
+        with chunked_distillation_at(student, positions, labels, token_loss, chunk_size, kept["hidden"],
+                                     kept["logits"]):
+            total, per_token, entropies = unpack_distillation(student(**inputs))
+        chunked[chunk_size] = (total, per_token, entropies, torch.autograd.grad(total, trainable))
+    assert student.get_output_embeddings().forward.__func__ is type(student.get_output_embeddings()).forward
+    return plain, chunked
+
+
+def assert_same(plain, chunked, names, what):
+    loss, per_token, entropy, expected = plain
+    total, got_per_token, got_entropy, grads = chunked
+    assert total.item() == pytest.approx(loss.item(), rel=1e-5), what
+    assert torch.allclose(got_per_token, per_token, atol=1e-6), what
+    assert torch.allclose(got_entropy, entropy, atol=1e-5), what
+    for name, got, want in zip(names, grads, expected):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (what, name)
+
+
+@pytest.mark.parametrize("loss_type, beta", [("jsd", 0.0), ("jsd", 0.5), ("jsd", 1.0), ("reverse_kl_reward", 1.0)])
+def test_chunked_and_unchunked_give_the_same_loss_and_gradients(models, loss_type, beta):
+    """The training path (the loss computed chunk by chunk inside the student's output-layer call, gradient taken in
+    the forward) against both models' full logits at those positions: the same loss and the same gradient of every
+    student weight, for chunks of 1, 7 and more than all the tokens; the teacher's chunks through its output layer or
+    through a copy of its weights (as under FSDP and ZeRO-3)."""
+    student, teacher = models
+    token_loss = lambda s, t, y: token_losses(s, t, y, loss_type, beta, temperature=1.5)  # noqa: E731
+    names = [name for name, _ in student.named_parameters()]
+    for copy_weights in [False, True]:
+        plain, chunked = plain_and_chunked(student, teacher, token_loss, [1, 7, 100], copy_weights)
+        for chunk_size, values in chunked.items():
+            assert_same(plain, values, names, (chunk_size, copy_weights))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_in_forward_chunked_loss_is_the_plain_one_for_the_tiny_student_and_teacher(lora):
+    """The tiny world's student and teacher (both with tied output layers; the teacher in float32 and bfloat16 as
+    stored), chunks of 1 and 7: the same loss, per-token losses, entropies and every student gradient as --chunk_size
+    0's path; with LoRA on every linear layer and the output layer, the adapters' gradients, the output layer's
+    included (ChunkedDistillationLoss's head parameters)."""
+    student = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-gpt2")
+    teacher = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-teacher", dtype=torch.float32).eval()
+    teacher.requires_grad_(False)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        student = get_peft_model(student, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc", "lm_head"],
+                                                     init_lora_weights=False))
+        assert any("lm_head" in name and p.requires_grad for name, p in student.named_parameters())
+    names = [name for name, p in student.named_parameters() if p.requires_grad]
+    token_loss = lambda s, t, y: token_losses(s, t, y, "jsd", 0.5, temperature=1.0)  # noqa: E731
+    for copy_weights in [False, True]:
+        plain, chunked = plain_and_chunked(student, teacher, token_loss, [1, 7], copy_weights)
+        for chunk_size, values in chunked.items():
+            assert_same(plain, values, names, (chunk_size, copy_weights))
 
 
 def test_the_chunked_path_checks_that_it_rebuilds_each_models_logits():
@@ -173,8 +218,8 @@ def test_sampling_draws_from_the_softmax_of_the_warped_logits(warping):
     assert draws[:100] == [ids[0] for ids in sample_completions(model, [query] * 100, 1, 0, 0, seed=3, **warping)]
     with torch.no_grad():
         scores = model(torch.tensor([query])).logits[:, -1].float()
-    for warper in [TemperatureLogitsWarper(warping.get("temperature", 1.0)), TopKLogitsWarper(warping.get("top_k", 602)),
-                   TopPLogitsWarper(warping.get("top_p", 1.0))]:
+    for warper in [TemperatureLogitsWarper(warping.get("temperature", 1.0)),
+                   TopKLogitsWarper(warping.get("top_k", 602)), TopPLogitsWarper(warping.get("top_p", 1.0))]:
         scores = warper(None, scores)
     expected = torch.softmax(scores, -1)[0]
     observed = torch.bincount(torch.tensor(draws), minlength=len(expected)).float() / len(draws)
