@@ -283,12 +283,12 @@ class TokenLogProbs(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
-def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The logits a model computes from its last hidden states, (n, H) -> (n, V): its output layer (bias, LoRA and
-    all), then the scaling and soft-capping some architectures apply after it (Cohere's logit_scale, Gemma's
-    final_logit_softcapping, Granite's logits_scaling)."""
-    logits = model.get_output_embeddings()(hidden)
-    config = model.config.get_text_config()
+def output_logits(project, config, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits a model computes from its last hidden states, (n, H) -> (n, V): project (its output layer's forward:
+    bias, LoRA and all), then the scaling and soft-capping some architectures apply after it (Cohere's logit_scale,
+    Granite's logits_scaling, Gemma's final_logit_softcapping; config: the model's)."""
+    logits = project(hidden)
+    config = config.get_text_config()
     if getattr(config, "logit_scale", None) is not None:
         logits = logits * config.logit_scale
     if getattr(config, "logits_scaling", None) is not None:
@@ -313,15 +313,15 @@ def label_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     return values
 
 
-def chunked_label_log_probs(model, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int,
+def chunked_label_log_probs(project, config, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int,
                             temperature: float = 1.0, extras: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """label_log_probs of n positions from their (n, H) last hidden states, chunk_size positions at a time, so that
-    at most one chunk's (chunk_size, V) logits exist at once. With gradients each chunk runs under
-    torch.utils.checkpoint: its logits are freed after the forward and recomputed, one chunk at a time, in the
-    backward (the output layer's matmul once more). n <= chunk_size (or chunk_size 0): one chunk, nothing recomputed,
-    the plain computation."""
+    """label_log_probs of n positions from their (n, H) last hidden states (output_logits(project, config, ...)),
+    chunk_size positions at a time, so that at most one chunk's (chunk_size, V) logits exist at once. With gradients
+    each chunk runs under torch.utils.checkpoint: its logits are freed after the forward and recomputed, one chunk at
+    a time, in the backward (the output layer's matmul once more). n <= chunk_size (or chunk_size 0): one chunk,
+    nothing recomputed, the plain computation."""
     def one_chunk(hidden: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return label_log_probs(output_logits(model, hidden), labels, temperature, extras)
+        return label_log_probs(output_logits(project, config, hidden), labels, temperature, extras)
 
     if chunk_size == 0 or len(labels) <= chunk_size:
         return one_chunk(hidden, labels)
@@ -339,33 +339,40 @@ def chunked_log_probs(model: torch.nn.Module, labels: torch.Tensor, chunk_size: 
     """Inside the block, one forward of `model` (the unwrapped model; call it through its DDP / FSDP / DeepSpeed
     wrapper as usual) returns TokenLogProbs of `labels` ((B, T), -100 where not scored) instead of (B, T, V) logits.
 
-    Its output layer projects nothing in the forward: a pre-hook keeps its inputs at the N scored positions, (N, H);
-    a hook at the end of the model's forward, still inside it (prepended, so before FSDP's post-forward reshards the
-    weights), projects them chunk_size at a time (chunked_label_log_probs). The values are the forward's outputs, so
-    the sharding wrappers gather the output layer again for the backward's recompute as for any backward."""
+    The model calls its output layer once, as always, but the layer's forward is replaced: it takes the last hidden
+    states at the N scored positions and returns their values, (N, 1 + len(extras)), computed chunk_size positions at
+    a time (chunked_label_log_probs). So whatever wraps the layer treats them as it treats logits: FSDP and ZeRO-3
+    gather its weights around that call, and again in the backward once the values' gradient arrives, when each chunk
+    is recomputed. A hook at the end of the model's forward returns them as TokenLogProbs."""
     targets = labels[:, 1:] != -100  # (B, T-1): position t is scored when label t+1 is
     positions = F.pad(targets, (0, 1), value=False)  # (B, T)
-    captured = []
+    head = model.get_output_embeddings()
+    project = head.forward  # the layer's own forward, kept: the chunks project with it
+    names, outputs = ("log_probs", *extras), []
 
-    def keep_scored_inputs(module, inputs):
-        captured.append(inputs[0][positions])  # (N, H)
-        capture_handle.remove()  # the chunks' own calls of the output layer project as usual
-        return (captured[-1][:0], *inputs[1:])
+    def values_at_scored_positions(hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (N, 1 + len(extras))
+        values = chunked_label_log_probs(project, model.config, hidden[positions], labels[:, 1:][targets],
+                                         chunk_size, temperature, extras)
+        return torch.stack([values[name] for name in names], dim=-1)
 
-    def project_in_chunks(module, args, output):
-        values = chunked_label_log_probs(model, captured.pop(), labels[:, 1:][targets], chunk_size, temperature,
-                                         extras)
+    def keep_output(module, inputs, output):  # after the wrappers' own hooks on the layer: what they returned
+        outputs.append(output)
+
+    def as_token_log_probs(module, args, output):
         zeros = torch.zeros(targets.shape, dtype=torch.float32, device=labels.device)
-        return TokenLogProbs(**{name: zeros.masked_scatter(targets, value) for name, value in values.items()},
+        values = dict(zip(names, outputs.pop().unbind(-1)))  # the extras without gradient, as label_log_probs made them
+        return TokenLogProbs(**{name: zeros.masked_scatter(targets, value if name == "log_probs" else value.detach())
+                                for name, value in values.items()},
                              hidden_states=getattr(output, "hidden_states", None))
 
-    capture_handle = model.get_output_embeddings().register_forward_pre_hook(keep_scored_inputs)
-    project_handle = model.register_forward_hook(project_in_chunks, prepend=True)
+    head.forward = values_at_scored_positions
+    handles = [head.register_forward_hook(keep_output), model.register_forward_hook(as_token_log_probs, prepend=True)]
     try:
         yield
     finally:
-        capture_handle.remove()
-        project_handle.remove()
+        del head.forward  # the class's forward again
+        for handle in handles:
+            handle.remove()
 
 
 def token_log_probs(model, unwrapped, batch: dict, chunk_size: int, lm_head_only_at_labels: bool = True,

@@ -106,11 +106,13 @@ def test_lora_resumed_run_ends_where_the_uninterrupted_run_ends_learns_and_saves
 
 
 @pytest.mark.slow
-def test_bad_hyper_parameters_are_one_clear_line():
+def test_bad_hyper_parameters_are_one_clear_line(monkeypatch):
     result = run_script("cpo.py", "--loss_type", "hinge", "--label_smoothing", 0.1)
     assert error_line(result) == (
         "cpo.py: error: --label_smoothing applies to the sigmoid and simpo losses only, not --loss_type hinge")
     assert "parameters in memory" not in result.stdout  # failed before the model was loaded
+    assert run_main_in_process(monkeypatch, "cpo.py", "--chunk_size", -1) == (
+        "cpo.py: error: --chunk_size must be >= 0 (0: the plain path, the model's logits at once), got -1")
     # (bad data: see test_orpo.py; the two scripts validate alike, and each run costs seconds)
 
 

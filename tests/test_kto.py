@@ -194,7 +194,7 @@ def test_lora_reference_is_the_policy_with_adapters_off_and_learns(tmp_path):
 
 
 @pytest.mark.slow
-def test_bad_input_is_one_clear_line(tmp_path):
+def test_bad_input_is_one_clear_line(tmp_path, monkeypatch):
     def write(name: str, rows: list[dict]):
         (tmp_path / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
         return ["--dataset_name", tmp_path / name, "--dataset_test_split", "None"]
@@ -217,6 +217,8 @@ def test_bad_input_is_one_clear_line(tmp_path):
     assert error_line(run_script("kto.py", "--per_device_train_batch_size", 1)).startswith(
         "kto.py: error: the KL reference point is estimated from mismatched pairs inside each optimizer step's "
         "batch, which needs at least 2 examples; got 1")
+    assert run_main_in_process(monkeypatch, "kto.py", "--chunk_size", -1) == (
+        "kto.py: error: --chunk_size must be >= 0 (0: the plain path, the model's logits at once), got -1")
 
 
 def test_help_lists_the_arguments_as_users_type_them(monkeypatch, capsys):

@@ -13,7 +13,8 @@ from conftest import (ASSETS, assert_prefers_chosen_and_writes_more_positive_rev
                       run_main_in_process, run_ok, run_script)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from orpo import Args, chosen_nll_labels, chosen_nll_sum, collate_pairs, odds_ratio_loss, tokenize_pair
+from orpo import (Args, chosen_nll_labels, chosen_nll_sum, collate_pairs, odds_ratio_loss, token_log_probs,
+                  tokenize_pair)
 
 PREFERENCE = ASSETS / "data" / "preference"
 SHORT = ["--max_steps", 12, "--eval_steps", 6, "--logging_steps", 2]
@@ -73,14 +74,43 @@ def test_padding_never_enters_the_nll_and_the_prompt_only_when_asked(tokenizer):
         results = []
         for batch in (alone, padded):
             labels = chosen_nll_labels(batch, include_prompt)
+            chosen = {"input_ids": batch["input_ids"][:1], "attention_mask": batch["attention_mask"][:1],
+                      "labels": labels[:1]}  # the pair's chosen sequence
             with torch.no_grad():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            results.append(chosen_nll_sum(logits[:1], labels[:1]))  # the pair's chosen sequence
+                token_logps = token_log_probs(model, model, chosen, chunk_size=3).log_probs  # several chunks
+            results.append(chosen_nll_sum(token_logps, labels[:1]))
         (alone_sum, alone_count), (padded_sum, padded_count) = results
         assert alone_count.item() == padded_count.item() == expected_count, include_prompt
         assert padded_sum.item() == pytest.approx(alone_sum.item(), rel=1e-5), include_prompt
     # the seed's labels (the input ids) would have made every pad token of the padded row a target
     assert (padded["input_ids"][0, 1:] != -100).sum().item() > expected_count + 50
+
+
+@pytest.mark.parametrize("chunk_size", [0, 3])
+def test_scoring_the_prompts_too_leaves_the_answers_log_probs_and_gradients_as_they_were(tokenizer, chunk_size):
+    # --nll_include_prompt: the forward scores the chosen prompts too (the NLL's targets); the odds ratio keeps the
+    # answers' positions only and must see what a forward over the answers alone gives, values and gradients
+    model = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-gpt2").eval()
+    rows = [{"prompt": "Review of X:", "chosen": " Great fun.", "rejected": " Dull."},
+            {"prompt": "Review of a longer title:", "chosen": " Fine." * 5, "rejected": " Bad." * 3}]
+    batch = collate_pairs([tokenize_pair(row, tokenizer, max_length=128, max_prompt_length=64,
+                                         truncation_mode="keep_end") for row in rows], tokenizer.pad_token_id)
+    union = {**batch, "labels": torch.cat((chosen_nll_labels(batch, include_prompt=True), batch["labels"][2:]))}
+    target = batch["labels"][:, 1:] != -100
+    results = []
+    for inputs in (batch, union):
+        model.zero_grad()
+        token_logps = token_log_probs(model, model, inputs, chunk_size, extras=("mean_logits",))
+        answers = token_logps.log_probs.masked_fill(~target, 0)
+        answers.sum().backward()
+        results.append((answers.detach(), token_logps.mean_logits.masked_fill(~target, 0),
+                        {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (answers, mean_logits, grads), (union_answers, union_mean_logits, union_grads) = results
+    assert (union["labels"][:2, 1:] != -100).sum() > target[:2].sum()  # the prompts were scored too
+    torch.testing.assert_close(union_answers, answers, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(union_mean_logits, mean_logits, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(union_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------------ end to end
@@ -122,19 +152,22 @@ def test_two_processes_and_accumulation_match_one_process_at_the_same_global_bat
 
 @pytest.mark.slow
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
-    # with the seed's prompt-in-NLL option, so that its second pass over the chosen logits is exercised too
+    # with the seed's prompt-in-NLL option, so that the forward over the prompts' and the answers' targets is
+    # exercised too
     assert_resumed_run_ends_where_the_uninterrupted_run_ends("orpo.py", SHORT + ["--nll_include_prompt"], tmp_path)
     prompt_nll = read_metrics(tmp_path / "full")[-1]["eval_nll_loss"]
     assert math.isfinite(prompt_nll) and prompt_nll > 0
 
 
 @pytest.mark.slow
-def test_bad_input_is_one_clear_line(tmp_path):
+def test_bad_input_is_one_clear_line(tmp_path, monkeypatch):
     (tmp_path / "no_chosen.jsonl").write_text(json.dumps({"prompt": "a", "rejected": "b"}) + "\n")
     result = run_script("orpo.py", "--dataset_name", tmp_path / "no_chosen.jsonl", "--dataset_test_split", "None")
     assert error_line(result) == ("orpo.py: error: expected 'chosen' and 'rejected' columns (and optionally "
                                   "'prompt'); missing ['chosen']; found columns ['prompt', 'rejected']")
     assert "parameters in memory" not in result.stdout  # failed before the model was loaded
+    assert run_main_in_process(monkeypatch, "orpo.py", "--chunk_size", -1) == (
+        "orpo.py: error: --chunk_size must be >= 0 (0: the plain path, the model's logits at once), got -1")
     # (bad hyper-parameters: see test_cpo.py; the two scripts validate alike, and each run costs seconds)
 
 
