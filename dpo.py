@@ -459,6 +459,8 @@ def main(args: Args) -> None:
                  "max_length", "logging_steps", "eval_steps"]:
         if getattr(args, name) <= 0:
             fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.chunk_size < 0:
+        fail(f"--chunk_size must be >= 0 (0: the plain path, the model's logits at once), got {args.chunk_size}")
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
         fail(f"need --max_steps > 0 or --num_train_epochs > 0, got {args.max_steps} and {args.num_train_epochs}")
     check_run(args, ["model_name_or_path"])  # learning rate, model path, output_dir, --resume_from_checkpoint latest

@@ -268,6 +268,11 @@ def test_long_prompts_are_cut_and_counted(tmp_path):
     assert "1 of 8 train prompts were cut to --max_prompt_length 16 (keep_end)" in result.stdout
 
 
+def test_a_negative_chunk_size_is_one_line_before_anything_loads(monkeypatch):
+    assert run_main_in_process(monkeypatch, "dpo.py", "--chunk_size", -1) == (
+        "dpo.py: error: --chunk_size must be >= 0 (0: the plain path, the model's logits at once), got -1")
+
+
 def test_help_lists_the_arguments_as_users_type_them(monkeypatch, capsys):
     assert run_main_in_process(monkeypatch, "dpo.py", "--help") == "0"  # the script's own command line
     text = capsys.readouterr().out
