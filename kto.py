@@ -356,8 +356,9 @@ def label_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     """(n, V) logits and (n,) labels -> {"log_probs": (n,) float32, and any of "entropy", "mean_logits" in extras}.
     log p(label) = logit[label] - logsumexp(logits): no log-softmax over the vocabulary is ever materialised."""
     logits = logits.float() if temperature == 1.0 else logits.float() / temperature
-    log_normalizer = torch.logsumexp(logits, dim=-1)
-    values = {"log_probs": logits.gather(1, labels.unsqueeze(1)).squeeze(1) - log_normalizer}
+    label_logits = logits.gather(1, labels.unsqueeze(1)).squeeze(1)  # before logsumexp: in this order the backward
+    log_normalizer = torch.logsumexp(logits, dim=-1)  # sums the two (n, V) gradients in place, one buffer fewer
+    values = {"log_probs": label_logits - log_normalizer}
     with torch.no_grad():  # last: a chunk's recompute in the backward stops before them (checkpoint's early stop)
         if "entropy" in extras:
             values["entropy"] = log_normalizer - (torch.softmax(logits, dim=-1) * logits).sum(-1)
