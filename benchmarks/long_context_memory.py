@@ -16,7 +16,8 @@ fp32, no gradient checkpointing, one process, --steps optimizer steps of:
         completions run to the budget.
 Texts are random words of the tiny tokenizer's vocabulary (so ids stay below 602; only memory and speed mean anything
 here), written once under --work_dir. Peak memory is the process's peak resident set size (os.wait4's ru_maxrss):
-weights, optimizer state, activations, the output layer's logits and the interpreter alike, as a user's `top` sees it.
+weights, optimizer state, activations, the output layer's logits and the interpreter alike, as a user's `top` sees it;
+on a GPU, torch's CUDA peak (max_memory_allocated) of each side instead.
 """
 
 import argparse
@@ -27,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-from vs_trl import ASSETS, RL_REWARD, VENVS, run_timed  # noqa: E402
+from vs_trl import ASSETS, RL_REWARD, VENVS, gpu_present, run_timed  # noqa: E402
 
 PROMPT_TOKENS = 64  # sft: the prompt part of a row
 
@@ -101,6 +102,8 @@ def ours(algo: str, length: int, model: Path, data: Path, run_dir: Path, args, c
         if algo == "dpo":
             command += ["--max_prompt_length", str(length // 2)]
     _, rss_mb, _ = run_timed(command, args.threads)
+    if gpu_present():  # on a GPU the scripts log torch's CUDA peak (max_memory_allocated) with every window
+        return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["peak_memory_mb"]
     return rss_mb
 
 
@@ -115,7 +118,8 @@ def trl(algo: str, length: int, model: Path, data: Path, run_dir: Path, args) ->
     else:
         command += ["--batch_size", "1", "--max_length", str(length)]
     _, rss_mb, _ = run_timed(command, args.threads)
-    return rss_mb
+    cuda_peak_mb = json.loads(run_dir.with_suffix(".json").read_text())["cuda_peak_mb"]
+    return cuda_peak_mb if cuda_peak_mb is not None else rss_mb
 
 
 def main() -> None:
