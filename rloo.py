@@ -699,6 +699,7 @@ def chunked_log_probs(model: torch.nn.Module, labels: torch.Tensor, chunk_size: 
     targets = labels[:, 1:] != -100  # (B, T-1): position t is scored when label t+1 is
     positions = F.pad(targets, (0, 1), value=False)  # (B, T)
     head = model.get_output_embeddings()
+    patched = vars(head).get("forward")  # a forward set on the layer itself before the block: put back after it
     project = head.forward  # the layer's own forward, kept: the chunks project with it
     names, outputs = ("log_probs", *extras), []
 
@@ -722,7 +723,9 @@ def chunked_log_probs(model: torch.nn.Module, labels: torch.Tensor, chunk_size: 
     try:
         yield
     finally:
-        del head.forward  # the class's forward again
+        del head.forward  # the class's forward again, or the one set before the block
+        if patched is not None:
+            head.forward = patched
         for handle in handles:
             handle.remove()
 

@@ -181,4 +181,11 @@ def test_an_empty_selection_and_hidden_states_pass_through():
     with pytest.raises(RuntimeError, match="inside"):
         with dpo.chunked_log_probs(model, labels, 3):
             raise RuntimeError("inside")
-    assert not model._forward_hooks and not model.lm_head._forward_pre_hooks
+    assert not model._forward_hooks and not model.lm_head._forward_hooks and "forward" not in vars(model.lm_head)
+    model.lm_head.forward = patched = lambda hidden: torch.nn.Linear.forward(model.lm_head, hidden) * 2  # set before
+    with dpo.chunked_log_probs(model, labels, 3):
+        doubled = model(input_ids=input_ids, use_cache=False).log_probs
+    assert vars(model.lm_head)["forward"] is patched  # put back after the block, and the chunks projected with it:
+    del model.lm_head.forward
+    with dpo.chunked_log_probs(model, labels, 3, temperature=0.5):  # doubled logits are halved temperature's
+        assert torch.allclose(doubled, model(input_ids=input_ids, use_cache=False).log_probs, atol=1e-5)
