@@ -316,26 +316,9 @@ def main(args: Args) -> None:
                           "process samples its share of the prompts with a whole copy of the model")
 
     # 2. Prompts, loaded and checked before any model loads: strings or message lists, none empty.
-    try:
-        raw = load_any_dataset(args.dataset_name, args.dataset_config)
-    except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
-        message = str(error) or type(error).__name__  # an empty JSON file raises a bare StopIteration
-        cause = error.__cause__  # datasets wraps the real reason, e.g. split files whose columns differ
-        if cause is not None and str(cause):
-            message += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
-        elif isinstance(error, StopIteration) or "corresponds to no data" in message or "generating the dataset" in \
-                message:  # how datasets says "empty"
-            message += " (is a data file empty? every split needs at least one row)"
-        fail(f"could not load dataset {args.dataset_name}: {message}")
-    if args.dataset_split not in raw:
-        fail(f"dataset {args.dataset_name} has no split '{args.dataset_split}'; found splits {list(raw)}")
-    if len(raw[args.dataset_split]) == 0:
-        fail(f"split '{args.dataset_split}' of dataset {args.dataset_name} is empty; expected at least one prompt")
-    try:
-        query_column = find_query_column(raw[args.dataset_split].column_names, args.query_column)
-    except ValueError as error:
-        fail(str(error))
-    prompts = raw[args.dataset_split][query_column][: args.num_prompts if args.num_prompts > 0 else None]
+    prompt_split, query_column = load_prompts(args.dataset_name, args.dataset_config, args.dataset_split,
+                                              args.query_column)
+    prompts = prompt_split[query_column][: args.num_prompts if args.num_prompts > 0 else None]
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, (str, list)):
             fail(f"prompts must be strings or message lists; column '{query_column}' holds {type(prompt).__name__}")
@@ -539,6 +522,22 @@ def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
     return load_dataset(name, config)  # a Hub id, or a directory of train/test files (splits inferred from names)
 
 
+def load_dataset_or_fail(name: str, config: str | None = None) -> DatasetDict:
+    """load_any_dataset, with any failure (not found, unreadable, unknown type, empty, network) as one line that names
+    the dataset and the reason, not a traceback."""
+    try:
+        return load_any_dataset(name, config)
+    except Exception as error:
+        message = str(error) or type(error).__name__  # an empty JSON file raises a bare StopIteration
+        cause = error.__cause__  # datasets wraps the real reason, e.g. split files whose columns differ
+        if cause is not None and str(cause):
+            message += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
+        elif isinstance(error, StopIteration) or "corresponds to no data" in message or "generating the dataset" in \
+                message:  # how datasets says "empty"
+            message += " (is a data file empty? every split needs at least one row)"
+        fail(f"could not load dataset {name}: {message}")
+
+
 def load_tokenizer(args, eos_purpose: str):
     """The tokenizer of --model_name_or_path; it needs an EOS token. Without a pad token EOS pads: padding is masked by
     position (attention mask, labels -100), never by token id, so a real EOS is still learned."""
@@ -603,6 +602,20 @@ def find_query_column(column_names: list[str], query_column: str | None = None) 
             return column
     expected = f"a '{query_column}' column" if query_column else "a 'prompt' or 'query' column"
     raise ValueError(f"expected {expected} (strings or message lists); found columns {column_names}")
+
+
+def load_prompts(name: str, config: str | None, split: str, query_column: str | None) -> tuple:
+    """The prompts of one split, loaded and checked before any model is (one line per failure): the split must exist
+    and hold rows; the prompt column is --query_column, else 'prompt' or 'query'. Returns (the split, the column)."""
+    raw = load_dataset_or_fail(name, config)
+    try:
+        if split not in raw:
+            raise ValueError(f"dataset {name} has no split '{split}'; found splits {list(raw)}")
+        if len(raw[split]) == 0:
+            raise ValueError(f"split '{split}' of dataset {name} is empty; expected at least one prompt")
+        return raw[split], find_query_column(raw[split].column_names, query_column)
+    except ValueError as error:
+        fail(str(error))
 
 
 def parse_reward_spec(spec: str) -> tuple[str | None, str]:

@@ -962,10 +962,9 @@ def grpo_loss(per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor |
 def main(args: Args) -> None:
     # 0. Check what can be checked before anything is loaded: sizes, the rewards (files, functions, signatures), the
     #    tools and the environment (files, classes, reset, schemas).
-    for name in ["num_generations", "max_completion_length", "per_device_train_batch_size",
-                 "gradient_accumulation_steps", "num_iterations", "max_steps", "logging_steps", "ref_model_sync_steps"]:
-        if getattr(args, name) <= 0:
-            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    check_positive(args, ["num_generations", "max_completion_length", "per_device_train_batch_size",
+                          "gradient_accumulation_steps", "num_iterations", "max_steps", "logging_steps",
+                          "ref_model_sync_steps"])
     if args.num_generations < 2:
         fail(f"--num_generations must be at least 2 (an advantage compares a completion with the others of its "
              f"prompt), got {args.num_generations}")
@@ -1028,29 +1027,9 @@ def main(args: Args) -> None:
     output_dir = Path(args.output_dir)
 
     # 2. Data: the prompts, loaded and checked before any model is; every other column goes to the reward functions.
-    try:
-        raw = load_any_dataset(args.dataset_name, args.dataset_config)
-    except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
-        message = str(error) or type(error).__name__  # an empty JSON file raises a bare StopIteration
-        cause = error.__cause__  # datasets wraps the real reason, e.g. split files whose columns differ
-        if cause is not None and str(cause):
-            message += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
-        elif isinstance(error, StopIteration) or "corresponds to no data" in message or "generating the dataset" in \
-                message:  # how datasets says "empty"
-            message += " (is a data file empty? every split needs at least one row)"
-        fail(f"could not load dataset {args.dataset_name}: {message}")
-    try:
-        if args.dataset_train_split not in raw:
-            raise ValueError(f"dataset {args.dataset_name} has no split '{args.dataset_train_split}'; found splits "
-                             f"{list(raw)}")
-        if len(raw[args.dataset_train_split]) == 0:
-            raise ValueError(f"split '{args.dataset_train_split}' of dataset {args.dataset_name} is empty; expected "
-                             "at least one prompt")
-        query_column = find_query_column(raw[args.dataset_train_split].column_names, args.query_column)
-    except ValueError as error:
-        fail(str(error))
-    split = raw[args.dataset_train_split]
-    other_columns = split.to_dict()  # Python lists, once: reading a datasets Column item by item is slow (0.2 ms)
+    prompt_split, query_column = load_prompts(args.dataset_name, args.dataset_config, args.dataset_train_split,
+                                              args.query_column)
+    other_columns = prompt_split.to_dict()  # Python lists, once: reading a datasets Column item by item is slow
     prompts = other_columns.pop(query_column)
     try:  # the Python reward functions against the call they will get, which passes these columns too (as TRL's)
         for spec, (_, function) in zip(args.reward_funcs, python_rewards):
@@ -1465,6 +1444,14 @@ def check_run(args, model_fields: list[str]) -> None:
              "--output_dir", once=True)
 
 
+def check_positive(args, names: list[str]) -> None:
+    """The flags that count something (sizes, steps, lengths) must be positive integers: one line for the first that
+    is not, before anything loads."""
+    for name in names:
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+
+
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """The checkpoint-N directories of output_dir, oldest first: whole, since save_checkpoint renames a checkpoint
     into place only once every file is written."""
@@ -1512,6 +1499,22 @@ def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
         loaded = load_from_disk(str(path))
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
     return load_dataset(name, config)  # a Hub id, or a directory of train/test files (splits inferred from names)
+
+
+def load_dataset_or_fail(name: str, config: str | None = None) -> DatasetDict:
+    """load_any_dataset, with any failure (not found, unreadable, unknown type, empty, network) as one line that names
+    the dataset and the reason, not a traceback."""
+    try:
+        return load_any_dataset(name, config)
+    except Exception as error:
+        message = str(error) or type(error).__name__  # an empty JSON file raises a bare StopIteration
+        cause = error.__cause__  # datasets wraps the real reason, e.g. split files whose columns differ
+        if cause is not None and str(cause):
+            message += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
+        elif isinstance(error, StopIteration) or "corresponds to no data" in message or "generating the dataset" in \
+                message:  # how datasets says "empty"
+            message += " (is a data file empty? every split needs at least one row)"
+        fail(f"could not load dataset {name}: {message}")
 
 
 def step_indices(step: int, num_rows: int, global_batch_size: int, seed: int) -> list[int]:
@@ -1851,6 +1854,20 @@ def find_query_column(column_names: list[str], query_column: str | None = None) 
             return column
     expected = f"a '{query_column}' column" if query_column else "a 'prompt' or 'query' column"
     raise ValueError(f"expected {expected} (strings or message lists); found columns {column_names}")
+
+
+def load_prompts(name: str, config: str | None, split: str, query_column: str | None) -> tuple:
+    """The prompts of one split, loaded and checked before any model is (one line per failure): the split must exist
+    and hold rows; the prompt column is --query_column, else 'prompt' or 'query'. Returns (the split, the column)."""
+    raw = load_dataset_or_fail(name, config)
+    try:
+        if split not in raw:
+            raise ValueError(f"dataset {name} has no split '{split}'; found splits {list(raw)}")
+        if len(raw[split]) == 0:
+            raise ValueError(f"split '{split}' of dataset {name} is empty; expected at least one prompt")
+        return raw[split], find_query_column(raw[split].column_names, query_column)
+    except ValueError as error:
+        fail(str(error))
 
 
 def parse_reward_spec(spec: str) -> tuple[str | None, str]:

@@ -589,11 +589,9 @@ class IterativeSFTTrainer:
 
 def main(args: Args) -> None:
     # 0. Check what can be checked before anything is loaded.
-    for name in ["num_iterations", "prompts_per_iteration", "samples_per_prompt", "sft_epochs",
-                 "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps",
-                 "output_min_length"]:
-        if getattr(args, name) <= 0:
-            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    check_positive(args, ["num_iterations", "prompts_per_iteration", "samples_per_prompt", "sft_epochs",
+                          "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps",
+                          "output_min_length"])
     if args.chunk_size < 0:
         fail(f"--chunk_size must be 0 (the plain path) or a positive number of positions, got {args.chunk_size}")
     if not 0 < args.keep_fraction <= 1:
@@ -620,28 +618,9 @@ def main(args: Args) -> None:
     output_dir = Path(args.output_dir)
 
     # 1. Prompts, loaded and checked before any model is (one split, no evaluation: load_splits is not used).
-    try:
-        raw = load_any_dataset(args.dataset_name, args.dataset_config)
-    except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
-        message = str(error) or type(error).__name__  # an empty JSON file raises a bare StopIteration
-        cause = error.__cause__  # datasets wraps the real reason, e.g. split files whose columns differ
-        if cause is not None and str(cause):
-            message += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
-        elif isinstance(error, StopIteration) or "corresponds to no data" in message or "generating the dataset" in \
-                message:  # how datasets says "empty"
-            message += " (is a data file empty? every split needs at least one row)"
-        fail(f"could not load dataset {args.dataset_name}: {message}")
-    try:
-        if args.dataset_train_split not in raw:
-            raise ValueError(f"dataset {args.dataset_name} has no split '{args.dataset_train_split}'; found splits "
-                             f"{list(raw)}")
-        if len(raw[args.dataset_train_split]) == 0:
-            raise ValueError(f"split '{args.dataset_train_split}' of dataset {args.dataset_name} is empty; expected "
-                             "at least one prompt")
-        query_column = find_query_column(raw[args.dataset_train_split].column_names, args.query_column)
-    except ValueError as error:
-        fail(str(error))
-    prompts = raw[args.dataset_train_split][query_column]
+    prompt_split, query_column = load_prompts(args.dataset_name, args.dataset_config, args.dataset_train_split,
+                                              args.query_column)
+    prompts = prompt_split[query_column]
 
     # 2. Tokenizer (without a pad token, EOS pads) and the tokenised queries.
     tokenizer = load_tokenizer(args, "to end responses")
@@ -900,6 +879,14 @@ def check_run(args, model_fields: list[str]) -> None:
              "--output_dir", once=True)
 
 
+def check_positive(args, names: list[str]) -> None:
+    """The flags that count something (sizes, steps, lengths) must be positive integers: one line for the first that
+    is not, before anything loads."""
+    for name in names:
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+
+
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """The checkpoint-N directories of output_dir, oldest first: whole, since save_checkpoint renames a checkpoint
     into place only once every file is written."""
@@ -947,6 +934,22 @@ def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
         loaded = load_from_disk(str(path))
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
     return load_dataset(name, config)  # a Hub id, or a directory of train/test files (splits inferred from names)
+
+
+def load_dataset_or_fail(name: str, config: str | None = None) -> DatasetDict:
+    """load_any_dataset, with any failure (not found, unreadable, unknown type, empty, network) as one line that names
+    the dataset and the reason, not a traceback."""
+    try:
+        return load_any_dataset(name, config)
+    except Exception as error:
+        message = str(error) or type(error).__name__  # an empty JSON file raises a bare StopIteration
+        cause = error.__cause__  # datasets wraps the real reason, e.g. split files whose columns differ
+        if cause is not None and str(cause):
+            message += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
+        elif isinstance(error, StopIteration) or "corresponds to no data" in message or "generating the dataset" in \
+                message:  # how datasets says "empty"
+            message += " (is a data file empty? every split needs at least one row)"
+        fail(f"could not load dataset {name}: {message}")
 
 
 def step_indices(step: int, num_rows: int, global_batch_size: int, seed: int) -> list[int]:
@@ -1186,6 +1189,20 @@ def find_query_column(column_names: list[str], query_column: str | None = None) 
             return column
     expected = f"a '{query_column}' column" if query_column else "a 'prompt' or 'query' column"
     raise ValueError(f"expected {expected} (strings or message lists); found columns {column_names}")
+
+
+def load_prompts(name: str, config: str | None, split: str, query_column: str | None) -> tuple:
+    """The prompts of one split, loaded and checked before any model is (one line per failure): the split must exist
+    and hold rows; the prompt column is --query_column, else 'prompt' or 'query'. Returns (the split, the column)."""
+    raw = load_dataset_or_fail(name, config)
+    try:
+        if split not in raw:
+            raise ValueError(f"dataset {name} has no split '{split}'; found splits {list(raw)}")
+        if len(raw[split]) == 0:
+            raise ValueError(f"split '{split}' of dataset {name} is empty; expected at least one prompt")
+        return raw[split], find_query_column(raw[split].column_names, query_column)
+    except ValueError as error:
+        fail(str(error))
 
 
 def parse_reward_spec(spec: str) -> tuple[str | None, str]:

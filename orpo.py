@@ -450,10 +450,8 @@ def odds_ratio_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
 
 def main(args: Args) -> None:
     # 0. Check what can be checked before anything is loaded.
-    for name in ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "max_length", "logging_steps", "eval_steps"]:
-        if getattr(args, name) <= 0:
-            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    check_positive(args, ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                          "max_length", "logging_steps", "eval_steps"])
     if args.chunk_size < 0:
         fail(f"--chunk_size must be >= 0 (0: the plain path, the model's logits at once), got {args.chunk_size}")
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
@@ -795,6 +793,14 @@ def check_run(args, model_fields: list[str]) -> None:
              "--output_dir", once=True)
 
 
+def check_positive(args, names: list[str]) -> None:
+    """The flags that count something (sizes, steps, lengths) must be positive integers: one line for the first that
+    is not, before anything loads."""
+    for name in names:
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+
+
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """The checkpoint-N directories of output_dir, oldest first: whole, since save_checkpoint renames a checkpoint
     into place only once every file is written."""
@@ -844,12 +850,12 @@ def load_any_dataset(name: str, config: str | None = None) -> DatasetDict:
     return load_dataset(name, config)  # a Hub id, or a directory of train/test files (splits inferred from names)
 
 
-def load_splits(args, accelerator, check_columns) -> DatasetDict:
-    """--dataset_name, loaded and checked before any model loads (one line per failure). --dataset_test_split auto
-    becomes 'test' if the data has one, else None; each split used must exist, hold rows and pass check_columns."""
+def load_dataset_or_fail(name: str, config: str | None = None) -> DatasetDict:
+    """load_any_dataset, with any failure (not found, unreadable, unknown type, empty, network) as one line that names
+    the dataset and the reason, not a traceback."""
     try:
-        raw = load_any_dataset(args.dataset_name, args.dataset_config)
-    except Exception as error:  # not found, unreadable, unknown type, empty, network: one line, not a traceback
+        return load_any_dataset(name, config)
+    except Exception as error:
         message = str(error) or type(error).__name__  # an empty JSON file raises a bare StopIteration
         cause = error.__cause__  # datasets wraps the real reason, e.g. split files whose columns differ
         if cause is not None and str(cause):
@@ -857,7 +863,13 @@ def load_splits(args, accelerator, check_columns) -> DatasetDict:
         elif isinstance(error, StopIteration) or "corresponds to no data" in message or "generating the dataset" in \
                 message:  # how datasets says "empty"
             message += " (is a data file empty? every split needs at least one row)"
-        fail(f"could not load dataset {args.dataset_name}: {message}")
+        fail(f"could not load dataset {name}: {message}")
+
+
+def load_splits(args, accelerator, check_columns) -> DatasetDict:
+    """--dataset_name, loaded and checked before any model loads (one line per failure). --dataset_test_split auto
+    becomes 'test' if the data has one, else None; each split used must exist, hold rows and pass check_columns."""
+    raw = load_dataset_or_fail(args.dataset_name, args.dataset_config)
     if args.dataset_test_split == "auto":  # resolved here, so everything after sees a split name or None
         args.dataset_test_split = "test" if "test" in raw else None
         if args.dataset_test_split is None:
