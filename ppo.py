@@ -7,8 +7,13 @@ estimation (Schulman et al. 2016, https://arxiv.org/abs/1506.02438) turns reward
 advantages, and the clipped PPO objective (Schulman et al. 2017, https://arxiv.org/abs/1707.06347) updates policy and
 value head together for a few epochs over the batch; an adaptive controller steers beta towards a target KL. This file
 reproduces TRL's v0.8 API in one piece: `AutoModelForCausalLMWithValueHead` (and its seq2seq twin),
-`create_reference_model`, `PPOConfig` and `PPOTrainer.generate / step / log_stats`, with the seed's numbers (see
-docs/ppo.md for every stage, every stat and the deviations).
+`create_reference_model`, `PPOConfig` and `PPOTrainer.generate / step / log_stats`, with the seed's numbers ("the seed"
+throughout: TRL v0.8.6 and its documented behaviour, the reference this file matches; docs/ppo.md gives every stage,
+every stat and the deviations).
+
+Reading order: `Args`; the algorithm as functions (`compute_rewards`, `compute_gae` / `compute_advantages`,
+`ppo_losses`, `ppo_update`); `PPOTrainer.step`, which calls them in order; `main`, the training loop; then the
+value-head model and the seed's other API.
 
     # offline quickstart: the tiny world (assets/), CPU, about 15 s: the tiny policy learns to write positive reviews
     python ppo.py
@@ -66,10 +71,11 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 @dataclass
-class PPOConfig:
-    """The seed's `PPOConfig` (field names and meanings), also the command line. The knobs of what `step` computes
-    keep the seed's defaults; lm_head_only_at_responses and optim default to faster paths to the same update, and the
-    fields that set a run's scale to the tiny world (docs/ppo.md gives the seed's values)."""
+class Args:
+    """ppo.py's command line, which is also the seed's `PPOConfig` (its field names and meanings; `PPOConfig` below
+    is this class checked when made). The knobs of what `step` computes keep the seed's defaults;
+    lm_head_only_at_responses and optim default to faster paths to the same update, and the fields that set a run's
+    scale to the tiny world (docs/ppo.md gives the seed's values). A new flag goes here."""
 
     # --- experiment ---
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -176,9 +182,10 @@ class PPOConfig:
     init_kl_coef: float = 0.2
     """initial KL penalty coefficient beta"""
     kl_penalty: Literal["kl", "abs", "mse", "full"] = "kl"
-    """per-token KL estimate: kl: logp - ref_logp; abs: |kl|; mse: kl^2 / 2; full: the exact KL over the vocabulary"""
+    """which per-token KL estimate (kl_estimate) the reward is penalised by: kl: logp - ref_logp; abs: |kl|;
+    mse: kl^2 / 2; full: the exact KL over the vocabulary"""
     target: float = 6.0
-    """target KL (per sequence) of the adaptive controller"""
+    """the adaptive controller's target: the KL per sequence (summed over its response tokens) it steers beta towards"""
     horizon: float = 10000.0
     """horizon of the adaptive controller (in rollouts)"""
     gamma: float = 1.0
@@ -192,9 +199,10 @@ class PPOConfig:
     vf_coef: float = 0.1
     """weight of the value loss"""
     early_stopping: bool = False
-    """stop the PPO epochs of a step once the policy KL exceeds 1.5 x target_kl"""
+    """stop the PPO epochs of a step once the policy's KL to the rollout policy exceeds 1.5 x target_kl"""
     target_kl: float = 1.0
-    """see early_stopping"""
+    """early stopping's limit: the mean per-token KL of the updated policy to the rollout policy (not the reference,
+    and not the controller's `target`)"""
     ratio_threshold: float = 10.0
     """zero the loss of a mini-batch whose mean ratio exceeds this (it would spike the loss)"""
     use_score_scaling: bool = False
@@ -214,7 +222,7 @@ class PPOConfig:
     fix_seed_bugs: bool = False
     """fix the seed's bugs that change numbers: clipping on the first optimizer step only, padding's whitened rewards"""
 
-    check_on_init: ClassVar[bool] = True  # Args turns it off: main reports a bad size as one line, not tyro's box
+    check_on_init: ClassVar[bool] = False  # the command line: main checks the sizes, a bad one is one line
 
     def __post_init__(self):
         if self.log_with == "wandb":
@@ -246,14 +254,16 @@ class PPOConfig:
 
 
 @dataclass
-class Args(PPOConfig):
-    """PPO (RLHF): roll out the policy on prompts, score with a reward model, update policy and value head."""
+class PPOConfig(Args):
+    """The seed's `PPOConfig` (what `PPOTrainer` takes): the fields of Args, with the sizes checked when it is made
+    (ValueError), as the seed's."""
 
-    check_on_init: ClassVar[bool] = False  # the command line: main checks the sizes, a bad one is one line
+    check_on_init: ClassVar[bool] = True
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The algorithm: prompts -> text, log-probs, masked statistics, the KL penalty, GAE, the clipped losses, KL control
+# The algorithm: prompts -> tokens, log-probs, masked statistics, the KL-penalised rewards, GAE, the clipped
+# losses, the update over epochs and mini-batches, KL control
 # ----------------------------------------------------------------------------------------------------------------------
 def format_query(prompt, tokenizer) -> tuple[str, bool]:
     """THE place to change how a prompt becomes text: a message list is rendered with the chat template and the
@@ -261,6 +271,26 @@ def format_query(prompt, tokenizer) -> tuple[str, bool]:
     if isinstance(prompt, list):
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), True
     return prompt, False
+
+
+def tokenize_queries(prompts: list, tokenizer, cut_length: Callable[[], int] | None = None,
+                     column: str = "prompt") -> tuple[list, list]:
+    """Prompts (strings or message lists) -> (queries, reward_prompts): the token ids the policy continues, and what
+    the reward model reads as the prompt. With cut_length each query is cut to cut_length() tokens, as the seed's
+    IMDB example does (the reward model then reads the cut query); empty queries are dropped."""
+    queries, reward_prompts = [], []
+    for prompt in prompts:
+        if not isinstance(prompt, (str, list)):
+            raise ValueError(f"prompts must be strings or message lists; column '{column}' holds "
+                             f"{type(prompt).__name__}")
+        text, templated = format_query(prompt, tokenizer)
+        ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+        if cut_length is not None:
+            ids = ids[: cut_length()]
+        if ids:
+            queries.append(ids)
+            reward_prompts.append(tokenizer.decode(ids, skip_special_tokens=True) if cut_length else prompt)
+    return queries, reward_prompts
 
 
 # Token log-probs without ever holding the (tokens x vocabulary) logits: the same block in sft, iterative_sft, dpo, kto,
@@ -412,8 +442,9 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     return whitened if shift_mean else whitened + mean
 
 
-def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kind: str = "kl") -> torch.Tensor:
-    """Per-token KL estimate between policy and reference at the sampled tokens, (B, T) -> (B, T).
+def kl_estimate(logprob: torch.Tensor, ref_logprob: torch.Tensor, kind: str = "kl") -> torch.Tensor:
+    """Per-token KL estimate between policy and reference at the sampled tokens, (B, T) -> (B, T); `kind` is the
+    seed's `kl_penalty` option (the seed's function of the same name).
 
     kl: logp - ref_logp (unbiased, can be negative); abs: |logp - ref_logp|; mse: (logp - ref_logp)^2 / 2;
     full: the exact KL(policy || reference) of the next-token distributions, from (B, T, V) log-prob inputs:
@@ -430,6 +461,34 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kind: str = "kl
     raise ValueError(f"unknown kl_penalty '{kind}': expected one of kl, abs, mse, full")
 
 
+def scale_scores(scores: torch.Tensor, config: "Args", running: "RunningMoments") -> torch.Tensor:
+    """(B,) scores -> (B,) as the seed: divided by the running standard deviation of all scores so far (every
+    process's) with use_score_scaling, the running mean subtracted first with use_score_norm; then clipped to
+    [-score_clip, score_clip]."""
+    if config.use_score_scaling:
+        running.update(scores)
+        scaling = torch.as_tensor(running.std, dtype=scores.dtype, device=scores.device) + torch.finfo(scores.dtype).eps
+        mean = torch.as_tensor(running.mean, dtype=scores.dtype, device=scores.device)
+        scores = (scores - mean) / scaling if config.use_score_norm else scores / scaling
+    if config.score_clip is not None:
+        scores = torch.clip(scores, -config.score_clip, config.score_clip)
+    return scores
+
+
+def compute_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, masks: torch.Tensor,
+                    kl_coef: float, kl_penalty: str = "kl") -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token rewards (B, T) of RLHF: -kl_coef * KL at every response token, plus the score (B,) on the last
+    response token (the last position where masks (B, T) is 1). logprobs / ref_logprobs: the policy's and the
+    reference's log-probs of the sampled tokens (B, T), or whole log-softmax distributions (B, T, V) for
+    kl_penalty="full". Returns (rewards, kls): kls (B, T) is the KL estimate the penalty used, which the KL
+    controller is fed (change it here and the controller sees the change)."""
+    kls = kl_estimate(logprobs, ref_logprobs, kl_penalty)
+    rewards = -kl_coef * kls
+    last = masks.shape[1] - 1 - masks.flip(1).argmax(1)
+    rewards[torch.arange(len(scores), device=rewards.device), last] += scores
+    return rewards, kls
+
+
 def compute_gae(values: torch.Tensor, rewards: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
     """Generalised advantage estimation over (B, T) rewards and values (already zero outside the response):
     delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1}, V_T = 0."""
@@ -442,6 +501,22 @@ def compute_gae(values: torch.Tensor, rewards: torch.Tensor, gamma: float, lam: 
         lastgaelam = delta + gamma * lam * lastgaelam
         advantages_reversed.append(lastgaelam)
     return torch.stack(advantages_reversed[::-1], dim=1)
+
+
+def compute_advantages(values: torch.Tensor, rewards: torch.Tensor, masks: torch.Tensor, config: "Args",
+                       accelerator=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T) values, rewards and masks -> (advantages, returns, values), each (B, T): GAE over the masked rewards
+    and values (the rewards whitened first with whiten_rewards), then the advantages whitened over the response
+    tokens of every process; the returns (the value targets) are advantages + values, taken before the whitening."""
+    values, rewards = values * masks, rewards * masks
+    if config.whiten_rewards:
+        rewards = masked_whiten(rewards, masks, shift_mean=False, accelerator=accelerator)
+        if config.fix_seed_bugs:  # whitening moved the zeros of the padding: keep padding reward-free
+            rewards = rewards * masks
+    advantages = compute_gae(values, rewards, config.gamma, config.lam)
+    returns = advantages + values
+    advantages = masked_whiten(advantages, masks, accelerator=accelerator).detach()
+    return advantages, returns, values
 
 
 def ppo_losses(old_logprobs, values, logprobs, vpreds, mask, advantages, returns, cliprange: float,
@@ -462,6 +537,49 @@ def ppo_losses(old_logprobs, values, logprobs, vpreds, mask, advantages, returns
             "vf_loss": 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask),
             "pg_clipfrac": masked_mean(torch.gt(pg_losses2, pg_losses).float(), mask),
             "vf_clipfrac": masked_mean(torch.gt(vf_losses2, vf_losses1).float(), mask), "ratio": ratio}
+
+
+def ppo_update(config: "Args", rollouts: dict[str, torch.Tensor], forward: Callable, backward: Callable,
+               accelerator) -> list[dict[str, torch.Tensor]]:
+    """ppo_epochs passes over a batch of rollouts in shuffled mini-batches of mini_batch_size (the seed's numpy
+    permutation), with early stopping between epochs. rollouts: "logprobs", "values", "masks", "advantages",
+    "returns", each (B, T), as the rollout left them. forward(rows) -> (logprobs (b, T), values (b, T), entropy) of
+    the policy now on those rows (entropy: the mean over their response tokens, no gradient); backward(loss,
+    pg_loss, vf_loss) backpropagates and steps the optimizer every gradient_accumulation_steps calls. Returns the
+    seed's stats of every mini-batch."""
+    all_stats = []
+    for _ in range(config.ppo_epochs):
+        order = np.random.permutation(len(rollouts["masks"]))
+        for start in range(0, len(order), config.mini_batch_size):
+            rows = order[start : start + config.mini_batch_size]
+            logprobs, vpreds, entropy = forward(rows)
+            old, old_values, mask, adv, ret = (rollouts[key][rows] for key in ("logprobs", "values", "masks",
+                                                                               "advantages", "returns"))
+            # The clipped policy and value losses. A mini-batch whose mean ratio exceeds ratio_threshold has its
+            # losses zeroed (the seed still steps the optimizer on it).
+            out = ppo_losses(old, old_values, logprobs, vpreds, mask, adv, ret, config.cliprange,
+                             config.cliprange_value)
+            pg_loss, vf_loss = out["pg_loss"], out["vf_loss"]
+            loss = pg_loss + config.vf_coef * vf_loss
+            if (avg_ratio := masked_mean(out["ratio"], mask).item()) > config.ratio_threshold:
+                warnings.warn(f"The average ratio of batch ({avg_ratio:.2f}) exceeds threshold "
+                              f"{config.ratio_threshold:.2f}. Skipping batch.")
+                pg_loss, vf_loss, loss = pg_loss * 0.0, vf_loss * 0.0, loss * 0.0
+            with torch.no_grad():  # the seed's stats of the mini-batch
+                all_stats.append({key: value.detach().float() for key, value in {
+                    "loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss, "policy/entropy": entropy,
+                    "policy/approxkl": 0.5 * masked_mean((logprobs - old) ** 2, mask),
+                    "policy/policykl": masked_mean(old - logprobs, mask), "policy/clipfrac": out["pg_clipfrac"],
+                    "policy/advantages_mean": masked_mean(adv, mask), "returns/mean": masked_mean(ret, mask),
+                    "returns/var": masked_var(ret, mask), "val/vpred": masked_mean(vpreds, mask),
+                    "val/error": masked_mean((vpreds - ret) ** 2, mask), "val/clipfrac": out["vf_clipfrac"],
+                    "val/mean": masked_mean(old_values, mask), "val/var": masked_var(old_values, mask)}.items()})
+            backward(loss, pg_loss, vf_loss)
+        # early stopping: once the last mini-batch's policy KL (averaged over processes) exceeds 1.5 x target_kl
+        if config.early_stopping and accelerator.reduce(all_stats[-1]["policy/policykl"], "mean") > \
+                1.5 * config.target_kl:
+            break
+    return all_stats
 
 
 class AdaptiveKLController:
@@ -525,7 +643,652 @@ class RunningMoments:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The model: a language model with a value head, in the seed's weight layout; the reference model
+# The trainer: generate (rollouts), step (one PPO update, stage by stage), log_stats
+# ----------------------------------------------------------------------------------------------------------------------
+class PPOTrainer:
+    """The seed's PPOTrainer: `generate` rolls out, `step(queries, responses, scores)` runs one PPO update on a batch
+    of rollouts and returns the seed's stats, `log_stats` writes them. Without `ref_model` the reference is a frozen
+    copy made by create_reference_model (sharing `num_shared_layers` layers), or, for a LoRA policy, the policy with
+    its adapters off. The default optimizer is Adam over the trainable parameters with config.learning_rate."""
+
+    def __init__(self, config: PPOConfig | None = None, model: nn.Module | None = None, ref_model=None,
+                 tokenizer: PreTrainedTokenizerBase | None = None, dataset=None, optimizer=None, data_collator=None,
+                 num_shared_layers: int | None = None, lr_scheduler=None):
+        # 0. Check the arguments (the seed's checks, with what was found).
+        if not isinstance(config, Args):  # a PPOConfig, or ppo.py's Args (the same fields)
+            raise ValueError(f"config must be a PPOConfig, got {type(config)}")
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise ValueError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer)}")
+        if not isinstance(model, PreTrainedModelWrapper):
+            raise ValueError(f"model must be an AutoModelForCausalLMWithValueHead or AutoModelForSeq2SeqLMWithValueHead"
+                             f", got {type(model)}")
+        self.config, self.tokenizer = config, tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+        # 1. Accelerator; every RNG seeded from config.seed, as the seed's set_seed (the mini-batch order follows it).
+        self.accelerator = make_accelerator(config)
+        self.current_device = self.accelerator.device
+        self.is_encoder_decoder = getattr(model, "is_encoder_decoder", False)
+        self.is_peft_model = model.is_peft_model
+        # token log-probs chunk_size positions at a time (batched_forward_pass) unless whole distributions are needed
+        self.chunked = config.chunk_size > 0 and not self.is_encoder_decoder and config.kl_penalty != "full"
+        # Dropout off, as in the seed, whose every forward pass runs in eval mode (value head, LoRA and model
+        # dropout included). Here the probabilities are zeroed and the policy stays in train mode, which computes
+        # the same numbers and lets gradient checkpointing (active only in train mode) work.
+        disable_dropout_in_model(model)
+        model.train()
+
+        # 2. Reference model: the one given, a frozen copy (layers optionally shared), or LoRA's adapters-off policy.
+        if ref_model is not None:
+            if num_shared_layers is not None:
+                warnings.warn("num_shared_layers is ignored when ref_model is given", UserWarning)
+            self.ref_model = ref_model
+        elif self.is_peft_model:
+            self.ref_model = None
+        else:
+            if num_shared_layers is not None and self.accelerator.distributed_type in (DistributedType.FSDP,
+                                                                                       DistributedType.DEEPSPEED):
+                raise ValueError("num_shared_layers shares tensors between the policy and the reference, which FSDP "
+                                 "and DeepSpeed shard separately; leave it unset under them")
+            self.ref_model = create_reference_model(model, num_shared_layers=num_shared_layers)
+        self.optional_peft_ctx = (lambda: self.accelerator.unwrap_model(self.model).pretrained_model.disable_adapter()
+                                  ) if self.is_peft_model else nullcontext
+
+        # 3. Data (optional, as in the seed: the training loop may feed step() itself).
+        self.dataset, self.dataloader = dataset, None
+        if dataset is not None:
+            self.dataloader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
+                                                          drop_last=True, collate_fn=data_collator)
+
+        # 4. Optimizer (Adam over the trainable parameters, as the seed), KL controller, score statistics; prepared by
+        #    accelerate (DDP / FSDP / DeepSpeed); the reference frozen and sharded like the policy.
+        self.optimizer = optimizer or torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                                       lr=config.learning_rate,
+                                                       fused=config.optim == "adam_torch_fused")
+        self.lr_scheduler = lr_scheduler
+        self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target, config.horizon) if config.adap_kl_ctrl
+                       else FixedKLController(config.init_kl_coef))
+        self.running = RunningMoments(self.accelerator)
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:  # what accelerate cannot infer
+            self.accelerator.state.deepspeed_plugin.deepspeed_config.update(
+                {"train_micro_batch_size_per_gpu": config.mini_batch_size,
+                 "gradient_clipping": config.max_grad_norm or 0.0})
+        self.model, self.optimizer = self.accelerator.prepare(model.to(self.accelerator.device), self.optimizer)
+        if self.dataloader is not None:
+            self.dataloader = self.accelerator.prepare(self.dataloader)
+        if self.ref_model is not None:
+            self.ref_model = prepare_frozen(self.accelerator, self.ref_model)
+        self.current_step = 0  # step() calls so far
+        self._micro_steps, self._clipped = 0, False
+        if config.max_grad_norm is not None and not config.fix_seed_bugs:
+            warnings.warn("the seed clips the gradient norm on the first optimizer step only (its parameter list is a "
+                          "one-shot iterator); pass fix_seed_bugs=True (--fix_seed_bugs) to clip every step")
+
+    def generate(self, query_tensor, length_sampler: Callable | None = None, batch_size: int = 4,
+                 return_prompt: bool = True, generate_ref_response: bool = False, **generation_kwargs):
+        """Responses of the policy (and, with generate_ref_response, of the reference) to a list of query tensors
+        (T,), batch_size queries per left-padded generate call with the KV cache, each response cut after its first
+        EOS (padding removed); return_prompt=False returns the responses alone. length_sampler() draws max_new_tokens
+        for each call. One query tensor (T,) gives generate's own (1, T') output, uncut, as the seed."""
+        one = not isinstance(query_tensor, list)
+        if one and query_tensor.dim() != 1:
+            raise ValueError(f"query_tensor must be a tensor of shape (seq_len,) or a list of such tensors, got "
+                             f"shape {tuple(query_tensor.shape)}")
+        if one and length_sampler is not None:  # one draw for the policy and the reference, as the seed
+            generation_kwargs["max_new_tokens"], length_sampler = length_sampler(), None
+        generation_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+
+        def run(model) -> list[torch.Tensor]:
+            return self._generate_batched(model, [query_tensor] if one else query_tensor, length_sampler, batch_size,
+                                          return_prompt, remove_padding=not one, **generation_kwargs)
+
+        with gathered_for_generation(self.accelerator, self.model) as policy:  # whole weights for this call only
+            policy.eval()  # for generate only: under gradient checkpointing, train mode would switch the KV cache off
+            try:
+                responses = run(policy)
+                if generate_ref_response:  # the reference: LoRA's policy with adapters off, or the frozen copy
+                    with (self.optional_peft_ctx() if self.is_peft_model else
+                          gathered_for_generation(self.accelerator, self.ref_model)) as reference:
+                        ref_responses = run(policy if reference is None else reference)
+            finally:
+                policy.train()
+        if one:
+            responses = responses[0].unsqueeze(0)
+            ref_responses = ref_responses[0].unsqueeze(0) if generate_ref_response else None
+        return (responses, ref_responses) if generate_ref_response else responses
+
+    @torch.no_grad()
+    def _generate_batched(self, model, query_tensors: list[torch.Tensor], length_sampler=None, batch_size: int = 4,
+                          return_prompt: bool = True, remove_padding: bool = True, **generation_kwargs):
+        outputs = []
+        eos = self.tokenizer.eos_token_id
+        side = "right" if self.is_encoder_decoder else "left"  # left: every query ends where its response starts
+        batch_size = min(len(query_tensors), batch_size)
+        for start in range(0, len(query_tensors), batch_size):
+            if length_sampler is not None:
+                generation_kwargs["max_new_tokens"] = length_sampler()
+            batch = [query.to(self.current_device) for query in query_tensors[start : start + batch_size]]
+            input_ids = pad_sequence(batch, batch_first=True, padding_value=self.tokenizer.pad_token_id,
+                                     padding_side=side)
+            attention_mask = pad_sequence([torch.ones_like(query) for query in batch], batch_first=True,
+                                          padding_side=side)
+            generations = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)
+            for query, generation in zip(batch, generations):
+                # the decoder's sequence starts with its start token (which may be the EOS id); skip it
+                response = generation if self.is_encoder_decoder else generation[input_ids.shape[1]:]
+                first = 1 if self.is_encoder_decoder else 0
+                if remove_padding and (response[first:] == eos).any():  # cut after the first EOS (kept)
+                    response = response[: first + int((response[first:] == eos).nonzero()[0, 0]) + 1]
+                outputs.append(torch.cat([query, response]) if return_prompt and not self.is_encoder_decoder
+                               else response)
+        return outputs
+
+    def _step_safety_checker(self, batch_size: int, queries, responses, scores, masks=None):
+        """Every input a list of batch_size tensors, responses non-empty, scores finite scalars -> on the device."""
+        for name, items in (("queries", queries), ("responses", responses), ("scores", scores)):
+            if not isinstance(items, list):
+                raise ValueError(f"{name} must be a list of tensors, got {type(items).__name__}")
+            if len(items) != batch_size:
+                raise ValueError(f"step expects config.batch_size = {batch_size} {name}, got {len(items)} (queries "
+                                 f"{len(queries)}, responses {len(responses)}, scores {len(scores)})")
+        if not isinstance(queries[0], torch.Tensor) or not isinstance(responses[0], torch.Tensor):
+            raise ValueError(f"queries and responses must be lists of 1-D token-id tensors, got lists of "
+                             f"{type(queries[0]).__name__} and {type(responses[0]).__name__}")
+        if empty := [i for i, response in enumerate(responses) if response.numel() == 0]:
+            raise ValueError(f"responses must not be empty; responses {empty[:10]} have no tokens")
+        if empty := [i for i, query in enumerate(queries) if query.numel() == 0 and not self.is_encoder_decoder]:
+            raise ValueError(f"queries must not be empty; queries {empty[:10]} have no tokens")
+        scores = [torch.as_tensor(score, dtype=torch.float32) for score in scores]
+        if bad := [i for i, score in enumerate(scores) if score.numel() != 1]:
+            raise ValueError(f"each score must be one number; scores {bad[:10]} have shapes "
+                             f"{[tuple(scores[i].shape) for i in bad[:10]]}")
+        scores = torch.stack([score.reshape(()) for score in scores]).to(self.current_device)
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"scores must be finite; got {scores[~torch.isfinite(scores)].tolist()} at positions "
+                             f"{(~torch.isfinite(scores)).nonzero().flatten().tolist()}")
+        queries = [query.to(self.current_device) for query in queries]
+        responses = [response.to(self.current_device) for response in responses]
+        masks = [mask.to(self.current_device) for mask in masks] if masks is not None else None
+        return queries, responses, scores, masks
+
+    def step(self, queries: list[torch.Tensor], responses: list[torch.Tensor], scores: list[torch.Tensor],
+             response_masks: list[torch.Tensor] | None = None) -> dict:
+        """One PPO update on batch_size rollouts: queries and responses are lists of 1-D token-id tensors, scores a
+        list of scalar tensors (one per response); response_masks optionally marks the response tokens to train on.
+        Returns the seed's stats. The stages are those of docs/ppo.md; each is a function of the algorithm section."""
+        config, bs = self.config, self.config.batch_size
+        queries, responses, scores, response_masks = self._step_safety_checker(bs, queries, responses, scores,
+                                                                                response_masks)
+        timing, t0 = {}, time.time()
+
+        # 1. Score scaling (running statistics over all processes) and clipping, as the seed.
+        scores = scale_scores(scores, config, self.running)
+
+        # 2. Forward passes without gradient: the policy's log-probs and values (the "old" ones of PPO) and the
+        #    reference's log-probs, (B, T-1) each (position t scores token t+1), and the mask of the response tokens.
+        #    kl_penalty "full" needs the whole next-token distributions (B, T-1, V) of both instead.
+        t = time.time()
+        model_inputs = self.prepare_model_inputs(queries, responses)
+        full_kl = config.kl_penalty == "full"
+        with torch.no_grad():
+            old_logprobs, logits, values, masks = self.batched_forward_pass(
+                self.model, queries, responses, model_inputs, return_logits=full_kl, response_masks=response_masks)
+            with self.optional_peft_ctx():
+                ref_logprobs, ref_logits, _, _ = self.batched_forward_pass(
+                    self.model if self.is_peft_model else self.ref_model, queries, responses, model_inputs,
+                    return_logits=full_kl)
+        timing["time/ppo/forward_pass"] = time.time() - t
+
+        with torch.no_grad():
+            # 3. Per-token rewards: -beta * KL at every response token, plus the score on the last one.
+            t = time.time()
+            policy, reference = ((torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1)) if full_kl
+                                 else (old_logprobs, ref_logprobs))
+            rewards, kls = compute_rewards(scores, policy, reference, masks, self.kl_ctl.value, config.kl_penalty)
+            del logits, ref_logits, policy, reference
+            timing["time/ppo/compute_rewards"] = time.time() - t
+
+            # 4. Advantages (GAE, whitened) and returns.
+            t = time.time()
+            advantages, returns, values = compute_advantages(values, rewards, masks, config, self.accelerator)
+            timing["time/ppo/compute_advantages"] = time.time() - t
+
+        # 5. ppo_epochs passes over the batch in shuffled mini-batches, an optimizer step every
+        #    gradient_accumulation_steps mini-batches.
+        t = time.time()
+        rollouts = {"logprobs": old_logprobs, "values": values, "masks": masks, "advantages": advantages,
+                    "returns": returns}
+        all_stats = ppo_update(config, rollouts, lambda rows: self._train_forward(queries, responses, model_inputs,
+                                                                                  masks, rows),
+                               self._backward, self.accelerator)
+        timing["time/ppo/optimize_step"] = time.time() - t
+
+        # 6. Statistics, averaged over the mini-batches and over processes.
+        t = time.time()
+        train_stats = {key: torch.stack([stats[key] for stats in all_stats]).mean() for key in all_stats[0]}
+        stats = self.record_step_stats(scores=scores, logprobs=old_logprobs, ref_logprobs=ref_logprobs, kls=kls,
+                                       train_stats=train_stats, kl_coef=self.kl_ctl.value, masks=masks,
+                                       queries=queries, responses=responses)
+        timing["time/ppo/calc_stats"] = time.time() - t
+        stats["ppo/learning_rate"] = self.optimizer.param_groups[0]["lr"]
+
+        # 7. The KL controller's update with the KL the rewards were penalised by (per sequence, the mean over every
+        #    process's rollouts) and the global batch size; the schedule's step, if one was given.
+        kl = self.accelerator.reduce((kls * masks).sum(-1).mean(), "mean").item()
+        self.kl_ctl.update(kl, bs * self.accelerator.num_processes)
+        timing["time/ppo/total"] = time.time() - t0
+        stats.update(timing)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.current_step += 1
+        return stats
+
+    def _train_forward(self, queries, responses, model_inputs: dict, masks: torch.Tensor, rows) -> tuple:
+        """The policy on the rollouts `rows`, with gradient: log-probs (b, T-1), values (b, T-1), and the mean entropy
+        of its next-token distributions at the response tokens (no gradient), for ppo_update."""
+        logprobs, logits_or_entropy, vpreds, _ = self.batched_forward_pass(
+            self.model, [queries[j] for j in rows], [responses[j] for j in rows],
+            {key: value[rows] for key, value in model_inputs.items()}, return_logits=not self.chunked,
+            return_entropy=self.chunked)
+        with torch.no_grad():
+            mask = masks[rows].bool()
+            if self.chunked:  # per-token entropies, computed chunk by chunk with the log-probs
+                entropy = logits_or_entropy[mask].mean()
+            else:  # logits (N, V) at the response tokens only, or (b, T-1, V)
+                logits = logits_or_entropy
+                entropy = entropy_from_logits(logits if logits.dim() == 2 else logits[mask]).mean()
+        return logprobs, vpreds, entropy
+
+    def _backward(self, loss: torch.Tensor, pg_loss: torch.Tensor, vf_loss: torch.Tensor) -> None:
+        """Backward of one mini-batch's loss, scaled by 1 / gradient_accumulation_steps, and the optimizer step every
+        gradient_accumulation_steps calls (the gradient clipped first: the seed does it on the first optimizer step
+        only). A loss that is not finite on some process stops every process before the optimizer sees it."""
+        config = self.config
+        if self.accelerator.reduce((~torch.isfinite(loss.detach())).float(), "sum").item() > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"the PPO loss is {loss.item()} (policy {pg_loss.item()}, value "
+                                     f"{(config.vf_coef * vf_loss).item()}); the optimizer was not stepped")
+        self._micro_steps += 1
+        sync = self._micro_steps % config.gradient_accumulation_steps == 0
+        with accumulating(self.accelerator, self.model, last=sync):
+            self.accelerator.backward(loss / config.gradient_accumulation_steps)
+        if sync:
+            if config.max_grad_norm is not None and (config.fix_seed_bugs or not self._clipped):
+                self.accelerator.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                 config.max_grad_norm)
+                self._clipped = True
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def prepare_model_inputs(self, queries: list[torch.Tensor], responses: list[torch.Tensor]) -> dict:
+        """Right-padded model inputs: query + response (decoder-only), or query -> encoder and response -> decoder."""
+        def pad_right(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            return (pad_sequence([s.long() for s in sequences], batch_first=True,
+                                 padding_value=self.tokenizer.pad_token_id),
+                    pad_sequence([torch.ones_like(s, dtype=torch.long) for s in sequences], batch_first=True))
+
+        if self.is_encoder_decoder:
+            input_ids, attention_mask = pad_right(queries)
+            decoder_input_ids, decoder_attention_mask = pad_right(responses)
+            return {"input_ids": input_ids, "attention_mask": attention_mask, "decoder_input_ids": decoder_input_ids,
+                    "decoder_attention_mask": decoder_attention_mask}
+        input_ids, attention_mask = pad_right([torch.cat([q, r]) for q, r in zip(queries, responses)])
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def batched_forward_pass(self, model, queries, responses, model_inputs: dict, return_logits: bool = False,
+                             response_masks=None, return_entropy: bool = False):
+        """Log-probs (B, T-1) of every next token, logits (B, T-1, V) if asked, values (B, T-1) and the mask (B, T-1)
+        of the response tokens, computed mini_batch_size rows at a time. With lm_head_only_at_responses the output
+        layer runs at the mask's N positions only: the log-probs are 0 elsewhere and the logits are (N, V). Without
+        logits asked for, on the chunked path (chunk_size > 0, decoder-only, kl_penalty not full) no (N, V) logits
+        exist at once (chunked_log_probs); return_entropy there: the second value is the per-token entropy (B, T-1)
+        of the response tokens (0 elsewhere) instead of the logits.
+
+        Position t holds log p(token t+1) and the value of the state before it; the mask is 1 on the response's
+        tokens: t in [len(query) - 1, len(query) - 1 + len(response)) (encoder-decoder: the decoder positions from 1
+        up to its last token, as the seed). Each chunk is run at its own longest length and zero-padded back to T-1,
+        which is exact because padding is on the right; the log-probs and logits are divided by the temperature.
+        """
+        fbs = self.config.mini_batch_size
+        key = "decoder_attention_mask" if self.is_encoder_decoder else "attention_mask"
+        full_length = model_inputs[key].shape[1]
+        all_logprobs, all_logits, all_values, all_masks = [], [], [], []
+        for start in range(0, len(queries), fbs):
+            chunk = {name: value[start : start + fbs] for name, value in model_inputs.items()}
+            for ids_key, mask_key in (("input_ids", "attention_mask"), ("decoder_input_ids", "decoder_attention_mask")):
+                if ids_key in chunk:  # drop the columns that are padding in every row of the chunk
+                    used = int(chunk[mask_key].sum(1).max())
+                    chunk[ids_key], chunk[mask_key] = chunk[ids_key][:, :used], chunk[mask_key][:, :used]
+            input_ids = chunk["decoder_input_ids" if self.is_encoder_decoder else "input_ids"]
+            masks = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, device=input_ids.device)
+            for j in range(len(input_ids)):
+                if self.is_encoder_decoder:
+                    begin, end = 1, int(chunk["decoder_attention_mask"][j].sum()) - 1
+                else:
+                    begin = len(queries[start + j]) - 1
+                    end = begin + len(responses[start + j])
+                masks[j, begin:end] = 1
+                if response_masks is not None and not self.is_encoder_decoder:
+                    masks[j, begin:end] *= response_masks[start + j].to(masks.dtype)
+            # the output layer only where a log-prob is used (the masked response positions): logits are (N, V) then
+            scored = masks.bool()
+            language_model = self.accelerator.unwrap_model(model).pretrained_model
+            if self.chunked and not return_logits:  # the response tokens' log-probs (and entropies), chunk by chunk
+                labels = input_ids.masked_fill(~F.pad(scored, (1, 0), value=False), -100)  # label t+1 at position t
+                with self.accelerator.autocast(), chunked_log_probs(language_model, labels, self.config.chunk_size,
+                                                                    self.config.temperature,
+                                                                    ("entropy",) if return_entropy else ()):
+                    out, _, values = model(**chunk, use_cache=False)
+                pad = full_length - 1 - out.log_probs.shape[1]
+                all_logprobs.append(F.pad(out.log_probs, (0, pad)))
+                all_values.append(F.pad(values[:, :-1].float(), (0, pad)))
+                all_masks.append(F.pad(masks, (0, pad)))
+                if return_entropy:
+                    all_logits.append(F.pad(out.entropy, (0, pad)))
+                continue
+            only_scored = (self.config.lm_head_only_at_responses and not self.is_encoder_decoder
+                           and self.config.kl_penalty != "full")
+            positions = F.pad(scored, (0, 1), value=False) if only_scored else None
+            with self.accelerator.autocast(), lm_head_only_at(language_model, positions):
+                logits, _, values = model(**chunk, use_cache=False)
+            logits = logits / self.config.temperature if self.config.temperature != 1.0 else logits
+            if only_scored:  # 0 at the positions that are never used (queries, padding), as the masks say
+                logprobs = torch.zeros_like(masks).masked_scatter(
+                    scored, logprobs_from_logits(logits, input_ids[:, 1:][scored]))
+            else:
+                logprobs = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])
+            pad = full_length - 1 - logprobs.shape[1]
+            all_logprobs.append(F.pad(logprobs, (0, pad)))
+            all_values.append(F.pad(values[:, :-1].float(), (0, pad)))
+            all_masks.append(F.pad(masks, (0, pad)))
+            if return_logits:
+                all_logits.append(logits if only_scored else F.pad(logits[:, :-1], (0, 0, 0, pad)))
+        return (torch.cat(all_logprobs), torch.cat(all_logits) if return_logits or return_entropy else None,
+                torch.cat(all_values), torch.cat(all_masks))
+
+    def record_step_stats(self, kl_coef: float, **data) -> dict:
+        """The seed's stats of a step: objective/*, ppo/* (means over the mini-batches) and tokens/*; scalars are
+        averaged over processes, distributions (numpy arrays) are this process's."""
+        mask, kls = data["masks"], data["kls"]
+        kl_list = (kls * mask).sum(-1)
+        query_lens = torch.tensor([len(q) for q in data["queries"]], dtype=torch.float)
+        response_lens = torch.tensor([len(r) for r in data["responses"]], dtype=torch.float)
+        scalars = {
+            "objective/kl": kl_list.mean(),
+            "objective/kl_coef": torch.tensor(float(kl_coef)),
+            "objective/entropy": (-data["logprobs"] * mask).sum(-1).mean(),
+            "ppo/mean_non_score_reward": masked_mean(-kl_coef * kls, mask),  # the KL part of the rewards
+            "ppo/mean_scores": data["scores"].mean(), "ppo/std_scores": data["scores"].std(),
+            "tokens/queries_len_mean": query_lens.mean(), "tokens/queries_len_std": query_lens.std(),
+            "tokens/responses_len_mean": response_lens.mean(), "tokens/responses_len_std": response_lens.std(),
+            **{f"ppo/{key}": value for key, value in data["train_stats"].items()},
+        }
+        scalars["ppo/val/var_explained"] = 1 - scalars["ppo/val/error"] / scalars["ppo/returns/var"]
+        values = torch.stack([value.float().to(self.current_device) for value in scalars.values()])
+        stats = dict(zip(scalars, self.accelerator.reduce(values, "mean").tolist()))
+        if stats["objective/kl"] < -1.0:
+            warnings.warn(f"KL divergence is starting to become negative: {stats['objective/kl']:.2f} - this might be "
+                          "a precursor for failed training (often: generation kwargs that differ from the sampling "
+                          "the log-probs assume, e.g. a temperature, top_k or min_length)")
+        stats.update({"objective/kl_dist": kl_list.cpu().numpy(), "objective/logprobs": data["logprobs"].cpu().numpy(),
+                      "objective/ref_logprobs": data["ref_logprobs"].cpu().numpy(),
+                      "tokens/queries_dist": query_lens.numpy(), "tokens/responses_dist": response_lens.numpy()})
+        return stats
+
+    def log_stats(self, stats: dict, batch: dict, rewards, columns_to_log=("query", "response")) -> None:
+        """A console line, a metrics.jsonl row (the scalar stats plus env/reward_mean|std over all processes) and
+        samples.jsonl rows (columns_to_log of batch, with the reward) in config.output_dir; with --track, wandb too
+        (a game_log table and histograms)."""
+        if isinstance(rewards, list):  # a list of scalar tensors or numbers, as passed to step
+            rewards = [float(reward) for reward in rewards]
+        rewards = torch.as_tensor(rewards, dtype=torch.float32, device=self.current_device).flatten()
+        rewards = self.accelerator.gather(rewards).cpu()
+        missing = [column for column in columns_to_log if column not in batch]
+        if missing:
+            raise ValueError(f"columns_to_log {list(columns_to_log)} are not all in the batch: missing {missing}, "
+                             f"found {list(batch)}")
+        columns = [gather_object(list(batch[column])) for column in columns_to_log]
+        if not self.accelerator.is_main_process:
+            return
+        row = {"step": self.current_step, "env/reward_mean": rewards.mean().item(),
+               "env/reward_std": rewards.std().item() if len(rewards) > 1 else 0.0}
+        row.update({key: value for key, value in stats.items() if isinstance(value, (int, float))})
+        output_dir = Path(self.config.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with open(output_dir / "metrics.jsonl", "a") as f:  # NaN and infinity are not JSON: null
+            f.write(json.dumps({key: None if isinstance(value, float) and not math.isfinite(value) else value
+                                for key, value in row.items()}) + "\n")
+        samples = [{"step": self.current_step, **dict(zip(columns_to_log, values)), "reward": reward}
+                   for *values, reward in zip(*columns, rewards.tolist())]
+        with open(output_dir / "samples.jsonl", "a") as f:
+            f.writelines(json.dumps(sample) + "\n" for sample in samples)
+        shown = ["env/reward_mean", "objective/kl", "objective/kl_coef", "ppo/loss/total", "ppo/policy/clipfrac",
+                 "tokens/responses_len_mean", "episodes_per_second"]
+        tqdm.write(f"step {self.current_step} " + " ".join(f"{key.split('/')[-1]} {row[key]:.4g}" for key in shown
+                                                            if key in row))
+        if self.config.track:
+            import wandb
+
+            logs = {key: wandb.Histogram(value) if isinstance(value, np.ndarray) else value
+                    for key, value in {**row, **stats}.items() if key != "step"}
+            logs["env/reward_dist"] = wandb.Histogram(rewards.numpy())
+            logs["game_log"] = wandb.Table(columns=[*columns_to_log, "reward"],
+                                           rows=[list(sample.values())[1:] for sample in samples])
+            wandb.log(logs, step=self.current_step)
+
+    def _save_pretrained(self, save_directory) -> None:
+        """The policy with its value head (seed layout) and the tokenizer, written by the main process. Every process
+        calls it: under FSDP / ZeRO-3 the weights are gathered from their shards first."""
+        weights = gathered_state_dict(self.accelerator, self.model)
+        if self.accelerator.is_main_process:
+            self.accelerator.unwrap_model(self.model).save_pretrained(save_directory, state_dict=weights)
+            self.tokenizer.save_pretrained(save_directory)
+
+
+def main(args: Args) -> None:
+    # 0. Check what can be checked before anything is loaded.
+    try:
+        args.check_sizes()
+        parse_reward_spec(args.reward_model)
+    except ValueError as error:
+        fail(str(error))
+    check_positive(args, ["steps", "logging_steps", "output_min_length"])
+    if args.output_max_length <= args.output_min_length:
+        fail(f"--output_max_length must be above --output_min_length {args.output_min_length} (the range is "
+             f"[min, max)), got {args.output_max_length}")
+    if (args.input_min_text_length is None) != (args.input_max_text_length is None) or (
+            args.input_min_text_length is not None and not 0 < args.input_min_text_length < args.input_max_text_length):
+        fail(f"--input_min_text_length and --input_max_text_length go together, with 0 < min < max; got "
+             f"{args.input_min_text_length} and {args.input_max_text_length}")
+    if args.temperature <= 0:
+        fail(f"--temperature must be positive, got {args.temperature}")
+    if args.use_peft and any(os.environ.get(variable, "false").lower() == "true"
+                             for variable in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")):
+        fail("--use_peft is not supported under FSDP or DeepSpeed by ppo.py (its value-head model saves the adapter "
+             "from an unsharded policy); train LoRA with data parallelism: accelerate_configs/multi_gpu.yaml")
+    check_run(args, ["model_name"])  # learning rate, model path, output_dir, --resume_from_checkpoint latest
+
+    # 1. Accelerator (checks how the run was launched; seeds every RNG). The trainer below makes its own, which
+    #    shares this one's state.
+    accelerator = make_accelerator(args, zero3_refusal="its reward model would be loaded partitioned and used outside "
+                                                       "an engine")
+    world_size = accelerator.num_processes
+    global_batch_size = args.batch_size * world_size
+    accelerator.print(f"run: {world_size} process(es) x {args.mini_batch_size} per device x "
+                      f"{args.gradient_accumulation_steps} accumulation = {world_size * args.backward_batch_size} "
+                      f"rollouts per optimizer step; {world_size} x {args.batch_size} = {global_batch_size} rollouts "
+                      "per PPO step")
+    output_dir = Path(args.output_dir)
+
+    # 2. Data: the prompts, loaded and checked before any model is (ppo.py has no test split: not the other scripts'
+    #    load_splits).
+    prompt_split, query_column = load_prompts(args.query_dataset, args.dataset_config, args.dataset_train_split,
+                                              args.query_column)
+    prompts = prompt_split[query_column]
+
+    # 3. Tokenizer and tokenised queries. With --input_min/max_text_length each query is cut to a random length, as
+    #    the seed's IMDB example does; the reward model then sees the cut query as the prompt.
+    tokenizer = load_tokenizer(args, "to end responses")
+    if isinstance(prompts[0], list) and tokenizer.chat_template is None:
+        fail(f"the prompts are conversations but the tokenizer of {args.model_name} has no chat template")
+    cut_length = (LengthSampler(args.input_min_text_length, args.input_max_text_length)
+                  if args.input_min_text_length is not None else None)
+    try:
+        queries, reward_prompts = tokenize_queries(prompts, tokenizer, cut_length, query_column)
+    except ValueError as error:
+        fail(str(error))
+    if len(queries) < global_batch_size:
+        fail(f"the query dataset has {len(queries)} non-empty prompts but one PPO step needs {global_batch_size} "
+             f"(batch_size {args.batch_size} x {world_size} processes)")
+    stop_token_id = None
+    if args.stop_token is not None:
+        stop_ids = ([tokenizer.eos_token_id] if args.stop_token == "eos" else
+                    tokenizer(args.stop_token, add_special_tokens=False)["input_ids"])
+        if len(stop_ids) != 1:
+            fail(f"--stop_token must be 'eos' or one token; '{args.stop_token}' is {len(stop_ids)} tokens {stop_ids}")
+        stop_token_id = stop_ids[0]
+
+    # 4. Policy with a value head (seq2seq models get the seq2seq wrapper); LoRA; gradient checkpointing. When
+    #    resuming, the policy (and its value head) come from the checkpoint and the reference from model_name.
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    is_encoder_decoder = AutoConfig.from_pretrained(args.model_name, revision=args.revision).is_encoder_decoder
+    wrapper = AutoModelForSeq2SeqLMWithValueHead if is_encoder_decoder else AutoModelForCausalLMWithValueHead
+    peft_config = None
+    if args.use_peft and not args.resume_from_checkpoint:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                 target_modules=args.lora_target_modules or "all-linear",
+                                 task_type="SEQ_2_SEQ_LM" if is_encoder_decoder else "CAUSAL_LM")
+    load_path = args.resume_from_checkpoint or args.model_name
+    model = wrapper.from_pretrained(load_path, dtype=dtype, peft_config=peft_config, is_trainable=True,
+                                    **({"revision": args.revision} if load_path == args.model_name else {}))
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref_model = None
+    if args.resume_from_checkpoint and not args.use_peft:
+        ref_model = wrapper.from_pretrained(args.model_name, revision=args.revision, dtype=dtype)
+
+    # 5. The trainer (reference, the seed's Adam, accelerate's preparation) and the learning-rate schedule, stepped
+    #    once per PPO step over --steps: get_scheduler's multipliers written out (importing it costs 0.8 s of start-up).
+    trainer = PPOTrainer(args, model, ref_model, tokenizer)
+
+    def lr_multiplier(step: int) -> float:
+        if args.lr_scheduler_type == "linear":
+            return (args.steps - step) / args.steps
+        return 0.5 * (1.0 + math.cos(math.pi * (step / args.steps))) if args.lr_scheduler_type == "cosine" else 1.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lr_multiplier)
+    torch.manual_seed(args.seed + accelerator.process_index)  # each process samples its own responses
+    params_in_memory = sum(p.numel() for m in (model, trainer.ref_model) if m is not None for p in m.parameters())
+    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    accelerator.print(f"model: {params_in_memory / 1e6:.2f}M parameters in memory (policy"
+                      f"{' + reference' if trainer.ref_model is not None else ''}), {num_trainable / 1e6:.2f}M "
+                      f"trainable; {len(queries)} prompts, {args.steps} steps of {global_batch_size} rollouts")
+
+    # 6. The reward: a sequence-classification model or a pipeline, on the same device.
+    try:
+        reward_fn = load_reward_function(args.reward_model, accelerator.device)
+    except (OSError, ValueError) as error:
+        fail(f"could not load reward model {args.reward_model}: {' '.join(str(error).split())[:500]}")
+
+    # 7. Resume: optimizer, schedule, KL coefficient, seed-mode clip, score statistics and every RNG, all loaded with
+    #    weights_only=True (tensors and plain Python types, as save_checkpoint writes them); then the logs
+    #    (metrics.jsonl and samples.jsonl, written by log_stats; wandb with --track).
+    start_step = 0
+    if args.resume_from_checkpoint:
+        checkpoint = Path(args.resume_from_checkpoint)
+        state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+        load_optimizer_state(checkpoint, accelerator, trainer.model, trainer.optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        trainer.kl_ctl.value, trainer._clipped = state["kl_coef"], state["clipped"]
+        trainer.running.load_state_dict(state["running"])
+        rng = torch.load(checkpoint / f"rng_state_{accelerator.process_index}.pt", weights_only=True)
+        random.setstate(rng["python"])
+        name, keys, position, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        start_step = trainer.current_step = state["step"]
+        accelerator.print(f"resumed from {checkpoint} at step {start_step}")
+    open_logs(args, accelerator, start_step, files=("metrics.jsonl", "samples.jsonl"))
+
+    # 8. Training loop: rollout -> score -> PPO step -> log, batch_size queries per process per step.
+    generation_kwargs = {"min_length": -1, "top_k": 0, "top_p": 1.0, "do_sample": True,
+                         "temperature": args.temperature, "pad_token_id": tokenizer.pad_token_id}
+    if stop_token_id is not None and stop_token_id != tokenizer.eos_token_id:
+        generation_kwargs["eos_token_id"] = [tokenizer.eos_token_id, stop_token_id]
+    output_length_sampler = LengthSampler(args.output_min_length, args.output_max_length)
+    ended_by = tokenizer.eos_token_id if stop_token_id is None else stop_token_id
+    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="ppo",
+                    disable=not accelerator.is_local_main_process)
+    preemption = Preemption()  # from here on, SIGTERM / SIGINT end the run with a checkpoint of the last PPO step
+    for step in progress:
+        step_start = time.time()
+        mine = step_indices(step, len(queries), global_batch_size, args.seed)[accelerator.process_index :: world_size]
+        query_tensors = [torch.tensor(queries[i]) for i in mine]
+
+        # 8a. Rollout: all of this process's queries in one left-padded generate call with the KV cache; each
+        #     response cut after its first EOS, or after the stop token.
+        response_tensors = trainer.generate(query_tensors, length_sampler=output_length_sampler,
+                                            batch_size=args.batch_size, return_prompt=False, **generation_kwargs)
+        if stop_token_id is not None:  # truncate after the first stop token (it is kept)
+            response_tensors = [r[: int((r == stop_token_id).nonzero()[0, 0]) + 1] if (r == stop_token_id).any()
+                                else r for r in response_tensors]
+        for i in [i for i, r in enumerate(response_tensors) if len(r) == 0]:  # an immediate stop: the EOS itself
+            response_tensors[i] = torch.tensor([tokenizer.eos_token_id], device=accelerator.device)
+        rollout_seconds = time.time() - step_start
+
+        # 8b. Score prompt + response with the reward model; the optional penalty for responses that never ended.
+        score_start = time.time()
+        response_texts = tokenizer.batch_decode(response_tensors, skip_special_tokens=True)
+        scores = reward_fn([reward_prompts[i] for i in mine], response_texts)
+        if args.missing_eos_penalty is not None:
+            scores = [s - args.missing_eos_penalty * float(not (r == ended_by).any())
+                      for s, r in zip(scores, response_tensors)]
+        score_tensors = [torch.tensor(float(s)) for s in scores]
+        score_seconds = time.time() - score_start
+
+        # 8c. The PPO step. A non-finite loss stops the run before the optimizer sees it.
+        try:
+            stats = trainer.step(query_tensors, response_tensors, score_tensors)
+        except FloatingPointError as error:
+            checkpoints = complete_checkpoints(output_dir)
+            kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+            fail(f"{error} at step {step + 1}; stopping ({kept})")
+        scheduler.step()
+
+        # 8d. Log (every logging_steps) and checkpoint: every save_steps, and when a signal asks to stop.
+        done = step + 1
+        stats.update({"time/rollout": rollout_seconds, "time/score": score_seconds,
+                      "episodes_per_second": global_batch_size / (time.time() - step_start),
+                      "peak_memory_mb": peak_memory_mb()})
+        if done % args.logging_steps == 0 or done == args.steps:
+            query_texts = tokenizer.batch_decode(query_tensors, skip_special_tokens=True)
+            trainer.log_stats(stats, {"query": query_texts, "response": response_texts}, score_tensors)
+            progress.set_postfix(reward=f"{stats['ppo/mean_scores']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+        signum = preemption.requested(accelerator)  # the same answer on every process
+        if done < args.steps and (signum or args.save_steps > 0 and done % args.save_steps == 0):
+            counters = {"step": done, "kl_coef": float(trainer.kl_ctl.value),  # a numpy float after adaptive updates
+                        "clipped": trainer._clipped, "running": trainer.running.state_dict()}
+            save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, trainer.model, tokenizer,
+                            trainer.optimizer, scheduler, counters, args.save_total_limit)
+            if signum:
+                preemption.stop(accelerator, signum, output_dir / f"checkpoint-{done}")
+
+    # 9. Save: the policy with its value head in the seed's layout (plain AutoModelForCausalLM loads it, ignoring
+    #    v_head.*) and the tokenizer; with LoRA, the merged model in output_dir and the adapter in output_dir/adapter
+    #    (each with the value head).
+    save_final_model(args, accelerator, trainer.model, tokenizer, wrapper)
+    del trainer, model  # the DDP-wrapped policy goes before its process group does
+    gc.collect()
+    accelerator.end_training()  # an orderly end of the process group: a peer torn down mid-exit can abort the other
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model: a language model with a value head, in the seed's weight layout; the reference model (after main: the
+# algorithm above reads them only through forward(...) -> (log-probs or logits, _, values))
 # ----------------------------------------------------------------------------------------------------------------------
 class ValueHead(nn.Module):
     """One scalar per token: dropout, then a linear map of the last hidden state (the seed's layout: `summary`)."""
@@ -750,692 +1513,6 @@ def create_reference_model(model: nn.Module, num_shared_layers: int | None = Non
     for parameter in reference.parameters():
         parameter.requires_grad_(False)
     return reference.eval()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The trainer: generate (rollouts), step (one PPO update, stage by stage), log_stats
-# ----------------------------------------------------------------------------------------------------------------------
-class PPOTrainer:
-    """The seed's PPOTrainer: `generate` rolls out, `step(queries, responses, scores)` runs one PPO update on a batch
-    of rollouts and returns the seed's stats, `log_stats` writes them. Without `ref_model` the reference is a frozen
-    copy made by create_reference_model (sharing `num_shared_layers` layers), or, for a LoRA policy, the policy with
-    its adapters off. The default optimizer is Adam over the trainable parameters with config.learning_rate."""
-
-    def __init__(self, config: PPOConfig | None = None, model: nn.Module | None = None, ref_model=None,
-                 tokenizer: PreTrainedTokenizerBase | None = None, dataset=None, optimizer=None, data_collator=None,
-                 num_shared_layers: int | None = None, lr_scheduler=None):
-        # 0. Check the arguments (the seed's checks, with what was found).
-        if not isinstance(config, PPOConfig):
-            raise ValueError(f"config must be a PPOConfig, got {type(config)}")
-        if not isinstance(tokenizer, PreTrainedTokenizerBase):
-            raise ValueError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer)}")
-        if not isinstance(model, PreTrainedModelWrapper):
-            raise ValueError(f"model must be an AutoModelForCausalLMWithValueHead or AutoModelForSeq2SeqLMWithValueHead"
-                             f", got {type(model)}")
-        self.config, self.tokenizer = config, tokenizer
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-
-        # 1. Accelerator; every RNG seeded from config.seed, as the seed's set_seed (the mini-batch order follows it).
-        self.accelerator = make_accelerator(config)
-        self.current_device = self.accelerator.device
-        self.is_encoder_decoder = getattr(model, "is_encoder_decoder", False)
-        self.is_peft_model = model.is_peft_model
-        # token log-probs chunk_size positions at a time (batched_forward_pass) unless whole distributions are needed
-        self.chunked = config.chunk_size > 0 and not self.is_encoder_decoder and config.kl_penalty != "full"
-        # Dropout off, as in the seed, whose every forward pass runs in eval mode (value head, LoRA and model
-        # dropout included). Here the probabilities are zeroed and the policy stays in train mode, which computes
-        # the same numbers and lets gradient checkpointing (active only in train mode) work.
-        disable_dropout_in_model(model)
-        model.train()
-
-        # 2. Reference model: the one given, a frozen copy (layers optionally shared), or LoRA's adapters-off policy.
-        if ref_model is not None:
-            if num_shared_layers is not None:
-                warnings.warn("num_shared_layers is ignored when ref_model is given", UserWarning)
-            self.ref_model = ref_model
-        elif self.is_peft_model:
-            self.ref_model = None
-        else:
-            if num_shared_layers is not None and self.accelerator.distributed_type in (DistributedType.FSDP,
-                                                                                       DistributedType.DEEPSPEED):
-                raise ValueError("num_shared_layers shares tensors between the policy and the reference, which FSDP "
-                                 "and DeepSpeed shard separately; leave it unset under them")
-            self.ref_model = create_reference_model(model, num_shared_layers=num_shared_layers)
-        self.optional_peft_ctx = (lambda: self.accelerator.unwrap_model(self.model).pretrained_model.disable_adapter()
-                                  ) if self.is_peft_model else nullcontext
-
-        # 3. Data (optional, as in the seed: the training loop may feed step() itself).
-        self.dataset, self.dataloader = dataset, None
-        if dataset is not None:
-            self.dataloader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
-                                                          drop_last=True, collate_fn=data_collator)
-
-        # 4. Optimizer (Adam over the trainable parameters, as the seed), KL controller, score statistics; prepared by
-        #    accelerate (DDP / FSDP / DeepSpeed); the reference frozen and sharded like the policy.
-        self.optimizer = optimizer or torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
-                                                       lr=config.learning_rate,
-                                                       fused=config.optim == "adam_torch_fused")
-        self.lr_scheduler = lr_scheduler
-        self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target, config.horizon) if config.adap_kl_ctrl
-                       else FixedKLController(config.init_kl_coef))
-        self.running = RunningMoments(self.accelerator)
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:  # what accelerate cannot infer
-            self.accelerator.state.deepspeed_plugin.deepspeed_config.update(
-                {"train_micro_batch_size_per_gpu": config.mini_batch_size,
-                 "gradient_clipping": config.max_grad_norm or 0.0})
-        self.model, self.optimizer = self.accelerator.prepare(model.to(self.accelerator.device), self.optimizer)
-        if self.dataloader is not None:
-            self.dataloader = self.accelerator.prepare(self.dataloader)
-        if self.ref_model is not None:
-            self.ref_model = prepare_frozen(self.accelerator, self.ref_model)
-        self.current_step = 0  # step() calls so far
-        self._micro_steps, self._clipped = 0, False
-        if config.max_grad_norm is not None and not config.fix_seed_bugs:
-            warnings.warn("the seed clips the gradient norm on the first optimizer step only (its parameter list is a "
-                          "one-shot iterator); pass fix_seed_bugs=True (--fix_seed_bugs) to clip every step")
-
-    def generate(self, query_tensor, length_sampler: Callable | None = None, batch_size: int = 4,
-                 return_prompt: bool = True, generate_ref_response: bool = False, **generation_kwargs):
-        """Responses of the policy (and, with generate_ref_response, of the reference) to a list of query tensors
-        (T,), batch_size queries per left-padded generate call with the KV cache, each response cut after its first
-        EOS (padding removed); return_prompt=False returns the responses alone. length_sampler() draws max_new_tokens
-        for each call. One query tensor (T,) gives generate's own (1, T') output, uncut, as the seed."""
-        one = not isinstance(query_tensor, list)
-        if one and query_tensor.dim() != 1:
-            raise ValueError(f"query_tensor must be a tensor of shape (seq_len,) or a list of such tensors, got "
-                             f"shape {tuple(query_tensor.shape)}")
-        if one and length_sampler is not None:  # one draw for the policy and the reference, as the seed
-            generation_kwargs["max_new_tokens"], length_sampler = length_sampler(), None
-        generation_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-
-        def run(model) -> list[torch.Tensor]:
-            return self._generate_batched(model, [query_tensor] if one else query_tensor, length_sampler, batch_size,
-                                          return_prompt, remove_padding=not one, **generation_kwargs)
-
-        with gathered_for_generation(self.accelerator, self.model) as policy:  # whole weights for this call only
-            policy.eval()  # for generate only: under gradient checkpointing, train mode would switch the KV cache off
-            try:
-                responses = run(policy)
-                if generate_ref_response:  # the reference: LoRA's policy with adapters off, or the frozen copy
-                    with (self.optional_peft_ctx() if self.is_peft_model else
-                          gathered_for_generation(self.accelerator, self.ref_model)) as reference:
-                        ref_responses = run(policy if reference is None else reference)
-            finally:
-                policy.train()
-        if one:
-            responses = responses[0].unsqueeze(0)
-            ref_responses = ref_responses[0].unsqueeze(0) if generate_ref_response else None
-        return (responses, ref_responses) if generate_ref_response else responses
-
-    @torch.no_grad()
-    def _generate_batched(self, model, query_tensors: list[torch.Tensor], length_sampler=None, batch_size: int = 4,
-                          return_prompt: bool = True, remove_padding: bool = True, **generation_kwargs):
-        outputs = []
-        eos = self.tokenizer.eos_token_id
-        side = "right" if self.is_encoder_decoder else "left"  # left: every query ends where its response starts
-        batch_size = min(len(query_tensors), batch_size)
-        for start in range(0, len(query_tensors), batch_size):
-            if length_sampler is not None:
-                generation_kwargs["max_new_tokens"] = length_sampler()
-            batch = [query.to(self.current_device) for query in query_tensors[start : start + batch_size]]
-            input_ids = pad_sequence(batch, batch_first=True, padding_value=self.tokenizer.pad_token_id,
-                                     padding_side=side)
-            attention_mask = pad_sequence([torch.ones_like(query) for query in batch], batch_first=True,
-                                          padding_side=side)
-            generations = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)
-            for query, generation in zip(batch, generations):
-                # the decoder's sequence starts with its start token (which may be the EOS id); skip it
-                response = generation if self.is_encoder_decoder else generation[input_ids.shape[1]:]
-                first = 1 if self.is_encoder_decoder else 0
-                if remove_padding and (response[first:] == eos).any():  # cut after the first EOS (kept)
-                    response = response[: first + int((response[first:] == eos).nonzero()[0, 0]) + 1]
-                outputs.append(torch.cat([query, response]) if return_prompt and not self.is_encoder_decoder
-                               else response)
-        return outputs
-
-    def _step_safety_checker(self, batch_size: int, queries, responses, scores, masks=None):
-        """Every input a list of batch_size tensors, responses non-empty, scores finite scalars -> on the device."""
-        for name, items in (("queries", queries), ("responses", responses), ("scores", scores)):
-            if not isinstance(items, list):
-                raise ValueError(f"{name} must be a list of tensors, got {type(items).__name__}")
-            if len(items) != batch_size:
-                raise ValueError(f"step expects config.batch_size = {batch_size} {name}, got {len(items)} (queries "
-                                 f"{len(queries)}, responses {len(responses)}, scores {len(scores)})")
-        if not isinstance(queries[0], torch.Tensor) or not isinstance(responses[0], torch.Tensor):
-            raise ValueError(f"queries and responses must be lists of 1-D token-id tensors, got lists of "
-                             f"{type(queries[0]).__name__} and {type(responses[0]).__name__}")
-        if empty := [i for i, response in enumerate(responses) if response.numel() == 0]:
-            raise ValueError(f"responses must not be empty; responses {empty[:10]} have no tokens")
-        if empty := [i for i, query in enumerate(queries) if query.numel() == 0 and not self.is_encoder_decoder]:
-            raise ValueError(f"queries must not be empty; queries {empty[:10]} have no tokens")
-        scores = [torch.as_tensor(score, dtype=torch.float32) for score in scores]
-        if bad := [i for i, score in enumerate(scores) if score.numel() != 1]:
-            raise ValueError(f"each score must be one number; scores {bad[:10]} have shapes "
-                             f"{[tuple(scores[i].shape) for i in bad[:10]]}")
-        scores = torch.stack([score.reshape(()) for score in scores]).to(self.current_device)
-        if not torch.isfinite(scores).all():
-            raise ValueError(f"scores must be finite; got {scores[~torch.isfinite(scores)].tolist()} at positions "
-                             f"{(~torch.isfinite(scores)).nonzero().flatten().tolist()}")
-        queries = [query.to(self.current_device) for query in queries]
-        responses = [response.to(self.current_device) for response in responses]
-        masks = [mask.to(self.current_device) for mask in masks] if masks is not None else None
-        return queries, responses, scores, masks
-
-    def step(self, queries: list[torch.Tensor], responses: list[torch.Tensor], scores: list[torch.Tensor],
-             response_masks: list[torch.Tensor] | None = None) -> dict:
-        """One PPO update on batch_size rollouts: queries and responses are lists of 1-D token-id tensors, scores a
-        list of scalar tensors (one per response); response_masks optionally marks the response tokens to train on.
-        Returns the seed's stats. The stages are those of docs/ppo.md."""
-        config, bs = self.config, self.config.batch_size
-        queries, responses, scores, response_masks = self._step_safety_checker(bs, queries, responses, scores,
-                                                                                response_masks)
-        timing, t0 = {}, time.time()
-
-        # 1. Score scaling (running statistics over all processes) and clipping, as the seed.
-        if config.use_score_scaling:
-            self.running.update(scores)
-            scaling = torch.as_tensor(self.running.std, dtype=scores.dtype, device=scores.device) + torch.finfo(
-                scores.dtype).eps
-            mean = torch.as_tensor(self.running.mean, dtype=scores.dtype, device=scores.device)
-            scores = (scores - mean) / scaling if config.use_score_norm else scores / scaling
-        if config.score_clip is not None:
-            scores = torch.clip(scores, -config.score_clip, config.score_clip)
-
-        # 2. Forward passes without gradient: the policy's log-probs and values (the "old" ones of PPO) and the
-        #    reference's log-probs, (B, T-1) each (position t scores token t+1), and the mask of the response tokens.
-        t = time.time()
-        model_inputs = self.prepare_model_inputs(queries, responses)
-        full_kl = config.kl_penalty == "full"  # the exact KL needs the whole next-token distributions
-        with torch.no_grad():
-            old_logprobs, logits, values, masks = self.batched_forward_pass(
-                self.model, queries, responses, model_inputs, return_logits=full_kl, response_masks=response_masks)
-            with self.optional_peft_ctx():
-                ref_logprobs, ref_logits, _, _ = self.batched_forward_pass(
-                    self.model if self.is_peft_model else self.ref_model, queries, responses, model_inputs,
-                    return_logits=full_kl)
-        timing["time/ppo/forward_pass"] = time.time() - t
-
-        with torch.no_grad():
-            # 3. Per-token rewards: -beta * KL at every response token, plus the score on the last one.
-            t = time.time()
-            if full_kl:
-                kls = kl_penalty(torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1), "full")
-                del logits, ref_logits
-            else:
-                kls = kl_penalty(old_logprobs, ref_logprobs, config.kl_penalty)
-            non_score_reward = -self.kl_ctl.value * kls
-            rewards = non_score_reward.clone()
-            last = masks.shape[1] - 1 - masks.flip(1).argmax(1)  # the last position where the mask is 1
-            rewards[torch.arange(bs, device=rewards.device), last] += scores
-            timing["time/ppo/compute_rewards"] = time.time() - t
-
-            # 4. Advantages: GAE over the masked rewards and values, then whitened over the response tokens of every
-            #    process; the returns (value targets) are advantages + values, taken before the whitening.
-            t = time.time()
-            values, rewards = values * masks, rewards * masks
-            if config.whiten_rewards:
-                rewards = masked_whiten(rewards, masks, shift_mean=False, accelerator=self.accelerator)
-                if config.fix_seed_bugs:  # whitening moved the zeros of the padding: keep padding reward-free
-                    rewards = rewards * masks
-            advantages = compute_gae(values, rewards, config.gamma, config.lam)
-            returns = advantages + values
-            advantages = masked_whiten(advantages, masks, accelerator=self.accelerator).detach()
-            timing["time/ppo/compute_advantages"] = time.time() - t
-
-        # 5. ppo_epochs passes over the batch in shuffled mini-batches (the seed's numpy permutation); an optimizer
-        #    step every gradient_accumulation_steps mini-batches; early stopping between epochs.
-        t = time.time()
-        all_stats = []
-        for _ in range(config.ppo_epochs):
-            order = np.random.permutation(bs)
-            for start in range(0, bs, config.mini_batch_size):
-                i = order[start : start + config.mini_batch_size]
-                logprobs, logits_or_entropy, vpreds, _ = self.batched_forward_pass(
-                    self.model, [queries[j] for j in i], [responses[j] for j in i],
-                    {key: value[i] for key, value in model_inputs.items()}, return_logits=not self.chunked,
-                    return_entropy=self.chunked)
-                old, old_values, mask, adv, ret = old_logprobs[i], values[i], masks[i], advantages[i], returns[i]
-
-                # 5a. The clipped policy and value losses. A mini-batch whose mean ratio exceeds ratio_threshold has
-                #     its losses zeroed (the seed still steps the optimizer on it).
-                out = ppo_losses(old, old_values, logprobs, vpreds, mask, adv, ret, config.cliprange,
-                                 config.cliprange_value)
-                pg_loss, vf_loss = out["pg_loss"], out["vf_loss"]
-                loss = pg_loss + config.vf_coef * vf_loss
-                if (avg_ratio := masked_mean(out["ratio"], mask).item()) > config.ratio_threshold:
-                    warnings.warn(f"The average ratio of batch ({avg_ratio:.2f}) exceeds threshold "
-                                  f"{config.ratio_threshold:.2f}. Skipping batch.")
-                    pg_loss, vf_loss, loss = pg_loss * 0.0, vf_loss * 0.0, loss * 0.0
-                with torch.no_grad():  # the seed's stats; the entropy of the whole distribution, at the responses
-                    if self.chunked:  # per-token entropies, computed chunk by chunk with the log-probs
-                        entropy = logits_or_entropy[mask.bool()].mean()
-                    else:
-                        logits = logits_or_entropy
-                        entropy = entropy_from_logits(logits if logits.dim() == 2 else logits[mask.bool()]).mean()
-                    all_stats.append({key: value.detach().float() for key, value in {
-                        "loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss, "policy/entropy": entropy,
-                        "policy/approxkl": 0.5 * masked_mean((logprobs - old) ** 2, mask),
-                        "policy/policykl": masked_mean(old - logprobs, mask), "policy/clipfrac": out["pg_clipfrac"],
-                        "policy/advantages_mean": masked_mean(adv, mask), "returns/mean": masked_mean(ret, mask),
-                        "returns/var": masked_var(ret, mask), "val/vpred": masked_mean(vpreds, mask),
-                        "val/error": masked_mean((vpreds - ret) ** 2, mask), "val/clipfrac": out["vf_clipfrac"],
-                        "val/mean": masked_mean(old_values, mask), "val/var": masked_var(old_values, mask)}.items()})
-
-                # 5b. Backward, scaled by 1 / gradient_accumulation_steps, unless the loss is not finite on some
-                #     process: then every process stops before the optimizer sees it.
-                if self.accelerator.reduce((~torch.isfinite(loss.detach())).float(), "sum").item() > 0:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    raise FloatingPointError(f"the PPO loss is {loss.item()} (policy {pg_loss.item()}, value "
-                                             f"{(config.vf_coef * vf_loss).item()}); the optimizer was not stepped")
-                self._micro_steps += 1
-                sync = self._micro_steps % config.gradient_accumulation_steps == 0
-                with accumulating(self.accelerator, self.model, last=sync):
-                    self.accelerator.backward(loss / config.gradient_accumulation_steps)
-
-                # 5c. The optimizer step, the gradient clipped first (the seed: on the first optimizer step only).
-                if sync:
-                    if config.max_grad_norm is not None and (config.fix_seed_bugs or not self._clipped):
-                        self.accelerator.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                         config.max_grad_norm)
-                        self._clipped = True
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-            # early stopping: once the last mini-batch's policy KL (averaged over processes) exceeds 1.5 x target_kl
-            if config.early_stopping and self.accelerator.reduce(all_stats[-1]["policy/policykl"], "mean") > \
-                    1.5 * config.target_kl:
-                break
-        timing["time/ppo/optimize_step"] = time.time() - t
-
-        # 6. Statistics, averaged over the mini-batches and over processes.
-        t = time.time()
-        train_stats = {key: torch.stack([stats[key] for stats in all_stats]).mean() for key in all_stats[0]}
-        stats = self.record_step_stats(scores=scores, logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-                                       non_score_reward=non_score_reward, train_stats=train_stats,
-                                       kl_coef=self.kl_ctl.value, masks=masks, queries=queries, responses=responses,
-                                       kls=kls)
-        timing["time/ppo/calc_stats"] = time.time() - t
-        stats["ppo/learning_rate"] = self.optimizer.param_groups[0]["lr"]
-
-        # 7. The KL controller's update, with the global batch size; the schedule's step, if one was given.
-        self.kl_ctl.update(stats["objective/kl"], bs * self.accelerator.num_processes)
-        timing["time/ppo/total"] = time.time() - t0
-        stats.update(timing)
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-        self.current_step += 1
-        return stats
-
-    def prepare_model_inputs(self, queries: list[torch.Tensor], responses: list[torch.Tensor]) -> dict:
-        """Right-padded model inputs: query + response (decoder-only), or query -> encoder and response -> decoder."""
-        def pad_right(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            return (pad_sequence([s.long() for s in sequences], batch_first=True,
-                                 padding_value=self.tokenizer.pad_token_id),
-                    pad_sequence([torch.ones_like(s, dtype=torch.long) for s in sequences], batch_first=True))
-
-        if self.is_encoder_decoder:
-            input_ids, attention_mask = pad_right(queries)
-            decoder_input_ids, decoder_attention_mask = pad_right(responses)
-            return {"input_ids": input_ids, "attention_mask": attention_mask, "decoder_input_ids": decoder_input_ids,
-                    "decoder_attention_mask": decoder_attention_mask}
-        input_ids, attention_mask = pad_right([torch.cat([q, r]) for q, r in zip(queries, responses)])
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-    def batched_forward_pass(self, model, queries, responses, model_inputs: dict, return_logits: bool = False,
-                             response_masks=None, return_entropy: bool = False):
-        """Log-probs (B, T-1) of every next token, logits (B, T-1, V) if asked, values (B, T-1) and the mask (B, T-1)
-        of the response tokens, computed mini_batch_size rows at a time. With lm_head_only_at_responses the output
-        layer runs at the mask's N positions only: the log-probs are 0 elsewhere and the logits are (N, V). Without
-        logits asked for, on the chunked path (chunk_size > 0, decoder-only, kl_penalty not full) no (N, V) logits
-        exist at once (chunked_log_probs); return_entropy there: the second value is the per-token entropy (B, T-1)
-        of the response tokens (0 elsewhere) instead of the logits.
-
-        Position t holds log p(token t+1) and the value of the state before it; the mask is 1 on the response's
-        tokens: t in [len(query) - 1, len(query) - 1 + len(response)) (encoder-decoder: the decoder positions from 1
-        up to its last token, as the seed). Each chunk is run at its own longest length and zero-padded back to T-1,
-        which is exact because padding is on the right; the log-probs and logits are divided by the temperature.
-        """
-        fbs = self.config.mini_batch_size
-        key = "decoder_attention_mask" if self.is_encoder_decoder else "attention_mask"
-        full_length = model_inputs[key].shape[1]
-        all_logprobs, all_logits, all_values, all_masks = [], [], [], []
-        for start in range(0, len(queries), fbs):
-            chunk = {name: value[start : start + fbs] for name, value in model_inputs.items()}
-            for ids_key, mask_key in (("input_ids", "attention_mask"), ("decoder_input_ids", "decoder_attention_mask")):
-                if ids_key in chunk:  # drop the columns that are padding in every row of the chunk
-                    used = int(chunk[mask_key].sum(1).max())
-                    chunk[ids_key], chunk[mask_key] = chunk[ids_key][:, :used], chunk[mask_key][:, :used]
-            input_ids = chunk["decoder_input_ids" if self.is_encoder_decoder else "input_ids"]
-            masks = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, device=input_ids.device)
-            for j in range(len(input_ids)):
-                if self.is_encoder_decoder:
-                    begin, end = 1, int(chunk["decoder_attention_mask"][j].sum()) - 1
-                else:
-                    begin = len(queries[start + j]) - 1
-                    end = begin + len(responses[start + j])
-                masks[j, begin:end] = 1
-                if response_masks is not None and not self.is_encoder_decoder:
-                    masks[j, begin:end] *= response_masks[start + j].to(masks.dtype)
-            # the output layer only where a log-prob is used (the masked response positions): logits are (N, V) then
-            scored = masks.bool()
-            language_model = self.accelerator.unwrap_model(model).pretrained_model
-            if self.chunked and not return_logits:  # the response tokens' log-probs (and entropies), chunk by chunk
-                labels = input_ids.masked_fill(~F.pad(scored, (1, 0), value=False), -100)  # label t+1 at position t
-                with self.accelerator.autocast(), chunked_log_probs(language_model, labels, self.config.chunk_size,
-                                                                    self.config.temperature,
-                                                                    ("entropy",) if return_entropy else ()):
-                    out, _, values = model(**chunk, use_cache=False)
-                pad = full_length - 1 - out.log_probs.shape[1]
-                all_logprobs.append(F.pad(out.log_probs, (0, pad)))
-                all_values.append(F.pad(values[:, :-1].float(), (0, pad)))
-                all_masks.append(F.pad(masks, (0, pad)))
-                if return_entropy:
-                    all_logits.append(F.pad(out.entropy, (0, pad)))
-                continue
-            only_scored = (self.config.lm_head_only_at_responses and not self.is_encoder_decoder
-                           and self.config.kl_penalty != "full")
-            positions = F.pad(scored, (0, 1), value=False) if only_scored else None
-            with self.accelerator.autocast(), lm_head_only_at(language_model, positions):
-                logits, _, values = model(**chunk, use_cache=False)
-            logits = logits / self.config.temperature if self.config.temperature != 1.0 else logits
-            if only_scored:  # 0 at the positions that are never used (queries, padding), as the masks say
-                logprobs = torch.zeros_like(masks).masked_scatter(
-                    scored, logprobs_from_logits(logits, input_ids[:, 1:][scored]))
-            else:
-                logprobs = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])
-            pad = full_length - 1 - logprobs.shape[1]
-            all_logprobs.append(F.pad(logprobs, (0, pad)))
-            all_values.append(F.pad(values[:, :-1].float(), (0, pad)))
-            all_masks.append(F.pad(masks, (0, pad)))
-            if return_logits:
-                all_logits.append(logits if only_scored else F.pad(logits[:, :-1], (0, 0, 0, pad)))
-        return (torch.cat(all_logprobs), torch.cat(all_logits) if return_logits or return_entropy else None,
-                torch.cat(all_values), torch.cat(all_masks))
-
-    def record_step_stats(self, kl_coef: float, **data) -> dict:
-        """The seed's stats of a step: objective/*, ppo/* (means over the mini-batches) and tokens/*; scalars are
-        averaged over processes, distributions (numpy arrays) are this process's."""
-        mask, kls = data["masks"], data["kls"]
-        kl_list = (kls * mask).sum(-1)
-        query_lens = torch.tensor([len(q) for q in data["queries"]], dtype=torch.float)
-        response_lens = torch.tensor([len(r) for r in data["responses"]], dtype=torch.float)
-        scalars = {
-            "objective/kl": kl_list.mean(),
-            "objective/kl_coef": torch.tensor(float(kl_coef)),
-            "objective/entropy": (-data["logprobs"] * mask).sum(-1).mean(),
-            "ppo/mean_non_score_reward": masked_mean(data["non_score_reward"], mask),
-            "ppo/mean_scores": data["scores"].mean(), "ppo/std_scores": data["scores"].std(),
-            "tokens/queries_len_mean": query_lens.mean(), "tokens/queries_len_std": query_lens.std(),
-            "tokens/responses_len_mean": response_lens.mean(), "tokens/responses_len_std": response_lens.std(),
-            **{f"ppo/{key}": value for key, value in data["train_stats"].items()},
-        }
-        scalars["ppo/val/var_explained"] = 1 - scalars["ppo/val/error"] / scalars["ppo/returns/var"]
-        values = torch.stack([value.float().to(self.current_device) for value in scalars.values()])
-        stats = dict(zip(scalars, self.accelerator.reduce(values, "mean").tolist()))
-        if stats["objective/kl"] < -1.0:
-            warnings.warn(f"KL divergence is starting to become negative: {stats['objective/kl']:.2f} - this might be "
-                          "a precursor for failed training (often: generation kwargs that differ from the sampling "
-                          "the log-probs assume, e.g. a temperature, top_k or min_length)")
-        stats.update({"objective/kl_dist": kl_list.cpu().numpy(), "objective/logprobs": data["logprobs"].cpu().numpy(),
-                      "objective/ref_logprobs": data["ref_logprobs"].cpu().numpy(),
-                      "tokens/queries_dist": query_lens.numpy(), "tokens/responses_dist": response_lens.numpy()})
-        return stats
-
-    def log_stats(self, stats: dict, batch: dict, rewards, columns_to_log=("query", "response")) -> None:
-        """A console line, a metrics.jsonl row (the scalar stats plus env/reward_mean|std over all processes) and
-        samples.jsonl rows (columns_to_log of batch, with the reward) in config.output_dir; with --track, wandb too
-        (a game_log table and histograms)."""
-        if isinstance(rewards, list):  # a list of scalar tensors or numbers, as passed to step
-            rewards = [float(reward) for reward in rewards]
-        rewards = torch.as_tensor(rewards, dtype=torch.float32, device=self.current_device).flatten()
-        rewards = self.accelerator.gather(rewards).cpu()
-        missing = [column for column in columns_to_log if column not in batch]
-        if missing:
-            raise ValueError(f"columns_to_log {list(columns_to_log)} are not all in the batch: missing {missing}, "
-                             f"found {list(batch)}")
-        columns = [gather_object(list(batch[column])) for column in columns_to_log]
-        if not self.accelerator.is_main_process:
-            return
-        row = {"step": self.current_step, "env/reward_mean": rewards.mean().item(),
-               "env/reward_std": rewards.std().item() if len(rewards) > 1 else 0.0}
-        row.update({key: value for key, value in stats.items() if isinstance(value, (int, float))})
-        output_dir = Path(self.config.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with open(output_dir / "metrics.jsonl", "a") as f:  # NaN and infinity are not JSON: null
-            f.write(json.dumps({key: None if isinstance(value, float) and not math.isfinite(value) else value
-                                for key, value in row.items()}) + "\n")
-        samples = [{"step": self.current_step, **dict(zip(columns_to_log, values)), "reward": reward}
-                   for *values, reward in zip(*columns, rewards.tolist())]
-        with open(output_dir / "samples.jsonl", "a") as f:
-            f.writelines(json.dumps(sample) + "\n" for sample in samples)
-        shown = ["env/reward_mean", "objective/kl", "objective/kl_coef", "ppo/loss/total", "ppo/policy/clipfrac",
-                 "tokens/responses_len_mean", "episodes_per_second"]
-        tqdm.write(f"step {self.current_step} " + " ".join(f"{key.split('/')[-1]} {row[key]:.4g}" for key in shown
-                                                            if key in row))
-        if self.config.track:
-            import wandb
-
-            logs = {key: wandb.Histogram(value) if isinstance(value, np.ndarray) else value
-                    for key, value in {**row, **stats}.items() if key != "step"}
-            logs["env/reward_dist"] = wandb.Histogram(rewards.numpy())
-            logs["game_log"] = wandb.Table(columns=[*columns_to_log, "reward"],
-                                           rows=[list(sample.values())[1:] for sample in samples])
-            wandb.log(logs, step=self.current_step)
-
-    def _save_pretrained(self, save_directory) -> None:
-        """The policy with its value head (seed layout) and the tokenizer, written by the main process. Every process
-        calls it: under FSDP / ZeRO-3 the weights are gathered from their shards first."""
-        weights = gathered_state_dict(self.accelerator, self.model)
-        if self.accelerator.is_main_process:
-            self.accelerator.unwrap_model(self.model).save_pretrained(save_directory, state_dict=weights)
-            self.tokenizer.save_pretrained(save_directory)
-
-
-def main(args: Args) -> None:
-    # 0. Check what can be checked before anything is loaded.
-    try:
-        args.check_sizes()
-        parse_reward_spec(args.reward_model)
-    except ValueError as error:
-        fail(str(error))
-    check_positive(args, ["steps", "logging_steps", "output_min_length"])
-    if args.output_max_length <= args.output_min_length:
-        fail(f"--output_max_length must be above --output_min_length {args.output_min_length} (the range is "
-             f"[min, max)), got {args.output_max_length}")
-    if (args.input_min_text_length is None) != (args.input_max_text_length is None) or (
-            args.input_min_text_length is not None and not 0 < args.input_min_text_length < args.input_max_text_length):
-        fail(f"--input_min_text_length and --input_max_text_length go together, with 0 < min < max; got "
-             f"{args.input_min_text_length} and {args.input_max_text_length}")
-    if args.temperature <= 0:
-        fail(f"--temperature must be positive, got {args.temperature}")
-    if args.use_peft and any(os.environ.get(variable, "false").lower() == "true"
-                             for variable in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")):
-        fail("--use_peft is not supported under FSDP or DeepSpeed by ppo.py (its value-head model saves the adapter "
-             "from an unsharded policy); train LoRA with data parallelism: accelerate_configs/multi_gpu.yaml")
-    check_run(args, ["model_name"])  # learning rate, model path, output_dir, --resume_from_checkpoint latest
-
-    # 1. Accelerator (checks how the run was launched; seeds every RNG). The trainer below makes its own, which
-    #    shares this one's state.
-    accelerator = make_accelerator(args, zero3_refusal="its reward model would be loaded partitioned and used outside "
-                                                       "an engine")
-    world_size = accelerator.num_processes
-    global_batch_size = args.batch_size * world_size
-    accelerator.print(f"run: {world_size} process(es) x {args.mini_batch_size} per device x "
-                      f"{args.gradient_accumulation_steps} accumulation = {world_size * args.backward_batch_size} "
-                      f"rollouts per optimizer step; {world_size} x {args.batch_size} = {global_batch_size} rollouts "
-                      "per PPO step")
-    output_dir = Path(args.output_dir)
-
-    # 2. Data: the prompts, loaded and checked before any model is (ppo.py has no test split: not the other scripts'
-    #    load_splits).
-    prompt_split, query_column = load_prompts(args.query_dataset, args.dataset_config, args.dataset_train_split,
-                                              args.query_column)
-    prompts = prompt_split[query_column]
-
-    # 3. Tokenizer and tokenised queries. With --input_min/max_text_length each query is cut to a random length, as
-    #    the seed's IMDB example does; the reward model then sees the cut query as the prompt.
-    tokenizer = load_tokenizer(args, "to end responses")
-    if isinstance(prompts[0], list) and tokenizer.chat_template is None:
-        fail(f"the prompts are conversations but the tokenizer of {args.model_name} has no chat template")
-    cut_length = (LengthSampler(args.input_min_text_length, args.input_max_text_length)
-                  if args.input_min_text_length is not None else None)
-    queries, reward_prompts = [], []  # token ids, and what the reward function sees as the prompt
-    for prompt in prompts:
-        if not isinstance(prompt, (str, list)):
-            fail(f"prompts must be strings or message lists; column '{query_column}' holds {type(prompt).__name__}")
-        text, templated = format_query(prompt, tokenizer)
-        ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
-        if cut_length is not None:
-            ids = ids[: cut_length()]
-        if ids:
-            queries.append(ids)
-            reward_prompts.append(tokenizer.decode(ids, skip_special_tokens=True) if cut_length else prompt)
-    if len(queries) < global_batch_size:
-        fail(f"the query dataset has {len(queries)} non-empty prompts but one PPO step needs {global_batch_size} "
-             f"(batch_size {args.batch_size} x {world_size} processes)")
-    stop_token_id = None
-    if args.stop_token is not None:
-        stop_ids = ([tokenizer.eos_token_id] if args.stop_token == "eos" else
-                    tokenizer(args.stop_token, add_special_tokens=False)["input_ids"])
-        if len(stop_ids) != 1:
-            fail(f"--stop_token must be 'eos' or one token; '{args.stop_token}' is {len(stop_ids)} tokens {stop_ids}")
-        stop_token_id = stop_ids[0]
-
-    # 4. Policy with a value head (seq2seq models get the seq2seq wrapper); LoRA; gradient checkpointing. When
-    #    resuming, the policy (and its value head) come from the checkpoint and the reference from model_name.
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    is_encoder_decoder = AutoConfig.from_pretrained(args.model_name, revision=args.revision).is_encoder_decoder
-    wrapper = AutoModelForSeq2SeqLMWithValueHead if is_encoder_decoder else AutoModelForCausalLMWithValueHead
-    peft_config = None
-    if args.use_peft and not args.resume_from_checkpoint:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                 target_modules=args.lora_target_modules or "all-linear",
-                                 task_type="SEQ_2_SEQ_LM" if is_encoder_decoder else "CAUSAL_LM")
-    load_path = args.resume_from_checkpoint or args.model_name
-    model = wrapper.from_pretrained(load_path, dtype=dtype, peft_config=peft_config, is_trainable=True,
-                                    **({"revision": args.revision} if load_path == args.model_name else {}))
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ref_model = None
-    if args.resume_from_checkpoint and not args.use_peft:
-        ref_model = wrapper.from_pretrained(args.model_name, revision=args.revision, dtype=dtype)
-
-    # 5. The trainer (reference, the seed's Adam, accelerate's preparation) and the learning-rate schedule, stepped
-    #    once per PPO step over --steps: get_scheduler's multipliers written out (importing it costs 0.8 s of start-up).
-    trainer = PPOTrainer(args, model, ref_model, tokenizer)
-
-    def lr_multiplier(step: int) -> float:
-        if args.lr_scheduler_type == "linear":
-            return (args.steps - step) / args.steps
-        return 0.5 * (1.0 + math.cos(math.pi * (step / args.steps))) if args.lr_scheduler_type == "cosine" else 1.0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lr_multiplier)
-    torch.manual_seed(args.seed + accelerator.process_index)  # each process samples its own responses
-    params_in_memory = sum(p.numel() for m in (model, trainer.ref_model) if m is not None for p in m.parameters())
-    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    accelerator.print(f"model: {params_in_memory / 1e6:.2f}M parameters in memory (policy"
-                      f"{' + reference' if trainer.ref_model is not None else ''}), {num_trainable / 1e6:.2f}M "
-                      f"trainable; {len(queries)} prompts, {args.steps} steps of {global_batch_size} rollouts")
-
-    # 6. The reward: a sequence-classification model or a pipeline, on the same device.
-    try:
-        reward_fn = load_reward_function(args.reward_model, accelerator.device)
-    except (OSError, ValueError) as error:
-        fail(f"could not load reward model {args.reward_model}: {' '.join(str(error).split())[:500]}")
-
-    # 7. Resume: optimizer, schedule, KL coefficient, seed-mode clip, score statistics and every RNG, all loaded with
-    #    weights_only=True (tensors and plain Python types, as save_checkpoint writes them); then the logs
-    #    (metrics.jsonl and samples.jsonl, written by log_stats; wandb with --track).
-    start_step = 0
-    if args.resume_from_checkpoint:
-        checkpoint = Path(args.resume_from_checkpoint)
-        state = torch.load(checkpoint / "training_state.pt", weights_only=True)
-        load_optimizer_state(checkpoint, accelerator, trainer.model, trainer.optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        trainer.kl_ctl.value, trainer._clipped = state["kl_coef"], state["clipped"]
-        trainer.running.load_state_dict(state["running"])
-        rng = torch.load(checkpoint / f"rng_state_{accelerator.process_index}.pt", weights_only=True)
-        random.setstate(rng["python"])
-        name, keys, position, has_gauss, gauss = rng["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        start_step = trainer.current_step = state["step"]
-        accelerator.print(f"resumed from {checkpoint} at step {start_step}")
-    open_logs(args, accelerator, start_step, files=("metrics.jsonl", "samples.jsonl"))
-
-    # 8. Training loop: rollout -> score -> PPO step -> log, batch_size queries per process per step.
-    generation_kwargs = {"min_length": -1, "top_k": 0, "top_p": 1.0, "do_sample": True,
-                         "temperature": args.temperature, "pad_token_id": tokenizer.pad_token_id}
-    if stop_token_id is not None and stop_token_id != tokenizer.eos_token_id:
-        generation_kwargs["eos_token_id"] = [tokenizer.eos_token_id, stop_token_id]
-    output_length_sampler = LengthSampler(args.output_min_length, args.output_max_length)
-    ended_by = tokenizer.eos_token_id if stop_token_id is None else stop_token_id
-    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="ppo",
-                    disable=not accelerator.is_local_main_process)
-    preemption = Preemption()  # from here on, SIGTERM / SIGINT end the run with a checkpoint of the last PPO step
-    for step in progress:
-        step_start = time.time()
-        mine = step_indices(step, len(queries), global_batch_size, args.seed)[accelerator.process_index :: world_size]
-        query_tensors = [torch.tensor(queries[i]) for i in mine]
-
-        # 8a. Rollout: all of this process's queries in one left-padded generate call with the KV cache; each
-        #     response cut after its first EOS, or after the stop token.
-        response_tensors = trainer.generate(query_tensors, length_sampler=output_length_sampler,
-                                            batch_size=args.batch_size, return_prompt=False, **generation_kwargs)
-        if stop_token_id is not None:  # truncate after the first stop token (it is kept)
-            response_tensors = [r[: int((r == stop_token_id).nonzero()[0, 0]) + 1] if (r == stop_token_id).any()
-                                else r for r in response_tensors]
-        for i in [i for i, r in enumerate(response_tensors) if len(r) == 0]:  # an immediate stop: the EOS itself
-            response_tensors[i] = torch.tensor([tokenizer.eos_token_id], device=accelerator.device)
-        rollout_seconds = time.time() - step_start
-
-        # 8b. Score prompt + response with the reward model; the optional penalty for responses that never ended.
-        score_start = time.time()
-        response_texts = tokenizer.batch_decode(response_tensors, skip_special_tokens=True)
-        scores = reward_fn([reward_prompts[i] for i in mine], response_texts)
-        if args.missing_eos_penalty is not None:
-            scores = [s - args.missing_eos_penalty * float(not (r == ended_by).any())
-                      for s, r in zip(scores, response_tensors)]
-        score_tensors = [torch.tensor(float(s)) for s in scores]
-        score_seconds = time.time() - score_start
-
-        # 8c. The PPO step. A non-finite loss stops the run before the optimizer sees it.
-        try:
-            stats = trainer.step(query_tensors, response_tensors, score_tensors)
-        except FloatingPointError as error:
-            checkpoints = complete_checkpoints(output_dir)
-            kept = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
-            fail(f"{error} at step {step + 1}; stopping ({kept})")
-        scheduler.step()
-
-        # 8d. Log (every logging_steps) and checkpoint: every save_steps, and when a signal asks to stop.
-        done = step + 1
-        stats.update({"time/rollout": rollout_seconds, "time/score": score_seconds,
-                      "episodes_per_second": global_batch_size / (time.time() - step_start),
-                      "peak_memory_mb": peak_memory_mb()})
-        if done % args.logging_steps == 0 or done == args.steps:
-            query_texts = tokenizer.batch_decode(query_tensors, skip_special_tokens=True)
-            trainer.log_stats(stats, {"query": query_texts, "response": response_texts}, score_tensors)
-            progress.set_postfix(reward=f"{stats['ppo/mean_scores']:.3f}", kl=f"{stats['objective/kl']:.3f}")
-        signum = preemption.requested(accelerator)  # the same answer on every process
-        if done < args.steps and (signum or args.save_steps > 0 and done % args.save_steps == 0):
-            counters = {"step": done, "kl_coef": float(trainer.kl_ctl.value),  # a numpy float after adaptive updates
-                        "clipped": trainer._clipped, "running": trainer.running.state_dict()}
-            save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, trainer.model, tokenizer,
-                            trainer.optimizer, scheduler, counters, args.save_total_limit)
-            if signum:
-                preemption.stop(accelerator, signum, output_dir / f"checkpoint-{done}")
-
-    # 9. Save: the policy with its value head in the seed's layout (plain AutoModelForCausalLM loads it, ignoring
-    #    v_head.*) and the tokenizer; with LoRA, the merged model in output_dir and the adapter in output_dir/adapter
-    #    (each with the value head).
-    save_final_model(args, accelerator, trainer.model, tokenizer, wrapper)
-    del trainer, model  # the DDP-wrapped policy goes before its process group does
-    gc.collect()
-    accelerator.end_training()  # an orderly end of the process group: a peer torn down mid-exit can abort the other
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from conftest import (ASSETS, REPO, TWO_PROCESSES, assert_help_lists, error_line
                       metric_series, read_metrics, run_ok, run_script)
 
 from ppo import (AdaptiveKLController, AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead,
-                 PPOConfig, PPOTrainer, compute_gae, create_reference_model, kl_penalty, masked_whiten, ppo_losses)
+                 PPOConfig, PPOTrainer, compute_gae, compute_rewards, create_reference_model, kl_estimate, masked_whiten,
+                 ppo_losses)
 
 TINY = ASSETS / "tiny-gpt2"
 
@@ -45,14 +46,14 @@ def rollouts(lengths=(3, 5, 4, 6), query_length=4):
 # ----------------------------------------------------------------------------------------------------------------------
 def test_kl_penalties_by_hand():
     logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
-    assert kl_penalty(logp, ref, "kl").tolist() == [[0.5, -1.0]]
-    assert kl_penalty(logp, ref, "abs").tolist() == [[0.5, 1.0]]
-    assert kl_penalty(logp, ref, "mse").tolist() == [[0.125, 0.5]]
+    assert kl_estimate(logp, ref, "kl").tolist() == [[0.5, -1.0]]
+    assert kl_estimate(logp, ref, "abs").tolist() == [[0.5, 1.0]]
+    assert kl_estimate(logp, ref, "mse").tolist() == [[0.125, 0.5]]
     # full: KL(p || q) of two known distributions, p = (1/2, 1/4, 1/4), q = (1/4, 1/2, 1/4)
     p, q = torch.tensor([[[0.5, 0.25, 0.25]]]), torch.tensor([[[0.25, 0.5, 0.25]]])
     expected = 0.5 * torch.log(torch.tensor(2.0)) + 0.25 * torch.log(torch.tensor(0.5))
-    assert kl_penalty(p.log(), q.log(), "full").item() == pytest.approx(expected.item(), abs=1e-6)
-    assert kl_penalty(p.log(), p.log(), "full").item() == pytest.approx(0.0, abs=1e-7)
+    assert kl_estimate(p.log(), q.log(), "full").item() == pytest.approx(expected.item(), abs=1e-6)
+    assert kl_estimate(p.log(), p.log(), "full").item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_gae_against_a_plain_loop():
@@ -100,6 +101,31 @@ def test_adaptive_kl_controller():
     assert controller.value == pytest.approx(0.2 * (1 + 0.2 * 256 / 10000))
     controller.update(current=5.4, n_steps=100)  # error -0.1
     assert controller.value == pytest.approx(0.2 * (1 + 0.2 * 256 / 10000) * (1 - 0.1 * 100 / 10000))
+
+
+def test_rewards_by_hand_and_the_controller_is_fed_the_kl_they_used(monkeypatch):
+    import ppo
+
+    # compute_rewards: -beta * KL at every response token, the score added on the last one
+    logp, ref = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -3.0]]), torch.tensor([[-1.5, -1.0, -0.5]] * 2)
+    masks = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rewards, kls = compute_rewards(torch.tensor([2.0, -1.0]), logp, ref, masks, 0.1)
+    assert kls.tolist() == [[0.5, -1.0, 0.0], [0.5, 0.0, -2.5]]
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.1, 2.0], [-0.05, -1.0, 0.25]]))
+    # a fork that clips the KL inside compute_rewards: the controller, and the logged KL, see the clipped one
+    unclipped = ppo.compute_rewards
+
+    def clipped(*args, **kwargs):
+        rewards, kls = unclipped(*args, **kwargs)
+        return rewards, kls.clamp(-0.01, 0.01)
+
+    monkeypatch.setattr(ppo, "compute_rewards", clipped)
+    trainer = tiny_trainer()
+    fed = []
+    trainer.kl_ctl.update = lambda current, n_steps: fed.append((current, n_steps))
+    stats = trainer.step(*rollouts())
+    assert len(fed) == 1 and fed[0][1] == 4 and abs(fed[0][0]) <= 0.01 * 6
+    assert fed[0][0] == pytest.approx(stats["objective/kl"], abs=1e-7)
 
 
 def test_one_step_by_hand():
