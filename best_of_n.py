@@ -3,7 +3,8 @@
 Best-of-n (rejection sampling; Nakano et al. 2021, WebGPT, https://arxiv.org/abs/2112.09332; Stiennon et al. 2020,
 https://arxiv.org/abs/2009.01325) is the baseline every RLHF method is compared against: its expected reward rises with
 n at the cost of n times the sampling, and its KL to the policy is at most log n - (n - 1) / n. This file reproduces
-the seed's `BestOfNSampler` (TRL v0.8 `trl.extras`) with the same constructor and `generate`, but samples every
+the seed's `BestOfNSampler` ("the seed" throughout: TRL v0.8.6, `trl.extras`, and its documented behaviour) with
+the same constructor and `generate`, but samples every
 query's n responses -- and many queries -- in one batched `generate` call, scores them in batches, and checks what the
 scorer returns. Its command line compares plain sampling (n = 1) with best-of-n for n = 2, 4, ... under a reward and
 saves the chosen completions as a dataset that sft.py trains on (rejection-sampling fine-tuning). See docs/best_of_n.md.

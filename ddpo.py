@@ -7,9 +7,9 @@ of those Gaussians and a policy gradient exists. Each epoch samples images from 
 timestep and the log-probability of each step; a reward scores the decoded images; rewards are normalised into
 advantages (per prompt, or over the batch); then a clipped PPO loss over the stored timesteps updates the UNet (LoRA
 adapters by default). This file reproduces TRL's v0.8 `DDPOConfig`, `DDPOTrainer` and
-`DefaultDDPOStableDiffusionPipeline` in one piece, with the reference's rewards (JPEG compressibility and
-incompressibility, brightness, the LAION aesthetic predictor) and prompts (its animal list). See docs/ddpo.md for the
-stages, the metrics and the deviations.
+`DefaultDDPOStableDiffusionPipeline` in one piece ("the seed" throughout: TRL v0.8.6 and its documented behaviour),
+with the reference's rewards (JPEG compressibility and incompressibility, brightness, the LAION aesthetic predictor)
+and prompts (its animal list). See docs/ddpo.md for the stages, the metrics and the deviations.
 
     # offline quickstart: the tiny world's Stable Diffusion (assets/tiny-sd), CPU, about a minute: brighter images
     python ddpo.py
