@@ -348,6 +348,27 @@ def test_generate_batched_left_padded_cut_after_eos():
     assert all(torch.equal(p, r) for p, r in zip(policy, reference))
 
 
+def test_gumbel_max_sampling_draws_what_generate_draws():
+    """generate's sampling, drawn by GumbelMaxSampling: the first token's frequencies over many draws match softmax of
+    the model's logits (as torch.multinomial's do), the warpers still apply (top_k), and greedy is untouched."""
+    trainer = tiny_trainer(batch_size=1, mini_batch_size=1)
+    query = torch.tensor(trainer.tokenizer("Review of Golden Harbor:")["input_ids"])
+    with torch.no_grad():
+        probs = torch.softmax(trainer.model(query[None])[0][0, -1], -1)
+    torch.manual_seed(0)
+    first = torch.stack([r[0] for r in trainer.generate([query] * 4000, batch_size=4000, return_prompt=False,
+                                                        do_sample=True, top_k=0, top_p=1.0, max_new_tokens=1)])
+    frequencies = torch.bincount(first, minlength=len(probs)).float() / len(first)
+    top = probs.argsort(descending=True)[:5]  # the likeliest tokens: within 4 binomial standard deviations
+    assert ((frequencies[top] - probs[top]).abs() <= 4 * (probs[top] * (1 - probs[top]) / len(first)).sqrt()).all()
+    assert (frequencies - probs).abs().sum() < 0.15  # and the whole distribution (total variation x 2)
+    top_2 = trainer.generate([query] * 200, batch_size=200, return_prompt=False, do_sample=True, top_k=2,
+                             max_new_tokens=1)
+    assert set(torch.stack([r[0] for r in top_2]).tolist()) <= set(top[:2].tolist())
+    greedy = trainer.generate([query] * 3, batch_size=3, return_prompt=False, do_sample=False, max_new_tokens=1)
+    assert all(r[0] == top[0] for r in greedy)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Models: weight layout, reference sharing, seq2seq
 # ----------------------------------------------------------------------------------------------------------------------
