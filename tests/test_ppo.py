@@ -11,8 +11,8 @@ from conftest import (ASSETS, REPO, TWO_PROCESSES, assert_help_lists, error_line
                       metric_series, read_metrics, run_ok, run_script)
 
 from ppo import (AdaptiveKLController, AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead,
-                 PPOConfig, PPOTrainer, compute_gae, compute_rewards, create_reference_model, kl_estimate, masked_whiten,
-                 ppo_losses)
+                 PPOConfig, PPOTrainer, compute_gae, compute_rewards, create_reference_model, kl_estimate,
+                 masked_whiten, ppo_losses)
 
 TINY = ASSETS / "tiny-gpt2"
 
