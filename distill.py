@@ -4,7 +4,9 @@ same tokens, and the student's next-token distribution is pulled toward the teac
 a generalized Jensen-Shannon divergence (beta = 1: reverse KL, the default; beta = 0: forward KL). This is TRL 1.16's
 DistillationTrainer, with its experimental GKDTrainer's mixing: --lmbda, the fraction of steps on the student's own
 samples (the others train on the dataset's completions, or with --seq_kd on the teacher's), and the policy-gradient
-form with the per-token reverse KL as reward (--loss_type reverse_kl_reward). See docs/distill.md.
+form with the per-token reverse KL as reward (--loss_type reverse_kl_reward). See docs/distill.md. "TRL's", in
+this file, means TRL 1.16's; "the seed", a word of the shared plumbing after the banner, is TRL v0.8.6's documented
+behaviour, the reference of the v0.8-era scripts (dpo.py, ppo.py, ...).
 
     # offline quickstart: the tiny world (assets/), CPU, about a minute: a tiny GPT-2 learns from a larger one that
     # writes positive reviews
@@ -490,6 +492,115 @@ class ChunkedDistillationLoss(torch.autograd.Function):
         return None, None, None, None, grads[0], None, None, *grads[1:]
 
 
+def generate_completions(model, queries: list[list[int]], seed: int, tokenizer, args: Args, accelerator
+                         ) -> list[list[int]]:
+    """Completions (token ids, each cut after its first EOS) of `queries` by `model`, the student or the teacher as
+    accelerate prepared it: sample_completions with args' sampling settings and the whole weights of a sharded
+    model, the noise seeded by `seed`."""
+    with gathered_for_generation(accelerator, model) as unwrapped:
+        was_training = unwrapped.training
+        unwrapped.eval()  # for generate only: under gradient checkpointing, train mode switches the KV cache off
+        completions = sample_completions(unwrapped, queries, args.max_completion_length, tokenizer.pad_token_id,
+                                         tokenizer.eos_token_id, seed, temperature=args.temperature, top_p=args.top_p,
+                                         top_k=args.top_k, min_p=args.min_p,
+                                         repetition_penalty=args.repetition_penalty)
+        unwrapped.train(was_training)
+    return completions
+
+
+def step_completions(model, teacher, rows: list[tuple], source: str, step: int, tokenizer, args: Args, accelerator
+                     ) -> tuple[list[dict[str, torch.Tensor]], list[tuple]]:
+    """This process's micro-batches of optimizer step `step`, from its rows (tokenize_row's (prompt ids, dataset
+    completion ids, prompt)) per_device_train_batch_size at a time: collate_completions of the prompts and their
+    completions from `source` (completion_source): the dataset's, or the student's or the teacher's samples, one
+    micro-batch per generate call, seeded by its place in the global batch, so the samples depend neither on the
+    process count nor on resuming. Also returns (prompt, completion ids) per row, for the logs."""
+    per_process = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    micro_batches, texts = [], []
+    for start in range(0, per_process, args.per_device_train_batch_size):
+        part = rows[start : start + args.per_device_train_batch_size]
+        queries = [row[0] for row in part]
+        if source == "dataset":
+            completions = [row[1] for row in part]
+        else:
+            place = accelerator.process_index * per_process + start
+            completions = generate_completions(model if source == "student" else teacher, queries,
+                                               args.seed * 1_000_003 + step * 10_007 + place, tokenizer, args,
+                                               accelerator)
+        micro_batches.append(collate_completions(queries, completions, tokenizer.pad_token_id))
+        texts += [(row[2], completion) for row, completion in zip(part, completions)]
+    return micro_batches, texts
+
+
+def distillation_loss(model, teacher, batch: dict[str, torch.Tensor], args: Args, accelerator, sharded: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the loss summed over the completion tokens, the per-token losses (N,), the student's entropies (N,)) of a
+    micro-batch (collate_completions' tensors on the device; N: its completion tokens): both models (as accelerate
+    prepared them) read the same tokens, the teacher without gradients, and token_losses compares them with args'
+    loss_type, beta and temperature. Chunked (args.chunk_size): the teacher's output layer keeps its completion
+    positions' hidden states (and, sharded under FSDP / ZeRO-3, a copy of its weights), then the student's output
+    layer computes the loss in its own call, projecting both chunk_size positions at a time. Plain (chunk_size 0):
+    both models' logits at every completion position at once (the output layer still skips the prompts and the
+    padding)."""
+    mask = batch["completion_mask"]
+    positions = F.pad(mask, (0, 1), value=False)  # position t scores token t + 1
+    labels = batch["input_ids"][:, 1:][mask]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    student, frozen = accelerator.unwrap_model(model), accelerator.unwrap_model(teacher)
+    token_loss = lambda s, t, y: token_losses(s, t, y, args.loss_type, args.beta, args.temperature)  # noqa: E731
+    if args.chunk_size:
+        kept = {}
+        with accelerator.autocast():
+            with torch.no_grad(), teacher_hidden_at(frozen, positions, kept, copy_weights=sharded):
+                teacher(**inputs)
+            with chunked_distillation_at(student, positions, labels, token_loss, args.chunk_size, kept["hidden"],
+                                         kept["logits"]):
+                return unpack_distillation(model(**inputs))
+    with accelerator.autocast():
+        with lm_head_only_at(student, positions):
+            student_logits = model(**inputs).logits
+        with torch.no_grad(), lm_head_only_at(frozen, positions):
+            teacher_logits = teacher(**inputs).logits
+        loss, entropy = token_loss(student_logits, teacher_logits, labels)
+    return loss.sum(), loss.detach(), entropy
+
+
+def evaluate(model, teacher, eval_rows: list[tuple], tokenizer, args: Args, accelerator, sharded: bool
+             ) -> dict[str, float]:
+    """The divergence (eval_loss) and the student's entropy, per token, over the student's samples for the eval
+    prompts (each process takes every N-th), seeded apart from training's so every evaluation draws the same."""
+    model.eval()
+    totals = torch.zeros(3, device=accelerator.device)  # loss, entropy, tokens
+    my_rows = eval_rows[accelerator.process_index :: accelerator.num_processes]
+    with torch.no_grad():
+        for start in range(0, len(my_rows), args.per_device_eval_batch_size):
+            queries = [row[0] for row in my_rows[start : start + args.per_device_eval_batch_size]]
+            completions = generate_completions(model, queries, -(args.seed * 1_000_003 + start + 1), tokenizer, args,
+                                               accelerator)
+            batch = collate_completions(queries, completions, tokenizer.pad_token_id)
+            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+            _, per_token, entropy = distillation_loss(model, teacher, batch, args, accelerator, sharded)
+            totals += torch.stack([per_token.sum(), entropy.sum(), per_token.new_tensor(float(len(per_token)))])
+    model.train()
+    loss, entropy, tokens = accelerator.reduce(totals, "sum").tolist()
+    return {"eval_loss": loss / tokens, "eval_entropy": entropy / tokens}
+
+
+def completion_metrics(texts: list[tuple], eos_token_id: int) -> dict[str, float]:
+    """TRL's completions/* metrics over every process's completions (texts: this process's (prompt, completion ids)):
+    their lengths, the fraction clipped (cut at max_completion_length before an EOS), and the lengths of those that
+    ended with one."""
+    lengths = torch.tensor(gather_object([float(len(completion)) for _, completion in texts]))
+    ended = torch.tensor(gather_object([bool(c) and c[-1] == eos_token_id for _, c in texts]))
+    terminated = lengths[ended] if ended.any() else torch.zeros(1)
+    return {"completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
+            "completions/max_length": lengths.max().item(),
+            "completions/clipped_ratio": 1.0 - ended.float().mean().item(),
+            "completions/mean_terminated_length": terminated.mean().item(),
+            "completions/min_terminated_length": terminated.min().item(),
+            "completions/max_terminated_length": terminated.max().item()}
+
+
 def main(args: Args) -> None:
     # 0. Check what can be checked before anything is loaded.
     check_positive(args, ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -592,71 +703,12 @@ def main(args: Args) -> None:
 
     # 6. Logs: metrics.jsonl and samples.jsonl always, wandb with --track.
     log = open_logs(args, accelerator, start_step, files=("metrics.jsonl", "samples.jsonl"))
-    generation_kwargs = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
-                         "repetition_penalty": args.repetition_penalty}
-
-    def sample(source: str, queries: list[list[int]], seed: int) -> list[list[int]]:
-        """Completions of the queries by the student or the teacher, with the whole weights of a sharded model."""
-        generator = model if source == "student" else teacher
-        with gathered_for_generation(accelerator, generator) as unwrapped:
-            was_training = unwrapped.training
-            unwrapped.eval()  # for generate only: under gradient checkpointing, train mode switches the KV cache off
-            completions = sample_completions(unwrapped, queries, args.max_completion_length, tokenizer.pad_token_id,
-                                             tokenizer.eos_token_id, seed, **generation_kwargs)
-            unwrapped.train(was_training)
-        return completions
-
-    def distill(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(the loss summed over the completion tokens, the per-token losses (N,), the student's entropies (N,)) of a
-        micro-batch: both models read the same tokens; the teacher without gradients. Chunked: the teacher's output
-        layer keeps its completion positions' hidden states (and, sharded, a copy of its weights), then the student's
-        output layer computes the loss in its own call, projecting both chunk_size positions at a time. Plain
-        (chunk_size 0): both models' logits at every completion position at once (the output layer still skips the
-        prompts and the padding)."""
-        mask = batch["completion_mask"]
-        positions = F.pad(mask, (0, 1), value=False)  # position t scores token t + 1
-        labels = batch["input_ids"][:, 1:][mask]
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-        student, frozen = accelerator.unwrap_model(model), accelerator.unwrap_model(teacher)
-        token_loss = lambda s, t, y: token_losses(s, t, y, args.loss_type, args.beta, args.temperature)  # noqa: E731
-        if args.chunk_size:
-            kept = {}
-            with accelerator.autocast():
-                with torch.no_grad(), teacher_hidden_at(frozen, positions, kept, copy_weights=sharded):
-                    teacher(**inputs)
-                with chunked_distillation_at(student, positions, labels, token_loss, args.chunk_size, kept["hidden"],
-                                             kept["logits"]):
-                    return unpack_distillation(model(**inputs))
-        with accelerator.autocast():
-            with lm_head_only_at(student, positions):
-                student_logits = model(**inputs).logits
-            with torch.no_grad(), lm_head_only_at(frozen, positions):
-                teacher_logits = teacher(**inputs).logits
-            loss, entropy = token_loss(student_logits, teacher_logits, labels)
-        return loss.sum(), loss.detach(), entropy
-
-    def evaluate() -> dict:
-        """The divergence (eval_loss) and the student's entropy, per token, over the student's samples for the eval
-        prompts (each process takes every N-th), seeded apart from training's so every evaluation draws the same."""
-        model.eval()
-        totals = torch.zeros(3, device=accelerator.device)  # loss, entropy, tokens
-        my_rows = eval_rows[accelerator.process_index :: world_size]
-        with torch.no_grad():
-            for start in range(0, len(my_rows), args.per_device_eval_batch_size):
-                queries = [row[0] for row in my_rows[start : start + args.per_device_eval_batch_size]]
-                completions = sample("student", queries, seed=-(args.seed * 1_000_003 + start + 1))
-                batch = collate_completions(queries, completions, tokenizer.pad_token_id)
-                _, per_token, entropy = distill({key: value.to(accelerator.device) for key, value in batch.items()})
-                totals += torch.stack([per_token.sum(), entropy.sum(), per_token.new_tensor(float(len(per_token)))])
-        model.train()
-        loss, entropy, tokens = accelerator.reduce(totals, "sum").tolist()
-        return {"eval_loss": loss / tokens, "eval_entropy": entropy / tokens}
 
     # 7. Training loop. One optimizer step = gradient_accumulation_steps micro-batches on each process; its
     #    completions all come from one source, drawn per step (completion_source).
     model.train()
     if eval_rows and start_step == 0:
-        log({"step": 0, **evaluate()})
+        log({"step": 0, **evaluate(model, teacher, eval_rows, tokenizer, args, accelerator, sharded)})
     # running sums over the current logging window; train_seconds excludes evaluation and checkpointing
     running, running_steps, train_seconds = {}, 0, 0.0
     progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="distill",
@@ -665,23 +717,12 @@ def main(args: Args) -> None:
     for step in progress:
         step_start = time.time()
         # 7a. This process's prompts (a contiguous slice of the step's, so N processes see the micro-batches one
-        #     process with N-fold accumulation sees), and their completions: sampled one micro-batch per generate
-        #     call, seeded by its place in the global batch, so the samples depend neither on the process count nor on
-        #     resuming; or read from the dataset.
+        #     process with N-fold accumulation sees) and their completions, from the source drawn for this step.
         source = completion_source(step, args.seed, args.lmbda, args.seq_kd)
         indices = step_indices(step, len(train_rows), global_batch_size, args.seed)
         mine = indices[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
-        micro_batches, texts = [], []
-        for start in range(0, per_process, args.per_device_train_batch_size):
-            rows = [train_rows[i] for i in mine[start : start + args.per_device_train_batch_size]]
-            queries = [row[0] for row in rows]
-            if source == "dataset":
-                completions = [row[1] for row in rows]
-            else:
-                place = accelerator.process_index * per_process + start
-                completions = sample(source, queries, seed=args.seed * 1_000_003 + step * 10_007 + place)
-            micro_batches.append(collate_completions(queries, completions, tokenizer.pad_token_id))
-            texts += [(row[2], completion) for row, completion in zip(rows, completions)]
+        micro_batches, texts = step_completions(model, teacher, [train_rows[i] for i in mine], source, step, tokenizer,
+                                                args, accelerator)
         generate_seconds = time.time() - step_start
         local_tokens = sum(int(batch["completion_mask"].sum()) for batch in micro_batches)
         num_items_in_batch = accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum")
@@ -694,7 +735,7 @@ def main(args: Args) -> None:
         for j, batch in enumerate(micro_batches):
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
             with accumulating(accelerator, model, last=j == len(micro_batches) - 1):
-                loss_sum, per_token, entropy = distill(batch)
+                loss_sum, per_token, entropy = distillation_loss(model, teacher, batch, args, accelerator, sharded)
                 accelerator.backward(loss_sum / num_items_in_batch * world_size)
             sums += torch.stack([per_token.sum(), entropy.sum()])
             per_sample += [values.mean().item() for values in per_token.split(batch["completion_mask"].sum(1).tolist())]
@@ -708,23 +749,14 @@ def main(args: Args) -> None:
         optimizer.zero_grad(set_to_none=True)
 
         # 7d. Log (TRL's metric names; lengths over every process's completions), evaluate, checkpoint.
-        lengths = torch.tensor(gather_object([float(len(completion)) for _, completion in texts]))
-        ended = torch.tensor(gather_object([bool(c) and c[-1] == tokenizer.eos_token_id for _, c in texts]))
-        terminated = lengths[ended] if ended.any() else torch.zeros(1)
+        completion_stats = completion_metrics(texts, tokenizer.eos_token_id)
         num_tokens = int(accelerator.reduce(torch.tensor(sum(int(b["attention_mask"].sum()) for b in micro_batches),
                                                          device=accelerator.device), "sum"))
         num_tokens_seen += num_tokens
         train_seconds += time.time() - step_start
         running_steps += 1
         for key, value in {"loss": step_loss, "entropy": step_entropy, "on_policy": float(source == "student"),
-                           "completions/mean_length": lengths.mean().item(),
-                           "completions/min_length": lengths.min().item(),
-                           "completions/max_length": lengths.max().item(),
-                           "completions/clipped_ratio": 1.0 - ended.float().mean().item(),
-                           "completions/mean_terminated_length": terminated.mean().item(),
-                           "completions/min_terminated_length": terminated.min().item(),
-                           "completions/max_terminated_length": terminated.max().item(), "tokens": num_tokens,
-                           "time/generate": generate_seconds}.items():
+                           **completion_stats, "tokens": num_tokens, "time/generate": generate_seconds}.items():
             running[key] = running.get(key, 0.0) + value
         done = step + 1
         if done % args.logging_steps == 0 or done == args.max_steps:
@@ -748,7 +780,7 @@ def main(args: Args) -> None:
                                                           rows=[list(s.values()) for s in samples])}, step=done)
             running, running_steps, train_seconds = {}, 0, 0.0
         if eval_rows and (done % args.eval_steps == 0 or done == args.max_steps):
-            log({"step": done, **evaluate()})
+            log({"step": done, **evaluate(model, teacher, eval_rows, tokenizer, args, accelerator, sharded)})
         signum = preemption.requested(accelerator)  # the same answer on every process
         if done < args.max_steps and (signum or args.save_steps > 0 and done % args.save_steps == 0):
             save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, model, tokenizer, optimizer, scheduler,
