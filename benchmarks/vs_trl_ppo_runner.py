@@ -7,7 +7,8 @@ The loop is the seed's quickstart at scale: each step takes --batch_size prompts
 response to each (sampling with top_k 0, top_p 1, up to --max_new_tokens tokens; `generate_batch_size` queries per
 generate call: the seed's default of 4 unless told otherwise), scores prompt + response with the tiny reward model,
 and runs PPOTrainer.step (mini_batch_size 16, 4 PPO epochs, the other knobs at the seed's defaults). The two sides
-differ only in the import. episodes/s = episodes of the steps after --warmup ÷ their wall time.
+differ only in the import. episodes/s = episodes of the steps after --warmup ÷ their wall time; generate_seconds and
+step_seconds are the mean seconds of one `generate` and one `step` call after the warm-up.
 """
 
 import argparse
@@ -67,23 +68,29 @@ def main() -> None:
     generation_kwargs = dict(min_length=-1, top_k=0, top_p=1.0, do_sample=True, pad_token_id=tokenizer.eos_token_id,
                              max_new_tokens=args.max_new_tokens)
 
-    step_ends, lengths = [], []
+    step_ends, lengths, seconds_of = [], [], {"generate": [], "step": []}
     for step in range(args.steps):
         batch = [prompts[(step * args.batch_size + i) % len(prompts)] for i in range(args.batch_size)]
         queries = [tokenizer(prompt, return_tensors="pt").input_ids[0] for prompt in batch]
+        start = time.time()
         responses = trainer.generate(queries, batch_size=generate_batch_size, return_prompt=False,
                                      **generation_kwargs)
+        seconds_of["generate"].append(time.time() - start)
         texts = [q + r for q, r in zip(batch, tokenizer.batch_decode(responses, skip_special_tokens=True))]
         with torch.no_grad():
             inputs = reward_tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
             scores = list(reward_model(**inputs).logits[:, 0])
+        start = time.time()
         trainer.step(queries, responses, scores)
+        seconds_of["step"].append(time.time() - start)
         step_ends.append(time.time())
         lengths += [len(r) for r in responses]
     trainer.model.save_pretrained(args.output_dir)  # as a user's run ends: the trained policy with its value head
     seconds = step_ends[-1] - step_ends[args.warmup - 1] if args.warmup else None
     result = {"episodes_per_second": args.batch_size * (args.steps - args.warmup) / seconds,
               "mean_response_length": sum(lengths) / len(lengths), "generate_batch_size": generate_batch_size,
+              **{f"{name}_seconds": sum(times[args.warmup:]) / (args.steps - args.warmup)  # per step, after warm-up
+                 for name, times in seconds_of.items()},
               "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None}
     Path(args.result).write_text(json.dumps(result))
 
