@@ -7,7 +7,8 @@ so no value model is needed. The policy is trained with a clipped, importance-sa
 optionally with a KL penalty to a frozen reference. Rewards come from reward models and/or Python functions with
 TRL's signature. With tools or an environment, a completion is a multi-turn rollout: the policy's turns, its tool
 calls and their results, trained on its own tokens only. The behaviour matched is TRL 1.16's GRPOTrainer (see
-docs/grpo.md).
+docs/grpo.md): "TRL's", in this file, means TRL 1.16's; "the seed", a word of the shared plumbing after the banner, is
+TRL v0.8.6's documented behaviour, the reference of the v0.8-era scripts (dpo.py, ppo.py, ...).
 
     # offline quickstart: the tiny world (assets/), CPU: the tiny policy learns to write positive reviews
     python grpo.py
@@ -868,34 +869,35 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def grpo_loss(per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor | None,
               ref_per_token_logps: torch.Tensor | None, advantages: torch.Tensor, completion_mask: torch.Tensor,
-              loss_type: str = "dapo", epsilon: float = 0.2, epsilon_high: float | None = None,
-              delta: float | None = None, beta: float = 0.0, importance_sampling_level: str = "token",
-              max_completion_length: int | None = None, num_items_in_batch: torch.Tensor | float | None = None,
-              entropies: torch.Tensor | None = None, top_entropy_quantile: float = 1.0,
-              sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              args: Args, num_items_in_batch: torch.Tensor | float | None = None,
+              entropies: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO-family loss of one micro-batch, as TRL 1.16's GRPOTrainer._compute_loss, and its metrics.
 
     per_token_logps, old_per_token_logps, ref_per_token_logps, completion_mask, entropies: (B, T) over the completion
     tokens (mask 1 on tokens that count); advantages: (B,). old_per_token_logps None: the samples come from the
     current policy, so the ratio is 1 with the policy gradient (per_token_logps.detach()). num_items_in_batch: what
-    dapo and cispo divide the token sum by (default: this batch's completion tokens). Each variant's per-token loss
-    and normaliser are the steps below (docs/grpo.md has them as a table); gradient accumulation scaling is the
-    caller's. Returns (loss, metrics): kl (with beta), entropy (with entropies), clip_ratio/low_mean|high_mean|
-    region_mean (cispo: cispo_clip_ratio; sapo: none), means over this batch."""
+    dapo and cispo divide the token sum by (default: this batch's completion tokens). args: the settings as the flags
+    give them (Args): loss_type, epsilon, epsilon_high, delta, beta, importance_sampling_level, max_completion_length
+    (dr_grpo's normaliser), top_entropy_quantile, sapo_temperature_pos, sapo_temperature_neg; a new setting is an
+    Args field read here. Each variant's per-token loss and normaliser are the steps below (docs/grpo.md has them as a
+    table); gradient accumulation scaling is the caller's. Returns (loss, metrics): kl (with beta), entropy (with
+    entropies), clip_ratio/low_mean|high_mean|region_mean (cispo: cispo_clip_ratio; sapo: none), means over this
+    batch."""
+    loss_type = args.loss_type
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
-    if importance_sampling_level not in ("token", "sequence"):
-        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    if args.importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got "
+                         f"{args.importance_sampling_level!r}")
     mask = completion_mask.to(per_token_logps.dtype)
-    epsilon_low, epsilon_high = epsilon, epsilon if epsilon_high is None else epsilon_high
+    epsilon_low, epsilon_high = args.epsilon, args.epsilon if args.epsilon_high is None else args.epsilon_high
     if old_per_token_logps is None:
         old_per_token_logps = per_token_logps.detach()
     advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # (B, 1)
 
     # 1. Importance weights: per token (B, T), or one per sequence (B, 1), the mean log-ratio over its tokens.
     log_ratio = per_token_logps - old_per_token_logps
-    if importance_sampling_level == "sequence":
+    if args.importance_sampling_level == "sequence":
         log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
     ratio = torch.exp(log_ratio)
 
@@ -904,32 +906,32 @@ def grpo_loss(per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor |
     if loss_type == "cispo":
         per_token_loss = -torch.clamp(ratio, max=epsilon_high).detach() * advantages * per_token_logps
     elif loss_type == "sapo":
-        temperature = torch.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg)
+        temperature = torch.where(advantages > 0, args.sapo_temperature_pos, args.sapo_temperature_neg)
         per_token_loss = -torch.sigmoid(temperature * (ratio - 1)) * 4 / temperature * advantages
     else:
         clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-        capped = ratio if delta is None else torch.clamp(ratio, max=delta)
+        capped = ratio if args.delta is None else torch.clamp(ratio, max=args.delta)
         per_token_loss = -torch.min(capped * advantages, clipped * advantages)
 
     # 3. Only the high-entropy tokens (the "80/20" rule of https://arxiv.org/abs/2506.01939) learn, when asked.
-    if top_entropy_quantile < 1.0:
+    if args.top_entropy_quantile < 1.0:
         if entropies is None:
             raise ValueError("top_entropy_quantile < 1 needs the per-token entropies")
         scored = entropies[completion_mask.bool()].float()
         if scored.numel() == 0:
             entropy_mask = torch.zeros_like(mask)
         else:
-            threshold = torch.quantile(scored, 1 - top_entropy_quantile)
+            threshold = torch.quantile(scored, 1 - args.top_entropy_quantile)
             entropy_mask = ((entropies * mask >= threshold) & completion_mask.bool()).to(mask.dtype)
         per_token_loss = per_token_loss * entropy_mask
 
     # 4. The KL penalty to the reference, k3 estimator per token (always >= 0).
     metrics = {}
-    if beta != 0.0:
+    if args.beta != 0.0:
         if ref_per_token_logps is None:
             raise ValueError("beta != 0 needs the reference model's per-token log-probs")
         per_token_kl = torch.exp(ref_per_token_logps - per_token_logps) - (ref_per_token_logps - per_token_logps) - 1
-        per_token_loss = per_token_loss + beta * per_token_kl
+        per_token_loss = per_token_loss + args.beta * per_token_kl
         metrics["kl"] = masked_mean(per_token_kl.detach(), mask)
 
     # 5. Aggregate: grpo, sapo: each sequence's token mean, then the mean; bnpo: the batch's token mean; dr_grpo: the
@@ -939,7 +941,7 @@ def grpo_loss(per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor |
     elif loss_type == "bnpo":
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
     elif loss_type == "dr_grpo":
-        loss = (per_token_loss * mask).sum() / (per_token_loss.shape[0] * (max_completion_length or mask.shape[1]))
+        loss = (per_token_loss * mask).sum() / (per_token_loss.shape[0] * args.max_completion_length)
     else:  # dapo, cispo
         normalizer = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).to(mask)
         loss = (per_token_loss * mask).sum() / normalizer.clamp(min=1.0)
@@ -959,9 +961,359 @@ def grpo_loss(per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor |
     return loss, metrics
 
 
-def main(args: Args) -> None:
-    # 0. Check what can be checked before anything is loaded: sizes, the rewards (files, functions, signatures), the
-    #    tools and the environment (files, classes, reset, schemas).
+# ----------------------------------------------------------------------------------------------------------------------
+# One generation batch, stage by stage (generate_and_score calls them in order): this process's prompts -> sample the
+# rollouts -> score them -> old and reference log-probs -> advantages -> metrics. The stages are the same text in
+# grpo.py and rloo.py; generate_and_score, which calls them, is each script's own.
+# ----------------------------------------------------------------------------------------------------------------------
+class GenerationFailed(Exception):
+    """A generation batch that cannot be used: a reward function or an environment's reset failed (on any process),
+    or no reward scored anything for too long. Every process raises it together (stop_if_any); main then saves the
+    last completed step and stops."""
+
+
+def stop_if_any(problem: str | None) -> None:
+    """Every process learns here whether any of them met a problem, before a collective would wait for it: each
+    raises GenerationFailed with the first process's problem."""
+    problems = [message for message in gather_object([problem]) if message is not None]
+    if problems:
+        raise GenerationFailed(problems[0])
+
+
+@dataclass
+class GenerationSetup:
+    """What every generation batch is drawn from and scored with, fixed for the run (main, stage 7)."""
+    tokenizer: object
+    prompts: list  # the dataset's prompts by row: strings or message lists
+    columns: dict[str, list]  # the dataset's other columns by row: reward functions and reset(**row) get them
+    query_column: str
+    queries: list[list[int]]  # the token ids of each non-empty prompt (format_query)
+    rows: list[int]  # the dataset row of each query
+    reward_funcs: list[tuple[str, Callable]]  # (name, function with TRL's signature): models, functions, environment
+    reward_weights: torch.Tensor  # (F,)
+    prompts_per_generation: int  # prompts in a generation batch, on all processes together
+    per_process: int  # completions per process in a generation batch
+    micro_steps_per_generation: int  # micro-batches a generation batch serves: steps_per_generation x num_iterations
+    unscored_limit: int  # generation batches in a row no reward scores before the run stops
+    generation_kwargs: dict  # what generate samples with
+    tool_schemas: list[dict]  # what the chat template shows of the tools (empty: no tools)
+    environments: list | None  # one per completion of this process, made once, reset before each rollout (TRL's pool)
+    rollout_tools: list[dict[str, Callable]] | None  # rollout i's tools by name: the standalone ones, its environment's
+    parse: bool  # turns become messages with the tokenizer's response_template (conversational prompts), else text
+    max_length: int | None  # the policy's max_position_embeddings
+
+
+def prompts_of_process(generation: int, setup: GenerationSetup, accelerator,
+                       args) -> tuple[list, list[list[int]], dict[str, list]]:
+    """a. This process's prompts of generation batch `generation`: a seeded permutation per epoch (the order depends on
+    the generation index alone, so resuming is exact), each prompt repeated num_generations times; process p takes the
+    p-th contiguous slice, so a group may span processes, as in TRL. Environments are reset with their rows, and may
+    add to a prompt. Returns the prompts, their token ids and the columns the reward functions get (environments=
+    included)."""
+    indices = step_indices(generation, len(setup.queries), setup.prompts_per_generation, args.seed)
+    everyone = [i for i in indices for _ in range(args.num_generations)]
+    mine = everyone[accelerator.process_index * setup.per_process : (accelerator.process_index + 1) * setup.per_process]
+    prompts, queries = [setup.prompts[setup.rows[i]] for i in mine], [setup.queries[i] for i in mine]
+    columns = {name: [values[setup.rows[i]] for i in mine] for name, values in setup.columns.items()}
+    if setup.environments:  # each reset with its row's columns, the prompt included
+        rows = [{setup.query_column: prompt, **{name: values[j] for name, values in columns.items()}}
+                for j, prompt in enumerate(prompts)]
+        try:
+            started, problem = reset_environments(setup.environments, rows, prompts), None
+        except ValueError as error:
+            started, problem = prompts, str(error)
+        stop_if_any(problem)
+        queries = [query if started_prompt is prompt else setup.tokenizer(format_query(  # an observation was added
+            started_prompt, setup.tokenizer, setup.tool_schemas)[0], add_special_tokens=False)["input_ids"]
+            for prompt, started_prompt, query in zip(prompts, started, queries)]
+        prompts, columns["environments"] = started, setup.environments
+    return prompts, queries, columns
+
+
+def sample_rollouts(model, queries: list[list[int]], generation: int, setup: GenerationSetup, accelerator,
+                    args) -> list[Rollout]:
+    """b. One rollout per query (roll_out), one micro-batch of rows at a time (a generate call per turn), each seeded
+    by its place in the whole batch: the samples do not depend on how many processes share the batch, and a resumed
+    run draws the same ones."""
+    rollouts = []
+    with gathered_for_generation(accelerator, model) as policy:  # whole weights for these calls only
+        policy.eval()  # for generate only: under gradient checkpointing, train mode would switch the KV cache off
+        for start in range(0, setup.per_process, args.per_device_train_batch_size):
+            part = slice(start, start + args.per_device_train_batch_size)
+            place = accelerator.process_index * setup.per_process + start
+            rollouts += roll_out(policy, setup.tokenizer, queries[part], args.max_completion_length,
+                                 seed=args.seed * 1_000_003 + generation * 10_007 + place,
+                                 tools=setup.rollout_tools[part] if setup.rollout_tools else None,
+                                 tool_schemas=setup.tool_schemas,
+                                 max_tool_calling_iterations=args.max_tool_calling_iterations,
+                                 max_length=setup.max_length, parse=setup.parse, tool_timeout=args.tool_timeout,
+                                 **setup.generation_kwargs)
+        policy.train()
+    return rollouts
+
+
+def score_rollouts(rollouts: list[Rollout], prompts: list, columns: dict[str, list],
+                   reward_funcs: list[tuple[str, Callable]]) -> torch.Tensor:
+    """c. (n, F) rewards of this process's rollouts under every reward function (score_completions: TRL's signature,
+    with the dataset's other columns; conversational prompts get message lists: the parsed turns and the tool results).
+    A function that fails on any process stops them all (GenerationFailed)."""
+    shown = [rollout.messages if isinstance(prompt, list) else rollout.messages[0]["content"]
+             for prompt, rollout in zip(prompts, rollouts)]
+    try:
+        rewards_per_func = score_completions(reward_funcs, prompts, shown, [r.completion for r in rollouts], columns)
+        problem = None
+    except ValueError as error:
+        rewards_per_func, problem = None, str(error)
+    stop_if_any(problem)
+    return rewards_per_func
+
+
+def old_and_reference_log_probs(model, reference_model, queries: list[list[int]], rollouts: list[Rollout],
+                                need_old: bool, pad_token_id: int, accelerator, args) -> list[dict[str, torch.Tensor]]:
+    """d. The training tensors, one dict per micro-batch (collate_rollouts, on the device), with the (B, T-1) per-token
+    log-probs of the sampling policy (old_per_token_logps, when need_old) and, when beta > 0, of the reference
+    (ref_per_token_logps; with LoRA, the policy with its adapters off), both without gradient. The completion mask is
+    0 on tool tokens (context, never trained on: in the loss, the KL and every aggregate) and, under
+    mask_truncated_completions, on every completion without an EOS."""
+    train_mask = [rollout.ended or not args.mask_truncated_completions for rollout in rollouts]
+    micro_batches = []
+    for start in range(0, len(rollouts), args.per_device_train_batch_size):
+        part = slice(start, start + args.per_device_train_batch_size)
+        batch = collate_rollouts(queries[part], rollouts[part], pad_token_id, train_mask[part])
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        with torch.no_grad():
+            if need_old:
+                batch["old_per_token_logps"] = completion_log_probs(model, batch, args.temperature, accelerator,
+                                                                    args.chunk_size)[0]
+            if args.beta != 0.0:
+                if reference_model is not None:
+                    batch["ref_per_token_logps"] = completion_log_probs(reference_model, batch, args.temperature,
+                                                                        accelerator, args.chunk_size)[0]
+                else:
+                    with accelerator.unwrap_model(model).disable_adapter():
+                        batch["ref_per_token_logps"] = completion_log_probs(model, batch, args.temperature,
+                                                                            accelerator, args.chunk_size)[0]
+        micro_batches.append(batch)
+    return micro_batches
+
+
+def share_advantages(advantages: torch.Tensor, micro_batches: list[dict], accelerator, args) -> torch.Tensor:
+    """e. This process's slice of the generation batch's advantages (N,), each micro-batch's part put in it as
+    "advantages" (B,); returns the slice."""
+    per_process = len(micro_batches) * args.per_device_train_batch_size
+    mine = advantages[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
+    for start, batch in zip(range(0, len(mine), args.per_device_train_batch_size), micro_batches):
+        batch["advantages"] = mine[start : start + args.per_device_train_batch_size].to(accelerator.device)
+    return mine
+
+
+def metrics_and_samples(all_rewards: torch.Tensor, rewards_per_func: torch.Tensor, advantages: torch.Tensor,
+                        rollouts: list[Rollout], prompts: list, setup: GenerationSetup, args
+                        ) -> tuple[dict, list[dict]]:
+    """f. The batch's metrics with TRL's names, over every process's completions (rollout_metrics), and its samples
+    for samples.jsonl: prompt, completion, each reward (None where it did not apply) and the advantage."""
+    reward_names, use_tools = [name for name, _ in setup.reward_funcs], bool(setup.tool_schemas)
+    metrics = rollout_metrics(all_rewards, setup.reward_weights, reward_names, args.num_generations,
+                              gather_object([(sum(r.tool_mask), r.ended, r.calls, r.failures) for r in rollouts]),
+                              tools=use_tools)
+    texts = [setup.tokenizer.decode(r.completion, skip_special_tokens=not use_tools) for r in rollouts]
+    samples = gather_object([{"prompt": prompts[i], "completion": texts[i],
+                              **{f"reward/{name}": (None if math.isnan(v) else v)
+                                 for name, v in zip(reward_names, rewards_per_func[i].tolist())},
+                              "advantage": advantages[i].item()} for i in range(len(rollouts))])
+    return metrics, samples
+
+
+def count_unscored(all_rewards: torch.Tensor, unscored_generations: int, generation: int, setup: GenerationSetup,
+                   accelerator) -> int:
+    """The generation batches in a row that no reward scored, this one included: a warning for such a batch (its
+    advantages are all 0: only a KL term in the loss moves it), GenerationFailed at the setup's unscored_limit
+    (MAX_UNSCORED_GENERATIONS in a row, or the whole run when it is shorter)."""
+    if not torch.isnan(all_rewards).all():
+        return 0
+    limit = setup.unscored_limit
+    if unscored_generations + 1 >= limit:
+        batches = (f"{limit} generation batches in a row" if limit == MAX_UNSCORED_GENERATIONS
+                   else f"any of the run's {limit} generation batches")
+        raise GenerationFailed(f"no reward function scored any completion (every value None or NaN) in {batches}")
+    accelerator.print(f"warning: generation {generation}: no reward function scored any completion; the batch brings "
+                      f"no policy update ({unscored_generations + 1} in a row; the run stops at {limit})")
+    return unscored_generations + 1
+
+
+def generate_and_score(generation: int, setup: GenerationSetup, model, reference_model, accelerator, args,
+                       unscored_generations: int) -> tuple[list[dict], dict, list[dict], int]:
+    """One generation batch, stages a-f: this process's micro-batches (steps_per_generation of them: input_ids,
+    attention_mask, completion_mask, advantages, num_items_in_batch, and the old and reference log-probs where they
+    are used), the batch's metrics with TRL's names, its samples for samples.jsonl, and the generation batches in a
+    row no reward scored (count_unscored). A batch that cannot be used raises GenerationFailed on every process."""
+    # a. The prompts of this process (environments reset with their rows); b. their rollouts; c. their rewards.
+    prompts, queries, columns = prompts_of_process(generation, setup, accelerator, args)
+    rollouts = sample_rollouts(model, queries, generation, setup, accelerator, args)
+    rewards_per_func = score_rollouts(rollouts, prompts, columns, setup.reward_funcs)
+
+    # d. Training tensors; the reference's log-probs when beta > 0; and the old ones when the policy moves before the
+    #    batch is used up: when gradient_accumulation_steps is not a multiple of steps_per_generation x num_iterations
+    #    (TRL's rule). Otherwise the samples come from the current policy. dapo and cispo divide by the generation
+    #    batch's completion tokens (num_items_in_batch, all processes').
+    need_old = args.gradient_accumulation_steps % setup.micro_steps_per_generation != 0
+    micro_batches = old_and_reference_log_probs(model, reference_model, queries, rollouts, need_old,
+                                                setup.tokenizer.pad_token_id, accelerator, args)
+    completion_tokens = sum(float(batch["completion_mask"].sum()) for batch in micro_batches)
+    num_items = accelerator.reduce(torch.tensor(completion_tokens, device=accelerator.device), "sum")
+    for batch in micro_batches:
+        batch["num_items_in_batch"] = num_items
+
+    # e. Advantages over every process's completions: a group may span processes, and its statistics need all of its
+    #    completions.
+    all_rewards = accelerator.gather(rewards_per_func.to(accelerator.device)).cpu()  # (generation batch, F)
+    advantages = grpo_advantages(all_rewards, setup.reward_weights, args.num_generations, args.scale_rewards,
+                                 args.multi_objective_aggregation)
+    my_advantages = share_advantages(advantages, micro_batches, accelerator, args)
+
+    # f. Metrics and samples of the batch, over every process's completions; a batch no reward scored is counted.
+    metrics, samples = metrics_and_samples(all_rewards, rewards_per_func, my_advantages, rollouts, prompts, setup, args)
+    return micro_batches, metrics, samples, count_unscored(all_rewards, unscored_generations, generation, setup,
+                                                           accelerator)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run's setup, main's stages 0-7: the flags, tools and rewards checked before anything loads, TRL's schedule, the
+# prompts, the reward functions. The same text in grpo.py and rloo.py (check_args aside).
+# ----------------------------------------------------------------------------------------------------------------------
+def load_reward_specs(args, environment: tuple[str, Callable, object] | None
+                      ) -> tuple[list[str], list[tuple[str, Callable]], bool, torch.Tensor]:
+    """The rewards, checked before anything loads (ValueError, one line): the reward model specs (default, when there
+    is no other reward: the tiny world's reward model), the Python reward functions by name, whether the environment
+    has a get_reward (one more reward, weight 1, named after its class: TRL's), and one weight per reward, (F,)."""
+    reward_models = list(args.reward_model)
+    environment_reward = environment is not None and callable(getattr(environment[2], "get_reward", None))
+    if not (reward_models or args.reward_funcs or environment_reward):
+        reward_models = [str(ASSETS / "tiny-reward")]  # the tiny world's reward model, the default reward
+    for spec in reward_models:
+        parse_reward_spec(spec)
+    python_rewards = [load_python_reward(spec) for spec in args.reward_funcs]
+    num_rewards = len(reward_models) + len(python_rewards)
+    if args.reward_weights is not None and len(args.reward_weights) != num_rewards:
+        raise ValueError(f"--reward_weights has {len(args.reward_weights)} values but there are {num_rewards} rewards "
+                         f"({len(reward_models)} models, {len(python_rewards)} functions)")
+    weights = torch.tensor((args.reward_weights or [1.0] * num_rewards) + [1.0] * environment_reward)
+    return reward_models, python_rewards, environment_reward, weights
+
+
+def generation_schedule(args, world_size: int) -> tuple[int, int, int, int]:
+    """TRL's schedule, derived in this one place: a generation batch of generation_batch_size completions
+    (per_device_train_batch_size x processes x steps_per_generation; prompts_per_generation prompts x num_generations)
+    serves steps_per_generation micro-batches, num_iterations times over (micro_steps_per_generation); checkpoints
+    fall only where one is used up. Returns (steps_per_generation, generation_batch_size, prompts_per_generation,
+    micro_steps_per_generation); sizes that do not divide fail with one line."""
+    steps_per_generation = args.steps_per_generation or args.gradient_accumulation_steps
+    generation_batch_size = args.per_device_train_batch_size * world_size * steps_per_generation
+    if generation_batch_size % args.num_generations:
+        fail(f"the generation batch (per_device_train_batch_size {args.per_device_train_batch_size} x "
+             f"{world_size} processes x steps_per_generation {steps_per_generation} = {generation_batch_size} "
+             f"completions) must be a multiple of --num_generations {args.num_generations}")
+    micro_steps_per_generation = steps_per_generation * args.num_iterations
+    if args.save_steps < 0 or args.save_steps * args.gradient_accumulation_steps % micro_steps_per_generation:
+        fail(f"--save_steps {args.save_steps} must be a multiple of the optimizer steps one generation batch serves "
+             f"(steps_per_generation x num_iterations / gradient_accumulation_steps = {micro_steps_per_generation} / "
+             f"{args.gradient_accumulation_steps}), so that a checkpoint never falls inside one")
+    return (steps_per_generation, generation_batch_size, generation_batch_size // args.num_generations,
+            micro_steps_per_generation)
+
+
+def load_prompt_data(args, python_rewards: list[tuple[str, Callable]], environment, use_tools: bool
+                     ) -> tuple[list, dict[str, list], str]:
+    """The prompts, loaded and checked before any model is (load_prompts): the prompts by row, the dataset's other
+    columns by row (Python lists, once: reading a datasets Column item by item is slow), which go to the reward
+    functions, and the prompt column's name. The Python reward functions are checked against the call they will get,
+    which passes these columns too (as TRL's); tools need conversational prompts. Fails with one line."""
+    prompt_split, query_column = load_prompts(args.dataset_name, args.dataset_config, args.dataset_train_split,
+                                              args.query_column)
+    columns = prompt_split.to_dict()
+    prompts = columns.pop(query_column)
+    try:
+        for spec, (_, function) in zip(args.reward_funcs, python_rewards):
+            check_reward_signature(spec, function, list(columns), environments=environment is not None)
+    except ValueError as error:
+        fail(str(error))
+    if use_tools and not isinstance(prompts[0], list):
+        fail(f"tools need conversational prompts (message lists, rendered with the chat template and the tool "
+             f"schemas); column '{query_column}' holds {type(prompts[0]).__name__}s")
+    return prompts, columns, query_column
+
+
+def tokenize_prompts(prompts: list, tokenizer, tool_schemas: list[dict], query_column: str, args
+                     ) -> tuple[list[list[int]], list[int]]:
+    """The prompts' token ids (format_query: rendered with the chat template and the tool schemas when there are
+    tools), empty ones skipped, and the dataset row each comes from. Conversational prompts need a chat template;
+    tools need one that renders calls, prefix-preserving, and a tokenizer that parses them (TRL's checks). Fails with
+    one line."""
+    if isinstance(prompts[0], list) and tokenizer.chat_template is None:
+        fail(f"the prompts are conversations but the tokenizer of {args.model_name_or_path} has no chat template")
+    if tool_schemas:
+        try:
+            check_tool_template(tokenizer)
+        except ValueError as error:
+            fail(f"--tools / --environment_factory with the tokenizer of {args.model_name_or_path}: {error}")
+    queries, rows = [], []
+    for row, prompt in enumerate(prompts):
+        if not isinstance(prompt, (str, list)):
+            fail(f"prompts must be strings or message lists; column '{query_column}' holds {type(prompt).__name__}")
+        text, templated = format_query(prompt, tokenizer, tool_schemas)
+        ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+        if ids:
+            queries.append(ids)
+            rows.append(row)
+    return queries, rows
+
+
+def load_reward_funcs(reward_models: list[str], python_rewards: list[tuple[str, Callable]],
+                      environment: tuple[str, Callable, object] | None, environment_reward: bool, device
+                      ) -> list[tuple[str, Callable]]:
+    """The rewards, all as (name, function with TRL's signature): models (and pipelines) first, scoring the last
+    assistant turn's text, then the Python functions, then the environment's get_reward (named after its class). A
+    model that cannot be loaded fails with one line."""
+    reward_funcs = []
+    try:
+        for spec in reward_models:
+            score = load_reward_function(spec, device)
+            reward_funcs.append((Path(spec).name or spec, lambda prompts, completions, score=score, **_: score(
+                prompts, [c if isinstance(c, str) else [m for m in c if m["role"] == "assistant"][-1]["content"]
+                          for c in completions])))
+    except (OSError, ValueError) as error:
+        fail(f"could not load reward model {spec}: {' '.join(str(error).split())[:500]}")
+    reward_funcs += python_rewards
+    if environment_reward:
+        reward_funcs.append((environment[0], lambda environments, **_: [e.get_reward() for e in environments]))
+    return reward_funcs
+
+
+def rollout_environments(environment: tuple[str, Callable, object] | None, standalone_tools: dict[str, Callable],
+                         use_tools: bool, per_process: int) -> tuple[list | None, list[dict[str, Callable]] | None]:
+    """The environments, one per completion of this process, made once and reset before every rollout (TRL's pool;
+    the probe instance is the first), and each rollout's tools by name: the standalone ones and its environment's
+    methods (None without tools)."""
+    environments = [environment[2]] + [environment[1]() for _ in range(per_process - 1)] if environment else None
+    if not use_tools:
+        return environments, None
+    return environments, ([{**standalone_tools, **environment_tools(env)} for env in environments] if environments
+                          else [standalone_tools] * per_process)
+
+
+def write_samples(output_dir: Path, step: int, samples: list[dict], track: bool) -> None:
+    """A generation batch's samples: appended to samples.jsonl, and a wandb table under --track (main process)."""
+    with open(output_dir / "samples.jsonl", "a") as f:
+        f.writelines(json.dumps({"step": step, **sample}) + "\n" for sample in samples)
+    if track:
+        import wandb
+
+        wandb.log({"completions": wandb.Table(columns=list(samples[0]), rows=[list(s.values()) for s in samples])},
+                  step=step)
+
+
+def check_args(args: Args) -> None:
+    """What the flags alone can tell, before anything is loaded: one line (fail) for the first that is wrong."""
     check_positive(args, ["num_generations", "max_completion_length", "per_device_train_batch_size",
                           "gradient_accumulation_steps", "num_iterations", "max_steps", "logging_steps",
                           "ref_model_sync_steps"])
@@ -984,24 +1336,18 @@ def main(args: Args) -> None:
     if args.tool_timeout is not None and not args.tool_timeout > 0:
         fail(f"--tool_timeout must be None or a positive number of seconds, got {args.tool_timeout}")
     check_run(args, ["model_name_or_path"])  # learning rate, model path, output_dir, --resume_from_checkpoint latest
+
+
+def main(args: Args) -> None:
+    # 0. Check what can be checked before anything is loaded: the flags, the rewards (files, functions, signatures),
+    #    the tools and the environment (files, classes, reset, schemas).
+    check_args(args)
     try:
         standalone_tools, tool_schemas, environment = load_tools(args.tools, args.environment_factory)
-        reward_models = list(args.reward_model)
-        environment_reward = environment is not None and callable(getattr(environment[2], "get_reward", None))
-        if not (reward_models or args.reward_funcs or environment_reward):
-            reward_models = [str(ASSETS / "tiny-reward")]  # the tiny world's reward model, the default reward
-        for spec in reward_models:
-            parse_reward_spec(spec)
-        python_rewards = [load_python_reward(spec) for spec in args.reward_funcs]
+        reward_models, python_rewards, environment_reward, reward_weights = load_reward_specs(args, environment)
     except ValueError as error:
         fail(str(error))
     use_tools = bool(tool_schemas)
-    num_rewards = len(reward_models) + len(python_rewards)
-    if args.reward_weights is not None and len(args.reward_weights) != num_rewards:
-        fail(f"--reward_weights has {len(args.reward_weights)} values but there are {num_rewards} rewards "
-             f"({len(reward_models)} models, {len(python_rewards)} functions)")
-    # an environment's get_reward is one more reward, weight 1, named after its class (TRL's)
-    reward_weights = torch.tensor((args.reward_weights or [1.0] * num_rewards) + [1.0] * environment_reward)
 
     # 1. Accelerator (checks how the run was launched; seeds every RNG), and TRL's schedule: a generation batch serves
     #    steps_per_generation micro-batches, num_iterations times over; checkpoints fall only where one is used up.
@@ -1012,54 +1358,17 @@ def main(args: Args) -> None:
                       f"{args.gradient_accumulation_steps} accumulation = "
                       f"{world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps} "
                       "completions per optimizer step")
-    steps_per_generation = args.steps_per_generation or args.gradient_accumulation_steps
-    generation_batch_size = args.per_device_train_batch_size * world_size * steps_per_generation
-    if generation_batch_size % args.num_generations:
-        fail(f"the generation batch (per_device_train_batch_size {args.per_device_train_batch_size} x "
-             f"{world_size} processes x steps_per_generation {steps_per_generation} = {generation_batch_size} "
-             f"completions) must be a multiple of --num_generations {args.num_generations}")
-    prompts_per_generation = generation_batch_size // args.num_generations
-    micro_steps_per_generation = steps_per_generation * args.num_iterations
-    if args.save_steps < 0 or args.save_steps * args.gradient_accumulation_steps % micro_steps_per_generation:
-        fail(f"--save_steps {args.save_steps} must be a multiple of the optimizer steps one generation batch serves "
-             f"(steps_per_generation x num_iterations / gradient_accumulation_steps = {micro_steps_per_generation} / "
-             f"{args.gradient_accumulation_steps}), so that a checkpoint never falls inside one")
+    steps_per_generation, generation_batch_size, prompts_per_generation, micro_steps_per_generation = \
+        generation_schedule(args, world_size)
     output_dir = Path(args.output_dir)
 
     # 2. Data: the prompts, loaded and checked before any model is; every other column goes to the reward functions.
-    prompt_split, query_column = load_prompts(args.dataset_name, args.dataset_config, args.dataset_train_split,
-                                              args.query_column)
-    other_columns = prompt_split.to_dict()  # Python lists, once: reading a datasets Column item by item is slow
-    prompts = other_columns.pop(query_column)
-    try:  # the Python reward functions against the call they will get, which passes these columns too (as TRL's)
-        for spec, (_, function) in zip(args.reward_funcs, python_rewards):
-            check_reward_signature(spec, function, list(other_columns), environments=environment is not None)
-    except ValueError as error:
-        fail(str(error))
-    if use_tools and not isinstance(prompts[0], list):
-        fail(f"tools need conversational prompts (message lists, rendered with the chat template and the tool "
-             f"schemas); column '{query_column}' holds {type(prompts[0]).__name__}s")
+    prompts, other_columns, query_column = load_prompt_data(args, python_rewards, environment, use_tools)
 
     # 3. Tokenizer and tokenised prompts (empty ones skipped; rendered with the tool schemas when there are tools).
-    #    Without a pad token, EOS pads (padding is masked). Tools: the template must render calls, prefix-preserving,
-    #    and the tokenizer must parse them (TRL's checks).
+    #    Without a pad token, EOS pads (padding is masked).
     tokenizer = load_tokenizer(args, "to end completions")
-    if isinstance(prompts[0], list) and tokenizer.chat_template is None:
-        fail(f"the prompts are conversations but the tokenizer of {args.model_name_or_path} has no chat template")
-    if use_tools:
-        try:
-            check_tool_template(tokenizer)
-        except ValueError as error:
-            fail(f"--tools / --environment_factory with the tokenizer of {args.model_name_or_path}: {error}")
-    queries, rows = [], []  # token ids, and the dataset row each comes from
-    for row, prompt in enumerate(prompts):
-        if not isinstance(prompt, (str, list)):
-            fail(f"prompts must be strings or message lists; column '{query_column}' holds {type(prompt).__name__}")
-        text, templated = format_query(prompt, tokenizer, tool_schemas)
-        ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
-        if ids:
-            queries.append(ids)
-            rows.append(row)
+    queries, rows = tokenize_prompts(prompts, tokenizer, tool_schemas, query_column, args)
     if len(queries) < prompts_per_generation:
         fail(f"the dataset has {len(queries)} non-empty prompts but one generation batch needs "
              f"{prompts_per_generation} ({generation_batch_size} completions / num_generations {args.num_generations})")
@@ -1091,28 +1400,27 @@ def main(args: Args) -> None:
 
     # 6. The rewards, all as functions with TRL's signature: models (and pipelines) first, scoring the last assistant
     #    turn's text, then Python functions, then the environment's get_reward (named after its class).
-    reward_funcs = []
-    try:
-        for spec in reward_models:
-            score = load_reward_function(spec, accelerator.device)
-            reward_funcs.append((Path(spec).name or spec, lambda prompts, completions, score=score, **_: score(
-                prompts, [c if isinstance(c, str) else [m for m in c if m["role"] == "assistant"][-1]["content"]
-                          for c in completions])))
-    except (OSError, ValueError) as error:
-        fail(f"could not load reward model {spec}: {' '.join(str(error).split())[:500]}")
-    reward_funcs += python_rewards
-    if environment_reward:
-        reward_funcs.append((environment[0], lambda environments, **_: [e.get_reward() for e in environments]))
-    reward_names = [name for name, _ in reward_funcs]
+    reward_funcs = load_reward_funcs(reward_models, python_rewards, environment, environment_reward, accelerator.device)
 
-    # 7. Logs: metrics.jsonl and samples.jsonl always, wandb with --track; then one generation batch, rolled out. A
-    #    batch that cannot be used (a reward function or an environment's reset failed, on any process; or no reward
-    #    scored anything in MAX_UNSCORED_GENERATIONS batches in a row, or in the whole run when it is shorter) stops
-    #    every process.
+    # 7. Logs: metrics.jsonl and samples.jsonl always, wandb with --track; then what every generation batch is drawn
+    #    from: the environments, one per completion of this process, made once and reset before every rollout (TRL's
+    #    pool), each rollout's tools (the standalone ones and its environment's methods). A batch that cannot be used
+    #    (a reward function or an environment's reset failed, on any process; or no reward scored anything in
+    #    MAX_UNSCORED_GENERATIONS batches in a row, or in the whole run when it is shorter) stops every process.
     log = open_logs(args, accelerator, start_step, files=("metrics.jsonl", "samples.jsonl"))
     unscored_generations = state.get("unscored_generations", 0)  # the latest batches no reward scored, in a row
-    unscored_limit = min(MAX_UNSCORED_GENERATIONS,
-                         math.ceil(args.max_steps * args.gradient_accumulation_steps / micro_steps_per_generation))
+    per_process = args.per_device_train_batch_size * steps_per_generation  # completions per process per generation
+    environments, rollout_tools = rollout_environments(environment, standalone_tools, use_tools, per_process)
+    setup = GenerationSetup(
+        tokenizer, prompts, other_columns, query_column, queries, rows, reward_funcs, reward_weights,
+        prompts_per_generation, per_process, micro_steps_per_generation,
+        unscored_limit=min(MAX_UNSCORED_GENERATIONS,
+                           math.ceil(args.max_steps * args.gradient_accumulation_steps / micro_steps_per_generation)),
+        generation_kwargs={"do_sample": True, "temperature": args.temperature, "top_p": args.top_p,
+                           "top_k": args.top_k, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty},
+        tool_schemas=tool_schemas, environments=environments, rollout_tools=rollout_tools,
+        parse=isinstance(prompts[0], list) and getattr(tokenizer, "response_template", None) is not None,
+        max_length=getattr(accelerator.unwrap_model(model).config, "max_position_embeddings", None))
 
     def stop_at_generation(generation: int, problem: str) -> NoReturn:
         """Every process together: a checkpoint of the last completed step, which is the state this generation batch
@@ -1131,144 +1439,6 @@ def main(args: Args) -> None:
             kept = "nothing was saved (no step was completed)"
         fail(f"at step {completed + 1}: {problem}; {kept}", once=True)
 
-    def stop_if_any(generation: int, problem: str | None) -> None:
-        """Every process learns here whether any of them met a problem, before a collective would wait for it."""
-        problems = [message for message in gather_object([problem]) if message is not None]
-        if problems:
-            stop_at_generation(generation, problems[0])
-
-    generation_kwargs = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-                         "min_p": args.min_p, "repetition_penalty": args.repetition_penalty}
-    per_process = args.per_device_train_batch_size * steps_per_generation  # completions per process per generation
-    # The environments, one per completion of this process, made once and reset before every rollout (TRL's pool);
-    # each rollout's tools are the standalone ones and its environment's methods. parse: turns become messages with
-    # the tokenizer's response_template (conversational prompts; TRL's rule), else their text.
-    environments = [environment[2]] + [environment[1]() for _ in range(per_process - 1)] if environment else None
-    rollout_tools = None
-    if use_tools:
-        rollout_tools = ([{**standalone_tools, **environment_tools(env)} for env in environments] if environments
-                         else [standalone_tools] * per_process)
-    parse = isinstance(prompts[0], list) and getattr(tokenizer, "response_template", None) is not None
-    max_length = getattr(accelerator.unwrap_model(model).config, "max_position_embeddings", None)
-
-    def generate_and_score(generation: int) -> tuple[list[dict], dict, list[dict]]:
-        """One generation batch: this process's micro-batches (steps_per_generation of them), the batch's reward
-        metrics, and its samples for samples.jsonl."""
-        nonlocal unscored_generations
-        # a. The prompts: a seeded permutation per epoch (the order depends on the generation index alone, so
-        #    resuming is exact), each repeated num_generations times; process p takes the p-th contiguous slice, so
-        #    a group may span processes, as in TRL. Environments are reset with their rows, and may add to a prompt.
-        indices = step_indices(generation, len(queries), prompts_per_generation, args.seed)
-        everyone = [i for i in indices for _ in range(args.num_generations)]
-        mine = everyone[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
-        my_prompts, my_queries = [prompts[rows[i]] for i in mine], [queries[i] for i in mine]
-        columns = {name: [values[rows[i]] for i in mine] for name, values in other_columns.items()}
-        if environments:  # each reset with its row's columns, the prompt included
-            rows_of_mine = [{query_column: prompt, **{name: values[j] for name, values in columns.items()}}
-                            for j, prompt in enumerate(my_prompts)]
-            try:
-                started, problem = reset_environments(environments, rows_of_mine, my_prompts), None
-            except ValueError as error:
-                started, problem = my_prompts, str(error)
-            stop_if_any(generation, problem)
-            my_queries = [query if started_prompt is prompt else tokenizer(format_query(  # an observation was added
-                started_prompt, tokenizer, tool_schemas)[0], add_special_tokens=False)["input_ids"]
-                for prompt, started_prompt, query in zip(my_prompts, started, my_queries)]
-            my_prompts, columns["environments"] = started, environments
-
-        # b. Roll out, one micro-batch of rows at a time (a generate call per turn), each seeded by its place in the
-        #    whole batch: the samples do not depend on how many processes share the batch, and a resumed run draws
-        #    the same ones.
-        rollouts = []
-        with gathered_for_generation(accelerator, model) as policy:  # whole weights for these calls only
-            policy.eval()  # for generate only: under gradient checkpointing, train mode would switch the KV cache off
-            for start in range(0, per_process, args.per_device_train_batch_size):
-                part = slice(start, start + args.per_device_train_batch_size)
-                place = accelerator.process_index * per_process + start
-                rollouts += roll_out(policy, tokenizer, my_queries[part], args.max_completion_length,
-                                     seed=args.seed * 1_000_003 + generation * 10_007 + place,
-                                     tools=rollout_tools[part] if rollout_tools else None, tool_schemas=tool_schemas,
-                                     max_tool_calling_iterations=args.max_tool_calling_iterations,
-                                     max_length=max_length, parse=parse, tool_timeout=args.tool_timeout,
-                                     **generation_kwargs)
-            policy.train()
-
-        # c. Score with every reward function (TRL's signature, with the dataset's other columns; conversational
-        #    prompts get message lists: the parsed turns and the tool results). A function that fails on any process
-        #    stops them all.
-        shown = [rollout.messages if isinstance(prompt, list) else rollout.messages[0]["content"]
-                 for prompt, rollout in zip(my_prompts, rollouts)]
-        try:
-            rewards_per_func = score_completions(reward_funcs, my_prompts, shown, [r.completion for r in rollouts],
-                                                 columns)
-            problem = None
-        except ValueError as error:
-            rewards_per_func, problem = None, str(error)
-        stop_if_any(generation, problem)
-
-        # d. Training tensors, one dict per micro-batch; the reference's log-probs when beta > 0; and the old ones
-        #    when the policy moves before the batch is used up: when gradient_accumulation_steps is not a multiple of
-        #    steps_per_generation x num_iterations (TRL's rule). Otherwise the samples come from the current policy.
-        #    The completion mask is 0 on tool tokens: they are context, never trained on, in the loss, the KL and
-        #    every aggregate.
-        train_mask = [rollout.ended or not args.mask_truncated_completions for rollout in rollouts]
-        need_old = args.gradient_accumulation_steps % micro_steps_per_generation != 0
-        micro_batches = []
-        for start in range(0, per_process, args.per_device_train_batch_size):
-            part = slice(start, start + args.per_device_train_batch_size)
-            batch = collate_rollouts(my_queries[part], rollouts[part], tokenizer.pad_token_id, train_mask[part])
-            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-            with torch.no_grad():
-                if need_old:
-                    batch["old_per_token_logps"] = completion_log_probs(model, batch, args.temperature,
-                                                                        accelerator, args.chunk_size)[0]
-                if args.beta != 0.0:
-                    if reference_model is not None:
-                        batch["ref_per_token_logps"] = completion_log_probs(reference_model, batch, args.temperature,
-                                                                            accelerator, args.chunk_size)[0]
-                    else:
-                        with accelerator.unwrap_model(model).disable_adapter():
-                            batch["ref_per_token_logps"] = completion_log_probs(model, batch, args.temperature,
-                                                                                accelerator, args.chunk_size)[0]
-            micro_batches.append(batch)
-        completion_tokens = sum(float(batch["completion_mask"].sum()) for batch in micro_batches)
-        num_items = accelerator.reduce(torch.tensor(completion_tokens, device=accelerator.device), "sum")
-        for batch in micro_batches:
-            batch["num_items_in_batch"] = num_items
-
-        # e. Advantages over every process's completions: a group may span processes, and its statistics need all of
-        #    its completions.
-        all_rewards = accelerator.gather(rewards_per_func.to(accelerator.device)).cpu()  # (generation batch, F)
-        advantages = grpo_advantages(all_rewards, reward_weights, args.num_generations, args.scale_rewards,
-                                     args.multi_objective_aggregation)
-        first = accelerator.process_index * per_process
-        my_advantages = advantages[first : first + per_process]
-        for start, batch in zip(range(0, per_process, args.per_device_train_batch_size), micro_batches):
-            batch["advantages"] = my_advantages[start : start + args.per_device_train_batch_size].to(accelerator.device)
-
-        # f. Metrics of the batch, with TRL's names, over every process's completions.
-        metrics = rollout_metrics(all_rewards, reward_weights, reward_names, args.num_generations,
-                                  gather_object([(sum(r.tool_mask), r.ended, r.calls, r.failures) for r in rollouts]),
-                                  tools=use_tools)
-        texts = [tokenizer.decode(r.completion, skip_special_tokens=not use_tools) for r in rollouts]
-        samples = gather_object([{"prompt": my_prompts[i], "completion": texts[i],
-                                  **{f"reward/{name}": (None if math.isnan(v) else v)
-                                     for name, v in zip(reward_names, rewards_per_func[i].tolist())},
-                                  "advantage": my_advantages[i].item()} for i in range(per_process)])
-        if torch.isnan(all_rewards).all():  # advantages are all 0: only a KL term in the loss moves the batch
-            if unscored_generations + 1 >= unscored_limit:
-                batches = (f"{unscored_limit} generation batches in a row" if unscored_limit == MAX_UNSCORED_GENERATIONS
-                           else f"any of the run's {unscored_limit} generation batches")
-                stop_at_generation(generation, f"no reward function scored any completion (every value None or NaN) "
-                                               f"in {batches}")
-            unscored_generations += 1
-            accelerator.print(f"warning: generation {generation}: no reward function scored any completion; the "
-                              f"batch brings no policy update ({unscored_generations} in a row; the run stops at "
-                              f"{unscored_limit})")
-        else:
-            unscored_generations = 0
-        return micro_batches, metrics, samples
-
     # 8. Training loop. One optimizer step = gradient_accumulation_steps micro-batches; a generation batch serves
     #    steps_per_generation micro-batches, num_iterations times over (TRL's schedule).
     model.train()
@@ -1284,9 +1454,12 @@ def main(args: Args) -> None:
             micro_step = step * args.gradient_accumulation_steps + j
             # 8a. A new generation batch when the last one is used up (also on resume: the samples are seeded).
             if micro_step % micro_steps_per_generation == 0 or not micro_batches:
-                generation_start = time.time()
-                micro_batches, generation_metrics, samples = generate_and_score(
-                    micro_step // micro_steps_per_generation)
+                generation, generation_start = micro_step // micro_steps_per_generation, time.time()
+                try:
+                    micro_batches, generation_metrics, samples, unscored_generations = generate_and_score(
+                        generation, setup, model, reference_model, accelerator, args, unscored_generations)
+                except GenerationFailed as error:
+                    stop_at_generation(generation, str(error))
                 generation_seconds = time.time() - generation_start
                 running_completions += generation_batch_size
             batch = micro_batches[micro_step % steps_per_generation]
@@ -1299,14 +1472,9 @@ def main(args: Args) -> None:
                                                                   args.chunk_size)
                 normalizer = (batch["num_items_in_batch"] / accelerator.num_processes
                               * args.gradient_accumulation_steps / steps_per_generation)
-                loss, metrics = grpo_loss(
-                    per_token_logps, batch.get("old_per_token_logps"), batch.get("ref_per_token_logps"),
-                    batch["advantages"], batch["completion_mask"], loss_type=args.loss_type, epsilon=args.epsilon,
-                    epsilon_high=args.epsilon_high, delta=args.delta, beta=args.beta,
-                    importance_sampling_level=args.importance_sampling_level,
-                    max_completion_length=args.max_completion_length, num_items_in_batch=normalizer,
-                    entropies=entropies, top_entropy_quantile=args.top_entropy_quantile,
-                    sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg)
+                loss, metrics = grpo_loss(per_token_logps, batch.get("old_per_token_logps"),
+                                          batch.get("ref_per_token_logps"), batch["advantages"],
+                                          batch["completion_mask"], args, normalizer, entropies)
                 if args.loss_type not in ("dapo", "cispo"):
                     loss = loss / args.gradient_accumulation_steps
                 accelerator.backward(loss)
@@ -1344,13 +1512,7 @@ def main(args: Args) -> None:
                  "peak_memory_mb": peak_memory_mb()})
             progress.set_postfix(reward=f"{generation_metrics['reward']:.3f}")
             if accelerator.is_main_process:
-                with open(output_dir / "samples.jsonl", "a") as f:
-                    f.writelines(json.dumps({"step": done, **sample}) + "\n" for sample in samples)
-                if args.track:
-                    import wandb
-
-                    wandb.log({"completions": wandb.Table(columns=list(samples[0]),
-                                                          rows=[list(s.values()) for s in samples])}, step=done)
+                write_samples(output_dir, done, samples, args.track)
             running, running_steps, train_seconds, running_completions = {}, 0, 0.0, 0
         signum = preemption.requested(accelerator)  # the same answer on every process
         # checkpoints only where a generation batch is used up (a resume generates anew): at every step when

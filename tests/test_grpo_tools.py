@@ -14,9 +14,9 @@ from conftest import (ASSETS, TOOL_WORLD, TWO_PROCESSES, metric_series, read_met
                       tool_world_scores)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo import (Rollout, call_tools, check_tool_template, collate_rollouts, completion_log_probs, environment_tools,
-                  format_query, grpo_loss, load_environment_factory, parse_turn, reset_environments, roll_out,
-                  rollout_metrics, tool_schema, tool_suffix_ids)
+from grpo import (Args, Rollout, call_tools, check_tool_template, collate_rollouts, completion_log_probs,
+                  environment_tools, format_query, grpo_loss, load_environment_factory, parse_turn, reset_environments,
+                  roll_out, rollout_metrics, tool_schema, tool_suffix_ids)
 from tiny_tools import MovieRatings
 
 TOOLS = ASSETS / "tiny-tools"
@@ -324,13 +324,13 @@ def test_tool_tokens_carry_no_gradient_and_changing_their_log_probs_changes_noth
     tool_positions[:, len(query) - 1 + len(call) : len(query) - 1 + len(call) + len(suffix)] = True
     assert mask[tool_positions].sum() == 0 and mask.sum() == 2 * (len(call) + 2)
     old, ref = logps.detach() - 0.1, logps.detach() + 0.2
-    loss, metrics = grpo_loss(logps, old, ref, torch.tensor([1.0, -1.0]), mask, beta=0.1)
+    loss, metrics = grpo_loss(logps, old, ref, torch.tensor([1.0, -1.0]), mask, Args(beta=0.1))
     loss.backward()
     assert (logps.grad[tool_positions] == 0).all() and (logps.grad[mask.bool()] != 0).all()
     noisy_old, noisy_ref = old.clone(), ref.clone()
     noisy_old[tool_positions] += 5.0
     noisy_ref[tool_positions] -= 3.0
-    loss_again, metrics_again = grpo_loss(logps, noisy_old, noisy_ref, torch.tensor([1.0, -1.0]), mask, beta=0.1)
+    loss_again, metrics_again = grpo_loss(logps, noisy_old, noisy_ref, torch.tensor([1.0, -1.0]), mask, Args(beta=0.1))
     assert loss_again.item() == loss.item() and metrics_again["kl"].item() == metrics["kl"].item()
 
 

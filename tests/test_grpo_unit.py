@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from grpo import grpo_advantages, grpo_loss, nanstd
+from grpo import Args, grpo_advantages, grpo_loss, nanstd
 
 NAN = float("nan")
 
@@ -87,11 +87,13 @@ def logp():
     ("dapo", {"num_items_in_batch": 10}, TOKEN_SUM / 10),  # over the generation batch's tokens
     ("bnpo", {}, TOKEN_SUM / 5),
     ("grpo", {}, (sum(TOKEN_LOSS[0]) / 3 + sum(TOKEN_LOSS[1]) / 2) / 2),  # each sequence's mean, then the mean
-    ("dr_grpo", {}, TOKEN_SUM / (2 * 3)),  # rows x T
+    ("dr_grpo", {}, TOKEN_SUM / (2 * 24)),  # rows x max_completion_length (Args' default, 24)
     ("dr_grpo", {"max_completion_length": 4}, TOKEN_SUM / (2 * 4)),  # rows x max_completion_length
 ])
 def test_clipped_losses_aggregate_as_each_variant_prescribes(loss_type, kwargs, expected):
-    loss, metrics = grpo_loss(logp(), OLD, None, ADV, MASK, loss_type=loss_type, **kwargs)
+    settings = {key: value for key, value in kwargs.items() if key != "num_items_in_batch"}
+    loss, metrics = grpo_loss(logp(), OLD, None, ADV, MASK, Args(loss_type=loss_type, **settings),
+                              num_items_in_batch=kwargs.get("num_items_in_batch"))
     close(loss, expected)
     # clipping: only row 1's second token (r = 0.607 < 0.8 with A < 0); 1 of 5 tokens
     close(metrics["clip_ratio/low_mean"], 0.2)
@@ -101,14 +103,14 @@ def test_clipped_losses_aggregate_as_each_variant_prescribes(loss_type, kwargs, 
 
 def test_dapo_gradient_flows_through_unclipped_tokens_only():
     logps = logp()
-    grpo_loss(logps, OLD, None, ADV, MASK)[0].backward()
+    grpo_loss(logps, OLD, None, ADV, MASK, Args())[0].backward()
     # d(-r A)/d logp = -r A; clipped and masked tokens get none; dapo divides by 5
     close(logps.grad, [[-R[0][0] / 5, -1.0 / 5, -R[0][2] / 5], [2.0 / 5, 0.0, 0.0]])
 
 
 def test_without_old_log_probs_the_ratio_is_one_and_the_gradient_is_the_policy_gradient():
     logps = logp()
-    loss, _ = grpo_loss(logps, None, None, ADV, MASK, loss_type="bnpo")
+    loss, _ = grpo_loss(logps, None, None, ADV, MASK, Args(loss_type="bnpo"))
     close(loss, (-1.0 * 3 + 2.0 * 2) / 5)  # -A per token
     loss.backward()
     close(logps.grad, [[-0.2, -0.2, -0.2], [0.4, 0.4, 0.0]])
@@ -118,20 +120,20 @@ def test_sequence_level_importance_sampling_uses_the_mean_log_ratio_of_each_sequ
     r0, r1 = math.exp((0.1 + 0.0 - 0.5) / 3), math.exp((0.0 - 0.5) / 2)  # 0.875, 0.779
     # row 0 (A = 1): -r0 on each of 3 tokens; row 1 (A = -2): r1 clipped to 0.8 -> 1.6 on each of 2 tokens
     assert r1 < 0.8  # below 1 - epsilon with a negative advantage: the clipped term wins
-    loss, metrics = grpo_loss(logp(), OLD, None, ADV, MASK, importance_sampling_level="sequence")
+    loss, metrics = grpo_loss(logp(), OLD, None, ADV, MASK, Args(importance_sampling_level="sequence"))
     close(loss, (-r0 * 3 + 1.6 * 2) / 5)
     close(metrics["clip_ratio/low_mean"], 0.5)  # per sequence: row 1 of 2
 
 
 def test_two_sided_clipping_caps_the_ratio_at_delta():
     # delta 1.05: row 0's first token, r = 1.105 with A > 0, counts as 1.05
-    loss, _ = grpo_loss(logp(), OLD, None, ADV, MASK, delta=1.05)
+    loss, _ = grpo_loss(logp(), OLD, None, ADV, MASK, Args(delta=1.05))
     close(loss, (TOKEN_SUM + R[0][0] - 1.05) / 5)
 
 
 def test_cispo_weights_log_probs_by_the_detached_capped_ratio():
     logps = logp()
-    loss, metrics = grpo_loss(logps, OLD, None, ADV, MASK, loss_type="cispo", epsilon_high=1.05)
+    loss, metrics = grpo_loss(logps, OLD, None, ADV, MASK, Args(loss_type="cispo", epsilon_high=1.05))
     w = [[1.05, 1.0, R[0][2]], [1.0, R[1][1]]]  # min(r, 1.05)
     per_token = [-w[0][t] * 1.0 * LOGP[0][t] for t in range(3)] + [-w[1][t] * -2.0 * LOGP[1][t] for t in range(2)]
     close(loss, sum(per_token) / 5)
@@ -144,7 +146,7 @@ def test_sapo_uses_a_soft_gate_with_a_temperature_per_sign():
     def gate(r, a, tau):
         return -4 / tau / (1 + math.exp(-tau * (r - 1))) * a
     rows = [[gate(R[0][t], 1.0, 1.0) for t in range(3)], [gate(R[1][t], -2.0, 1.05) for t in range(2)]]
-    loss, metrics = grpo_loss(logp(), OLD, None, ADV, MASK, loss_type="sapo")
+    loss, metrics = grpo_loss(logp(), OLD, None, ADV, MASK, Args(loss_type="sapo"))
     close(loss, (sum(rows[0]) / 3 + sum(rows[1]) / 2) / 2)
     assert "clip_ratio/low_mean" not in metrics
 
@@ -153,23 +155,23 @@ def test_kl_term_is_k3_per_token_times_beta():
     ref = torch.tensor([[-1.0, -1.0, -3.0], [-1.0, -1.5, 0.0]])
     # exp(ref - logp) - (ref - logp) - 1: row 0 differs at token 1 by +1 -> e - 2; row 1 at token 0 by -0.5
     kl = [math.e - 2, math.exp(-0.5) + 0.5 - 1]
-    loss, metrics = grpo_loss(logp(), OLD, ref, ADV, MASK, beta=0.1)
+    loss, metrics = grpo_loss(logp(), OLD, ref, ADV, MASK, Args(beta=0.1))
     close(loss, (TOKEN_SUM + 0.1 * sum(kl)) / 5)
     close(metrics["kl"], sum(kl) / 5)
     with pytest.raises(ValueError, match="reference"):
-        grpo_loss(logp(), OLD, None, ADV, MASK, beta=0.1)
+        grpo_loss(logp(), OLD, None, ADV, MASK, Args(beta=0.1))
 
 
 def test_top_entropy_quantile_keeps_the_policy_loss_of_high_entropy_tokens_only():
     entropies = torch.tensor([[0.1, 0.5, 0.9], [0.3, 0.7, 5.0]])  # the 5.0 is padding and must not count
     # the 0.6 quantile of [0.1, 0.3, 0.5, 0.7, 0.9] (linear interpolation): 0.5 + 0.4 * 0.2 = 0.58 -> 0.9 and 0.7 stay
-    loss, metrics = grpo_loss(logp(), OLD, None, ADV, MASK, entropies=entropies, top_entropy_quantile=0.4)
+    loss, metrics = grpo_loss(logp(), OLD, None, ADV, MASK, Args(top_entropy_quantile=0.4), entropies=entropies)
     close(loss, (TOKEN_LOSS[0][2] + TOKEN_LOSS[1][1]) / 5)
     close(metrics["entropy"], (0.1 + 0.5 + 0.9 + 0.3 + 0.7) / 5)
 
 
 def test_unknown_loss_type_and_level_are_rejected():
     with pytest.raises(ValueError, match="loss_type must be one of dapo"):
-        grpo_loss(logp(), OLD, None, ADV, MASK, loss_type="ppo")
+        grpo_loss(logp(), OLD, None, ADV, MASK, Args(loss_type="ppo"))
     with pytest.raises(ValueError, match="importance_sampling_level"):
-        grpo_loss(logp(), OLD, None, ADV, MASK, importance_sampling_level="batch")
+        grpo_loss(logp(), OLD, None, ADV, MASK, Args(importance_sampling_level="batch"))

@@ -71,27 +71,35 @@ def test_a_run_no_reward_scores_stops_with_strict_json_metrics(tmp_path):
 
 
 def test_the_blocks_grpo_and_rloo_share_are_the_same_text():
-    """Every function both scripts define, main aside, is the same text; so are main's stages that are not the
-    algorithm: accelerator, data, tokenizer, models, rewards, logs, sampling and scoring, metrics, logging, saving."""
+    """Every function and class both scripts define is the same text, except Args, check_args, generate_and_score
+    and main; so are main's stages that are not the algorithm (setup, sampling and scoring, the loop's bookkeeping,
+    logging, saving: all but the loss and grpo's reference sync) and generate_and_score's stages a-c."""
     texts = {script: (REPO / script).read_text() for script in ("grpo.py", "rloo.py")}
 
-    def functions(text):
+    def definitions(text):
         return {node.name: ast.get_source_segment(text, node) for node in ast.parse(text).body
-                if isinstance(node, ast.FunctionDef)}
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
 
-    grpo, rloo = functions(texts["grpo.py"]), functions(texts["rloo.py"])
+    grpo, rloo = definitions(texts["grpo.py"]), definitions(texts["rloo.py"])
     shared = {"nanstd", "score_completions", "load_python_reward", "sample_completions", "collate_rollouts",
               "completion_log_probs", "load_reward_function", "save_checkpoint", "gathered_for_generation",
               "roll_out", "parse_turn", "call_tools", "tool_suffix_ids", "check_tool_template", "reset_environments",
-              "load_environment_factory", "load_tools", "run_tool", "rollout_metrics"}  # the rollout, tools or not
+              "load_environment_factory", "load_tools", "run_tool", "rollout_metrics",  # the rollout, tools or not
+              "GenerationSetup", "GenerationFailed", "stop_if_any", "prompts_of_process", "sample_rollouts",
+              "score_rollouts", "old_and_reference_log_probs", "share_advantages", "metrics_and_samples",
+              "count_unscored",  # a generation batch's stages
+              "load_reward_specs", "generation_schedule", "load_prompt_data", "tokenize_prompts", "load_reward_funcs",
+              "rollout_environments", "write_samples"}  # main's setup
     assert shared <= set(grpo) & set(rloo)
-    for name in set(grpo) & set(rloo) - {"main"}:
+    for name in set(grpo) & set(rloo) - {"Args", "check_args", "generate_and_score", "main"}:
         assert grpo[name] == rloo[name], name
-    for start, end in [("    # 1. Accelerator", "        # d. Training tensors"),
-                       ("        # f. Metrics", "        if "),
-                       ("        if torch.isnan(all_rewards).all()", "    progress = tqdm("),
+    for start, end in [("def main(args: Args) -> None:", "    progress = tqdm("),
                        ("    for step in progress:", "            # 8b. Loss and backward"),
-                       ("        # 8d. Log", "\n\n\n")]:
+                       ("                accelerator.backward(loss)\n", "        # 8c. Clip"),
+                       ("        step_loss = accelerator.reduce(", "        done = step + 1\n"),
+                       ("        # 8d. Log", "\n\n\n"),
+                       ("    # a. The prompts of this process", "\n\n    # d. "),
+                       ("    return micro_batches, metrics, samples, count_unscored(", "\n\n\n")]:
         grpo_block, rloo_block = (text[text.index(start) : text.index(end, text.index(start))]
                                   for text in texts.values())
         assert grpo_block == rloo_block, start

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from rloo import rloo_advantages, rloo_loss
+from rloo import Args, rloo_advantages, rloo_loss
 
 NAN = float("nan")
 
@@ -58,7 +58,7 @@ ADV = torch.tensor([1.0, -2.0])
 
 def test_the_loss_clips_the_ratio_of_whole_sequences_and_averages_over_them():
     logps = torch.tensor(LOGP, requires_grad=True)
-    loss, metrics = rloo_loss(logps, OLD, ADV, MASK)
+    loss, metrics = rloo_loss(logps, OLD, ADV, MASK, Args())
     # row 0: -r A = -1.105; row 1: r = 0.607 clipped to 0.8, -(0.8 x -2) = 1.6
     close(loss, (-math.exp(0.1) + 1.6) / 2)
     loss.backward()
@@ -66,6 +66,6 @@ def test_the_loss_clips_the_ratio_of_whole_sequences_and_averages_over_them():
     close([metrics["clip_ratio/low_mean"], metrics["clip_ratio/high_mean"], metrics["clip_ratio/region_mean"]],
           [0.5, 0.0, 0.5])
     # epsilon_high 0.05: row 0's 1.105 is clipped to 1.05
-    loss, metrics = rloo_loss(torch.tensor(LOGP), OLD, ADV, MASK, epsilon_high=0.05)
+    loss, metrics = rloo_loss(torch.tensor(LOGP), OLD, ADV, MASK, Args(epsilon_high=0.05))
     close(loss, (-1.05 + 1.6) / 2)
     close(metrics["clip_ratio/high_mean"], 0.5)
