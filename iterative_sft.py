@@ -3,13 +3,14 @@
 Expert iteration / rejection-sampling fine-tuning (Anthony et al. 2017, https://arxiv.org/abs/1705.08439; RAFT, Dong et
 al. 2023, https://arxiv.org/abs/2304.06767; Touvron et al. 2023's rejection sampling, https://arxiv.org/abs/2307.09288)
 improves a policy without a policy gradient: each iteration draws several responses per prompt, scores them with a
-reward model, keeps the top fraction of each prompt's samples, and takes supervised (next-token cross-entropy) steps
-on the kept responses only. This file reproduces TRL v0.8's `IterativeSFTTrainer` (its `step(input_ids, attention_mask,
-labels, texts, texts_labels)` API, outside transformers.Trainer) and runs the expert-iteration loop with it. It fixes
-four bugs of the seed's trainer (docs/iterative_sft.md): (1) a decoder-only model's labels given by the caller are
-honoured, -100 masks included; (2) `texts_labels` are the decoder targets (encoder-decoder) or the suffix of each text
-that carries the loss (decoder-only), not a re-tokenisation of `texts`; (3) `max_length` cuts each sequence, not the
-batch dimension; (4) padding is masked by position, so with pad == EOS (GPT-2) the model still learns to stop.
+reward model, keeps the top fraction of each prompt's samples, and takes supervised (next-token cross-entropy) steps on
+the kept responses only. This file reproduces TRL v0.8.6's `IterativeSFTTrainer` as documented ("the seed" wherever this
+file says it: its `step(input_ids, attention_mask, labels, texts, texts_labels)` API, outside transformers.Trainer) and
+runs the expert-iteration loop with it. It fixes four bugs of the seed's trainer (docs/iterative_sft.md): (1) a
+decoder-only model's labels given by the caller are honoured, -100 masks included; (2) `texts_labels` are the decoder
+targets (encoder-decoder) or the suffix of each text that carries the loss (decoder-only), not a re-tokenisation of
+`texts`; (3) `max_length` cuts each sequence, not the batch dimension; (4) padding is masked by position, so with pad ==
+EOS (GPT-2) the model still learns to stop.
 
     # offline quickstart: the tiny world (assets/), CPU, about 16 s: the tiny policy learns to write positive reviews
     python iterative_sft.py
@@ -208,6 +209,22 @@ def sample_responses(model, queries: list[torch.Tensor], num_samples: int, max_n
     return samples
 
 
+def tokenize_queries(prompts: list, tokenizer, query_column: str) -> tuple[list[list[int]], list]:
+    """The prompts as token ids (format_query, then the tokenizer), and the prompts themselves as the reward function
+    sees them; a prompt that tokenises to nothing is left out of both. A prompt that is neither a string nor a
+    message list stops the run with one line."""
+    queries, reward_prompts = [], []
+    for prompt in prompts:
+        if not isinstance(prompt, (str, list)):
+            fail(f"prompts must be strings or message lists; column '{query_column}' holds {type(prompt).__name__}")
+        text, templated = format_query(prompt, tokenizer)
+        ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+        if ids:
+            queries.append(ids)
+            reward_prompts.append(prompt)
+    return queries, reward_prompts
+
+
 def keep_best(rewards: list[float], num_samples: int, keep: int) -> list[int]:
     """Indices (into the flat list of rewards, num_samples consecutive ones per prompt) of each prompt's `keep`
     highest-rewarded samples, in their original order; ties keep the earlier sample (RAFT's per-prompt ranking)."""
@@ -216,6 +233,19 @@ def keep_best(rewards: list[float], num_samples: int, keep: int) -> list[int]:
         mine = range(start, start + num_samples)
         kept += sorted(sorted(mine, key=lambda i: -rewards[i])[:keep])
     return kept
+
+
+def kept_examples(queries: list[torch.Tensor], responses: list[torch.Tensor], kept: list[int], num_samples: int,
+                  is_encoder_decoder: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The kept samples (indices into responses, num_samples consecutive ones per query) as IterativeSFTTrainer.step's
+    input_ids and labels, 1-D each. Decoder-only: prompt + response, the loss on the response alone (labels -100 over
+    the prompt; the response's EOS included when it ended). Encoder-decoder: the prompt feeds the encoder, the
+    response is the decoder's target."""
+    if is_encoder_decoder:
+        return [queries[i // num_samples] for i in kept], [responses[i] for i in kept]
+    input_ids = [torch.cat([queries[i // num_samples], responses[i]]) for i in kept]
+    labels = [torch.cat([torch.full((len(queries[i // num_samples]),), -100), responses[i]]) for i in kept]
+    return input_ids, labels
 
 
 # Token log-probs without ever holding the (tokens x vocabulary) logits: the same block in sft, iterative_sft, dpo, kto,
@@ -587,6 +617,36 @@ class IterativeSFTTrainer:
                 "optimizer_steps": len(grad_norms), "samples": int(counts.sum())}
 
 
+def fine_tune(trainer: IterativeSFTTrainer, input_ids: list[torch.Tensor], labels: list[torch.Tensor],
+              sft_epochs: int) -> dict:
+    """sft_epochs calls of trainer.step on one iteration's kept samples -> the iteration's training metrics: the loss
+    of the last pass and of the first, grad_norm averaged over the passes, the learning rate, the target tokens of
+    all passes, the optimizer steps so far. Raises FloatingPointError as step does (that pass left unstepped)."""
+    epochs = [trainer.step(input_ids=input_ids, labels=labels) for _ in range(sft_epochs)]
+    return {"loss": epochs[-1]["loss"], "loss/first_epoch": epochs[0]["loss"],
+            "grad_norm": sum(e["grad_norm"] for e in epochs) / len(epochs),
+            "learning_rate": epochs[-1]["learning_rate"], "num_tokens": sum(e["num_tokens"] for e in epochs),
+            "optimizer_steps": trainer.optimizer_steps}
+
+
+def resume_trainer(checkpoint: Path, accelerator, trainer: IterativeSFTTrainer) -> int:
+    """Load a checkpoint-N directory (save_checkpoint's, with weights_only=True) into the trainer: optimizer, schedule,
+    its step() call and optimizer-step counts, and this process's RNG states. Returns the iterations done (N)."""
+    state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+    load_optimizer_state(checkpoint, accelerator, trainer.model, trainer.optimizer, state["optimizer"])
+    trainer.lr_scheduler.load_state_dict(state["scheduler"])
+    rng = torch.load(checkpoint / f"rng_state_{accelerator.process_index}.pt", weights_only=True)
+    random.setstate(rng["python"])
+    name, keys, position, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    trainer.calls, trainer.optimizer_steps = state["calls"], state["optimizer_steps"]
+    accelerator.print(f"resumed from {checkpoint} at iteration {state['step']}")
+    return state["step"]
+
+
 def main(args: Args) -> None:
     # 0. Check what can be checked before anything is loaded.
     check_positive(args, ["num_iterations", "prompts_per_iteration", "samples_per_prompt", "sft_epochs",
@@ -626,15 +686,7 @@ def main(args: Args) -> None:
     tokenizer = load_tokenizer(args, "to end responses")
     if isinstance(prompts[0], list) and tokenizer.chat_template is None:
         fail(f"the prompts are conversations but the tokenizer of {args.model_name_or_path} has no chat template")
-    queries, reward_prompts = [], []  # token ids, and what the reward function sees as the prompt
-    for prompt in prompts:
-        if not isinstance(prompt, (str, list)):
-            fail(f"prompts must be strings or message lists; column '{query_column}' holds {type(prompt).__name__}")
-        text, templated = format_query(prompt, tokenizer)
-        ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
-        if ids:
-            queries.append(ids)
-            reward_prompts.append(prompt)
+    queries, reward_prompts = tokenize_queries(prompts, tokenizer, query_column)
     if len(queries) < args.prompts_per_iteration:
         fail(f"the dataset has {len(queries)} non-empty prompts but one iteration needs {args.prompts_per_iteration} "
              "(--prompts_per_iteration)")
@@ -677,19 +729,7 @@ def main(args: Args) -> None:
     #    iterations keeps the rows up to k - 1.
     start_step = 0
     if args.resume_from_checkpoint:
-        checkpoint = Path(args.resume_from_checkpoint)
-        state = torch.load(checkpoint / "training_state.pt", weights_only=True)
-        load_optimizer_state(checkpoint, accelerator, trainer.model, trainer.optimizer, state["optimizer"])
-        trainer.lr_scheduler.load_state_dict(state["scheduler"])
-        rng = torch.load(checkpoint / f"rng_state_{accelerator.process_index}.pt", weights_only=True)
-        random.setstate(rng["python"])
-        name, keys, position, has_gauss, gauss = rng["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        start_step, trainer.calls, trainer.optimizer_steps = state["step"], state["calls"], state["optimizer_steps"]
-        accelerator.print(f"resumed from {checkpoint} at iteration {start_step}")
+        start_step = resume_trainer(Path(args.resume_from_checkpoint), accelerator, trainer)
     log = open_logs(args, accelerator, start_step - 1, ("metrics.jsonl", "samples.jsonl"))
 
     # 7. Expert iteration. Iteration k samples from the policy after k iterations; the last round (k =
@@ -736,26 +776,15 @@ def main(args: Args) -> None:
         stats, train_seconds = {}, 0.0
         if iteration < args.num_iterations:
             train_start = time.time()
-            if is_encoder_decoder:  # the prompt feeds the encoder, the response is the decoder's target
-                input_ids = [query_tensors[i // args.samples_per_prompt] for i in kept]
-                labels = [responses[i] for i in kept]
-            else:
-                input_ids = [torch.cat([query_tensors[i // args.samples_per_prompt], responses[i]]) for i in kept]
-                labels = [torch.cat([torch.full((len(query_tensors[i // args.samples_per_prompt]),), -100),
-                                     responses[i]]) for i in kept]
-            epochs = []
-            for _ in range(args.sft_epochs):
-                try:
-                    epochs.append(trainer.step(input_ids=input_ids, labels=labels))
-                except FloatingPointError as error:
-                    checkpoints = complete_checkpoints(output_dir)
-                    kept_at = (f"the last checkpoint is {checkpoints[-1]}" if checkpoints
-                               else "no checkpoint was written yet")
-                    fail(f"{error} in iteration {iteration + 1}; stopping ({kept_at})")
-            stats = {"loss": epochs[-1]["loss"], "loss/first_epoch": epochs[0]["loss"],
-                     "grad_norm": sum(e["grad_norm"] for e in epochs) / len(epochs),
-                     "learning_rate": epochs[-1]["learning_rate"], "num_tokens": sum(e["num_tokens"] for e in epochs),
-                     "optimizer_steps": trainer.optimizer_steps}
+            input_ids, labels = kept_examples(query_tensors, responses, kept, args.samples_per_prompt,
+                                              is_encoder_decoder)
+            try:
+                stats = fine_tune(trainer, input_ids, labels, args.sft_epochs)
+            except FloatingPointError as error:
+                checkpoints = complete_checkpoints(output_dir)
+                kept_at = (f"the last checkpoint is {checkpoints[-1]}" if checkpoints
+                           else "no checkpoint was written yet")
+                fail(f"{error} in iteration {iteration + 1}; stopping ({kept_at})")
             train_seconds = time.time() - train_start
 
         # 7f. Log: the fresh samples' reward over all processes, the kept ones', response lengths, throughput;
@@ -772,8 +801,8 @@ def main(args: Args) -> None:
                  "time/score": score_seconds, "time/train": train_seconds, "peak_memory_mb": peak_memory_mb()})
             progress.set_postfix(reward=f"{all_rewards.mean().item():.3f}")
             rows = gather_object([{"step": iteration, "prompt": reward_prompts[mine[i // args.samples_per_prompt]],
-                            "response": response_texts[i], "reward": rewards[i], "kept": i in kept}
-                           for i in range(len(responses))])  # every process's, in process order
+                                   "response": response_texts[i], "reward": rewards[i], "kept": i in kept}
+                                  for i in range(len(responses))])  # every process's, in process order
             if accelerator.is_main_process:
                 with open(output_dir / "samples.jsonl", "a") as f:
                     f.writelines(json.dumps(row) + "\n" for row in rows)

@@ -3,10 +3,10 @@
 The reward model is a causal LM with a one-output linear head read at the last token that is not padding
 (`AutoModelForSequenceClassification(num_labels=1)`), trained so that the preferred text scores higher:
 loss = -log sigmoid(r(chosen) - r(rejected) - margin) (Ouyang et al. 2022, https://arxiv.org/abs/2203.02155;
-the optional per-pair margin is Llama 2's, https://arxiv.org/abs/2307.09288). This file reproduces TRL's
-`RewardTrainer` (v0.8 era) in one readable loop, fixes its pad-token bug (see docs/reward.md), and adds reward
-centring. The score it learns is the tiny world's default reward for ppo.py, grpo.py, rloo.py, best_of_n.py and
-iterative_sft.py.
+the optional per-pair margin is Llama 2's, https://arxiv.org/abs/2307.09288). This file reproduces TRL v0.8.6's
+`RewardTrainer` as documented ("the seed" wherever this file says it) in one readable loop, fixes its pad-token bug
+(see docs/reward.md), and adds reward centring. The score it learns is the tiny world's default reward for ppo.py,
+grpo.py, rloo.py, best_of_n.py and iterative_sft.py.
 
     # offline quickstart: the tiny world (assets/), CPU, under a minute
     python reward.py
@@ -188,6 +188,33 @@ def tokenize_pair(example: dict, tokenizer, max_length: int) -> dict:
             "margin": float(example.get("margin") or 0.0)}
 
 
+def tokenize_splits(args, accelerator, raw: DatasetDict, tokenizer, max_length: int) -> dict[str, list[dict]]:
+    """The train split and the eval split (if any) as lists of tokenised pairs (tokenize_pair), with a warning for
+    the pairs cut at max_length, and without the pairs whose two texts are identical. A row that cannot be formatted,
+    or a split with no pair left, stops the run with one line."""
+    try:
+        with accelerator.main_process_first():  # the main process fills the datasets cache first
+            tokenized = {split: raw[split].map(tokenize_pair, remove_columns=raw[split].column_names,
+                                               fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+                                               desc=f"tokenizing {split}")
+                         for split in [args.dataset_train_split, args.dataset_test_split] if split}
+    except (ValueError, KeyError, TypeError) as error:
+        fail(f"could not format the preference rows of {args.dataset_name}: {error!r}")
+    splits = {}
+    for split, dataset in tokenized.items():
+        rows = dataset.to_list()
+        if num_truncated := sum(row["truncated"] for row in rows):
+            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} pairs have a text longer than "
+                              f"{max_length} tokens; it is truncated at the end (raise --max_length to keep it)")
+        if num_identical := sum(row["identical"] for row in rows):
+            accelerator.print(f"warning: {num_identical} of {len(rows)} {split} pairs have identical chosen and "
+                              "rejected texts; they carry no preference and are dropped")
+        splits[split] = [row for row in rows if not row["identical"]]
+        if not splits[split]:
+            fail(f"no {split} pair is left: every pair has identical chosen and rejected texts")
+    return splits
+
+
 def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """B pairs -> one batch of 2B texts for a single forward: input_ids and attention_mask (2B, T) with the B chosen
     texts first and the B rejected texts after them, right-padded; margin (B,)."""
@@ -223,6 +250,21 @@ def pairwise_accuracy(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tens
     return (rewards_chosen > rewards_rejected).float() + 0.5 * (rewards_chosen == rewards_rejected).float()
 
 
+def pair_metric_sums(losses: torch.Tensor, rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor
+                     ) -> dict[str, torch.Tensor]:
+    """What is logged of B pairs, as name -> scalar sum over the pairs, to be added up over micro-batches and
+    processes and divided by the number of pairs: the loss (reward_loss's (B,) losses), the accuracy (ties count
+    half) and the mean chosen and rejected rewards ((B,) each). A new metric is one more entry here. B = 0 gives the
+    zeros a sum starts from."""
+    return {"loss": losses.sum(), "accuracy": pairwise_accuracy(rewards_chosen, rewards_rejected).sum(),
+            "rewards/chosen": rewards_chosen.sum(), "rewards/rejected": rewards_rejected.sum()}
+
+
+def reduce_sums(accelerator, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each scalar of `sums` added up over every process, all of them in one all-reduce; the names kept."""
+    return dict(zip(sums, accelerator.reduce(torch.stack(list(sums.values())), "sum")))
+
+
 def main(args: Args) -> None:
     # 0. Check what can be checked before anything is loaded.
     check_positive(args, ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -248,26 +290,7 @@ def main(args: Args) -> None:
 
     # 3. Tokenise both texts of every pair; count truncated pairs; drop pairs whose two texts are identical (their
     #    reward difference is 0 whatever the weights: no gradient, and the seed counts them as correct).
-    try:
-        with accelerator.main_process_first():  # the main process fills the datasets cache first
-            tokenized = {split: raw[split].map(tokenize_pair, remove_columns=raw[split].column_names,
-                                               fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
-                                               desc=f"tokenizing {split}")
-                         for split in [args.dataset_train_split, args.dataset_test_split] if split}
-    except (ValueError, KeyError, TypeError) as error:
-        fail(f"could not format the preference rows of {args.dataset_name}: {error!r}")
-    splits = {}
-    for split, dataset in tokenized.items():
-        rows = dataset.to_list()
-        if num_truncated := sum(row["truncated"] for row in rows):
-            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} pairs have a text longer than "
-                              f"{max_length} tokens; it is truncated at the end (raise --max_length to keep it)")
-        if num_identical := sum(row["identical"] for row in rows):
-            accelerator.print(f"warning: {num_identical} of {len(rows)} {split} pairs have identical chosen and "
-                              "rejected texts; they carry no preference and are dropped")
-        splits[split] = [row for row in rows if not row["identical"]]
-        if not splits[split]:
-            fail(f"no {split} pair is left: every pair has identical chosen and rejected texts")
+    splits = tokenize_splits(args, accelerator, raw, tokenizer, max_length)
     train_rows = splits[args.dataset_train_split]
     eval_rows = equal_eval_share(accelerator, splits.get(args.dataset_test_split, []))
     steps_per_epoch = len(train_rows) // global_batch_size
@@ -298,7 +321,8 @@ def main(args: Args) -> None:
         """Loss, accuracy (ties count half) and mean rewards over every pair of the eval split, summed over
         processes (each process takes every N-th pair)."""
         model.eval()
-        sums = torch.zeros(5, device=accelerator.device)  # loss, accuracy, chosen, rejected, pairs
+        sums = {**pair_metric_sums(*[torch.zeros(0, device=accelerator.device)] * 3),
+                "pairs": torch.zeros((), device=accelerator.device)}  # a process may have no eval pair
         my_rows = eval_rows[accelerator.process_index :: world_size]
         with torch.no_grad():
             for start in range(0, len(my_rows), args.per_device_eval_batch_size):
@@ -306,12 +330,13 @@ def main(args: Args) -> None:
                 batch = {key: value.to(accelerator.device) for key, value in batch.items()}
                 chosen, rejected = get_rewards(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
                 losses = reward_loss(chosen, rejected, batch["margin"], args.center_rewards_coefficient)
-                sums += torch.stack([losses.sum(), pairwise_accuracy(chosen, rejected).sum(), chosen.sum(),
-                                     rejected.sum(), torch.tensor(float(len(chosen)), device=accelerator.device)])
+                batch_sums = {**pair_metric_sums(losses, chosen, rejected), "pairs": len(chosen)}
+                sums = {name: sums[name] + value for name, value in batch_sums.items()}
         model.train()
-        loss, accuracy, chosen, rejected, pairs = accelerator.reduce(sums, "sum").tolist()
-        return {"eval_loss": loss / pairs, "eval_accuracy": accuracy / pairs, "eval_rewards/chosen": chosen / pairs,
-                "eval_rewards/rejected": rejected / pairs, "eval_rewards/margins": (chosen - rejected) / pairs}
+        totals = {name: value.item() for name, value in reduce_sums(accelerator, sums).items()}
+        pairs = totals.pop("pairs")
+        return {**{f"eval_{name}": value / pairs for name, value in totals.items()},
+                "eval_rewards/margins": (totals["rewards/chosen"] - totals["rewards/rejected"]) / pairs}
 
     # 6. Training loop. One optimizer step = gradient_accumulation_steps micro-batches of pairs on each process.
     model.train()
@@ -335,21 +360,22 @@ def main(args: Args) -> None:
         #     Each micro-batch's summed pair losses are divided by the pairs of the whole step, and scaled by
         #     world_size because DDP averages gradients over processes: the update is the gradient of the step's
         #     mean pair loss, however the step is split.
-        step_sums = torch.zeros(4, device=accelerator.device)  # loss, accuracy, chosen, rejected
+        step_sums = pair_metric_sums(*[torch.zeros(0, device=accelerator.device)] * 3)
         for j, batch in enumerate(micro_batches):
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
             with accumulating(accelerator, model, last=j == len(micro_batches) - 1):
                 chosen, rejected = get_rewards(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
                 losses = reward_loss(chosen, rejected, batch["margin"], args.center_rewards_coefficient)
                 accelerator.backward(losses.sum() / global_batch_size * world_size)  # autocast under --bf16
-            step_sums += torch.stack([losses.sum(), pairwise_accuracy(chosen, rejected).sum(), chosen.sum(),
-                                      rejected.sum()]).detach()
-        step_loss, step_accuracy, step_chosen, step_rejected = (accelerator.reduce(step_sums, "sum")
-                                                                / global_batch_size).tolist()
+            batch_sums = pair_metric_sums(losses.detach(), chosen.detach(), rejected.detach())
+            step_sums = {name: step_sums[name] + value for name, value in batch_sums.items()}
+        step_metrics = {name: (value / global_batch_size).item()
+                        for name, value in reduce_sums(accelerator, step_sums).items()}
+        step_metrics["rewards/margins"] = step_metrics["rewards/chosen"] - step_metrics["rewards/rejected"]
 
         # 6c. Clip (max_grad_norm 0: only measure the norm); stop before a non-finite update; step.
         grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf")))
-        stop_if_not_finite(step_loss, grad_norm, step, output_dir)
+        stop_if_not_finite(step_metrics["loss"], grad_norm, step, output_dir)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -358,8 +384,7 @@ def main(args: Args) -> None:
         tokens = int(accelerator.reduce(torch.tensor(sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
                                                      device=accelerator.device), "sum"))
         num_tokens_seen += tokens
-        for key, value in {"loss": step_loss, "accuracy": step_accuracy, "rewards/chosen": step_chosen,
-                           "rewards/rejected": step_rejected, "rewards/margins": step_chosen - step_rejected}.items():
+        for key, value in step_metrics.items():
             running[key] = running.get(key, 0.0) + value
         running_steps, running_tokens = running_steps + 1, running_tokens + tokens
         running_samples, train_seconds = running_samples + global_batch_size, train_seconds + time.time() - step_start

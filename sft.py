@@ -1,10 +1,11 @@
 """Supervised fine-tuning (SFT): maximise the likelihood of demonstration texts, by default only of their completions.
 
 SFT is the first stage of every RLHF pipeline (Ouyang et al. 2022, https://arxiv.org/abs/2203.02155): the policy is
-trained with next-token cross-entropy on demonstrations. This file reproduces TRL's `SFTTrainer` (v0.8 era) in one
-readable loop, and adds what its users asked for: completion-only loss, packing that never lets one document attend to
-another, NEFTune (https://arxiv.org/abs/2310.05914), exact loss normalisation across gradient accumulation and
-processes, checkpoints that resume bit-exactly, and a NaN stop. See docs/sft.md for the details and the deviations.
+trained with next-token cross-entropy on demonstrations. This file reproduces TRL v0.8.6's `SFTTrainer` as documented
+("the seed" wherever this file says it) in one readable loop, and adds what its users asked for: completion-only loss,
+packing that never lets one document attend to another, NEFTune (https://arxiv.org/abs/2310.05914), exact loss
+normalisation across gradient accumulation and processes, checkpoints that resume bit-exactly, and a NaN stop. See
+docs/sft.md for the details and the deviations.
 
     # offline quickstart: the tiny world (assets/), CPU, under a minute
     python sft.py
@@ -301,6 +302,34 @@ def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
     return packed
 
 
+def tokenize_splits(args, accelerator, raw: DatasetDict, tokenizer, max_length: int, data_format: str
+                    ) -> dict[str, list[dict]]:
+    """The train split and the eval split (if any) as lists of training rows: each row tokenised (tokenize_example:
+    labels -100 outside the completions), rows left with no target token after truncation to max_length dropped with
+    a warning, then with --packing packed into blocks (pack_examples). A row that cannot be formatted, or a split with
+    no target token left, stops the run with one line."""
+    try:
+        with accelerator.main_process_first():  # the main process fills the datasets cache first
+            tokenized = {split: raw[split].map(tokenize_example, remove_columns=raw[split].column_names,
+                                               fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
+                                                          "completion_only_loss": args.completion_only_loss},
+                                               desc=f"tokenizing {split}")
+                         for split in [args.dataset_train_split, args.dataset_test_split] if split}
+    except (ValueError, KeyError, TypeError, NotImplementedError) as error:
+        fail(f"could not format the {data_format} rows of {args.dataset_name}: {error!r}")
+    splits = {}
+    for split, dataset in tokenized.items():
+        rows = [{"input_ids": ids, "labels": labels} for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
+        kept = [row for row in rows if any(label != -100 for label in row["labels"][1:])]
+        if len(kept) < len(rows):
+            accelerator.print(f"warning: {len(rows) - len(kept)} of {len(rows)} {split} rows have no target token "
+                              f"left after truncation to {max_length} tokens; they are dropped")
+        if not kept:
+            fail(f"no {split} row has a target token within the first {max_length} tokens")
+        splits[split] = pack_examples(kept, max_length) if args.packing else kept
+    return splits
+
+
 def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch to its longest row -> input_ids, labels, attention_mask, position_ids, each (B, T).
 
@@ -536,25 +565,7 @@ def main(args: Args) -> None:
              "results (they would train on empty turns); use a tokenizer whose template supports tools")
 
     # 4. Tokenise (labels -100 outside completions), drop rows left with no target, then optionally pack.
-    try:
-        with accelerator.main_process_first():  # the main process fills the datasets cache first
-            tokenized = {split: raw[split].map(tokenize_example, remove_columns=raw[split].column_names,
-                                               fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
-                                                          "completion_only_loss": args.completion_only_loss},
-                                               desc=f"tokenizing {split}")
-                         for split in [args.dataset_train_split, args.dataset_test_split] if split}
-    except (ValueError, KeyError, TypeError, NotImplementedError) as error:
-        fail(f"could not format the {data_format} rows of {args.dataset_name}: {error!r}")
-    splits = {}
-    for split, dataset in tokenized.items():
-        rows = [{"input_ids": ids, "labels": labels} for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
-        kept = [row for row in rows if any(label != -100 for label in row["labels"][1:])]
-        if len(kept) < len(rows):
-            accelerator.print(f"warning: {len(rows) - len(kept)} of {len(rows)} {split} rows have no target token "
-                              f"left after truncation to {max_length} tokens; they are dropped")
-        if not kept:
-            fail(f"no {split} row has a target token within the first {max_length} tokens")
-        splits[split] = pack_examples(kept, max_length) if args.packing else kept
+    splits = tokenize_splits(args, accelerator, raw, tokenizer, max_length, data_format)
     train_rows = splits[args.dataset_train_split]
     eval_rows = equal_eval_share(accelerator, splits.get(args.dataset_test_split, []))
     unit = "packed blocks" if args.packing else "rows"
