@@ -5,9 +5,10 @@ desirable or undesirable. With the implicit reward r(x, y) = log(pi(y|x) / pi_re
 estimate of KL(pi || pi_ref) taken from mismatched prompt/completion pairs, it minimises
 desirable_weight * (1 - sigmoid(beta * (r - z0))) on desirable and undesirable_weight * (1 - sigmoid(beta * (z0 - r)))
 on undesirable examples: a prospect-theory value function, loss-averse around the reference point. This file
-reproduces TRL's `KTOTrainer` (v0.8 era) in one readable loop: unpaired rows (and preference pairs unrolled into
-them), desirable/undesirable weights, a frozen or LoRA adapters-off reference, precomputed reference log-probs. It
-fixes the seed's KL pairing, which matches an example with itself in odd batches (see docs/kto.md).
+reproduces "the seed", TRL v0.8.6's `KTOTrainer` as documented, in one readable loop: unpaired rows (and preference
+pairs unrolled into them), desirable/undesirable weights, a frozen or LoRA adapters-off reference, precomputed
+reference log-probs. It fixes the seed's KL pairing, which matches an example with itself in odd batches (see
+docs/kto.md).
 
     # offline quickstart: the tiny world (assets/), CPU, under a minute
     python kto.py
@@ -279,6 +280,65 @@ def tokenize_row(example: dict, tokenizer, max_length: int, max_prompt_length: i
             "identical": len(completions) == 2 and completions[0] == completions[1]}
 
 
+def unroll_pairs(rows: list[dict]) -> list[dict]:
+    """Tokenised rows (tokenize_row) -> examples: prompt_ids, completion_ids, desirable, and the index of the pair it
+    came from (-1: unpaired). A pair gives its chosen example, then its rejected one; a pair whose answers are
+    identical gives none."""
+    return [{"prompt_ids": row["prompt_ids"], "completion_ids": completion, "desirable": desirable,
+             "pair": i if len(row["completion_ids"]) == 2 else -1}
+            for i, row in enumerate(rows) if not row["identical"]
+            for completion, desirable in zip(row["completion_ids"], row["desirable"])]
+
+
+def tokenize_splits(args, accelerator, raw: DatasetDict, tokenizer, max_length: int) -> dict[str, list[dict]]:
+    """The train split and the eval split (if any) as lists of tokenised examples (tokenize_row, then unroll_pairs),
+    each kind of truncation counted in a warning; pairs whose answers are identical carry no preference and are
+    dropped, saying so. A row that cannot be formatted, or a split with fewer than 2 examples left (the KL reference
+    point needs mismatched pairs), stops the run with one line."""
+    try:
+        with accelerator.main_process_first():  # the main process fills the datasets cache first
+            tokenized = {
+                split: raw[split].map(tokenize_row, remove_columns=raw[split].column_names,
+                                      fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
+                                                 "max_prompt_length": args.max_prompt_length,
+                                                 "truncation_mode": args.truncation_mode},
+                                      desc=f"tokenizing {split}")
+                for split in [args.dataset_train_split, args.dataset_test_split] if split
+            }
+    except (ValueError, KeyError, TypeError) as error:
+        fail(f"could not format the rows of {args.dataset_name}: {error!r}")
+    splits = {}
+    for split, dataset in tokenized.items():
+        rows = dataset.to_list()
+        if num_truncated := sum(row["prompt_truncated"] for row in rows):
+            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} prompts were cut to "
+                              f"--max_prompt_length {args.max_prompt_length} ({args.truncation_mode})")
+        if num_truncated := sum(row["answer_truncated"] for row in rows):
+            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} rows had completions cut to fit "
+                              f"{max_length} tokens")
+        if num_identical := sum(row["identical"] for row in rows):
+            accelerator.print(f"warning: {num_identical} of {len(rows)} {split} pairs have identical chosen and "
+                              "rejected answers; they carry no preference and are dropped")
+        splits[split] = unroll_pairs(rows)
+        if len(splits[split]) < 2:
+            fail(f"the {split} split has {len(splits[split])} usable examples; the KL reference point needs at least 2")
+    return splits
+
+
+def check_weight_ratio(accelerator, args, n_desirable: int, n_undesirable: int) -> None:
+    """The paper's eq. (8): desirable_weight * n_desirable / (undesirable_weight * n_undesirable) should lie in
+    [1, 4/3]; outside it, a warning with weights that would bring it there."""
+    ratio = args.desirable_weight * n_desirable / (args.undesirable_weight * n_undesirable)
+    if not 1 <= ratio <= 4 / 3 + 1e-9:
+        up, down = lambda x: math.ceil(x * 1000) / 1000, lambda x: math.floor(x * 1000) / 1000  # noqa: E731
+        accelerator.print(  # the suggested ranges are rounded inwards, so that their printed ends are inside
+            f"warning: desirable_weight x desirable / (undesirable_weight x undesirable) = {args.desirable_weight:g} x "
+            f"{n_desirable} / ({args.undesirable_weight:g} x {n_undesirable}) = {ratio:.3f}, outside the [1, 4/3] the "
+            f"KTO paper advises; e.g. --undesirable_weight in [{up(3 * ratio * args.undesirable_weight / 4):.3f}, "
+            f"{down(ratio * args.undesirable_weight):.3f}] or --desirable_weight in "
+            f"[{up(args.desirable_weight / ratio):.3f}, {down(4 * args.desirable_weight / (3 * ratio)):.3f}]")
+
+
 def kl_partners(prompts: list) -> list[int]:
     """For each example k of a batch, the example whose completion its prompt is paired with to estimate the KL
     reference point: (k + s) mod n, with the smallest shift s >= 1 (up to 100 tried) under which no example meets a
@@ -301,6 +361,13 @@ def mismatched_example(prompt_row: dict, completion_row: dict, max_length: int) 
     """The prompt of one example followed by the completion of another (cut to fit max_length): a KL pair."""
     return {"prompt_ids": prompt_row["prompt_ids"],
             "completion_ids": completion_row["completion_ids"][: max_length - len(prompt_row["prompt_ids"])]}
+
+
+def kl_pair_rows(rows: list[dict], indices, max_length: int) -> list[dict]:
+    """The KL pairs of a batch (rows[i] for i in indices: one optimizer step's global batch, or the whole eval split):
+    for each example k, its prompt with the completion of another example of the same batch (kl_partners)."""
+    partners = kl_partners([tuple(rows[i]["prompt_ids"]) for i in indices])
+    return [mismatched_example(rows[indices[k]], rows[indices[partners[k]]], max_length) for k in range(len(indices))]
 
 
 def collate_examples(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -482,6 +549,227 @@ def kto_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach(), kl
 
 
+def example_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, desirable: torch.Tensor,
+                 policy_KL_logps: torch.Tensor, reference_KL_logps: torch.Tensor,
+                 args) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """kto_loss on a batch of n examples, desirable and undesirable together: their log-probs (n,) under the policy
+    and the reference (summed over each completion, never averaged: the seed's KTO sums), `desirable` (n,) bool, and
+    the KL pairs of the whole step (K,). Returns (losses (n,), the desirable ones first; the reference point kl ();
+    the batch's metric sums, example_metrics)."""
+    losses, chosen_rewards, rejected_rewards, kl = kto_loss(
+        policy_logps[desirable], policy_logps[~desirable], policy_KL_logps, reference_logps[desirable],
+        reference_logps[~desirable], reference_KL_logps, beta=args.beta, desirable_weight=args.desirable_weight,
+        undesirable_weight=args.undesirable_weight)
+    return losses, kl, example_metrics(policy_logps, desirable, losses, chosen_rewards, rejected_rewards)
+
+
+def example_metrics(policy_logps: torch.Tensor, desirable: torch.Tensor, losses: torch.Tensor,
+                    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """THE place to add a metric: name -> (its sum over the batch's examples, the number of examples it is a mean
+    over), a (2,) float32 tensor. Summed over micro-batches, processes and steps (add_sums, reduce_sums), then each
+    sum divided by its count (summarize): rewards/chosen is the mean over the desirable examples, rewards/rejected
+    over the undesirable ones, as the seed logs them."""
+    policy_logps, losses = policy_logps.detach(), losses.detach()
+    n_chosen, n_rejected = desirable.sum().float(), (~desirable).sum().float()
+    return {"loss": torch.stack([losses.sum(), n_chosen + n_rejected]),
+            "rewards/chosen": torch.stack([chosen_rewards.sum(), n_chosen]),
+            "rewards/rejected": torch.stack([rejected_rewards.sum(), n_rejected]),
+            "logps/chosen": torch.stack([policy_logps[desirable].sum(), n_chosen]),
+            "logps/rejected": torch.stack([policy_logps[~desirable].sum(), n_rejected])}
+
+
+def add_sums(total: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Metric sums added name by name (to an empty total: the sums themselves)."""
+    return {name: total.get(name, 0) + value for name, value in sums.items()}
+
+
+def reduce_sums(accelerator, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This process's metric sums -> their sums over every process, on the CPU: one all-reduce of the stacked values."""
+    return dict(zip(sums, accelerator.reduce(torch.stack(list(sums.values())), "sum").cpu()))
+
+
+def summarize(totals: dict[str, torch.Tensor], kl: float, prefix: str = "") -> dict[str, float]:
+    """example_metrics' sums -> means, each over its own count and left out when that is 0 (no desirable, or no
+    undesirable, example in the window); rewards/margins where both kinds were seen; kl, the reference point, as
+    given. The names prefixed."""
+    means = {name: total / count for name, (total, count) in
+             ((name, value.tolist()) for name, value in totals.items()) if count}
+    if "rewards/chosen" in means and "rewards/rejected" in means:
+        means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
+    return {prefix + name: value for name, value in {**means, "kl": kl}.items()}
+
+
+def load_reference_model(args, accelerator) -> torch.nn.Module:
+    """pi_ref: a frozen copy of the initial policy, always --model_name_or_path (also when resuming), its dropout off as
+    the policy's; eval mode, no gradients, sharded under FSDP / ZeRO-3 (prepare_frozen)."""
+    reference = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, revision=args.revision, dtype=(
+        args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)),
+        attn_implementation=args.attn_implementation)
+    if args.disable_dropout:
+        disable_dropout_in_model(reference)
+    return prepare_frozen(accelerator, reference)
+
+
+def reference_logps(model, reference_model, accelerator, batch: dict, args) -> torch.Tensor:
+    """(n,) reference log-probs of a collated batch (on the device), at the policy's precision under --bf16: under
+    reference_model, or with LoRA (reference_model None) under the policy `model` with its adapters off."""
+    with torch.no_grad(), accelerator.autocast():
+        if reference_model is not None:
+            out = token_log_probs(reference_model, accelerator.unwrap_model(reference_model), batch, args.chunk_size,
+                                  args.lm_head_only_at_labels)
+        else:  # LoRA: the reference is the base model, i.e. the policy with its adapters off
+            with accelerator.unwrap_model(model).disable_adapter():
+                out = token_log_probs(model, accelerator.unwrap_model(model), batch, args.chunk_size,
+                                      args.lm_head_only_at_labels)
+        return sequence_log_probs(out.log_probs, batch["labels"])
+
+
+def reference_logps_of_rows(reference_model, accelerator, rows: list[dict], pad_token_id: int, desc: str,
+                            args) -> list[float]:
+    """The reference log-prob of each of `rows` (examples or KL pairs), on every process: each process scores its
+    share, then every process receives all of them."""
+    world_size = accelerator.num_processes
+    # as many rows on every process (a sharded reference's forwards are collective): the last row
+    # is scored again where the rows do not divide evenly
+    mine = [min(i, len(rows) - 1) for i in range(accelerator.process_index,
+                                                  math.ceil(len(rows) / world_size) * world_size, world_size)]
+    scored = []
+    for start in tqdm(range(0, len(mine), args.per_device_eval_batch_size), desc=f"reference {desc}",
+                      disable=not accelerator.is_local_main_process):
+        chunk = mine[start : start + args.per_device_eval_batch_size]
+        batch = collate_examples([rows[i] for i in chunk], pad_token_id)
+        scored += list(zip(chunk, reference_logps(None, reference_model, accelerator, {
+            key: value.to(accelerator.device) for key, value in batch.items()}, args).tolist()))
+    logps = [0.0] * len(rows)
+    for i, logp in gather_object(scored):
+        logps[i] = logp
+    return logps
+
+
+def precompute_reference_logps(args, accelerator, train_rows: list[dict], eval_rows: list[dict],
+                               eval_kl_rows: list[dict], total_steps: int, global_batch_size: int, max_length: int,
+                               pad_token_id: int) -> list[list[float]]:
+    """--precompute_ref_log_probs: the reference log-probs of every example and every KL pair, before the policy is
+    loaded so that the two never share memory; then the reference is freed. The examples' (and the eval KL pairs')
+    are written into their rows (collate_examples carries them on); the training KL pairs', known in advance because
+    the data order is a function of the step, are returned per step: (total_steps, global_batch_size)."""
+    reference_model = load_reference_model(args, accelerator)
+    for rows, desc in ((train_rows, "train"), (eval_rows, "eval"), (eval_kl_rows, "eval KL pairs")):
+        for row, logp in zip(rows, reference_logps_of_rows(reference_model, accelerator, rows, pad_token_id, desc,
+                                                            args)):
+            row["reference_logps"] = logp
+    kl_rows = [row for step in range(total_steps) for row in kl_pair_rows(
+        train_rows, step_indices(step, len(train_rows), global_batch_size, args.seed), max_length)]
+    logps = reference_logps_of_rows(reference_model, accelerator, kl_rows, pad_token_id, "train KL pairs", args)
+    del reference_model, kl_rows
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return [logps[s * global_batch_size : (s + 1) * global_batch_size] for s in range(total_steps)]
+
+
+def example_forward(model, reference_model, accelerator, batch: dict, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Policy and reference log-probs (n,) of a batch of examples, desirable and undesirable together: ONE policy
+    forward (with gradient unless the caller turned it off), and one reference forward unless the reference log-probs
+    were precomputed. The KL pairs (mismatched prompt and completion) take the same path. No (tokens x vocabulary)
+    logits are held whole (--chunk_size; 0: the model's logits at the completions)."""
+    with accelerator.autocast():
+        out = token_log_probs(model, accelerator.unwrap_model(model), batch, args.chunk_size,
+                              args.lm_head_only_at_labels)
+    policy = sequence_log_probs(out.log_probs, batch["labels"])
+    if "reference_logps" in batch:
+        return policy, batch["reference_logps"]
+    return policy, reference_logps(model, reference_model, accelerator, batch, args)
+
+
+def kl_pair_logps(model, reference_model, accelerator, kl_rows: list[dict], chunks: list[torch.Tensor],
+                  pad_token_id: int, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KL reference point's inputs, without gradient: the policy's and the reference's log-probs of a batch's KL
+    pairs (kl_pair_rows), each process scoring the positions in its `chunks` (one forward each), then summed into
+    (len(kl_rows),) vectors that every process holds. kto_loss takes their mean, i.e. the mean over all processes
+    and micro-batches, so the estimate does not depend on how the batch is split."""
+    policy_kl, reference_kl = (torch.zeros(len(kl_rows), device=accelerator.device) for _ in range(2))
+    with torch.no_grad():
+        for chunk in chunks:
+            batch = collate_examples([kl_rows[k] for k in chunk.tolist()], pad_token_id)
+            policy_kl[chunk], reference_kl[chunk] = example_forward(model, reference_model, accelerator, {
+                key: value.to(accelerator.device) for key, value in batch.items()}, args)
+    return accelerator.reduce(policy_kl, "sum"), accelerator.reduce(reference_kl, "sum")
+
+
+def generate_samples(model, reference_model, accelerator, tokenizer, rows: list[dict], step: int, args) -> None:
+    """Answers of the policy and of the reference to the first eval prompts, to samples.jsonl (and wandb)."""
+    prompts = [list(ids) for ids in dict.fromkeys(tuple(row["prompt_ids"]) for row in rows)]
+    prompts = prompts[: args.per_device_eval_batch_size]
+    longest = max(len(ids) for ids in prompts)
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(ids)) + ids for ids in prompts])
+    attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompts])
+    max_new_tokens = min(args.max_length, tokenizer.model_max_length) - args.max_prompt_length  # the answers' room
+    kwargs = {"input_ids": input_ids.to(accelerator.device), "attention_mask": attention_mask.to(accelerator.device),
+              "max_new_tokens": max_new_tokens, "do_sample": True, "top_k": 0, "pad_token_id": tokenizer.pad_token_id}
+    reference_out = None  # the frozen copy was freed (precomputed)
+    with torch.no_grad():
+        with gathered_for_generation(accelerator, model) as policy:  # whole weights for these calls only
+            policy_out = policy.generate(**kwargs)
+            if args.use_peft:  # the reference is the policy with its adapters off
+                with policy.disable_adapter():
+                    reference_out = policy.generate(**kwargs)
+        if reference_model is not None:
+            with gathered_for_generation(accelerator, reference_model) as reference:
+                reference_out = reference.generate(**kwargs)
+    decode = lambda out: tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)  # noqa: E731
+    samples = [{"step": step, "prompt": tokenizer.decode(ids, skip_special_tokens=True), "policy": p,
+                "reference": r} for ids, p, r in zip(prompts, decode(policy_out), decode(reference_out)
+                                                      if reference_out is not None else [None] * len(prompts))]
+    if not accelerator.is_main_process:  # every process generates (sharded weights are gathered together)
+        return
+    with open(Path(args.output_dir) / "samples.jsonl", "a") as f:
+        f.writelines(json.dumps(sample) + "\n" for sample in samples)
+    if args.track:
+        import wandb
+
+        wandb.log({"game_log": wandb.Table(columns=list(samples[0]), rows=[list(s.values()) for s in samples])},
+                  step=step)
+
+
+def evaluate(model, reference_model, accelerator, tokenizer, rows: list[dict], kl_rows: list[dict], step: int,
+             args) -> dict[str, float]:
+    """KTO metrics over every example of the eval split (each process takes every N-th one), with the KL reference
+    point of the whole split (kl_rows, fixed once); when the split holds preference pairs, also the accuracy of the
+    implicit reward on them (ties count half). Prefixed eval_; with --generate_during_eval, samples of the first
+    prompts too (generate_samples)."""
+    model.eval()
+    chunks = torch.arange(accelerator.process_index, len(rows), accelerator.num_processes).split(
+        args.per_device_eval_batch_size)
+    # the KL pairs first: the loss of every example needs their mean
+    policy_kl, reference_kl = kl_pair_logps(model, reference_model, accelerator, kl_rows, chunks,
+                                            tokenizer.pad_token_id, args)
+    kl = (policy_kl - reference_kl).mean().clamp(min=0)  # the reference point kto_loss uses, for the log
+    rewards = torch.zeros(len(rows), device=accelerator.device)
+    nothing = torch.zeros(0, device=accelerator.device)  # the sums of no example: a process without eval rows adds 0
+    sums = example_loss(nothing, nothing, nothing.bool(), policy_kl, reference_kl, args)[2]
+    with torch.no_grad():
+        for chunk in chunks:
+            batch = collate_examples([rows[k] for k in chunk.tolist()], tokenizer.pad_token_id)
+            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+            policy, reference = example_forward(model, reference_model, accelerator, batch, args)
+            sums = add_sums(sums, example_loss(policy, reference, batch["desirable"], policy_kl, reference_kl, args)[2])
+            rewards[chunk] = args.beta * (policy - reference)
+    if args.generate_during_eval:
+        generate_samples(model, reference_model, accelerator, tokenizer, rows, step, args)
+    model.train()
+    metrics = summarize(reduce_sums(accelerator, sums), kl.item(), prefix="eval_")
+    # a pair's chosen example k has its rejected one at k + 1 (unless the sharded share cut the split between them)
+    pairs = [k for k, row in enumerate(rows[:-1]) if row["pair"] >= 0 and row["desirable"]
+             and rows[k + 1]["pair"] == row["pair"]]
+    if pairs:
+        rewards = accelerator.reduce(rewards, "sum")
+        chosen, rejected = rewards[pairs], rewards[[k + 1 for k in pairs]]
+        metrics["eval_rewards/accuracies"] = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+                                              ).mean().item()
+    return metrics
+
+
 def main(args: Args) -> None:
     # 0. Check what can be checked before anything is loaded.
     check_positive(args, ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -538,51 +826,12 @@ def main(args: Args) -> None:
 
     # 4. Tokenise every row (prompt and completion apart; the prompt is masked when collated); count truncations;
     #    unroll pairs into a desirable and an undesirable example, dropping pairs whose answers are identical.
-    try:
-        with accelerator.main_process_first():  # the main process fills the datasets cache first
-            tokenized = {
-                split: raw[split].map(tokenize_row, remove_columns=raw[split].column_names,
-                                      fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
-                                                 "max_prompt_length": args.max_prompt_length,
-                                                 "truncation_mode": args.truncation_mode},
-                                      desc=f"tokenizing {split}")
-                for split in [args.dataset_train_split, args.dataset_test_split] if split
-            }
-    except (ValueError, KeyError, TypeError) as error:
-        fail(f"could not format the rows of {args.dataset_name}: {error!r}")
-    splits = {}
-    for split, dataset in tokenized.items():
-        rows = dataset.to_list()
-        if num_truncated := sum(row["prompt_truncated"] for row in rows):
-            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} prompts were cut to "
-                              f"--max_prompt_length {args.max_prompt_length} ({args.truncation_mode})")
-        if num_truncated := sum(row["answer_truncated"] for row in rows):
-            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} rows had completions cut to fit "
-                              f"{max_length} tokens")
-        if num_identical := sum(row["identical"] for row in rows):
-            accelerator.print(f"warning: {num_identical} of {len(rows)} {split} pairs have identical chosen and "
-                              "rejected answers; they carry no preference and are dropped")
-        # each example: prompt_ids, completion_ids, desirable, and the index of the pair it came from (-1: unpaired)
-        splits[split] = [{"prompt_ids": row["prompt_ids"], "completion_ids": completion, "desirable": desirable,
-                          "pair": i if len(row["completion_ids"]) == 2 else -1}
-                         for i, row in enumerate(rows) if not row["identical"]
-                         for completion, desirable in zip(row["completion_ids"], row["desirable"])]
-        if len(splits[split]) < 2:
-            fail(f"the {split} split has {len(splits[split])} usable examples; the KL reference point needs at least 2")
+    splits = tokenize_splits(args, accelerator, raw, tokenizer, max_length)
     train_rows = splits[args.dataset_train_split]
     eval_rows = equal_eval_share(accelerator, splits.get(args.dataset_test_split, []))
     n_desirable = sum(row["desirable"] for row in train_rows)
     n_undesirable = len(train_rows) - n_desirable
-    # The paper's eq. (8): desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3].
-    ratio = args.desirable_weight * n_desirable / (args.undesirable_weight * n_undesirable)
-    if not 1 <= ratio <= 4 / 3 + 1e-9:
-        up, down = lambda x: math.ceil(x * 1000) / 1000, lambda x: math.floor(x * 1000) / 1000  # noqa: E731
-        accelerator.print(  # the suggested ranges are rounded inwards, so that their printed ends are inside
-            f"warning: desirable_weight x desirable / (undesirable_weight x undesirable) = {args.desirable_weight:g} x "
-            f"{n_desirable} / ({args.undesirable_weight:g} x {n_undesirable}) = {ratio:.3f}, outside the [1, 4/3] the "
-            f"KTO paper advises; e.g. --undesirable_weight in [{up(3 * ratio * args.undesirable_weight / 4):.3f}, "
-            f"{down(ratio * args.undesirable_weight):.3f}] or --desirable_weight in "
-            f"[{up(args.desirable_weight / ratio):.3f}, {down(4 * args.desirable_weight / (3 * ratio)):.3f}]")
+    check_weight_ratio(accelerator, args, n_desirable, n_undesirable)
     steps_per_epoch = len(train_rows) // global_batch_size
     if steps_per_epoch == 0:
         fail(f"the training set has {len(train_rows)} examples but one optimizer step needs {global_batch_size} "
@@ -591,87 +840,26 @@ def main(args: Args) -> None:
     total_steps = args.max_steps if args.max_steps > 0 else max(1, int(args.num_train_epochs * steps_per_epoch))
     # The evaluation's KL pairs are fixed once, over the whole eval split, so that the eval metrics do not depend on
     # how the split is sharded over processes or batched.
-    eval_partners = kl_partners([tuple(row["prompt_ids"]) for row in eval_rows]) if eval_rows else []
-    eval_kl_rows = [mismatched_example(row, eval_rows[j], max_length) for row, j in zip(eval_rows, eval_partners)]
-    # a pair's chosen example k has its rejected one at k + 1 (unless the sharded share cut the split between them)
-    eval_pairs = [k for k, row in enumerate(eval_rows[:-1]) if row["pair"] >= 0 and row["desirable"]
-                  and eval_rows[k + 1]["pair"] == row["pair"]]
+    eval_kl_rows = kl_pair_rows(eval_rows, range(len(eval_rows)), max_length) if eval_rows else []
     accelerator.print(f"KTO data: {len(train_rows)} train examples ({n_desirable} desirable, {n_undesirable} "
                       f"undesirable) / {len(eval_rows)} eval; {total_steps} steps of {global_batch_size}")
 
-    def step_kl_rows(step: int, indices: list[int], positions) -> list[dict]:
-        """The KL pairs of step `step` at the given positions of its global batch: the prompt of example k with the
-        completion of another example of the same batch (kl_partners)."""
-        partners = kl_partners([tuple(train_rows[i]["prompt_ids"]) for i in indices])
-        return [mismatched_example(train_rows[indices[k]], train_rows[indices[partners[k]]], max_length)
-                for k in positions]
-
     # 5. The reference pi_ref: a frozen copy of the initial policy (always --model_name_or_path, also when resuming),
-    #    or with LoRA the policy itself with its adapters off (no second copy).
-    def load_reference_model():
-        reference = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, revision=args.revision, dtype=(
-            args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)),
-            attn_implementation=args.attn_implementation)
-        if args.disable_dropout:
-            disable_dropout_in_model(reference)
-        return prepare_frozen(accelerator, reference)  # eval mode, frozen; sharded under FSDP / ZeRO-3
-
-    def reference_logps(batch: dict) -> torch.Tensor:
-        """(n,) reference log-probs of a collated batch (on the device), at the policy's precision under --bf16."""
-        with torch.no_grad(), accelerator.autocast():
-            if reference_model is not None:
-                out = token_log_probs(reference_model, accelerator.unwrap_model(reference_model), batch,
-                                      args.chunk_size, args.lm_head_only_at_labels)
-            else:  # LoRA: the reference is the base model, i.e. the policy with its adapters off
-                with accelerator.unwrap_model(model).disable_adapter():
-                    out = token_log_probs(model, accelerator.unwrap_model(model), batch, args.chunk_size,
-                                          args.lm_head_only_at_labels)
-            return sequence_log_probs(out.log_probs, batch["labels"])
-
-    # 5a. --precompute_ref_log_probs: before the policy is loaded, so the two never share memory, for every example
-    #     and every KL pair (the training KL pairs of each step are known in advance: the data order is a function of
-    #     the step). Each process scores its share, then every process receives all of them, and the reference is freed.
-    reference_kl_logps = None  # per step, the (global_batch_size,) reference log-probs of its KL pairs
+    #    or with LoRA the policy itself with its adapters off (no second copy). --precompute_ref_log_probs scores
+    #    every example and every KL pair once, before the policy is loaded, and frees the reference.
+    reference_kl_logps = None  # precomputed: per step, the (global_batch_size,) reference log-probs of its KL pairs
     if args.precompute_ref_log_probs:
-        reference_model = load_reference_model()
-
-        def score(rows: list[dict], desc: str) -> list[float]:
-            # as many rows on every process (a sharded reference's forwards are collective): the last row
-            # is scored again where the rows do not divide evenly
-            mine = [min(i, len(rows) - 1) for i in range(accelerator.process_index,
-                                                          math.ceil(len(rows) / world_size) * world_size,
-                                                          world_size)]
-            scored = []
-            for start in tqdm(range(0, len(mine), args.per_device_eval_batch_size), desc=f"reference {desc}",
-                              disable=not accelerator.is_local_main_process):
-                chunk = mine[start : start + args.per_device_eval_batch_size]
-                batch = collate_examples([rows[i] for i in chunk], tokenizer.pad_token_id)
-                scored += list(zip(chunk, reference_logps({key: value.to(accelerator.device)
-                                                           for key, value in batch.items()}).tolist()))
-            logps = [0.0] * len(rows)
-            for i, logp in gather_object(scored):
-                logps[i] = logp
-            return logps
-
-        for rows, desc in ((train_rows, "train"), (eval_rows, "eval"), (eval_kl_rows, "eval KL pairs")):
-            for row, logp in zip(rows, score(rows, desc)):
-                row["reference_logps"] = logp
-        everything = range(global_batch_size)
-        kl_rows = [row for step in range(total_steps) for row in step_kl_rows(
-            step, step_indices(step, len(train_rows), global_batch_size, args.seed), everything)]
-        logps = score(kl_rows, "train KL pairs")
-        reference_kl_logps = [logps[s * global_batch_size : (s + 1) * global_batch_size] for s in range(total_steps)]
-        reference_model, kl_rows = None, None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        reference_kl_logps = precompute_reference_logps(args, accelerator, train_rows, eval_rows, eval_kl_rows,
+                                                        total_steps, global_batch_size, max_length,
+                                                        tokenizer.pad_token_id)
 
     # 6. Policy (LoRA, gradient checkpointing), dropout off after wrapping so that LoRA's is off too, as in the seed.
     model = load_trainable_model(args, AutoModelForCausalLM, "CAUSAL_LM")
     if args.disable_dropout:
         disable_dropout_in_model(model)
     model.to(accelerator.device)
-    reference_model = load_reference_model() if not (args.precompute_ref_log_probs or args.use_peft) else None
+    needs_live_reference = not (args.precompute_ref_log_probs or args.use_peft)
+    reference_model = load_reference_model(args, accelerator) if needs_live_reference else None
     params_in_memory = sum(p.numel() for m in (model, reference_model) if m is not None for p in m.parameters())
     num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accelerator.print(f"model: {params_in_memory / 1e6:.2f}M parameters in memory (policy"
@@ -682,119 +870,15 @@ def main(args: Args) -> None:
     start_step, num_tokens_seen = state["step"], state.get("num_tokens", 0)
     log = open_logs(args, accelerator, start_step, files=("metrics.jsonl", "samples.jsonl"))
 
-    def forward(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Policy and reference log-probs (n,) of a batch of examples, desirable and undesirable together: ONE
-        policy forward (with gradient unless the caller turned it off), and one reference forward unless the
-        reference log-probs were precomputed. The KL pairs (mismatched prompt and completion) take the same path. No
-        (tokens x vocabulary) logits are held whole (--chunk_size; 0: the model's logits at the completions)."""
-        with accelerator.autocast():
-            out = token_log_probs(model, accelerator.unwrap_model(model), batch, args.chunk_size,
-                                  args.lm_head_only_at_labels)
-        policy = sequence_log_probs(out.log_probs, batch["labels"])
-        return policy, batch["reference_logps"] if "reference_logps" in batch else reference_logps(batch)
-
-    def compute_loss(policy, reference, desirable, policy_kl, reference_kl):
-        """kto_loss on a batch: its desirable and undesirable examples, and the KL pairs of the whole step."""
-        return kto_loss(policy[desirable], policy[~desirable], policy_kl, reference[desirable],
-                        reference[~desirable], reference_kl, beta=args.beta, desirable_weight=args.desirable_weight,
-                        undesirable_weight=args.undesirable_weight)
-
-    def example_metrics(policy, desirable, losses, chosen_rewards, rejected_rewards) -> torch.Tensor:
-        """Sums over the batch's examples: loss, chosen/rejected rewards and log-probs, and the desirable and
-        undesirable counts; reduced over processes and divided by the counts later (summarize)."""
-        policy = policy.detach()
-        return torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(), policy[desirable].sum(),
-                            policy[~desirable].sum(), desirable.sum().float(), (~desirable).sum().float()])
-
-    def summarize(sums: list[float], kl: float, prefix: str = "") -> dict:
-        """Means from example_metrics sums, as the seed logs them: rewards/chosen is the mean over the desirable
-        examples, rewards/rejected over the undesirable ones (left out when there were none)."""
-        loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, n_chosen, n_rejected = sums
-        mean = lambda total, count: total / count if count else None  # noqa: E731
-        chosen, rejected = mean(chosen_rewards, n_chosen), mean(rejected_rewards, n_rejected)
-        metrics = {"loss": loss / (n_chosen + n_rejected), "rewards/chosen": chosen, "rewards/rejected": rejected,
-                   "rewards/margins": chosen - rejected if n_chosen and n_rejected else None, "kl": kl,
-                   "logps/chosen": mean(chosen_logps, n_chosen), "logps/rejected": mean(rejected_logps, n_rejected)}
-        return {prefix + key: value for key, value in metrics.items() if value is not None}
-
-    def generate_samples(step: int) -> None:
-        """Answers of the policy and of the reference to the first eval prompts, to samples.jsonl (and wandb)."""
-        prompts = [list(ids) for ids in dict.fromkeys(tuple(row["prompt_ids"]) for row in eval_rows)]
-        prompts = prompts[: args.per_device_eval_batch_size]
-        longest = max(len(ids) for ids in prompts)
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(ids)) + ids for ids in prompts])
-        attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompts])
-        kwargs = {"input_ids": input_ids.to(accelerator.device), "attention_mask": attention_mask.to(
-            accelerator.device), "max_new_tokens": max_length - args.max_prompt_length, "do_sample": True,
-                  "top_k": 0, "pad_token_id": tokenizer.pad_token_id}
-        reference_out = None  # the frozen copy was freed (precomputed)
-        with torch.no_grad():
-            with gathered_for_generation(accelerator, model) as policy:  # whole weights for these calls only
-                policy_out = policy.generate(**kwargs)
-                if args.use_peft:  # the reference is the policy with its adapters off
-                    with policy.disable_adapter():
-                        reference_out = policy.generate(**kwargs)
-            if reference_model is not None:
-                with gathered_for_generation(accelerator, reference_model) as reference:
-                    reference_out = reference.generate(**kwargs)
-        decode = lambda out: tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)  # noqa: E731
-        samples = [{"step": step, "prompt": tokenizer.decode(ids, skip_special_tokens=True), "policy": p,
-                    "reference": r} for ids, p, r in zip(prompts, decode(policy_out), decode(reference_out)
-                                                          if reference_out is not None else [None] * len(prompts))]
-        if not accelerator.is_main_process:  # every process generates (sharded weights are gathered together)
-            return
-        with open(output_dir / "samples.jsonl", "a") as f:
-            f.writelines(json.dumps(sample) + "\n" for sample in samples)
-        if args.track:
-            import wandb
-
-            wandb.log({"game_log": wandb.Table(columns=list(samples[0]), rows=[list(s.values()) for s in samples])},
-                      step=step)
-
-    def evaluate(step: int) -> dict:
-        """KTO metrics over every example of the eval split (each process takes every N-th one), with the KL
-        reference point of the whole split; when the split holds preference pairs, also the accuracy of the
-        implicit reward on them (ties count half). Prefixed eval_."""
-        model.eval()
-        n = len(eval_rows)
-        policy_kl, reference_kl, rewards = (torch.zeros(n, device=accelerator.device) for _ in range(3))
-        mine = torch.arange(accelerator.process_index, n, world_size)
-        chunks = mine.split(args.per_device_eval_batch_size)
-        sums = torch.zeros(7, device=accelerator.device)
-        with torch.no_grad():
-            for chunk in chunks:  # the KL pairs first: the loss of every example needs their mean
-                batch = collate_examples([eval_kl_rows[k] for k in chunk], tokenizer.pad_token_id)
-                policy_kl[chunk], reference_kl[chunk] = forward({k: v.to(accelerator.device) for k, v in batch.items()})
-            policy_kl, reference_kl = accelerator.reduce(policy_kl, "sum"), accelerator.reduce(reference_kl, "sum")
-            kl = (policy_kl - reference_kl).mean().clamp(min=0)  # the reference point kto_loss uses, for the log
-            for chunk in chunks:
-                batch = collate_examples([eval_rows[k] for k in chunk], tokenizer.pad_token_id)
-                batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-                policy, reference = forward(batch)
-                losses, chosen_rewards, rejected_rewards, _ = compute_loss(policy, reference, batch["desirable"],
-                                                                           policy_kl, reference_kl)
-                sums += example_metrics(policy, batch["desirable"], losses, chosen_rewards, rejected_rewards)
-                rewards[chunk] = args.beta * (policy - reference)
-        if args.generate_during_eval:
-            generate_samples(step)
-        model.train()
-        metrics = summarize(accelerator.reduce(sums, "sum").tolist(), kl.item(), prefix="eval_")
-        if eval_pairs:
-            rewards = accelerator.reduce(rewards, "sum")
-            chosen, rejected = rewards[eval_pairs], rewards[[k + 1 for k in eval_pairs]]
-            metrics["eval_rewards/accuracies"] = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()
-                                                  ).mean().item()
-        return metrics
-
-
     # 8. Training loop. One optimizer step = gradient_accumulation_steps micro-batches of examples on each process.
     model.train()
     if start_step == 0:
         log({"step": 0, "epoch": 0.0, "params_in_memory": params_in_memory})
     if eval_rows and start_step == 0:
-        log({"step": 0, "epoch": 0.0, **evaluate(0)})
+        log({"step": 0, "epoch": 0.0,
+             **evaluate(model, reference_model, accelerator, tokenizer, eval_rows, eval_kl_rows, 0, args)})
     # running sums over the current logging window; train_seconds excludes evaluation and checkpointing
-    running, running_kl, running_tokens, train_seconds = torch.zeros(7), [], 0, 0.0
+    running, running_kl, running_tokens, train_seconds = {}, [], 0, 0.0
     progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="kto",
                     disable=not accelerator.is_local_main_process)
     preemption = Preemption()  # from here on, SIGTERM / SIGINT end the run with a checkpoint
@@ -806,40 +890,34 @@ def main(args: Args) -> None:
         positions = torch.arange(accelerator.process_index, global_batch_size, world_size)
         micro_positions = positions.split(args.per_device_train_batch_size)
 
-        # 8b. The KL reference point of the step, without gradient: the policy's and the reference's log-probs of
-        #     the step's mismatched pairs, every process scoring its positions, then summed into (global_batch_size,)
-        #     vectors that every process holds. kto_loss takes their mean, i.e. the mean over all processes and
-        #     micro-batches, so the step's KL estimate does not depend on how the step is split.
-        policy_kl, reference_kl = (torch.zeros(global_batch_size, device=accelerator.device) for _ in range(2))
-        with torch.no_grad():
-            for chunk in micro_positions:
-                kl_rows = step_kl_rows(step, indices, chunk.tolist())
-                if reference_kl_logps is not None:
-                    for row, k in zip(kl_rows, chunk.tolist()):
-                        row["reference_logps"] = reference_kl_logps[step][k]
-                batch = collate_examples(kl_rows, tokenizer.pad_token_id)
-                policy_kl[chunk], reference_kl[chunk] = forward({k: v.to(accelerator.device) for k, v in batch.items()})
-        policy_kl, reference_kl = accelerator.reduce(policy_kl, "sum"), accelerator.reduce(reference_kl, "sum")
+        # 8b. The KL reference point of the step, without gradient, from the step's mismatched pairs (kl_pair_logps):
+        #     the same (global_batch_size,) log-probs on every process, whatever the split into processes and
+        #     micro-batches.
+        kl_rows = kl_pair_rows(train_rows, indices, max_length)
+        if reference_kl_logps is not None:
+            for row, logp in zip(kl_rows, reference_kl_logps[step]):
+                row["reference_logps"] = logp
+        policy_kl, reference_kl = kl_pair_logps(model, reference_model, accelerator, kl_rows, micro_positions,
+                                                tokenizer.pad_token_id, args)
 
         # 8c. Forward and backward each micro-batch. The losses are averaged over the examples of the whole step
         #     (the micro-batch sum divided by the step's example count, as the seed's mean over a batch), and scaled
         #     by world_size because DDP averages gradients over processes.
         micro_batches = [collate_examples([train_rows[indices[k]] for k in chunk.tolist()], tokenizer.pad_token_id)
                          for chunk in micro_positions]
-        step_sums = torch.zeros(7, device=accelerator.device)
+        step_sums = {}
         for j, batch in enumerate(micro_batches):
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
             with accumulating(accelerator, model, last=j == len(micro_batches) - 1):
-                policy, reference = forward(batch)  # autocast under --bf16
-                losses, chosen_rewards, rejected_rewards, kl = compute_loss(policy, reference, batch["desirable"],
-                                                                            policy_kl, reference_kl)
+                policy, reference = example_forward(model, reference_model, accelerator, batch, args)  # autocast
+                losses, kl, sums = example_loss(policy, reference, batch["desirable"], policy_kl, reference_kl, args)
                 accelerator.backward(losses.sum() / global_batch_size * world_size)
-            step_sums += example_metrics(policy, batch["desirable"], losses.detach(), chosen_rewards, rejected_rewards)
-        step_totals = accelerator.reduce(step_sums, "sum")
+            step_sums = add_sums(step_sums, sums)
+        step_totals = reduce_sums(accelerator, step_sums)
 
         # 8d. Clip (max_grad_norm 0: only measure the norm); stop before a non-finite update; step.
         grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf")))
-        stop_if_not_finite(step_totals[0] / step_totals[5:].sum(), grad_norm, step, output_dir)
+        stop_if_not_finite(summarize(step_totals, kl.item())["loss"], grad_norm, step, output_dir)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -848,23 +926,24 @@ def main(args: Args) -> None:
         tokens = int(accelerator.reduce(torch.tensor(sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
                                                      device=accelerator.device), "sum"))
         num_tokens_seen += tokens
-        running += step_totals.cpu()
+        running = add_sums(running, step_totals)
         running_kl.append(kl.item())  # one KL estimate per step
         running_tokens += tokens
         train_seconds += time.time() - step_start
         done = step + 1
         if done % args.logging_steps == 0 or done == total_steps:
-            examples = running[5:].sum().item()
+            examples = float(running["loss"][1])
             metrics = {"step": done, "epoch": done / steps_per_epoch,
-                       **summarize(running.tolist(), sum(running_kl) / len(running_kl)),
+                       **summarize(running, sum(running_kl) / len(running_kl)),
                        "grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0],
                        "num_tokens": num_tokens_seen, "samples_per_second": examples / train_seconds,
                        "tokens_per_second": running_tokens / train_seconds, "peak_memory_mb": peak_memory_mb()}
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.3f}")
             log(metrics)
-            running, running_kl, running_tokens, train_seconds = torch.zeros(7), [], 0, 0.0
+            running, running_kl, running_tokens, train_seconds = {}, [], 0, 0.0
         if eval_rows and (done % args.eval_steps == 0 or done == total_steps):
-            log({"step": done, "epoch": done / steps_per_epoch, **evaluate(done)})
+            log({"step": done, "epoch": done / steps_per_epoch,
+                 **evaluate(model, reference_model, accelerator, tokenizer, eval_rows, eval_kl_rows, done, args)})
         signum = preemption.requested(accelerator)  # the same answer on every process
         if done < total_steps and (signum or args.save_steps > 0 and done % args.save_steps == 0):
             save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, model, tokenizer, optimizer, scheduler,

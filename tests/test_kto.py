@@ -13,7 +13,8 @@ from conftest import (ASSETS, answer_logps, assert_resumed_run_ends_where_the_un
                       run_main_in_process, run_ok, run_script)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kto import Args, check_kto_columns, check_labels, kl_partners, kto_loss, mismatched_example, tokenize_row
+from kto import (Args, add_sums, check_kto_columns, check_labels, example_loss, kl_partners, kto_loss,
+                 mismatched_example, summarize, tokenize_row)
 
 UNPAIRED = ASSETS / "data" / "unpaired"
 PREFERENCE = ASSETS / "data" / "preference"
@@ -64,6 +65,31 @@ def test_a_batch_of_only_undesirable_examples_gives_a_finite_loss_and_gradient()
     assert torch.isfinite(policy_r.grad).all() and (policy_r.grad != 0).all()
     assert losses.tolist() == pytest.approx([1 - sigmoid(0.1 * (0.5 - -1.0)), 1 - sigmoid(0.1 * (0.5 - 1.0))],
                                             abs=1e-6)
+
+
+def test_metrics_summed_over_micro_batches_are_the_means_of_the_whole_batch():
+    """example_loss's metric sums, added over two micro-batches, give each metric's mean over its own examples;
+    a window without desirable examples leaves out what only they define."""
+    args = Args(beta=0.2)
+    policy, reference = torch.tensor([-5.0, -9.0, -7.0, -4.0]), torch.tensor([-6.0, -8.0, -6.5, -5.0])
+    desirable = torch.tensor([True, False, True, False])
+    policy_kl, reference_kl = torch.tensor([-10.0, -12.0]), torch.tensor([-11.0, -12.0])
+    sums = {}
+    for part in (slice(0, 1), slice(1, 4)):
+        sums = add_sums(sums, example_loss(policy[part], reference[part], desirable[part], policy_kl, reference_kl,
+                                           args)[2])
+    losses, chosen_rewards, rejected_rewards, kl = kto_loss(policy[desirable], policy[~desirable], policy_kl,
+                                                            reference[desirable], reference[~desirable], reference_kl,
+                                                            beta=0.2)
+    metrics = summarize(sums, kl.item())
+    assert metrics == pytest.approx({
+        "loss": losses.mean().item(), "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/margins": chosen_rewards.mean().item() - rejected_rewards.mean().item(), "kl": 0.5,
+        "logps/chosen": -6.0, "logps/rejected": -6.5})
+    only_undesirable = summarize(example_loss(policy[1:2], reference[1:2], desirable[1:2], policy_kl, reference_kl,
+                                              args)[2], 0.5, prefix="eval_")
+    assert set(only_undesirable) == {"eval_loss", "eval_rewards/rejected", "eval_logps/rejected", "eval_kl"}
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 7, 8, 9])
