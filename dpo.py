@@ -5,7 +5,8 @@ by a classifier on pairs: with the implicit reward r(x, y) = beta * log(pi(y|x) 
 -log sigmoid(r(x, chosen) - r(x, rejected)). This file reproduces TRL's `DPOTrainer` (v0.8 era) in one readable loop:
 the `sigmoid` (with cDPO label smoothing), `hinge`, `ipo` and `kto_pair` losses, reference-free mode, precomputed
 reference log-probs, LoRA whose reference is the same weights with adapters off. It fixes the seed's BOS, prompt-
-boundary and normalisation issues (see docs/dpo.md).
+boundary and normalisation issues (see docs/dpo.md). "The seed", wherever this file says it, is that reference: TRL
+v0.8.6's `DPOTrainer` as documented.
 
     # offline quickstart: the tiny world (assets/), CPU, under a minute
     python dpo.py --beta 0.1
@@ -262,6 +263,40 @@ def tokenize_pair(example: dict, tokenizer, max_length: int, max_prompt_length: 
     return row
 
 
+def tokenize_splits(args, accelerator, raw: DatasetDict, tokenizer, max_length: int) -> dict[str, list[dict]]:
+    """The train split and the eval split (if any) as lists of tokenised pairs (tokenize_pair), each kind of truncation
+    counted in a warning; pairs whose answers are identical carry no preference and are dropped, saying so. A row that
+    cannot be formatted, or a split with no pair left, stops the run with one line."""
+    try:
+        with accelerator.main_process_first():  # the main process fills the datasets cache first
+            tokenized = {
+                split: raw[split].map(tokenize_pair, remove_columns=raw[split].column_names,
+                                      fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
+                                                 "max_prompt_length": args.max_prompt_length,
+                                                 "truncation_mode": args.truncation_mode},
+                                      desc=f"tokenizing {split}")
+                for split in [args.dataset_train_split, args.dataset_test_split] if split
+            }
+    except (ValueError, KeyError, TypeError) as error:
+        fail(f"could not format the preference rows of {args.dataset_name}: {error!r}")
+    splits = {}
+    for split, dataset in tokenized.items():
+        rows = dataset.to_list()
+        if num_truncated := sum(row["prompt_truncated"] for row in rows):
+            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} prompts were cut to "
+                              f"--max_prompt_length {args.max_prompt_length} ({args.truncation_mode})")
+        if num_truncated := sum(row["answer_truncated"] for row in rows):
+            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} pairs had answers cut to fit "
+                              f"{max_length} tokens")
+        if num_identical := sum(row["identical"] for row in rows):
+            accelerator.print(f"warning: {num_identical} of {len(rows)} {split} pairs have identical chosen and "
+                              "rejected answers; they carry no preference and are dropped")
+        splits[split] = [row for row in rows if not row["identical"]]
+        if not splits[split]:
+            fail(f"no {split} pair is left: every pair has identical chosen and rejected answers")
+    return splits
+
+
 def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """B pairs -> one batch of 2B sequences for a single forward: input_ids, attention_mask and labels (2B, T), the B
     chosen sequences first and the B rejected after them, right-padded (labels -100 on padding); plus the
@@ -417,6 +452,10 @@ def sequence_log_probs(token_logps: torch.Tensor, labels: torch.Tensor, average_
     return token_logps.sum(-1)
 
 
+# The loss types that compare per-token averaged log-probs (IPO, as the seed does); the others compare the sums.
+AVERAGED_LOSS_TYPES = ("ipo",)
+
+
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor, beta: float = 0.1,
              loss_type: str = "sigmoid", label_smoothing: float = 0.0,
@@ -457,6 +496,187 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return losses, chosen_rewards, rejected_rewards
 
 
+def load_reference_model(args, accelerator) -> torch.nn.Module:
+    """pi_ref: a frozen copy of the initial policy, always --model_name_or_path (also when resuming), its dropout off as
+    the policy's; eval mode, no gradients, sharded under FSDP / ZeRO-3 (prepare_frozen)."""
+    reference = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, revision=args.revision, dtype=(
+        args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)),
+        attn_implementation=args.attn_implementation)
+    if args.disable_dropout:
+        disable_dropout_in_model(reference)
+    return prepare_frozen(accelerator, reference)
+
+
+def reference_logps(model, reference_model, accelerator, batch: dict, args) -> torch.Tensor:
+    """(2B,) reference log-probs of a collated batch (on the device), at the policy's precision under --bf16: under
+    reference_model, or with LoRA (reference_model None) under the policy `model` with its adapters off."""
+    with torch.no_grad(), accelerator.autocast():
+        if reference_model is not None:
+            out = token_log_probs(reference_model, accelerator.unwrap_model(reference_model), batch, args.chunk_size,
+                                  args.lm_head_only_at_labels)
+        else:  # LoRA: the reference is the base model, i.e. the policy with its adapters off
+            with accelerator.unwrap_model(model).disable_adapter():
+                out = token_log_probs(model, accelerator.unwrap_model(model), batch, args.chunk_size,
+                                      args.lm_head_only_at_labels)
+        return sequence_log_probs(out.log_probs, batch["labels"], args.loss_type in AVERAGED_LOSS_TYPES)
+
+
+def precompute_reference_logps(args, accelerator, splits: dict[str, list[dict]], pad_token_id: int) -> None:
+    """--precompute_ref_log_probs: the reference log-probs of every pair, written into its row (collate_pairs carries
+    them on), before the policy is loaded so that the two never share memory. Each process scores its share of the
+    pairs, then every process receives all of them, and the reference is freed."""
+    reference_model, world_size = load_reference_model(args, accelerator), accelerator.num_processes
+    for split, rows in splits.items():
+        # as many rows on every process (a sharded reference's forwards are collective): the last row
+        # is scored again where the rows do not divide evenly
+        mine = [min(i, len(rows) - 1) for i in range(accelerator.process_index,
+                                                      math.ceil(len(rows) / world_size) * world_size, world_size)]
+        scored = []
+        for start in tqdm(range(0, len(mine), args.per_device_eval_batch_size), desc=f"reference {split}",
+                          disable=not accelerator.is_local_main_process):
+            chunk = mine[start : start + args.per_device_eval_batch_size]
+            batch = collate_pairs([rows[i] for i in chunk], pad_token_id)
+            chosen, rejected = reference_logps(None, reference_model, accelerator, {
+                key: value.to(accelerator.device) for key, value in batch.items()}, args).chunk(2)
+            scored += list(zip(chunk, chosen.tolist(), rejected.tolist()))
+        for i, chosen, rejected in gather_object(scored):
+            rows[i]["reference_chosen_logps"], rows[i]["reference_rejected_logps"] = chosen, rejected
+    del reference_model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def pair_forward(model, reference_model, accelerator, batch: dict, args) -> dict[str, torch.Tensor]:
+    """Policy and reference log-probs, (B,) each, of the B pairs of a batch: ONE policy forward over the 2B sequences
+    (chosen then rejected), and one reference forward unless the log-probs were precomputed or are not used; and the
+    mean logits of the chosen and of the rejected answers. No (tokens x vocabulary) logits are held whole
+    (--chunk_size; 0: the model's logits at the answers)."""
+    with accelerator.autocast():
+        policy = token_log_probs(model, accelerator.unwrap_model(model), batch, args.chunk_size,
+                                 args.lm_head_only_at_labels, extras=("mean_logits",))
+    policy_chosen, policy_rejected = sequence_log_probs(policy.log_probs, batch["labels"],
+                                                        args.loss_type in AVERAGED_LOSS_TYPES).chunk(2)
+    # mean logit over the vocabulary at each answer position, averaged over the chosen and the rejected answers
+    target = batch["labels"][:, 1:] != -100
+    chosen_logits, rejected_logits = policy.mean_logits.chunk(2)
+    chosen_target, rejected_target = target.chunk(2)
+    out = {"policy_chosen": policy_chosen, "policy_rejected": policy_rejected,
+           "logits_chosen": chosen_logits.sum() / chosen_target.sum(),
+           "logits_rejected": rejected_logits.sum() / rejected_target.sum()}
+    if args.reference_free:
+        out["reference_chosen"] = out["reference_rejected"] = torch.zeros_like(policy_chosen)
+    elif "reference_chosen_logps" in batch:
+        out["reference_chosen"], out["reference_rejected"] = (batch["reference_chosen_logps"],
+                                                              batch["reference_rejected_logps"])
+    else:
+        out["reference_chosen"], out["reference_rejected"] = reference_logps(model, reference_model, accelerator,
+                                                                             batch, args).chunk(2)
+    return out
+
+
+def pair_metrics(out: dict, loss_sum: torch.Tensor, chosen_rewards: torch.Tensor,
+                 rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """THE place to add a metric: name -> its sum over the batch's B pairs (a float32 scalar): the loss, the
+    chosen/rejected rewards, accuracy (ties count half), margin, log-probs, logits (means times pairs), and the pair
+    count. Summed over micro-batches and processes (add_sums, reduce_sums), then divided by the pairs (summarize)."""
+    pairs = len(chosen_rewards)
+    accuracy = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+    return {"loss": loss_sum.detach(),
+            "rewards/chosen": chosen_rewards.sum(),
+            "rewards/rejected": rejected_rewards.sum(),
+            "rewards/accuracies": accuracy.sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "logps/chosen": out["policy_chosen"].detach().sum(),
+            "logps/rejected": out["policy_rejected"].detach().sum(),
+            "logits/chosen": out["logits_chosen"] * pairs,
+            "logits/rejected": out["logits_rejected"] * pairs,
+            "pairs": torch.tensor(float(pairs), device=chosen_rewards.device)}
+
+
+def pair_loss(model, reference_model, accelerator, batch: dict, args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A batch of B pairs (on the device) -> (the sum of its pair losses, with gradient; pair_metrics' sums)."""
+    out = pair_forward(model, reference_model, accelerator, batch, args)  # autocast under --bf16
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        out["policy_chosen"], out["policy_rejected"], out["reference_chosen"], out["reference_rejected"],
+        beta=args.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
+        reference_free=args.reference_free)
+    # kto_pair returns 2 losses per pair: average them per pair, so every loss type is per pair
+    loss_sum = losses.sum() * len(chosen_rewards) / len(losses)
+    return loss_sum, pair_metrics(out, loss_sum, chosen_rewards, rejected_rewards)
+
+
+def add_sums(total: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Metric sums added name by name (to an empty total: the sums themselves)."""
+    return {name: total.get(name, 0) + value for name, value in sums.items()}
+
+
+def reduce_sums(accelerator, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This process's metric sums -> their sums over every process, on the CPU: one all-reduce of the stacked values."""
+    return dict(zip(sums, accelerator.reduce(torch.stack(list(sums.values())), "sum").cpu()))
+
+
+def summarize(totals: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:
+    """pair_metrics' sums (over micro-batches, steps and processes) -> means per pair, the names prefixed."""
+    pairs = float(totals["pairs"])
+    return {f"{prefix}{name}": float(value) / pairs for name, value in totals.items() if name != "pairs"}
+
+
+def generate_samples(model, reference_model, accelerator, tokenizer, rows: list[dict], step: int, args) -> None:
+    """Answers of the policy and of the reference to the first eval prompts, to samples.jsonl (and wandb)."""
+    prompts = [row["chosen_input_ids"][: row["prompt_length"]] for row in rows[: args.per_device_eval_batch_size]]
+    longest = max(len(ids) for ids in prompts)
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(ids)) + ids for ids in prompts])
+    attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompts])
+    max_new_tokens = min(args.max_length, tokenizer.model_max_length) - args.max_prompt_length  # the answers' room
+    kwargs = {"input_ids": input_ids.to(accelerator.device), "attention_mask": attention_mask.to(accelerator.device),
+              "max_new_tokens": max_new_tokens, "do_sample": True, "top_k": 0, "pad_token_id": tokenizer.pad_token_id}
+    reference_out = None  # the frozen copy was freed (precomputed) or never loaded (reference-free)
+    with torch.no_grad():
+        with gathered_for_generation(accelerator, model) as policy:  # whole weights for these calls only
+            policy_out = policy.generate(**kwargs)
+            if args.use_peft:  # the reference is the policy with its adapters off
+                with policy.disable_adapter():
+                    reference_out = policy.generate(**kwargs)
+        if reference_model is not None:
+            with gathered_for_generation(accelerator, reference_model) as reference:
+                reference_out = reference.generate(**kwargs)
+    decode = lambda out: tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)  # noqa: E731
+    samples = [{"step": step, "prompt": tokenizer.decode(ids, skip_special_tokens=True), "policy": p,
+                "reference": r} for ids, p, r in zip(prompts, decode(policy_out), decode(reference_out)
+                                                      if reference_out is not None else [None] * len(prompts))]
+    if not accelerator.is_main_process:  # every process generates (sharded weights are gathered together)
+        return
+    with open(Path(args.output_dir) / "samples.jsonl", "a") as f:
+        f.writelines(json.dumps(sample) + "\n" for sample in samples)
+    if args.track:
+        import wandb
+
+        wandb.log({"game_log": wandb.Table(columns=list(samples[0]), rows=[list(s.values()) for s in samples])},
+                  step=step)
+
+
+def evaluate(model, reference_model, accelerator, tokenizer, rows: list[dict], step: int, args) -> dict[str, float]:
+    """DPO metrics over every pair of the eval split (each process takes every N-th pair), prefixed eval_; with
+    --generate_during_eval, samples of the first prompts too (generate_samples)."""
+    model.eval()
+    my_rows, sums = rows[accelerator.process_index :: accelerator.num_processes], {}
+    with torch.no_grad():
+        for start in range(0, len(my_rows), args.per_device_eval_batch_size):
+            batch = collate_pairs(my_rows[start : start + args.per_device_eval_batch_size], tokenizer.pad_token_id)
+            sums = add_sums(sums, pair_loss(model, reference_model, accelerator, {
+                key: value.to(accelerator.device) for key, value in batch.items()}, args)[-1])
+        if not sums:  # fewer eval pairs than processes: this one adds zeros, named as the others' sums (first pair)
+            batch = collate_pairs(rows[:1], tokenizer.pad_token_id)
+            *_, named = pair_loss(model, reference_model, accelerator, {
+                key: value.to(accelerator.device) for key, value in batch.items()}, args)
+            sums = {name: torch.zeros_like(value) for name, value in named.items()}
+    if args.generate_during_eval:
+        generate_samples(model, reference_model, accelerator, tokenizer, rows, step, args)
+    model.train()
+    return summarize(reduce_sums(accelerator, sums), prefix="eval_")
+
+
 def main(args: Args) -> None:
     # 0. Check what can be checked before anything is loaded.
     check_positive(args, ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -495,33 +715,7 @@ def main(args: Args) -> None:
         fail(f"the rows are conversations but the tokenizer of {args.model_name_or_path} has no chat template")
 
     # 4. Tokenise every pair (prompt masked); count truncations; drop pairs whose answers are identical.
-    try:
-        with accelerator.main_process_first():  # the main process fills the datasets cache first
-            tokenized = {
-                split: raw[split].map(tokenize_pair, remove_columns=raw[split].column_names,
-                                      fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
-                                                 "max_prompt_length": args.max_prompt_length,
-                                                 "truncation_mode": args.truncation_mode},
-                                      desc=f"tokenizing {split}")
-                for split in [args.dataset_train_split, args.dataset_test_split] if split
-            }
-    except (ValueError, KeyError, TypeError) as error:
-        fail(f"could not format the preference rows of {args.dataset_name}: {error!r}")
-    splits = {}
-    for split, dataset in tokenized.items():
-        rows = dataset.to_list()
-        if num_truncated := sum(row["prompt_truncated"] for row in rows):
-            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} prompts were cut to "
-                              f"--max_prompt_length {args.max_prompt_length} ({args.truncation_mode})")
-        if num_truncated := sum(row["answer_truncated"] for row in rows):
-            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} pairs had answers cut to fit "
-                              f"{max_length} tokens")
-        if num_identical := sum(row["identical"] for row in rows):
-            accelerator.print(f"warning: {num_identical} of {len(rows)} {split} pairs have identical chosen and "
-                              "rejected answers; they carry no preference and are dropped")
-        splits[split] = [row for row in rows if not row["identical"]]
-        if not splits[split]:
-            fail(f"no {split} pair is left: every pair has identical chosen and rejected answers")
+    splits = tokenize_splits(args, accelerator, raw, tokenizer, max_length)
     train_rows = splits[args.dataset_train_split]
     eval_rows = equal_eval_share(accelerator, splits.get(args.dataset_test_split, []))
     steps_per_epoch = len(train_rows) // global_batch_size
@@ -535,52 +729,9 @@ def main(args: Args) -> None:
 
     # 5. The reference pi_ref: a frozen copy of the initial policy (always --model_name_or_path, also when resuming),
     #    or with LoRA the policy itself with its adapters off (no second copy); none with --reference_free.
-    average_log_prob = args.loss_type == "ipo"  # IPO works on per-token averaged log-probs, as the seed does
-
-    def load_reference_model():
-        reference = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, revision=args.revision, dtype=(
-            args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)),
-            attn_implementation=args.attn_implementation)
-        if args.disable_dropout:
-            disable_dropout_in_model(reference)
-        return prepare_frozen(accelerator, reference)  # eval mode, frozen; sharded under FSDP / ZeRO-3
-
-    def reference_logps(batch: dict) -> torch.Tensor:
-        """(2B,) reference log-probs of a collated batch (on the device), at the policy's precision under --bf16."""
-        with torch.no_grad(), accelerator.autocast():
-            if reference_model is not None:
-                out = token_log_probs(reference_model, accelerator.unwrap_model(reference_model), batch,
-                                      args.chunk_size, args.lm_head_only_at_labels)
-            else:  # LoRA: the reference is the base model, i.e. the policy with its adapters off
-                with accelerator.unwrap_model(model).disable_adapter():
-                    out = token_log_probs(model, accelerator.unwrap_model(model), batch, args.chunk_size,
-                                          args.lm_head_only_at_labels)
-            return sequence_log_probs(out.log_probs, batch["labels"], average_log_prob)
-
-    # 5a. --precompute_ref_log_probs: before the policy is loaded, so the two never share memory. Each process scores
-    #     its share of the pairs, then every process receives all of them, and the reference is freed.
+    #    --precompute_ref_log_probs scores every pair once, before the policy is loaded, and frees the reference.
     if args.precompute_ref_log_probs and not args.reference_free:
-        reference_model = load_reference_model()
-        for split, rows in splits.items():
-            # as many rows on every process (a sharded reference's forwards are collective): the last row
-            # is scored again where the rows do not divide evenly
-            mine = [min(i, len(rows) - 1) for i in range(accelerator.process_index,
-                                                          math.ceil(len(rows) / world_size) * world_size,
-                                                          world_size)]
-            scored = []
-            for start in tqdm(range(0, len(mine), args.per_device_eval_batch_size), desc=f"reference {split}",
-                              disable=not accelerator.is_local_main_process):
-                chunk = mine[start : start + args.per_device_eval_batch_size]
-                batch = collate_pairs([rows[i] for i in chunk], tokenizer.pad_token_id)
-                chosen, rejected = reference_logps({key: value.to(accelerator.device)
-                                                    for key, value in batch.items()}).chunk(2)
-                scored += list(zip(chunk, chosen.tolist(), rejected.tolist()))
-            for i, chosen, rejected in gather_object(scored):
-                rows[i]["reference_chosen_logps"], rows[i]["reference_rejected_logps"] = chosen, rejected
-        reference_model = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        precompute_reference_logps(args, accelerator, splits, tokenizer.pad_token_id)
 
     # 6. Policy (LoRA, gradient checkpointing), dropout off after wrapping so that LoRA's is off too, as in the seed.
     model = load_trainable_model(args, AutoModelForCausalLM, "CAUSAL_LM")
@@ -588,7 +739,7 @@ def main(args: Args) -> None:
         disable_dropout_in_model(model)
     model.to(accelerator.device)
     needs_live_reference = not (args.precompute_ref_log_probs or args.reference_free or args.use_peft)
-    reference_model = load_reference_model() if needs_live_reference else None
+    reference_model = load_reference_model(args, accelerator) if needs_live_reference else None
     params_in_memory = sum(p.numel() for m in (model, reference_model) if m is not None for p in m.parameters())
     num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accelerator.print(f"model: {params_in_memory / 1e6:.2f}M parameters in memory (policy"
@@ -599,108 +750,14 @@ def main(args: Args) -> None:
     start_step, num_tokens_seen = state["step"], state.get("num_tokens", 0)
     log = open_logs(args, accelerator, start_step, files=("metrics.jsonl", "samples.jsonl"))
 
-    def pair_forward(batch: dict) -> dict[str, torch.Tensor]:
-        """Policy and reference log-probs of the B pairs of a batch: ONE policy forward over the 2B sequences
-        (chosen then rejected), and one reference forward unless the log-probs were precomputed or are not used.
-        No (tokens x vocabulary) logits are held whole (--chunk_size; 0: the model's logits at the answers)."""
-        with accelerator.autocast():
-            policy = token_log_probs(model, accelerator.unwrap_model(model), batch, args.chunk_size,
-                                     args.lm_head_only_at_labels, extras=("mean_logits",))
-        policy_chosen, policy_rejected = sequence_log_probs(policy.log_probs, batch["labels"],
-                                                            average_log_prob).chunk(2)
-        # mean logit over the vocabulary at each answer position, averaged over the chosen and the rejected answers
-        target = batch["labels"][:, 1:] != -100
-        chosen_logits, rejected_logits = policy.mean_logits.chunk(2)
-        chosen_target, rejected_target = target.chunk(2)
-        out = {"policy_chosen": policy_chosen, "policy_rejected": policy_rejected,
-               "logits_chosen": chosen_logits.sum() / chosen_target.sum(),
-               "logits_rejected": rejected_logits.sum() / rejected_target.sum()}
-        if args.reference_free:
-            out["reference_chosen"] = out["reference_rejected"] = torch.zeros_like(policy_chosen)
-        elif "reference_chosen_logps" in batch:
-            out["reference_chosen"], out["reference_rejected"] = (batch["reference_chosen_logps"],
-                                                                  batch["reference_rejected_logps"])
-        else:
-            out["reference_chosen"], out["reference_rejected"] = reference_logps(batch).chunk(2)
-        return out
-
-    def pair_metrics(out: dict, losses: torch.Tensor, chosen_rewards, rejected_rewards) -> torch.Tensor:
-        """Sums over the batch's pairs: loss, chosen/rejected rewards, accuracy (ties half), margin, log-probs,
-        logits (means times pairs), and the pair count; reduced over processes and divided by the count later."""
-        pairs = len(chosen_rewards)
-        accuracy = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
-        return torch.stack([losses.sum() * pairs / len(losses), chosen_rewards.sum(), rejected_rewards.sum(),
-                            accuracy.sum(), (chosen_rewards - rejected_rewards).sum(),
-                            out["policy_chosen"].detach().sum(), out["policy_rejected"].detach().sum(),
-                            out["logits_chosen"] * pairs, out["logits_rejected"] * pairs,
-                            torch.tensor(float(pairs), device=losses.device)])
-
-    METRIC_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                    "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"]
-
-    def compute_loss(out: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return dpo_loss(out["policy_chosen"], out["policy_rejected"], out["reference_chosen"],
-                        out["reference_rejected"], beta=args.beta, loss_type=args.loss_type,
-                        label_smoothing=args.label_smoothing, reference_free=args.reference_free)
-
-    def generate_samples(step: int) -> None:
-        """Answers of the policy and of the reference to the first eval prompts, to samples.jsonl (and wandb)."""
-        rows = eval_rows[: args.per_device_eval_batch_size]
-        prompts = [row["chosen_input_ids"][: row["prompt_length"]] for row in rows]
-        longest = max(len(ids) for ids in prompts)
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(ids)) + ids for ids in prompts])
-        attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompts])
-        kwargs = {"input_ids": input_ids.to(accelerator.device), "attention_mask": attention_mask.to(
-            accelerator.device), "max_new_tokens": max_length - args.max_prompt_length, "do_sample": True,
-                  "top_k": 0, "pad_token_id": tokenizer.pad_token_id}
-        reference_out = None  # the frozen copy was freed (precomputed) or never loaded (reference-free)
-        with torch.no_grad():
-            with gathered_for_generation(accelerator, model) as policy:  # whole weights for these calls only
-                policy_out = policy.generate(**kwargs)
-                if args.use_peft:  # the reference is the policy with its adapters off
-                    with policy.disable_adapter():
-                        reference_out = policy.generate(**kwargs)
-            if reference_model is not None:
-                with gathered_for_generation(accelerator, reference_model) as reference:
-                    reference_out = reference.generate(**kwargs)
-        decode = lambda out: tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)  # noqa: E731
-        samples = [{"step": step, "prompt": tokenizer.decode(ids, skip_special_tokens=True), "policy": p,
-                    "reference": r} for ids, p, r in zip(prompts, decode(policy_out), decode(reference_out)
-                                                          if reference_out is not None else [None] * len(prompts))]
-        if not accelerator.is_main_process:  # every process generates (sharded weights are gathered together)
-            return
-        with open(output_dir / "samples.jsonl", "a") as f:
-            f.writelines(json.dumps(sample) + "\n" for sample in samples)
-        if args.track:
-            import wandb
-
-            wandb.log({"game_log": wandb.Table(columns=list(samples[0]), rows=[list(s.values()) for s in samples])},
-                      step=step)
-
-    def evaluate(step: int) -> dict:
-        """DPO metrics over every pair of the eval split (each process takes every N-th pair), prefixed eval_."""
-        model.eval()
-        sums = torch.zeros(len(METRIC_NAMES) + 1, device=accelerator.device)
-        my_rows = eval_rows[accelerator.process_index :: world_size]
-        with torch.no_grad():
-            for start in range(0, len(my_rows), args.per_device_eval_batch_size):
-                batch = collate_pairs(my_rows[start : start + args.per_device_eval_batch_size], tokenizer.pad_token_id)
-                out = pair_forward({key: value.to(accelerator.device) for key, value in batch.items()})
-                sums += pair_metrics(out, *compute_loss(out))
-        if args.generate_during_eval:
-            generate_samples(step)
-        model.train()
-        totals = accelerator.reduce(sums, "sum").tolist()
-        return {f"eval_{name}": value / totals[-1] for name, value in zip(METRIC_NAMES, totals)}
-
     # 8. Training loop. One optimizer step = gradient_accumulation_steps micro-batches of pairs on each process.
     model.train()
     if start_step == 0:
         log({"step": 0, "epoch": 0.0, "params_in_memory": params_in_memory})
     if eval_rows and start_step == 0:
-        log({"step": 0, "epoch": 0.0, **evaluate(0)})
+        log({"step": 0, "epoch": 0.0, **evaluate(model, reference_model, accelerator, tokenizer, eval_rows, 0, args)})
     # running sums over the current logging window; train_seconds excludes evaluation and checkpointing
-    running, running_tokens, train_seconds = torch.zeros(len(METRIC_NAMES) + 1), 0, 0.0
+    running, running_tokens, train_seconds = {}, 0, 0.0
     progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="dpo",
                     disable=not accelerator.is_local_main_process)
     preemption = Preemption()  # from here on, SIGTERM / SIGINT end the run with a checkpoint
@@ -716,21 +773,19 @@ def main(args: Args) -> None:
         # 8b. Forward and backward each micro-batch. The losses are averaged over the pairs of the whole step (the
         #     micro-batch sum divided by the step's pair count), and scaled by world_size because DDP averages
         #     gradients over processes: the update is the gradient of the step's mean pair loss.
-        step_sums = torch.zeros(len(METRIC_NAMES) + 1, device=accelerator.device)
+        step_sums = {}
         for j, batch in enumerate(micro_batches):
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
             with accumulating(accelerator, model, last=j == len(micro_batches) - 1):
-                out = pair_forward(batch)  # autocast under --bf16
-                losses, chosen_rewards, rejected_rewards = compute_loss(out)
-                # kto_pair returns 2 losses per pair: average them per pair, so every loss type is per pair
-                loss = losses.sum() * len(chosen_rewards) / len(losses) / global_batch_size
+                loss_sum, sums = pair_loss(model, reference_model, accelerator, batch, args)
+                loss = loss_sum / global_batch_size
                 accelerator.backward(loss * world_size)
-            step_sums += pair_metrics(out, losses.detach(), chosen_rewards, rejected_rewards)
-        step_totals = accelerator.reduce(step_sums, "sum")
+            step_sums = add_sums(step_sums, sums)
+        step_totals = reduce_sums(accelerator, step_sums)
 
         # 8c. Clip (max_grad_norm 0: only measure the norm); stop before a non-finite update; step.
         grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf")))
-        stop_if_not_finite(step_totals[0] / step_totals[-1], grad_norm, step, output_dir)
+        stop_if_not_finite(summarize(step_totals)["loss"], grad_norm, step, output_dir)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -739,22 +794,22 @@ def main(args: Args) -> None:
         tokens = int(accelerator.reduce(torch.tensor(sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
                                                      device=accelerator.device), "sum"))
         num_tokens_seen += tokens
-        running += step_totals.cpu()
+        running = add_sums(running, step_totals)
         running_tokens += tokens
         train_seconds += time.time() - step_start
         done = step + 1
         if done % args.logging_steps == 0 or done == total_steps:
-            pairs = running[-1].item()
-            metrics = {"step": done, "epoch": done / steps_per_epoch,
-                       **{name: value / pairs for name, value in zip(METRIC_NAMES, running.tolist())},
+            pairs = float(running["pairs"])
+            metrics = {"step": done, "epoch": done / steps_per_epoch, **summarize(running),
                        "grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0],
                        "num_tokens": num_tokens_seen, "samples_per_second": pairs / train_seconds,
                        "tokens_per_second": running_tokens / train_seconds, "peak_memory_mb": peak_memory_mb()}
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", accuracy=f"{metrics['rewards/accuracies']:.3f}")
             log(metrics)
-            running, running_tokens, train_seconds = torch.zeros(len(METRIC_NAMES) + 1), 0, 0.0
+            running, running_tokens, train_seconds = {}, 0, 0.0
         if eval_rows and (done % args.eval_steps == 0 or done == total_steps):
-            log({"step": done, "epoch": done / steps_per_epoch, **evaluate(done)})
+            log({"step": done, "epoch": done / steps_per_epoch,
+                 **evaluate(model, reference_model, accelerator, tokenizer, eval_rows, done, args)})
         signum = preemption.requested(accelerator)  # the same answer on every process
         if done < total_steps and (signum or args.save_steps > 0 and done % args.save_steps == 0):
             save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, model, tokenizer, optimizer, scheduler,

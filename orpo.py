@@ -6,7 +6,8 @@ odds(y|x) = P / (1 - P), the loss is NLL(chosen) - beta * log sigmoid(log(odds(c
 the paper's lambda is beta here). There is no reference model: one model in memory, one forward per pair. This file
 reproduces TRL's `ORPOTrainer` (v0.8 era) in one readable loop; the NLL counts the chosen answer's tokens and never
 padding (the seed used the input ids as labels, so padding and the prompt were targets; --nll_include_prompt keeps
-its prompt choice) and is normalised per token over the whole optimizer step (see docs/orpo.md).
+its prompt choice) and is normalised per token over the whole optimizer step (see docs/orpo.md). "The seed",
+wherever this file says it, is that reference: TRL v0.8.6's `ORPOTrainer` as documented.
 
     # offline quickstart: the tiny world (assets/), CPU, under a minute
     python orpo.py
@@ -255,6 +256,40 @@ def tokenize_pair(example: dict, tokenizer, max_length: int, max_prompt_length: 
     return row
 
 
+def tokenize_splits(args, accelerator, raw: DatasetDict, tokenizer, max_length: int) -> dict[str, list[dict]]:
+    """The train split and the eval split (if any) as lists of tokenised pairs (tokenize_pair), each kind of truncation
+    counted in a warning; pairs whose answers are identical carry no preference and are dropped, saying so. A row that
+    cannot be formatted, or a split with no pair left, stops the run with one line."""
+    try:
+        with accelerator.main_process_first():  # the main process fills the datasets cache first
+            tokenized = {
+                split: raw[split].map(tokenize_pair, remove_columns=raw[split].column_names,
+                                      fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
+                                                 "max_prompt_length": args.max_prompt_length,
+                                                 "truncation_mode": args.truncation_mode},
+                                      desc=f"tokenizing {split}")
+                for split in [args.dataset_train_split, args.dataset_test_split] if split
+            }
+    except (ValueError, KeyError, TypeError) as error:
+        fail(f"could not format the preference rows of {args.dataset_name}: {error!r}")
+    splits = {}
+    for split, dataset in tokenized.items():
+        rows = dataset.to_list()
+        if num_truncated := sum(row["prompt_truncated"] for row in rows):
+            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} prompts were cut to "
+                              f"--max_prompt_length {args.max_prompt_length} ({args.truncation_mode})")
+        if num_truncated := sum(row["answer_truncated"] for row in rows):
+            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} pairs had answers cut to fit "
+                              f"{max_length} tokens")
+        if num_identical := sum(row["identical"] for row in rows):
+            accelerator.print(f"warning: {num_identical} of {len(rows)} {split} pairs have identical chosen and "
+                              "rejected answers; they carry no preference and are dropped")
+        splits[split] = [row for row in rows if not row["identical"]]
+        if not splits[split]:
+            fail(f"no {split} pair is left: every pair has identical chosen and rejected answers")
+    return splits
+
+
 def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """B pairs -> one batch of 2B sequences for a single forward: input_ids, attention_mask and labels (2B, T), the B
     chosen sequences first and the B rejected after them, right-padded (labels -100 on padding)."""
@@ -448,6 +483,143 @@ def odds_ratio_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
     return losses, chosen_rewards, rejected_rewards, ratio.detach().mean(), log_odds.detach().mean()
 
 
+def nll_tokens(batch: dict, include_prompt: bool = False) -> torch.Tensor:
+    """Targets of the NLL term: the chosen answers' tokens (their EOS included), and with include_prompt
+    (--nll_include_prompt) their prompts' tokens too; never padding."""
+    return (chosen_nll_labels(batch, include_prompt)[:, 1:] != -100).sum()
+
+
+def pair_forward(model, accelerator, batch: dict, args) -> dict[str, torch.Tensor]:
+    """Per-token averaged log-probs, (B,) each, of the B pairs of a batch and the summed NLL of its chosen answers: ONE
+    forward over the 2B sequences (chosen then rejected), as the seed's concatenated_forward; and the mean logits of
+    the chosen and of the rejected answers. No (tokens x vocabulary) logits are held whole (--chunk_size; 0: the
+    model's logits at the scored positions)."""
+    # the forward scores the union of what the two terms need: in the chosen half the NLL's targets (the answers,
+    # and with --nll_include_prompt the prompts too), in the rejected half the answers; the odds ratio then keeps
+    # the answers' positions only
+    pairs = len(batch["labels"]) // 2
+    nll_labels = chosen_nll_labels(batch, args.nll_include_prompt)  # without the prompt: the chosen labels
+    with accelerator.autocast():
+        policy = token_log_probs(model, accelerator.unwrap_model(model),
+                                 {**batch, "labels": torch.cat((nll_labels, batch["labels"][pairs:]))},
+                                 args.chunk_size, args.lm_head_only_at_labels, extras=("mean_logits",))
+    target = batch["labels"][:, 1:] != -100  # the answers' targets
+    summed = sequence_log_probs(policy.log_probs.masked_fill(~target, 0), batch["labels"])
+    counts = target.sum(-1)
+    # ORPO's likelihoods are per-token averages (sequence_log_probs(average_log_prob=True), from the sums at hand)
+    policy_chosen, policy_rejected = (summed / counts.clamp(min=1)).chunk(2)
+    nll_sum, _ = chosen_nll_sum(policy.log_probs[:pairs], nll_labels)  # without the prompt: -summed[:pairs].sum()
+    # mean logit over the vocabulary at each answer position, averaged over the chosen and the rejected answers
+    mean_logits = policy.mean_logits.masked_fill(~target, 0)
+    (chosen_logits, rejected_logits), (chosen_target, rejected_target) = mean_logits.chunk(2), target.chunk(2)
+    return {"policy_chosen": policy_chosen, "policy_rejected": policy_rejected, "nll_sum": nll_sum,
+            "nll_tokens": nll_tokens(batch, args.nll_include_prompt),
+            "logits_chosen": chosen_logits.sum() / chosen_target.sum(),
+            "logits_rejected": rejected_logits.sum() / rejected_target.sum()}
+
+
+def pair_metrics(out: dict, loss_sum: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                 log_odds_ratio: torch.Tensor, log_odds_chosen: torch.Tensor) -> dict[str, torch.Tensor]:
+    """THE place to add a metric: name -> its sum over the batch's B pairs (a float32 scalar): the odds-ratio term of
+    the loss, the chosen/rejected rewards, accuracy (ties count half), margin, log-probs, logits and log odds (means
+    times pairs); then the NLL sum, its target count and the pair count. Summed over micro-batches and processes
+    (add_sums, reduce_sums), then turned into means (summarize)."""
+    pairs = len(chosen_rewards)
+    accuracy = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+    return {"loss": -loss_sum.detach(),  # the term the loss subtracts from the NLL
+            "rewards/chosen": chosen_rewards.sum(),
+            "rewards/rejected": rejected_rewards.sum(),
+            "rewards/accuracies": accuracy.sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "logps/chosen": out["policy_chosen"].detach().sum(),
+            "logps/rejected": out["policy_rejected"].detach().sum(),
+            "logits/chosen": out["logits_chosen"] * pairs,
+            "logits/rejected": out["logits_rejected"] * pairs,
+            "log_odds_ratio": log_odds_ratio * pairs,
+            "log_odds_chosen": log_odds_chosen * pairs,
+            "nll_sum": out["nll_sum"].detach(),
+            "nll_tokens": out["nll_tokens"].float(),
+            "pairs": torch.tensor(float(pairs), device=chosen_rewards.device)}
+
+
+def pair_loss(model, accelerator, batch: dict, args) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """A batch of B pairs (on the device) -> (the sum of its pair odds-ratio terms and the summed NLL of its chosen
+    answers, both with gradient; pair_metrics' sums)."""
+    out = pair_forward(model, accelerator, batch, args)  # autocast under --bf16
+    losses, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = odds_ratio_loss(
+        out["policy_chosen"], out["policy_rejected"], beta=args.beta)
+    loss_sum = losses.sum()
+    return loss_sum, out["nll_sum"], pair_metrics(out, loss_sum, chosen_rewards, rejected_rewards, log_odds_ratio,
+                                                  log_odds_chosen)
+
+
+def add_sums(total: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Metric sums added name by name (to an empty total: the sums themselves)."""
+    return {name: total.get(name, 0) + value for name, value in sums.items()}
+
+
+def reduce_sums(accelerator, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This process's metric sums -> their sums over every process, on the CPU: one all-reduce of the stacked values."""
+    return dict(zip(sums, accelerator.reduce(torch.stack(list(sums.values())), "sum").cpu()))
+
+
+def summarize(totals: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:
+    """pair_metrics' sums (over micro-batches, steps and processes) -> means per pair, nll_loss per target token,
+    loss = nll_loss - mean odds-ratio term; the names prefixed."""
+    sums = {name: float(value) for name, value in totals.items()}
+    nll_sum, nll_targets, pairs = sums.pop("nll_sum"), sums.pop("nll_tokens"), sums.pop("pairs")
+    metrics = {name: value / pairs for name, value in sums.items()}
+    metrics["nll_loss"] = nll_sum / max(nll_targets, 1.0)
+    metrics["loss"] += metrics["nll_loss"]
+    return {f"{prefix}{name}": value for name, value in metrics.items()}
+
+
+def generate_samples(model, accelerator, tokenizer, rows: list[dict], step: int, args) -> None:
+    """Answers of the policy to the first eval prompts, to samples.jsonl (and wandb)."""
+    prompts = [row["chosen_input_ids"][: row["prompt_length"]] for row in rows[: args.per_device_eval_batch_size]]
+    longest = max(len(ids) for ids in prompts)
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(ids)) + ids for ids in prompts])
+    attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompts])
+    max_new_tokens = min(args.max_length, tokenizer.model_max_length) - args.max_prompt_length  # the answers' room
+    kwargs = {"input_ids": input_ids.to(accelerator.device), "attention_mask": attention_mask.to(accelerator.device),
+              "max_new_tokens": max_new_tokens, "do_sample": True, "top_k": 0, "pad_token_id": tokenizer.pad_token_id}
+    with torch.no_grad(), gathered_for_generation(accelerator, model) as policy:  # whole weights for this call
+        policy_out = policy.generate(**kwargs)
+    answers = tokenizer.batch_decode(policy_out[:, longest:], skip_special_tokens=True)
+    samples = [{"step": step, "prompt": tokenizer.decode(ids, skip_special_tokens=True), "policy": answer}
+               for ids, answer in zip(prompts, answers)]
+    if not accelerator.is_main_process:  # every process generates (sharded weights are gathered together)
+        return
+    with open(Path(args.output_dir) / "samples.jsonl", "a") as f:
+        f.writelines(json.dumps(sample) + "\n" for sample in samples)
+    if args.track:
+        import wandb
+
+        wandb.log({"game_log": wandb.Table(columns=list(samples[0]), rows=[list(s.values()) for s in samples])},
+                  step=step)
+
+
+def evaluate(model, accelerator, tokenizer, rows: list[dict], step: int, args) -> dict[str, float]:
+    """ORPO metrics over every pair of the eval split (each process takes every N-th pair), prefixed eval_; with
+    --generate_during_eval, samples of the first prompts too (generate_samples)."""
+    model.eval()
+    my_rows, sums = rows[accelerator.process_index :: accelerator.num_processes], {}
+    with torch.no_grad():
+        for start in range(0, len(my_rows), args.per_device_eval_batch_size):
+            batch = collate_pairs(my_rows[start : start + args.per_device_eval_batch_size], tokenizer.pad_token_id)
+            sums = add_sums(sums, pair_loss(model, accelerator, {
+                key: value.to(accelerator.device) for key, value in batch.items()}, args)[-1])
+        if not sums:  # fewer eval pairs than processes: this one adds zeros, named as the others' sums (first pair)
+            batch = collate_pairs(rows[:1], tokenizer.pad_token_id)
+            *_, named = pair_loss(model, accelerator, {
+                key: value.to(accelerator.device) for key, value in batch.items()}, args)
+            sums = {name: torch.zeros_like(value) for name, value in named.items()}
+    if args.generate_during_eval:
+        generate_samples(model, accelerator, tokenizer, rows, step, args)
+    model.train()
+    return summarize(reduce_sums(accelerator, sums), prefix="eval_")
+
+
 def main(args: Args) -> None:
     # 0. Check what can be checked before anything is loaded.
     check_positive(args, ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -486,33 +658,7 @@ def main(args: Args) -> None:
         fail(f"the rows are conversations but the tokenizer of {args.model_name_or_path} has no chat template")
 
     # 4. Tokenise every pair (prompt masked); count truncations; drop pairs whose answers are identical.
-    try:
-        with accelerator.main_process_first():  # the main process fills the datasets cache first
-            tokenized = {
-                split: raw[split].map(tokenize_pair, remove_columns=raw[split].column_names,
-                                      fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
-                                                 "max_prompt_length": args.max_prompt_length,
-                                                 "truncation_mode": args.truncation_mode},
-                                      desc=f"tokenizing {split}")
-                for split in [args.dataset_train_split, args.dataset_test_split] if split
-            }
-    except (ValueError, KeyError, TypeError) as error:
-        fail(f"could not format the preference rows of {args.dataset_name}: {error!r}")
-    splits = {}
-    for split, dataset in tokenized.items():
-        rows = dataset.to_list()
-        if num_truncated := sum(row["prompt_truncated"] for row in rows):
-            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} prompts were cut to "
-                              f"--max_prompt_length {args.max_prompt_length} ({args.truncation_mode})")
-        if num_truncated := sum(row["answer_truncated"] for row in rows):
-            accelerator.print(f"warning: {num_truncated} of {len(rows)} {split} pairs had answers cut to fit "
-                              f"{max_length} tokens")
-        if num_identical := sum(row["identical"] for row in rows):
-            accelerator.print(f"warning: {num_identical} of {len(rows)} {split} pairs have identical chosen and "
-                              "rejected answers; they carry no preference and are dropped")
-        splits[split] = [row for row in rows if not row["identical"]]
-        if not splits[split]:
-            fail(f"no {split} pair is left: every pair has identical chosen and rejected answers")
+    splits = tokenize_splits(args, accelerator, raw, tokenizer, max_length)
     train_rows = splits[args.dataset_train_split]
     eval_rows = equal_eval_share(accelerator, splits.get(args.dataset_test_split, []))
     steps_per_epoch = len(train_rows) // global_batch_size
@@ -540,115 +686,14 @@ def main(args: Args) -> None:
     start_step, num_tokens_seen = state["step"], state.get("num_tokens", 0)
     log = open_logs(args, accelerator, start_step, files=("metrics.jsonl", "samples.jsonl"))
 
-    def nll_tokens(batch: dict) -> torch.Tensor:
-        """Targets of the NLL term: the chosen answers' tokens (their EOS included), and with --nll_include_prompt
-        their prompts' tokens too; never padding."""
-        return (chosen_nll_labels(batch, args.nll_include_prompt)[:, 1:] != -100).sum()
-
-    def pair_forward(batch: dict) -> dict[str, torch.Tensor]:
-        """Per-token averaged log-probs of the B pairs of a batch and the summed NLL of its chosen answers: ONE
-        forward over the 2B sequences (chosen then rejected), as the seed's concatenated_forward. No (tokens x
-        vocabulary) logits are held whole (--chunk_size; 0: the model's logits at the scored positions)."""
-        # the forward scores the union of what the two terms need: in the chosen half the NLL's targets (the answers,
-        # and with --nll_include_prompt the prompts too), in the rejected half the answers; the odds ratio then keeps
-        # the answers' positions only
-        pairs = len(batch["labels"]) // 2
-        nll_labels = chosen_nll_labels(batch, args.nll_include_prompt)  # without the prompt: the chosen labels
-        with accelerator.autocast():
-            policy = token_log_probs(model, accelerator.unwrap_model(model),
-                                     {**batch, "labels": torch.cat((nll_labels, batch["labels"][pairs:]))},
-                                     args.chunk_size, args.lm_head_only_at_labels, extras=("mean_logits",))
-        target = batch["labels"][:, 1:] != -100  # the answers' targets
-        summed = sequence_log_probs(policy.log_probs.masked_fill(~target, 0), batch["labels"])
-        counts = target.sum(-1)
-        # ORPO's likelihoods are per-token averages (sequence_log_probs(average_log_prob=True), from the sums at hand)
-        policy_chosen, policy_rejected = (summed / counts.clamp(min=1)).chunk(2)
-        nll_sum, _ = chosen_nll_sum(policy.log_probs[:pairs], nll_labels)  # without the prompt: -summed[:pairs].sum()
-        # mean logit over the vocabulary at each answer position, averaged over the chosen and the rejected answers
-        mean_logits = policy.mean_logits.masked_fill(~target, 0)
-        (chosen_logits, rejected_logits), (chosen_target, rejected_target) = mean_logits.chunk(2), target.chunk(2)
-        return {"policy_chosen": policy_chosen, "policy_rejected": policy_rejected, "nll_sum": nll_sum,
-                "nll_tokens": nll_tokens(batch), "logits_chosen": chosen_logits.sum() / chosen_target.sum(),
-                "logits_rejected": rejected_logits.sum() / rejected_target.sum()}
-
-    def pair_metrics(out: dict, losses: torch.Tensor, chosen_rewards, rejected_rewards, log_odds_ratio,
-                     log_odds_chosen) -> torch.Tensor:
-        """Sums over the batch's pairs: the odds-ratio term of the loss (-losses), chosen/rejected rewards, accuracy
-        (ties half), margin, log-probs, logits and log odds (means times pairs); then the NLL sum, its target count
-        and the pair count; reduced over processes and turned into means by summarize()."""
-        pairs = len(chosen_rewards)
-        accuracy = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
-        return torch.stack([-losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
-                            accuracy.sum(), (chosen_rewards - rejected_rewards).sum(),
-                            out["policy_chosen"].detach().sum(), out["policy_rejected"].detach().sum(),
-                            out["logits_chosen"] * pairs, out["logits_rejected"] * pairs, log_odds_ratio * pairs,
-                            log_odds_chosen * pairs, out["nll_sum"].detach(), out["nll_tokens"].float(),
-                            torch.tensor(float(pairs), device=losses.device)])
-
-    METRIC_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                    "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "log_odds_ratio",
-                    "log_odds_chosen"]
-    NUM_SUMS = len(METRIC_NAMES) + 3  # then the NLL sum, the NLL target count and the pair count
-
-    def summarize(totals: list[float], prefix: str = "") -> dict:
-        """pair_metrics sums -> means per pair; nll_loss per target token; loss = nll_loss - mean odds-ratio term."""
-        nll_sum, nll_tokens, pairs = totals[-3:]
-        metrics = {name: value / pairs for name, value in zip(METRIC_NAMES, totals)}
-        metrics["nll_loss"] = nll_sum / max(nll_tokens, 1.0)
-        metrics["loss"] += metrics["nll_loss"]
-        return {f"{prefix}{name}": value for name, value in metrics.items()}
-
-    def compute_loss(out: dict) -> tuple[torch.Tensor, ...]:
-        return odds_ratio_loss(out["policy_chosen"], out["policy_rejected"], beta=args.beta)
-
-    def generate_samples(step: int) -> None:
-        """Answers of the policy to the first eval prompts, to samples.jsonl (and wandb)."""
-        rows = eval_rows[: args.per_device_eval_batch_size]
-        prompts = [row["chosen_input_ids"][: row["prompt_length"]] for row in rows]
-        longest = max(len(ids) for ids in prompts)
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(ids)) + ids for ids in prompts])
-        attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompts])
-        kwargs = {"input_ids": input_ids.to(accelerator.device), "attention_mask": attention_mask.to(
-            accelerator.device), "max_new_tokens": max_length - args.max_prompt_length, "do_sample": True,
-                  "top_k": 0, "pad_token_id": tokenizer.pad_token_id}
-        with torch.no_grad(), gathered_for_generation(accelerator, model) as policy:  # whole weights for this call
-            policy_out = policy.generate(**kwargs)
-        answers = tokenizer.batch_decode(policy_out[:, longest:], skip_special_tokens=True)
-        samples = [{"step": step, "prompt": tokenizer.decode(ids, skip_special_tokens=True), "policy": answer}
-                   for ids, answer in zip(prompts, answers)]
-        if not accelerator.is_main_process:  # every process generates (sharded weights are gathered together)
-            return
-        with open(output_dir / "samples.jsonl", "a") as f:
-            f.writelines(json.dumps(sample) + "\n" for sample in samples)
-        if args.track:
-            import wandb
-
-            wandb.log({"game_log": wandb.Table(columns=list(samples[0]), rows=[list(s.values()) for s in samples])},
-                      step=step)
-
-    def evaluate(step: int) -> dict:
-        """ORPO metrics over every pair of the eval split (each process takes every N-th pair), prefixed eval_."""
-        model.eval()
-        sums = torch.zeros(NUM_SUMS, device=accelerator.device)
-        my_rows = eval_rows[accelerator.process_index :: world_size]
-        with torch.no_grad():
-            for start in range(0, len(my_rows), args.per_device_eval_batch_size):
-                batch = collate_pairs(my_rows[start : start + args.per_device_eval_batch_size], tokenizer.pad_token_id)
-                out = pair_forward({key: value.to(accelerator.device) for key, value in batch.items()})
-                sums += pair_metrics(out, *compute_loss(out))
-        if args.generate_during_eval:
-            generate_samples(step)
-        model.train()
-        return summarize(accelerator.reduce(sums, "sum").tolist(), prefix="eval_")
-
     # 7. Training loop. One optimizer step = gradient_accumulation_steps micro-batches of pairs on each process.
     model.train()
     if start_step == 0:
         log({"step": 0, "epoch": 0.0, "params_in_memory": params_in_memory})
     if eval_rows and start_step == 0:
-        log({"step": 0, "epoch": 0.0, **evaluate(0)})
+        log({"step": 0, "epoch": 0.0, **evaluate(model, accelerator, tokenizer, eval_rows, 0, args)})
     # running sums over the current logging window; train_seconds excludes evaluation and checkpointing
-    running, running_tokens, train_seconds = torch.zeros(NUM_SUMS), 0, 0.0
+    running, running_tokens, train_seconds = {}, 0, 0.0
     progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="orpo",
                     disable=not accelerator.is_local_main_process)
     preemption = Preemption()  # from here on, SIGTERM / SIGINT end the run with a checkpoint
@@ -661,28 +706,26 @@ def main(args: Args) -> None:
         micro_batches = [collate_pairs([train_rows[i] for i in mine[j : j + args.per_device_train_batch_size]],
                                        tokenizer.pad_token_id)
                          for j in range(0, len(mine), args.per_device_train_batch_size)]
-        step_nll_tokens = accelerator.reduce(sum(nll_tokens(mb) for mb in micro_batches).to(accelerator.device),
-                                             "sum").clamp(min=1)
+        step_nll_tokens = accelerator.reduce(sum(nll_tokens(mb, args.nll_include_prompt) for mb in micro_batches).to(
+            accelerator.device), "sum").clamp(min=1)
 
         # 7b. Forward and backward each micro-batch. The NLL is summed over tokens and divided by the step's NLL
         #     targets (as sft.py), the odds-ratio term summed over pairs and divided by the step's pairs (as dpo.py);
         #     the loss is scaled by world_size because DDP averages gradients over processes. The update is the
         #     gradient of the step's per-token NLL minus its mean odds-ratio term, however the step is split.
-        step_sums = torch.zeros(NUM_SUMS, device=accelerator.device)
+        step_sums = {}
         for j, batch in enumerate(micro_batches):
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
             with accumulating(accelerator, model, last=j == len(micro_batches) - 1):
-                out = pair_forward(batch)  # autocast under --bf16
-                losses, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = compute_loss(out)
-                loss = out["nll_sum"] / step_nll_tokens - losses.sum() / global_batch_size  # ORPO eq. 6
+                loss_sum, nll_sum, sums = pair_loss(model, accelerator, batch, args)
+                loss = nll_sum / step_nll_tokens - loss_sum / global_batch_size  # ORPO eq. 6
                 accelerator.backward(loss * world_size)
-            step_sums += pair_metrics(out, losses.detach(), chosen_rewards, rejected_rewards, log_odds_ratio,
-                                      log_odds_chosen)
-        step_totals = accelerator.reduce(step_sums, "sum")
+            step_sums = add_sums(step_sums, sums)
+        step_totals = reduce_sums(accelerator, step_sums)
 
         # 7c. Clip (max_grad_norm 0: only measure the norm); stop before a non-finite update; step.
         grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf")))
-        stop_if_not_finite(summarize(step_totals.tolist())["loss"], grad_norm, step, output_dir)
+        stop_if_not_finite(summarize(step_totals)["loss"], grad_norm, step, output_dir)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -691,21 +734,22 @@ def main(args: Args) -> None:
         tokens = int(accelerator.reduce(torch.tensor(sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
                                                      device=accelerator.device), "sum"))
         num_tokens_seen += tokens
-        running += step_totals.cpu()
+        running = add_sums(running, step_totals)
         running_tokens += tokens
         train_seconds += time.time() - step_start
         done = step + 1
         if done % args.logging_steps == 0 or done == total_steps:
-            pairs = running[-1].item()
-            metrics = {"step": done, "epoch": done / steps_per_epoch, **summarize(running.tolist()),
+            pairs = float(running["pairs"])
+            metrics = {"step": done, "epoch": done / steps_per_epoch, **summarize(running),
                        "grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0],
                        "num_tokens": num_tokens_seen, "samples_per_second": pairs / train_seconds,
                        "tokens_per_second": running_tokens / train_seconds, "peak_memory_mb": peak_memory_mb()}
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", accuracy=f"{metrics['rewards/accuracies']:.3f}")
             log(metrics)
-            running, running_tokens, train_seconds = torch.zeros(NUM_SUMS), 0, 0.0
+            running, running_tokens, train_seconds = {}, 0, 0.0
         if eval_rows and (done % args.eval_steps == 0 or done == total_steps):
-            log({"step": done, "epoch": done / steps_per_epoch, **evaluate(done)})
+            log({"step": done, "epoch": done / steps_per_epoch,
+                 **evaluate(model, accelerator, tokenizer, eval_rows, done, args)})
         signum = preemption.requested(accelerator)  # the same answer on every process
         if done < total_steps and (signum or args.save_steps > 0 and done % args.save_steps == 0):
             save_checkpoint(output_dir / f"checkpoint-{done}", accelerator, model, tokenizer, optimizer, scheduler,
