@@ -63,3 +63,16 @@ def test_importing_a_script_has_no_side_effects():
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == "", result.stdout[:500]
 
+
+
+@pytest.mark.parametrize("script", ALL_SCRIPTS)
+def test_the_readers_path_stays_short(script):
+    """Issue 30's limits (CONVENTIONS.md §1): `main` at most 200 lines, no other function or method above the banner
+    longer than 120, no function nested in `main` longer than 40 (benchmarks/reader_path.py prints the numbers)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from reader_path import measure
+
+    numbers = measure(script)
+    assert numbers["main"] <= 200, numbers
+    assert numbers["longest_above_banner"] <= 120, numbers
+    assert numbers["longest_nested_in_main"] <= 40, numbers
