@@ -49,6 +49,7 @@ import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, ClassVar, Literal, NoReturn
 
@@ -898,9 +899,8 @@ class PPOTrainer:
         t = time.time()
         rollouts = {"logprobs": old_logprobs, "values": values, "masks": masks, "advantages": advantages,
                     "returns": returns}
-        all_stats = ppo_update(config, rollouts, lambda rows: self._train_forward(queries, responses, model_inputs,
-                                                                                  masks, rows),
-                               self._backward, self.accelerator)
+        forward = partial(self._train_forward, queries, responses, model_inputs, masks)  # forward(rows)
+        all_stats = ppo_update(config, rollouts, forward, self._backward, self.accelerator)
         timing["time/ppo/optimize_step"] = time.time() - t
 
         # 6. Statistics, averaged over the mini-batches and over processes.
