@@ -900,7 +900,7 @@ class PPOTrainer:
         rollouts = {"logprobs": old_logprobs, "values": values, "masks": masks, "advantages": advantages,
                     "returns": returns}
         forward = partial(self._train_forward, queries, responses, model_inputs, masks)  # forward(rows)
-        all_stats = ppo_update(config, rollouts, forward, self._backward, self.accelerator)
+        all_stats = ppo_update(config, rollouts, forward, self._backward_and_step, self.accelerator)
         timing["time/ppo/optimize_step"] = time.time() - t
 
         # 6. Statistics, averaged over the mini-batches and over processes.
@@ -939,7 +939,7 @@ class PPOTrainer:
                 entropy = entropy_from_logits(logits if logits.dim() == 2 else logits[mask]).mean()
         return logprobs, vpreds, entropy
 
-    def _backward(self, loss: torch.Tensor, pg_loss: torch.Tensor, vf_loss: torch.Tensor) -> None:
+    def _backward_and_step(self, loss: torch.Tensor, pg_loss: torch.Tensor, vf_loss: torch.Tensor) -> None:
         """Backward of one mini-batch's loss, scaled by 1 / gradient_accumulation_steps, and the optimizer step every
         gradient_accumulation_steps calls (the gradient clipped first: the seed does it on the first optimizer step
         only). A loss that is not finite on some process stops every process before the optimizer sees it."""
