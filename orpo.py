@@ -706,8 +706,8 @@ def main(args: Args) -> None:
         micro_batches = [collate_pairs([train_rows[i] for i in mine[j : j + args.per_device_train_batch_size]],
                                        tokenizer.pad_token_id)
                          for j in range(0, len(mine), args.per_device_train_batch_size)]
-        step_nll_tokens = accelerator.reduce(sum(nll_tokens(mb, args.nll_include_prompt) for mb in micro_batches).to(
-            accelerator.device), "sum").clamp(min=1)
+        local_nll_tokens = sum(nll_tokens(mb, args.nll_include_prompt) for mb in micro_batches)
+        step_nll_tokens = accelerator.reduce(local_nll_tokens.to(accelerator.device), "sum").clamp(min=1)
 
         # 7b. Forward and backward each micro-batch. The NLL is summed over tokens and divided by the step's NLL
         #     targets (as sft.py), the odds-ratio term summed over pairs and divided by the step's pairs (as dpo.py);
